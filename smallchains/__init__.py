@@ -1,0 +1,31 @@
+"""smallchains: fast training and differentiation of small neural networks on the CPU.
+
+A Python/numba take on SimpleChains.jl (Elrod, Korsbo, Rackauckas, 2022): a chain of
+fixed-size layers is compiled into fused, allocation-free forward and pullback kernels
+over one flat parameter vector; training runs with per-thread gradient buffers in
+compiled code.
+"""
+
+__version__ = "0.1.0"
+
+from . import datasets
+from .activations import Activation, available_activations, get_activation
+from .chain import SimpleChain, SimpleChainWithLoss, add_loss, init_params, numparam, remove_loss
+from .layers import Dense, TurboDense
+from .losses import AbsoluteLoss, LogitCrossEntropyLoss, Loss, SquaredLoss
+from .optim import SGD, Adam, Optimizer, RMSProp
+from .train import (
+    alloc_threaded_grad,
+    train_batched,
+    train_unbatched,
+    valgrad,
+    valgrad_with_input,
+)
+
+__all__ = [
+    "AbsoluteLoss", "Activation", "Adam", "Dense", "LogitCrossEntropyLoss", "Loss",
+    "Optimizer", "RMSProp", "SGD", "SimpleChain", "SimpleChainWithLoss", "SquaredLoss",
+    "TurboDense", "add_loss", "alloc_threaded_grad", "available_activations", "datasets",
+    "get_activation", "init_params", "numparam", "remove_loss", "train_batched",
+    "train_unbatched", "valgrad", "valgrad_with_input",
+]

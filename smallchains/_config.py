@@ -1,0 +1,36 @@
+"""Library-wide settings: fastmath flags, kernel cache directory, default sizes.
+
+One place for the numba options every kernel uses, so a change here reaches every
+generated kernel (the generated module's source embeds them, so the cache key changes too).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# LLVM fast-math flags for every kernel. Deliberately WITHOUT ``nnan`` and ``ninf``:
+# with those, ``np.isnan``/``np.isfinite`` checks are compiled away and NaN detection
+# during training would silently stop working.
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+
+# numba options shared by all kernels. ``error_model="numpy"`` drops the per-division
+# zero check of the default ``"python"`` model, which otherwise blocks vectorization.
+JIT_OPTIONS = dict(nogil=True, fastmath=FASTMATH, error_model="numpy", cache=True)
+INLINE_OPTIONS = dict(JIT_OPTIONS, inline="always")
+
+
+def cache_dir() -> Path:
+    """Directory of the on-disk kernel cache.
+
+    ``$SMALLCHAINS_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/smallchains/kernels``
+    (``~/.cache/smallchains/kernels``). Created on first use.
+    """
+    env = os.environ.get("SMALLCHAINS_CACHE_DIR")
+    if env:
+        path = Path(env)
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        path = Path(base) / "smallchains" / "kernels"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,74 @@
+"""Input checks shared by the public API. Kernels never validate; these wrappers do,
+before anything is written, so a rejected call leaves the caller's arrays untouched."""
+
+from __future__ import annotations
+
+from math import prod
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def check_dtype(dtype) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    return dt
+
+
+def check_params(n_params: int, p, *, writable: bool = False, name: str = "p") -> np.ndarray:
+    """``p`` must be a 1-D C-contiguous float32/float64 ndarray of length ``n_params``.
+    Never copies (training updates ``p`` in place)."""
+    if not isinstance(p, np.ndarray):
+        raise TypeError(f"{name} must be a numpy ndarray (from init_params), got {type(p).__name__}")
+    if p.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {p.dtype}")
+    if p.ndim != 1 or p.shape[0] != n_params:
+        raise ValueError(f"{name} must have shape ({n_params},) for this chain, got {p.shape}")
+    if not p.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (it is updated in place); use np.ascontiguousarray")
+    if writable and not p.flags.writeable:
+        raise ValueError(f"{name} must be writeable (it is updated in place)")
+    return p
+
+
+def check_inputs(input_shape: tuple, X, dtype, *, allow_single: bool = True, name: str = "X"):
+    """Validate ``X`` of shape ``(N, *input_shape)`` (or one sample ``input_shape``).
+
+    Returns ``(X2, single)``: ``X2`` is a C-contiguous ``(N, prod(input_shape))`` array of
+    ``dtype`` -- a view of ``X`` when possible, else ONE copy (non-contiguous input or
+    another float dtype); ``single`` tells whether a single sample was given.
+
+    Raises
+    ------
+    TypeError
+        Not a numeric array, or integer/bool/complex/object dtype.
+    ValueError
+        Wrong shape, empty batch, NaN or Inf.
+    """
+    if not isinstance(X, np.ndarray):
+        try:
+            X = np.asarray(X)
+        except Exception as e:  # ragged lists etc.
+            raise TypeError(f"{name} must be a numeric array, got {type(X).__name__}") from e
+    if X.dtype.kind != "f":
+        raise TypeError(
+            f"{name} must be a float32 or float64 array, got dtype {X.dtype}"
+            + ("; cast it with X.astype(np.float32)" if X.dtype.kind in "iub" else "")
+        )
+    in_shape = tuple(input_shape)
+    single = False
+    if X.shape == in_shape and allow_single:
+        single = True
+        X = X.reshape((1,) + in_shape)
+    if X.ndim != len(in_shape) + 1 or tuple(X.shape[1:]) != in_shape:
+        expected = f"(N, {', '.join(map(str, in_shape))})"
+        raise ValueError(f"{name} must have shape {expected} (batch first), got {X.shape}")
+    if X.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (N = 0); need at least one sample")
+    X2 = np.ascontiguousarray(X.reshape(X.shape[0], prod(in_shape)), dtype=dtype)
+    if not np.isfinite(X2).all():
+        bad = np.argwhere(~np.isfinite(X2))[0]
+        raise ValueError(f"{name} contains NaN or Inf (first at sample {bad[0]})")
+    return X2, single

@@ -1,0 +1,220 @@
+"""SimpleChain: a fixed sequence of layers over a fixed per-sample input shape.
+
+Shape inference runs at construction; parameters live in ONE flat vector ``p`` in which
+each layer owns a contiguous slice in chain order (:meth:`SimpleChain.param_views`).
+Follows SimpleChains.jl's ``SimpleChain`` (src/simple_chain.jl).
+"""
+
+from __future__ import annotations
+
+import threading
+from math import prod
+
+import numba
+import numpy as np
+
+from ._validate import check_dtype, check_inputs, check_params
+from .compiler import get_kernels
+from .layers.base import Layer
+from .losses import Loss
+
+
+class SimpleChain:
+    """A chain of layers with static shapes.
+
+    Parameters
+    ----------
+    input_shape : int or tuple of int
+        Shape of ONE sample: ``4`` for 4 features, ``(1, 28, 28)`` for a 1-channel image
+        (channels first, NCHW batches).
+    *layers : Layer
+        Layers in order, e.g. ``TurboDense(32, "tanh")``.
+
+    Raises
+    ------
+    TypeError
+        A layer is not a smallchains layer.
+    ValueError
+        A layer cannot take the shape produced by the previous one (the message names it).
+
+    Examples
+    --------
+    >>> chain = SimpleChain(4, TurboDense(32, "tanh"), TurboDense(16, "tanh"), TurboDense(4))
+    >>> p = init_params(chain, seed=0)
+    >>> Yhat = chain(X, p)        # X (N, 4) -> (N, 4)
+    """
+
+    def __init__(self, input_shape, *layers):
+        if isinstance(input_shape, (int, np.integer)):
+            input_shape = (int(input_shape),)
+        input_shape = tuple(int(d) for d in input_shape)
+        if not input_shape or any(d < 1 for d in input_shape):
+            raise ValueError(f"input_shape must be positive ints, got {input_shape}")
+        if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
+            layers = tuple(layers[0])
+        if not layers:
+            raise ValueError("SimpleChain needs at least one layer")
+        shapes, n_params, shape = [], 0, input_shape
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Layer):
+                raise TypeError(f"layer {i} must be a smallchains layer, got {type(layer).__name__}")
+            try:
+                out = tuple(layer.output_shape(shape))
+            except ValueError as e:
+                raise ValueError(f"layer {i} ({layer!r}) with input shape {shape}: {e}") from None
+            shapes.append((shape, out))
+            n_params += layer.n_params(shape)
+            shape = out
+        self.input_shape = input_shape
+        self.layers = tuple(layers)
+        self.output_shape = shape
+        self.n_params = n_params
+        self._shapes = shapes
+        self._tls = threading.local()  # per-thread workspace cache (thread safety)
+
+    # --- description -----------------------------------------------------------------
+    def __repr__(self) -> str:
+        inner = ", ".join(repr(l) for l in self.layers)
+        shape = self.input_shape[0] if len(self.input_shape) == 1 else self.input_shape
+        return f"SimpleChain({shape}, {inner})"
+
+    def summary(self) -> str:
+        """A table of layers, output shapes and parameter counts."""
+        rows = [("layer", "output shape", "params"), ("input", str(self.input_shape), "0")]
+        for layer, (ins, outs) in zip(self.layers, self._shapes):
+            rows.append((repr(layer), str(outs), str(layer.n_params(ins))))
+        rows.append(("total", "", str(self.n_params)))
+        w = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = [f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:>{w[2]}}" for r in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        lines.insert(-1, "-" * len(lines[0]))
+        return "\n".join(lines)
+
+    def param_views(self, p) -> list:
+        """Per-layer dicts of named views into ``p``.
+
+        Returns a list with one dict per layer (empty for layers without parameters),
+        mapping names such as ``"W"`` (shape ``(out, in)``) and ``"b"`` to views that share
+        memory with ``p``: writing to a view writes ``p``. Works for gradients too.
+        """
+        p = check_params(self.n_params, p)
+        out, off = [], 0
+        for layer, (ins, _) in zip(self.layers, self._shapes):
+            views = {}
+            for name, shape in layer.param_shapes(ins).items():
+                n = prod(shape)
+                views[name] = p[off:off + n].reshape(shape)
+                off += n
+            out.append(views)
+        return out
+
+    # --- compiled kernels ----------------------------------------------------------------
+    def _kernels(self, dtype, loss=None):
+        return get_kernels(self.input_shape, self.layers, dtype, loss)
+
+    def _works(self, plan, n_threads: int, dtype) -> np.ndarray:
+        """Per-thread workspaces, allocated once per (Python thread, dtype, block, count)."""
+        cache = getattr(self._tls, "works", None)
+        if cache is None:
+            cache = self._tls.works = {}
+        key = (np.dtype(dtype).name, plan.B, plan.work_size, n_threads)
+        w = cache.get(key)
+        if w is None:
+            w = cache[key] = np.zeros((n_threads, plan.work_size), dtype=dtype)
+        return w
+
+    def __call__(self, X, p):
+        """Evaluate the chain.
+
+        Parameters
+        ----------
+        X : ndarray, shape ``(N, *input_shape)`` or ``input_shape``, float32/float64
+            Batch-first inputs (or one sample). Converted to ``p.dtype`` (a copy) if needed.
+        p : ndarray, shape ``(n_params,)``, float32 or float64
+
+        Returns
+        -------
+        ndarray, shape ``(N, *output_shape)`` (or ``output_shape`` for one sample), ``p.dtype``.
+        A new array every call.
+        """
+        p = check_params(self.n_params, p)
+        X2, single = check_inputs(self.input_shape, X, p.dtype)
+        mod, plan = self._kernels(p.dtype)
+        n = X2.shape[0]
+        nt = max(1, min(numba.get_num_threads(), -(-n // plan.B)))
+        Y = np.empty((n, plan.n_out), dtype=p.dtype)
+        mod.forward_threaded(X2, np.arange(n), p, self._works(plan, nt, p.dtype), Y)
+        Y = Y.reshape((n,) + self.output_shape)
+        return Y[0] if single else Y
+
+
+class SimpleChainWithLoss:
+    """A chain with a loss attached (see :func:`add_loss`). ``model(X, p)`` is the loss."""
+
+    def __init__(self, chain: SimpleChain, loss: Loss):
+        if not isinstance(chain, SimpleChain):
+            raise TypeError(f"add_loss expects a SimpleChain, got {type(chain).__name__}")
+        if not isinstance(loss, Loss):
+            raise TypeError(f"add_loss expects a smallchains Loss, got {type(loss).__name__}")
+        self.chain = chain
+        self.loss = loss
+
+    def __repr__(self) -> str:
+        return f"add_loss({self.chain!r}, {self.loss!r})"
+
+    @property
+    def n_params(self) -> int:
+        return self.chain.n_params
+
+    def __call__(self, X, p, targets=None) -> float:
+        """Mean loss over the samples of ``X`` (``targets`` defaults to the loss's own)."""
+        from .train import _prepare
+
+        p = check_params(self.chain.n_params, p)
+        X2, T, mod, plan = _prepare(self, X, p, targets)
+        n = X2.shape[0]
+        nt = max(1, min(numba.get_num_threads(), -(-n // plan.B)))
+        losses = np.zeros(nt, dtype=p.dtype)
+        mod.loss_threaded(X2, T, np.arange(n), p, self.chain._works(plan, nt, p.dtype), losses,
+                          p.dtype.type(1.0 / n))
+        return float(losses.sum())
+
+
+def add_loss(chain: SimpleChain, loss: Loss) -> SimpleChainWithLoss:
+    """Attach a loss (with its targets) to a chain: the object to train and differentiate.
+
+    SimpleChains.jl: ``add_loss(chain, loss)``.
+    """
+    return SimpleChainWithLoss(chain, loss)
+
+
+def remove_loss(model) -> SimpleChain:
+    """The chain of a model (the chain itself if it has no loss)."""
+    return model.chain if isinstance(model, SimpleChainWithLoss) else model
+
+
+def init_params(chain, seed=None, dtype=np.float32, rng=None) -> np.ndarray:
+    """A new parameter vector for ``chain`` (or a model), initialized layer by layer.
+
+    Dense and convolution weights are Glorot (Xavier) normal, biases zero, as in
+    SimpleChains.jl's ``init_params``. Values are drawn in float64 from
+    ``numpy.random.default_rng(seed)`` (or ``rng``) and cast, so float32 and float64
+    vectors from one seed agree to float32 rounding.
+
+    Returns
+    -------
+    ndarray, shape ``(chain.n_params,)``, ``dtype`` (float32 default, or float64).
+    """
+    chain = remove_loss(chain)
+    dtype = check_dtype(dtype)
+    if rng is None:
+        rng = np.random.default_rng(seed)
+    p64 = np.zeros(chain.n_params, dtype=np.float64)
+    for layer, (ins, _), views in zip(chain.layers, chain._shapes, chain.param_views(p64)):
+        layer.init_params(views, ins, rng)
+    return p64.astype(dtype)
+
+
+def numparam(chain) -> int:
+    """Number of parameters (SimpleChains.jl: ``numparam``)."""
+    return remove_loss(chain).n_params

@@ -1,0 +1,389 @@
+"""Chain -> Python source of fused numba kernels -> imported, disk-cached module.
+
+For a chain, a dtype and (optionally) a loss, :func:`generate_source` writes one Python
+module whose functions call the layers' block kernels with every size and offset as a
+literal, so LLVM sees fixed trip counts and folds the activation dispatch. The module is
+written under :func:`smallchains._config.cache_dir` with a name derived from a hash of its
+source (which includes the library version and a hash of the kernel sources) and imported;
+its functions use ``cache=True``, so numba's on-disk cache serves later processes (numba
+cannot cache code built with ``exec``; a real file can, see numba issue #3501).
+
+Generated functions (all take ``p`` as an argument; nothing chain-specific is a closure):
+
+``forward_block(X, idx, s0, nb, p, work, Y)``
+    rows ``idx[s0:s0+nb]`` of ``X`` -> the same rows of ``Y``.
+``forward_threaded(X, idx, p, works, Y)``
+    all rows, split over ``works.shape[0]`` threads.
+``valgrad_block(X, T, idx, s0, nb, p, g, work, scale, gx) -> float``
+    adds ``scale * dL/dp`` of the block into ``g``; returns the unscaled loss sum; if
+    ``gx.shape[0] > 0`` also writes ``scale * dL/dx`` into the block's rows of ``gx``.
+``valgrad_threaded(X, T, idx, lo, hi, p, G, works, losses, scale, gx)``
+    rows ``idx[lo:hi]`` split over ``G.shape[0]`` threads; row ``t`` of ``G`` is
+    overwritten with thread ``t``'s gradient, ``losses[t]`` with its scaled loss.
+``loss_threaded(X, T, idx, p, works, losses, scale)``
+    loss only.
+``train_unbatched_<opt>(...)``, ``train_batched_<opt>(...)``
+    whole training loops (one per optimizer kernel in :data:`smallchains.optim.UPDATE_KERNELS`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from math import prod
+from pathlib import Path
+
+import numpy as np
+
+from .. import _config
+from ..layers.base import EmitContext
+
+#: Bytes of per-thread block workspace aimed for (fits in L2 alongside the weights).
+TARGET_BLOCK_BYTES = 192 * 1024
+MAX_BLOCK = 256
+MIN_BLOCK = 8
+
+
+@dataclass
+class LayerSlot:
+    layer: object
+    in_shape: tuple
+    out_shape: tuple
+    p_off: int
+    n_params: int
+    in_off: int = 0
+    out_off: int = 0
+    saved_off: int = 0
+
+
+@dataclass
+class ChainPlan:
+    """Static layout of a chain for one block size: parameter offsets and workspace."""
+
+    input_shape: tuple
+    output_shape: tuple
+    slots: list
+    n_params: int
+    B: int
+    work_size: int = 0
+    grad_a: int = 0
+    grad_b: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_in(self) -> int:
+        return prod(self.input_shape)
+
+    @property
+    def n_out(self) -> int:
+        return prod(self.output_shape)
+
+
+def _shapes(input_shape, layers):
+    slots, shape, off = [], tuple(input_shape), 0
+    for layer in layers:
+        out = tuple(layer.output_shape(shape))
+        n = layer.n_params(shape)
+        slots.append(LayerSlot(layer, shape, out, off, n))
+        shape, off = out, off + n
+    return slots, shape, off
+
+
+def choose_block_size(input_shape, layers, itemsize) -> int:
+    slots, _, _ = _shapes(input_shape, layers)
+    per_sample = prod(input_shape) + sum(
+        prod(s.out_shape) + s.layer.saved_size(s.in_shape) for s in slots
+    )
+    per_sample += 2 * max([prod(input_shape)] + [prod(s.out_shape) for s in slots])
+    b = TARGET_BLOCK_BYTES // (per_sample * itemsize)
+    b = max(MIN_BLOCK, min(MAX_BLOCK, b))
+    return int(b // 8 * 8)
+
+
+def plan_chain(input_shape, layers, B: int) -> ChainPlan:
+    """Lay out parameters and the per-thread workspace of ``B``-sample blocks."""
+    slots, out_shape, n_params = _shapes(input_shape, layers)
+    off = B * prod(input_shape)
+    cur = 0  # offset of the current activation
+    maxf = prod(input_shape)
+    for s in slots:
+        s.in_off = cur
+        if getattr(s.layer, "aliases_input", False):
+            s.out_off = cur
+        else:
+            s.out_off = off
+            off += B * prod(s.out_shape)
+        s.saved_off = off
+        off += B * s.layer.saved_size(s.in_shape)
+        cur = s.out_off
+        maxf = max(maxf, prod(s.out_shape))
+    grad_a, grad_b = off, off + B * maxf
+    work_size = off + 2 * B * maxf
+    return ChainPlan(tuple(input_shape), out_shape, slots, n_params, B, work_size, grad_a, grad_b)
+
+
+def _ctx(plan: ChainPlan, i: int, dtype, **kw) -> EmitContext:
+    s = plan.slots[i]
+    return EmitContext(
+        index=i, in_shape=s.in_shape, out_shape=s.out_shape, p_off=s.p_off,
+        in_off=s.in_off, out_off=s.out_off, saved_off=s.saved_off, B=plan.B,
+        dt=f"np.{np.dtype(dtype).name}", **kw,
+    )
+
+
+def _forward_lines(plan, dtype, training):
+    lines = []
+    for i, s in enumerate(plan.slots):
+        lines += s.layer.emit_forward(_ctx(plan, i, dtype, training=training))
+    return lines
+
+
+def _pullback_lines(plan, dtype, first_need_gin):
+    """Pullbacks in reverse order; returns (lines, offset of dL/dx if computed)."""
+    lines, gout, gin = [], plan.grad_a, plan.grad_b
+    n = len(plan.slots)
+    for i in reversed(range(n)):
+        s = plan.slots[i]
+        need = first_need_gin if i == 0 else True
+        if getattr(s.layer, "aliases_input", False):
+            continue  # output is the input: dL/dx = dL/dy, nothing to do
+        lines += s.layer.emit_pullback(
+            _ctx(plan, i, dtype, gout_off=gout, gin_off=gin, need_gin=need))
+        gout, gin = gin, gout
+    return lines, gout
+
+
+def _indent(lines, n=4):
+    return "\n".join(" " * n + ln for ln in lines)
+
+
+_TEMPLATE = '''\
+# Generated by smallchains {version}. Do not edit: regenerated from the chain spec.
+# chain: {spec}
+# dtype: {dtype}; loss: {loss}; block size B = {B}; kernel-source hash {kernel_hash}
+import math
+import numpy as np
+from numba import njit, prange
+from smallchains._config import JIT_OPTIONS as _J
+from smallchains._fastmath import tanh_f32
+from smallchains._numba_utils import like
+from smallchains.activations import gelu_grad, silu_grad
+from smallchains.compiler.runtime import load_block, store_block, sum_rows
+{imports}
+
+B = {B}
+N_IN = {n_in}
+N_OUT = {n_out}
+N_PARAMS = {n_params}
+WORK_SIZE = {work_size}
+
+
+@njit(**_J)
+def forward_block(X, idx, s0, nb, p, work, Y):
+    load_block(X, idx, s0, nb, work, 0, N_IN, B)
+{forward_infer}
+    store_block(Y, idx, s0, nb, work, {out_off}, N_OUT, B)
+
+
+@njit(**_J)
+def forward_range(X, idx, lo, hi, p, work, Y):
+    for s0 in range(lo, hi, B):
+        forward_block(X, idx, s0, min(B, hi - s0), p, work, Y)
+
+
+@njit(parallel=True, **_J)
+def forward_threaded(X, idx, p, works, Y):
+    nt = works.shape[0]
+    n = idx.shape[0]
+    for t in prange(nt):
+        forward_range(X, idx, n * t // nt, n * (t + 1) // nt, p, works[t], Y)
+'''
+
+_LOSS_TEMPLATE = '''
+
+@njit(**_J)
+def valgrad_block(X, T, idx, s0, nb, p, g, work, scale, gx):
+    need_gx = gx.shape[0] > 0
+    load_block(X, idx, s0, nb, work, 0, N_IN, B)
+{forward_train}
+    total = {loss_kernel}(work, {out_off}, {grad_a}, T, idx, s0, N_OUT, B, nb, scale, True)
+{pullback}
+    if need_gx:
+        store_block(gx, idx, s0, nb, work, {gx_off}, N_IN, B)
+    return total
+
+
+@njit(**_J)
+def loss_block(X, T, idx, s0, nb, p, work, scale):
+    load_block(X, idx, s0, nb, work, 0, N_IN, B)
+{forward_infer}
+    return {loss_kernel}(work, {out_off}, {grad_a}, T, idx, s0, N_OUT, B, nb, scale, False)
+
+
+@njit(**_J)
+def valgrad_range(X, T, idx, lo, hi, p, g, work, scale, gx):
+    for j in range(g.shape[0]):
+        g[j] = 0
+    total = like(scale, 0.0)
+    for s0 in range(lo, hi, B):
+        total += valgrad_block(X, T, idx, s0, min(B, hi - s0), p, g, work, scale, gx)
+    return total * scale
+
+
+@njit(parallel=True, **_J)
+def valgrad_threaded(X, T, idx, lo, hi, p, G, works, losses, scale, gx):
+    nt = G.shape[0]
+    n = hi - lo
+    for t in prange(nt):
+        losses[t] = valgrad_range(X, T, idx, lo + n * t // nt, lo + n * (t + 1) // nt,
+                                  p, G[t], works[t], scale, gx)
+
+
+@njit(parallel=True, **_J)
+def loss_threaded(X, T, idx, p, works, losses, scale):
+    nt = works.shape[0]
+    n = idx.shape[0]
+    for t in prange(nt):
+        total = like(scale, 0.0)
+        lo = n * t // nt
+        hi = n * (t + 1) // nt
+        for s0 in range(lo, hi, B):
+            total += loss_block(X, T, idx, s0, min(B, hi - s0), p, works[t], scale)
+        losses[t] = total * scale
+'''
+
+_TRAIN_TEMPLATE = '''
+
+@njit(**_J)
+def train_unbatched_{opt}(X, T, idx, p, G, works, losses, g, state, hyper, step0, iters, hist, gx):
+    """Full-batch steps; returns -1, or the first iteration whose loss was not finite."""
+    n = idx.shape[0]
+    scale = like(p[0], 1.0 / n)
+    for it in range(iters):
+        valgrad_threaded(X, T, idx, 0, n, p, G, works, losses, scale, gx)
+        total = like(p[0], 0.0)
+        for t in range(losses.shape[0]):
+            total += losses[t]
+        hist[it] = total
+        if not np.isfinite(total):
+            return it
+        sum_rows(G, g)
+        {update}(p, g, state, hyper, step0 + it + 1)
+    return -1
+
+
+@njit(**_J)
+def train_batched_{opt}(X, T, perm, batch_size, p, G, works, losses, g, state, hyper, step0, hist, gx):
+    """One epoch of minibatch steps over ``perm``; a last partial batch is a (smaller) step.
+    Returns -1, or the first batch whose loss was not finite."""
+    n = perm.shape[0]
+    nbatch = (n + batch_size - 1) // batch_size
+    for b in range(nbatch):
+        lo = b * batch_size
+        hi = min(n, lo + batch_size)
+        scale = like(p[0], 1.0 / (hi - lo))
+        valgrad_threaded(X, T, perm, lo, hi, p, G, works, losses, scale, gx)
+        total = like(p[0], 0.0)
+        for t in range(losses.shape[0]):
+            total += losses[t]
+        hist[b] = total
+        if not np.isfinite(total):
+            return b
+        sum_rows(G, g)
+        {update}(p, g, state, hyper, step0 + b + 1)
+    return -1
+'''
+
+
+_kernel_hash_value = None
+
+
+def kernel_source_hash() -> str:
+    """Hash of the library's kernel sources: part of every generated module's name, so a
+    library upgrade never reuses stale numba cache entries of inlined kernels."""
+    global _kernel_hash_value
+    if _kernel_hash_value is None:
+        root = Path(__file__).resolve().parent.parent
+        h = hashlib.sha256()
+        for path in sorted(root.rglob("*.py")):
+            if "datasets" in path.parts:
+                continue
+            h.update(path.relative_to(root).as_posix().encode())
+            h.update(path.read_bytes())
+        _kernel_hash_value = h.hexdigest()[:16]
+    return _kernel_hash_value
+
+
+def generate_source(input_shape, layers, dtype, loss=None, B=None) -> tuple[str, ChainPlan]:
+    from .. import __version__
+    from ..optim import UPDATE_KERNELS
+
+    dtype = np.dtype(dtype)
+    if B is None:
+        B = choose_block_size(input_shape, layers, dtype.itemsize)
+    plan = plan_chain(input_shape, layers, B)
+    imports = {}
+    for s in plan.slots:
+        for mod, names in s.layer.kernel_imports.items():
+            imports.setdefault(mod, set()).update(names)
+    if loss is not None:
+        imports.setdefault("smallchains.losses", set()).add(loss.kernel_name)
+        for mod, name in UPDATE_KERNELS.values():
+            imports.setdefault(mod, set()).add(name)
+    import_lines = "\n".join(
+        f"from {mod} import {', '.join(sorted(names))}" for mod, names in sorted(imports.items()))
+    out_off = plan.slots[-1].out_off if plan.slots else 0
+    spec = f"SimpleChain({tuple(input_shape)}, " + ", ".join(s.layer.spec() for s in plan.slots) + ")"
+    fmt = dict(
+        version=__version__, spec=spec, dtype=dtype.name, loss=loss.spec() if loss else None,
+        B=B, kernel_hash=kernel_source_hash(), imports=import_lines, n_in=plan.n_in,
+        n_out=plan.n_out, n_params=plan.n_params, work_size=plan.work_size, out_off=out_off,
+        forward_infer=_indent(_forward_lines(plan, dtype, training=False)),
+    )
+    src = _TEMPLATE.format(**fmt)
+    if loss is not None:
+        pull, gx_off = _pullback_lines(plan, dtype, first_need_gin="need_gx")
+        src += _LOSS_TEMPLATE.format(
+            **fmt, forward_train=_indent(_forward_lines(plan, dtype, training=True)),
+            loss_kernel=loss.kernel_name, grad_a=plan.grad_a, pullback=_indent(pull), gx_off=gx_off,
+        )
+        for opt, (_, name) in sorted(UPDATE_KERNELS.items()):
+            src += _TRAIN_TEMPLATE.format(opt=opt, update=name)
+    return src, plan
+
+
+_lock = threading.Lock()
+_modules: dict = {}
+
+
+def _import_generated(src: str):
+    digest = hashlib.sha256(src.encode()).hexdigest()[:20]
+    modname = f"_smallchains_kernels_{digest}"
+    if modname in sys.modules:
+        return sys.modules[modname]
+    path = _config.cache_dir() / f"{modname}.py"
+    if not path.exists() or path.read_text() != src:
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(src)
+        os.replace(tmp, path)  # atomic: concurrent processes never see a partial file
+    spec = importlib.util.spec_from_file_location(modname, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[modname] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_kernels(input_shape, layers, dtype, loss=None, B=None):
+    """Return ``(module, plan)`` for the chain; memoized in-process and cached on disk."""
+    key = (tuple(input_shape), tuple(l.spec() for l in layers), np.dtype(dtype).name,
+           loss.spec() if loss is not None else None, B)
+    with _lock:
+        hit = _modules.get(key)
+        if hit is None:
+            src, plan = generate_source(input_shape, layers, dtype, loss, B)
+            hit = _modules[key] = (_import_generated(src), plan)
+        return hit

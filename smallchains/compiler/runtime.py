@@ -1,0 +1,38 @@
+"""Kernels shared by every generated chain module: moving samples in and out of blocks,
+summing the per-thread gradient rows.
+"""
+
+from __future__ import annotations
+
+from numba import njit
+
+from .._config import INLINE_OPTIONS, JIT_OPTIONS
+
+
+@njit(**INLINE_OPTIONS)
+def load_block(X, idx, s0, nb, work, off, n_feat, B):
+    """Copy rows ``idx[s0:s0+nb]`` of ``X (N, n_feat)`` into a feature-major block."""
+    for s in range(nb):
+        r = idx[s0 + s]
+        for f in range(n_feat):
+            work[off + f * B + s] = X[r, f]
+
+
+@njit(**INLINE_OPTIONS)
+def store_block(Y, idx, s0, nb, work, off, n_feat, B):
+    """Copy a feature-major block back to rows ``idx[s0:s0+nb]`` of ``Y (N, n_feat)``."""
+    for s in range(nb):
+        r = idx[s0 + s]
+        for f in range(n_feat):
+            Y[r, f] = work[off + f * B + s]
+
+
+@njit(**JIT_OPTIONS)
+def sum_rows(G, g):
+    """``g[:] = G[0] + G[1] + ...`` in fixed row order (deterministic)."""
+    n = g.shape[0]
+    for j in range(n):
+        g[j] = G[0, j]
+    for t in range(1, G.shape[0]):
+        for j in range(n):
+            g[j] += G[t, j]

@@ -1,0 +1,86 @@
+"""The layer interface: static shapes, a parameter slice, and code emission.
+
+A layer is a small immutable description (sizes, activation). It knows
+
+* ``output_shape(input_shape)``: per-sample shape inference (no batch axis);
+* ``param_shapes(input_shape)``: named parameter arrays it owns in the flat ``p``;
+* ``init_params(views, input_shape, rng)``: how to fill them;
+* ``saved_size(input_shape)``: per-sample scratch it keeps from forward to pullback
+  (beyond its own output, which the compiler always keeps);
+* ``emit_forward(ctx)`` / ``emit_pullback(ctx)``: the lines of Python (loops over one
+  block of samples) that the compiler pastes into the generated chain kernels; each
+  layer's forward and pullback code lives next to the layer class.
+
+Kernels work on *blocks* of samples stored feature-major: feature ``f`` of sample ``s``
+of a block lives at ``work[off + f * B + s]``, so every inner loop runs over the block's
+samples and vectorizes whatever the layer sizes. Image features are flattened in CHW
+order, i.e. ``f = (c * H + y) * W + x``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+
+
+@dataclass
+class EmitContext:
+    """Everything a layer needs to emit its calls inside a generated kernel.
+
+    Offsets are element offsets into the flat parameter vector ``p`` (``p_off``) or the
+    per-thread workspace ``work`` (all others). ``B`` is the block capacity (a literal in
+    the generated source) and ``nb`` the name of the runtime block length.
+    """
+
+    index: int
+    in_shape: tuple
+    out_shape: tuple
+    p_off: int
+    in_off: int          # layer input  (B * prod(in_shape))
+    out_off: int         # layer output (B * prod(out_shape))
+    saved_off: int       # layer-private scratch (B * saved_size)
+    gout_off: int = -1   # dL/d(output), may be overwritten by the pullback
+    gin_off: int = -1    # dL/d(input), written by the pullback when need_gin
+    need_gin: bool = False
+    training: bool = True
+    B: int = 1
+    dt: str = "np.float32"  # constant constructor for the kernel dtype
+
+
+class Layer:
+    """Base class of all layers. Subclasses are frozen dataclasses."""
+
+    #: ``{module: (names, ...)}`` of numba functions the emitted code calls, if any.
+    kernel_imports: dict = {}
+    #: True if the layer's output IS its input (same workspace; e.g. Flatten).
+    aliases_input: bool = False
+
+    def output_shape(self, input_shape: tuple) -> tuple:
+        raise NotImplementedError
+
+    def param_shapes(self, input_shape: tuple) -> dict:
+        """Ordered ``{name: shape}`` of the parameters this layer owns (may be empty)."""
+        return {}
+
+    def n_params(self, input_shape: tuple) -> int:
+        return sum(prod(s) for s in self.param_shapes(input_shape).values())
+
+    def init_params(self, views: dict, input_shape: tuple, rng) -> None:
+        """Fill ``views`` (the arrays named by :meth:`param_shapes`) in place."""
+
+    def saved_size(self, input_shape: tuple) -> int:
+        return 0
+
+    def emit_forward(self, ctx: EmitContext) -> list:
+        """Lines computing the layer's output block from its input block."""
+        raise NotImplementedError
+
+    def emit_pullback(self, ctx: EmitContext) -> list:
+        """Lines that, given ``dL/d(output)`` at ``ctx.gout_off`` (may be overwritten), add
+        the parameter gradient into ``g[ctx.p_off:]`` and, if ``ctx.need_gin``, write
+        ``dL/d(input)`` at ``ctx.gin_off``."""
+        raise NotImplementedError
+
+    def spec(self) -> str:
+        """Stable text identifying the layer's compiled behaviour (part of the cache key)."""
+        return repr(self)

@@ -1,0 +1,207 @@
+"""Dense (fully connected) layer: ``a = f(W x + b)``.
+
+Parameters in ``p`` (chain order): ``W`` of shape ``(n_out, n_in)`` row-major (the same
+layout as ``torch.nn.Linear.weight``), then ``b`` of shape ``(n_out,)`` if ``bias``.
+Follows SimpleChains.jl's ``TurboDense`` (src/dense.jl); that stores ``W`` column-major
+as ``(n_out, n_in)`` with the bias as an extra column, we keep ``b`` separate.
+
+The forward code is emitted by :func:`emit_affine`, the pullback by
+:func:`emit_affine_pullback` (both also used by other affine layers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+
+import numpy as np
+from ..activations import Activation, get_activation, grad_expr, needs_z, value_expr
+from .base import EmitContext, Layer
+
+
+@dataclass(frozen=True, init=False)
+class TurboDense(Layer):
+    """Fully connected layer ``y = f(W x + b)`` over a flat feature vector.
+
+    Parameters
+    ----------
+    out : int
+        Number of outputs.
+    activation : str or Activation, default ``"identity"``
+        Elementwise activation ``f`` (see :func:`smallchains.available_activations`).
+    bias : bool, default True
+        Whether the layer has a bias ``b``.
+
+    Input of shape ``(n_in,)`` per sample (a multi-dimensional input must be flattened
+    with :class:`Flatten` first). Output ``(out,)``. Parameters ``W (out, n_in)``,
+    ``b (out,)``; ``W`` is initialized Glorot-normal (std ``sqrt(2/(n_in+out))``), ``b``
+    to zero, as SimpleChains.jl does.
+    """
+
+    out: int
+    activation: Activation
+    bias: bool
+
+    def __init__(self, out: int, activation="identity", bias: bool = True):
+        if not isinstance(out, (int, np.integer)) or isinstance(out, bool) or out < 1:
+            raise ValueError(f"TurboDense: out must be a positive int, got {out!r}")
+        object.__setattr__(self, "out", int(out))
+        object.__setattr__(self, "activation", get_activation(activation))
+        object.__setattr__(self, "bias", bool(bias))
+
+    def __repr__(self) -> str:
+        b = "" if self.bias else ", bias=False"
+        return f"TurboDense({self.out}, {self.activation.name!r}{b})"
+
+    def _n_in(self, input_shape):
+        if len(input_shape) != 1:
+            raise ValueError(
+                f"TurboDense expects a 1-D feature input per sample, got shape {input_shape}; "
+                "insert Flatten() before it"
+            )
+        return input_shape[0]
+
+    def output_shape(self, input_shape):
+        self._n_in(input_shape)
+        return (self.out,)
+
+    def param_shapes(self, input_shape):
+        shapes = {"W": (self.out, self._n_in(input_shape))}
+        if self.bias:
+            shapes["b"] = (self.out,)
+        return shapes
+
+    def init_params(self, views, input_shape, rng):
+        n_in = self._n_in(input_shape)
+        std = np.sqrt(2.0 / (n_in + self.out))
+        views["W"][...] = rng.standard_normal(views["W"].shape) * std
+        if self.bias:
+            views["b"][...] = 0
+
+    def saved_size(self, input_shape):
+        # pre-activations z, kept only when f' cannot be computed from a = f(z)
+        return self.out if needs_z(self.activation) else 0
+
+    def emit_forward(self, ctx: EmitContext) -> list:
+        n_in = prod(ctx.in_shape)
+        z_off = ctx.saved_off if needs_z(self.activation) else None
+        return emit_affine(
+            ctx, n_in, self.out, w_off=ctx.p_off, b_off=ctx.p_off + n_in * self.out if self.bias else None,
+            act=self.activation, z_off=z_off,
+        )
+
+    def emit_pullback(self, ctx: EmitContext) -> list:
+        n_in = prod(ctx.in_shape)
+        z_off = ctx.saved_off if needs_z(self.activation) else ctx.out_off
+        return emit_affine_pullback(
+            ctx, n_in, self.out, w_off=ctx.p_off, b_off=ctx.p_off + n_in * self.out if self.bias else None,
+            act=self.activation, z_off=z_off,
+        )
+
+
+Dense = TurboDense
+
+# --- code emission -----------------------------------------------------------------------
+# Blocks are feature-major: feature i of sample s at work[off + i*B + s], so every inner
+# loop runs over the block's samples ("for s in range(nb)") and vectorizes. Inputs are
+# taken CHUNK at a time in one fused expression: one load/store of z per CHUNK FMAs.
+CHUNK = 8
+
+
+def _sum(terms):
+    # pairwise sum: shorter dependency chains for the vectorized loop
+    while len(terms) > 1:
+        terms = [f"({terms[k]} + {terms[k + 1]})" if k + 1 < len(terms) else terms[k]
+                 for k in range(0, len(terms), 2)]
+    return terms[0]
+
+
+def emit_affine(ctx, n_in, n_out, w_off, b_off, act, z_off):
+    """Lines computing ``a = f(W x + b)`` for one block (``W (n_out, n_in)`` row-major at
+    ``p[w_off]``, ``b`` at ``p[b_off]`` or none). ``z`` is stored at ``z_off`` if given."""
+    B, dt, x = ctx.B, ctx.dt, ctx.in_off
+    L = [f"# dense {n_in} -> {n_out} ({act.name}): a = f(W x + b)",
+         f"for o in range({n_out}):",
+         f"    wo = {w_off} + o * {n_in}",
+         f"    ao = {ctx.out_off} + o * {B}",
+         f"    bias = p[{b_off} + o]" if b_off is not None else f"    bias = {dt}(0.0)"]
+    chunks = [(i, min(CHUNK, n_in - i)) for i in range(0, n_in, CHUNK)]
+    full = n_in // CHUNK
+    act_line = lambda zexpr: (  # noqa: E731
+        [f"            zz = {zexpr}"]
+        + ([f"            work[{z_off} + o * {B} + s] = zz"] if z_off is not None else [])
+        + [f"            work[ao + s] = {value_expr(act, 'zz', dt)}"])
+    if len(chunks) == 1:
+        i, k = chunks[0]
+        L += [f"    w{j} = p[wo + {j}]" for j in range(k)]
+        L += ["    if True:", "        for s in range(nb):"]
+        L += act_line(_sum(["bias"] + [f"w{j} * work[{x + j * B} + s]" for j in range(k)]))
+        return L
+    # first chunk initializes the running sum in the output row, middle chunks add to it,
+    # the remainder (if any) and the activation come last
+    L += [f"    for s in range(nb):", f"        work[ao + s] = bias"]
+    if full:
+        L += [f"    for i in range(0, {full * CHUNK}, {CHUNK}):"]
+        L += [f"        w{j} = p[wo + i + {j}]" for j in range(CHUNK)]
+        L += [f"        xi = {x} + i * {B}", "        for s in range(nb):"]
+        L += [f"            work[ao + s] += " + _sum([f"w{j} * work[xi + {j * B} + s]" for j in range(CHUNK)])]
+    rem = n_in - full * CHUNK
+    L += [f"    w{j} = p[wo + {full * CHUNK + j}]" for j in range(rem)]
+    L += ["    if True:", "        for s in range(nb):"]
+    L += act_line(_sum(["work[ao + s]"] + [f"w{j} * work[{x + (full * CHUNK + j) * B} + s]" for j in range(rem)]))
+    return L
+
+
+def emit_affine_pullback(ctx, n_in, n_out, w_off, b_off, act, z_off):
+    """Lines of the pullback of :func:`emit_affine` for one block.
+
+    Reads ``dL/da`` at ``ctx.gout_off`` and overwrites it with ``delta = dL/dz``; adds
+    ``dL/dW``, ``dL/db`` into ``g``; overwrites ``dL/dx = W^T delta`` at ``ctx.gin_off`` if
+    ``ctx.need_gin`` (a literal bool, or the name of a runtime flag).
+    """
+    B, dt, x, go_, gi_ = ctx.B, ctx.dt, ctx.in_off, ctx.gout_off, ctx.gin_off
+    a_off = ctx.out_off
+    L = [f"# pullback of dense {n_in} -> {n_out} ({act.name})",
+         f"for o in range({n_out}):",
+         f"    go = {go_} + o * {B}",
+         f"    ao = {a_off} + o * {B}",
+         f"    zo = {z_off} + o * {B}",
+         f"    gb = {dt}(0.0)",
+         f"    for s in range(nb):",
+         f"        zz = work[zo + s]",
+         f"        aa = work[ao + s]",
+         f"        d = work[go + s] * {grad_expr(act, 'zz', 'aa', dt)}",
+         f"        work[go + s] = d",
+         f"        gb += d"]
+    if b_off is not None:
+        L += [f"    g[{b_off} + o] += gb"]
+    # dW[o, i] = sum_s delta[o, s] x[i, s]: 4 accumulators share each delta load
+    L += [f"    wo = {w_off} + o * {n_in}"]
+    n4 = n_in // 4 * 4
+    if n4:
+        L += [f"    for i in range(0, {n4}, 4):",
+              f"        xi = {x} + i * {B}"]
+        L += [f"        c{j} = {dt}(0.0)" for j in range(4)]
+        L += ["        for s in range(nb):", "            d = work[go + s]"]
+        L += [f"            c{j} += d * work[xi + {j * B} + s]" for j in range(4)]
+        L += [f"        g[wo + i + {j}] += c{j}" for j in range(4)]
+    for i in range(n4, n_in):
+        L += [f"    c0 = {dt}(0.0)", "    for s in range(nb):",
+              f"        c0 += work[go + s] * work[{x + i * B} + s]", f"    g[wo + {i}] += c0"]
+    # dL/dx[i, s] = sum_o W[o, i] delta[o, s], CHUNK outputs per fused expression
+    if ctx.need_gin is False:
+        return L
+    full = n_out // CHUNK
+    rem = n_out - full * CHUNK
+    L += [f"if {ctx.need_gin}:", f"    for i in range({n_in}):", f"        gi = {gi_} + i * {B}",
+          f"        for s in range(nb):", f"            work[gi + s] = {dt}(0.0)"]
+    if full:
+        L += [f"        for o in range(0, {full * CHUNK}, {CHUNK}):"]
+        L += [f"            w{j} = p[{w_off} + (o + {j}) * {n_in} + i]" for j in range(CHUNK)]
+        L += [f"            go = {go_} + o * {B}", "            for s in range(nb):"]
+        L += ["                work[gi + s] += " + _sum([f"w{j} * work[go + {j * B} + s]" for j in range(CHUNK)])]
+    if rem:
+        L += [f"        w{j} = p[{w_off} + {(full * CHUNK + j) * n_in} + i]" for j in range(rem)]
+        L += ["        for s in range(nb):"]
+        L += ["            work[gi + s] += " + _sum([f"w{j} * work[{go_ + (full * CHUNK + j) * B} + s]" for j in range(rem)])]
+    return L

@@ -1,0 +1,193 @@
+"""Losses attached to a chain with :func:`smallchains.add_loss`.
+
+Every loss is a mean over the samples of a batch (``N`` samples):
+
+* :class:`SquaredLoss`: ``(1/N) * sum_{n,j} (yhat[n,j] - y[n,j])**2``. Equal to
+  ``n_out * torch.nn.MSELoss()(yhat, y)`` (torch averages over outputs too), and to
+  ``torch.nn.MSELoss(reduction="sum")(yhat, y) / N``. SimpleChains.jl's ``SquaredLoss``
+  sums the squares; its training divides by the batch size, which is what we return.
+* :class:`AbsoluteLoss`: ``(1/N) * sum_{n,j} |yhat[n,j] - y[n,j]|``.
+* :class:`LogitCrossEntropyLoss`: ``(1/N) * sum_n -log softmax(yhat[n])[label[n]]`` with
+  0-based integer labels (SimpleChains.jl uses 1-based ``UInt32``); equal to
+  ``torch.nn.functional.cross_entropy(yhat, labels)``.
+
+Each loss's block kernel writes ``dL/dyhat`` (already divided by ``N``) into the workspace
+and returns the *unscaled* sum for the block.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from ._config import INLINE_OPTIONS
+from ._numba_utils import like
+
+
+class Loss:
+    """Base class. ``targets`` holds ``y`` (or labels) for all samples, batch-first."""
+
+    kernel_name: str = ""
+    #: True if targets are class labels (integers), False if they are float arrays.
+    labels: bool = False
+
+    def __init__(self, targets):
+        self._raw = targets
+        self.targets = targets
+
+    def __repr__(self) -> str:
+        shape = getattr(self.targets, "shape", None)
+        return f"{type(self).__name__}(<targets {shape}>)"
+
+    def with_targets(self, targets) -> "Loss":
+        """The same loss with other targets (for example a test set)."""
+        return type(self)(targets)
+
+    def spec(self) -> str:
+        return type(self).__name__
+
+    def prepare_targets(self, out_shape: tuple, n: int, dtype, targets=None) -> np.ndarray:
+        """Validate targets against the chain output and return a kernel-ready array.
+
+        Never modifies the caller's array: a dtype conversion makes a copy.
+
+        Raises
+        ------
+        ValueError, TypeError
+            Wrong shape, length ``!= n``, non-numeric dtype, non-finite values.
+        """
+        y = self.targets if targets is None else targets
+        y = np.asarray(y)
+        if y.dtype.kind not in "fiu" or y.dtype.kind == "b":
+            raise TypeError(f"{type(self).__name__}: targets must be a float array, got dtype {y.dtype}")
+        n_out = int(np.prod(out_shape))
+        if y.ndim == 1 and n_out == 1:
+            y = y.reshape(-1, 1)
+        if y.ndim < 1 or y.shape[0] != n:
+            raise ValueError(
+                f"{type(self).__name__}: targets have {y.shape[0] if y.ndim else 0} samples "
+                f"but X has {n}; expected shape ({n}, {', '.join(map(str, out_shape))})"
+            )
+        if tuple(y.shape[1:]) != tuple(out_shape) and not (y.ndim == 2 and y.shape[1] == n_out):
+            raise ValueError(
+                f"{type(self).__name__}: targets must have shape (N, {', '.join(map(str, out_shape))}) "
+                f"to match the chain output, got {y.shape}"
+            )
+        y = np.ascontiguousarray(y.reshape(n, n_out), dtype=dtype)
+        if not np.isfinite(y).all():
+            raise ValueError(f"{type(self).__name__}: targets contain NaN or Inf")
+        return y
+
+
+class SquaredLoss(Loss):
+    """Mean over samples of the summed squared error, ``(1/N) sum (yhat - y)^2``.
+
+    Parameters
+    ----------
+    targets : array_like, shape ``(N, *output_shape)``, float
+        Targets ``y``; converted (copied) to the parameter dtype when used.
+    """
+
+    kernel_name = "squared_loss_block"
+
+
+class AbsoluteLoss(Loss):
+    """Mean over samples of the summed absolute error, ``(1/N) sum |yhat - y|``.
+
+    The derivative at ``yhat == y`` is taken as 0.
+    """
+
+    kernel_name = "absolute_loss_block"
+
+
+class LogitCrossEntropyLoss(Loss):
+    """Softmax cross-entropy on logits with 0-based integer class labels.
+
+    Parameters
+    ----------
+    labels : array_like of int, shape ``(N,)``
+        Class of each sample, in ``[0, n_classes)`` where ``n_classes`` is the chain's
+        output width. Float labels raise ``TypeError``; out-of-range labels ``ValueError``.
+    """
+
+    kernel_name = "logit_crossentropy_block"
+    labels = True
+
+    def prepare_targets(self, out_shape, n, dtype, targets=None):
+        y = np.asarray(self.targets if targets is None else targets)
+        if y.dtype.kind not in "iu":
+            raise TypeError(f"LogitCrossEntropyLoss: labels must be integers, got dtype {y.dtype}")
+        if y.ndim != 1 or y.shape[0] != n:
+            raise ValueError(f"LogitCrossEntropyLoss: labels must have shape ({n},), got {y.shape}")
+        if len(out_shape) != 1:
+            raise ValueError(f"LogitCrossEntropyLoss: chain output must be 1-D logits, got {out_shape}")
+        k = out_shape[0]
+        if n and (y.min() < 0 or y.max() >= k):
+            raise ValueError(
+                f"LogitCrossEntropyLoss: labels must lie in [0, {k}) (0-based), "
+                f"got range [{y.min()}, {y.max()}]"
+            )
+        return np.ascontiguousarray(y, dtype=np.int64)
+
+
+def get_loss_kernel(loss: Loss):
+    return {
+        "squared_loss_block": squared_loss_block,
+        "absolute_loss_block": absolute_loss_block,
+        "logit_crossentropy_block": logit_crossentropy_block,
+    }[loss.kernel_name]
+
+
+# --- block kernels ----------------------------------------------------------------------
+# Signature: (work, y_off, gy_off, T, idx, s0, n_out, B, nb, scale, need_grad) -> sum
+# yhat for sample s of the block (global row idx[s0 + s]) is work[y_off + j * B + s].
+
+
+@njit(**INLINE_OPTIONS)
+def squared_loss_block(work, y_off, gy_off, T, idx, s0, n_out, B, nb, scale, need_grad):
+    total = like(scale, 0.0)
+    two_scale = like(scale, 2.0) * scale
+    for s in range(nb):
+        r = idx[s0 + s]
+        for j in range(n_out):
+            d = work[y_off + j * B + s] - T[r, j]
+            total += d * d
+            if need_grad:
+                work[gy_off + j * B + s] = two_scale * d
+    return total
+
+
+@njit(**INLINE_OPTIONS)
+def absolute_loss_block(work, y_off, gy_off, T, idx, s0, n_out, B, nb, scale, need_grad):
+    total = like(scale, 0.0)
+    zero = like(scale, 0.0)
+    for s in range(nb):
+        r = idx[s0 + s]
+        for j in range(n_out):
+            d = work[y_off + j * B + s] - T[r, j]
+            total += abs(d)
+            if need_grad:
+                work[gy_off + j * B + s] = scale if d > 0 else (-scale if d < 0 else zero)
+    return total
+
+
+@njit(**INLINE_OPTIONS)
+def logit_crossentropy_block(work, y_off, gy_off, T, idx, s0, n_out, B, nb, scale, need_grad):
+    total = like(scale, 0.0)
+    for s in range(nb):
+        label = T[idx[s0 + s]]
+        m = work[y_off + s]
+        for j in range(1, n_out):
+            m = max(m, work[y_off + j * B + s])
+        z = like(scale, 0.0)
+        for j in range(n_out):
+            z += math.exp(work[y_off + j * B + s] - m)
+        lse = m + math.log(z)
+        total += lse - work[y_off + label * B + s]
+        if need_grad:
+            for j in range(n_out):
+                q = math.exp(work[y_off + j * B + s] - lse)
+                work[gy_off + j * B + s] = scale * (q - (like(scale, 1.0) if j == label else like(scale, 0.0)))
+    return total

@@ -1,0 +1,195 @@
+"""Optimizers: a small Python object holding hyperparameters and state arrays, plus a
+numba update kernel ``update(p, g, state, hyper, t)`` that the compiled training loops
+call after each gradient step (``t`` is the 1-based step count).
+
+The state lives in the optimizer object (``opt.state``), allocated on first use for a
+given parameter vector and reused; :meth:`Optimizer.reset` clears it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from ._config import JIT_OPTIONS
+from ._numba_utils import like
+
+#: optimizer kind -> (module, update kernel name); the generated training loops call these.
+UPDATE_KERNELS = {
+    "adam": ("smallchains.optim", "adam_update"),
+    "sgd": ("smallchains.optim", "sgd_update"),
+    "rmsprop": ("smallchains.optim", "rmsprop_update"),
+}
+
+
+class Optimizer:
+    """Base class. Subclasses set ``kind``, ``n_state`` and :meth:`_hyper`."""
+
+    kind = ""
+    n_state = 0
+
+    def __init__(self):
+        self.state = None
+        self.t = 0  # number of steps taken
+
+    def _hyper(self) -> list:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget the state (moments and step count)."""
+        self.state = None
+        self.t = 0
+
+    def prepare(self, p: np.ndarray):
+        """Return ``(state, hyper)`` arrays for ``p``; allocates state on first use.
+
+        Raises
+        ------
+        ValueError
+            The optimizer already holds state for a parameter vector of another length or
+            dtype (call :meth:`reset` or use a new optimizer).
+        """
+        shape = (self.n_state, p.shape[0])
+        if self.state is None:
+            self.state = np.zeros(shape, dtype=p.dtype)
+        elif self.state.shape != shape or self.state.dtype != p.dtype:
+            raise ValueError(
+                f"{type(self).__name__} holds state for {self.state.shape[1]} {self.state.dtype} "
+                f"parameters, got p of length {p.shape[0]} and dtype {p.dtype}; call opt.reset()"
+            )
+        return self.state, np.asarray(self._hyper(), dtype=p.dtype)
+
+    def step(self, p: np.ndarray, g: np.ndarray) -> None:
+        """Apply one update to ``p`` in place from gradient ``g`` (same shape and dtype)."""
+        if p.shape != g.shape or p.dtype != g.dtype or p.ndim != 1:
+            raise ValueError(f"p and g must be 1-D with equal shape and dtype, got {p.shape} {p.dtype} "
+                             f"and {g.shape} {g.dtype}")
+        state, hyper = self.prepare(p)
+        mod, name = UPDATE_KERNELS[self.kind]
+        self.t += 1
+        globals()[name](p, g, state, hyper, self.t)
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba, 2015), with the update of ``torch.optim.Adam`` (no weight decay).
+
+    ``m = b1 m + (1-b1) g``; ``v = b2 v + (1-b2) g^2``;
+    ``p -= (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``.
+
+    Parameters
+    ----------
+    lr : float, default 1e-3
+    betas : (float, float), default (0.9, 0.999)
+    eps : float, default 1e-8
+
+    State: ``opt.state`` of shape ``(2, n_params)`` (first and second moments), ``opt.t``.
+    SimpleChains.jl: ``ADAM(η)`` in src/optimize.jl.
+    """
+
+    kind = "adam"
+    n_state = 2
+
+    def __init__(self, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
+        super().__init__()
+        if not lr > 0:
+            raise ValueError(f"Adam: lr must be > 0, got {lr}")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"Adam: betas must lie in [0, 1), got {betas}")
+        self.lr, self.betas, self.eps = float(lr), (float(betas[0]), float(betas[1])), float(eps)
+
+    def __repr__(self):
+        return f"Adam(lr={self.lr}, betas={self.betas}, eps={self.eps})"
+
+    def _hyper(self):
+        return [self.lr, self.betas[0], self.betas[1], self.eps]
+
+
+class SGD(Optimizer):
+    """Plain gradient descent with optional momentum (``torch.optim.SGD`` semantics,
+    dampening 0, no Nesterov): ``b = mu b + g`` (``b = g`` at step 1); ``p -= lr b``."""
+
+    kind = "sgd"
+    n_state = 1
+
+    def __init__(self, lr: float = 1e-2, momentum: float = 0.0):
+        super().__init__()
+        if not lr > 0:
+            raise ValueError(f"SGD: lr must be > 0, got {lr}")
+        self.lr, self.momentum = float(lr), float(momentum)
+
+    def __repr__(self):
+        return f"SGD(lr={self.lr}, momentum={self.momentum})"
+
+    def _hyper(self):
+        return [self.lr, self.momentum]
+
+
+class RMSProp(Optimizer):
+    """RMSprop with the defaults and update of ``torch.optim.RMSprop`` (not centered,
+    no momentum): ``v = a v + (1-a) g^2``; ``p -= lr g / (sqrt(v) + eps)``.
+
+    Parameters
+    ----------
+    lr : float, default 1e-2
+    alpha : float, default 0.99
+    eps : float, default 1e-8
+    """
+
+    kind = "rmsprop"
+    n_state = 1
+
+    def __init__(self, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8):
+        super().__init__()
+        if not lr > 0:
+            raise ValueError(f"RMSProp: lr must be > 0, got {lr}")
+        self.lr, self.alpha, self.eps = float(lr), float(alpha), float(eps)
+
+    def __repr__(self):
+        return f"RMSProp(lr={self.lr}, alpha={self.alpha}, eps={self.eps})"
+
+    def _hyper(self):
+        return [self.lr, self.alpha, self.eps]
+
+
+@njit(**JIT_OPTIONS)
+def adam_update(p, g, state, hyper, t):
+    lr, b1, b2, eps = hyper[0], hyper[1], hyper[2], hyper[3]
+    # bias corrections in float64 like torch (Python floats), then cast
+    bc1 = 1.0 - float(b1) ** t
+    bc2 = 1.0 - float(b2) ** t
+    step = like(lr, float(lr) / bc1)
+    bc2_sqrt = like(lr, math.sqrt(bc2))
+    one = like(lr, 1.0)
+    m = state[0]
+    v = state[1]
+    for j in range(p.shape[0]):
+        gj = g[j]
+        m[j] = b1 * m[j] + (one - b1) * gj
+        v[j] = b2 * v[j] + (one - b2) * gj * gj
+        p[j] -= step * (m[j] / (math.sqrt(v[j]) / bc2_sqrt + eps))
+
+
+@njit(**JIT_OPTIONS)
+def sgd_update(p, g, state, hyper, t):
+    lr, mu = hyper[0], hyper[1]
+    buf = state[0]
+    if mu == 0:
+        for j in range(p.shape[0]):
+            p[j] -= lr * g[j]
+    else:
+        for j in range(p.shape[0]):
+            buf[j] = g[j] if t == 1 else mu * buf[j] + g[j]
+            p[j] -= lr * buf[j]
+
+
+@njit(**JIT_OPTIONS)
+def rmsprop_update(p, g, state, hyper, t):
+    lr, a, eps = hyper[0], hyper[1], hyper[2]
+    one = like(lr, 1.0)
+    v = state[0]
+    for j in range(p.shape[0]):
+        gj = g[j]
+        v[j] = a * v[j] + (one - a) * gj * gj
+        p[j] -= lr * gj / (math.sqrt(v[j]) + eps)
