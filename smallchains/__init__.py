@@ -8,6 +8,7 @@ compiled code.
 
 __version__ = "0.1.0"
 
+from . import _cpu  # noqa: F401  (must run before numba is imported)
 from . import datasets
 from .activations import Activation, available_activations, get_activation
 from .chain import SimpleChain, SimpleChainWithLoss, add_loss, init_params, numparam, remove_loss

@@ -44,7 +44,7 @@ __all__ = ["FASTMATH", "tanh_f32", "exp_f32", "sigmoid_f32"]
 # Everything except nnan / ninf, so NaN / inf propagate with IEEE semantics.
 FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
 
-_jit = numba.njit(inline="always", fastmath=set(FASTMATH), error_model="numpy")
+_jit = numba.njit(fastmath=set(FASTMATH), error_model="numpy", cache=True)
 
 # ---------------------------------------------------------------------------
 # tanh: odd rational  x * P(x^2) / Q(x^2)  on |x| <= 9 (degree 4/4 in x^2),

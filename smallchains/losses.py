@@ -143,6 +143,14 @@ def get_loss_kernel(loss: Loss):
 # --- block kernels ----------------------------------------------------------------------
 # Signature: (work, y_off, gy_off, T, idx, s0, n_out, B, nb, scale, need_grad) -> sum
 # yhat for sample s of the block (global row idx[s0 + s]) is work[y_off + j * B + s].
+# Lanes nb..B-1 of a partial block are padding: their gradient is set to zero.
+
+
+@njit(**INLINE_OPTIONS)
+def _zero_padding(work, gy_off, n_out, B, nb):
+    for j in range(n_out):
+        for s in range(nb, B):
+            work[gy_off + j * B + s] = 0
 
 
 @njit(**INLINE_OPTIONS)
@@ -156,6 +164,8 @@ def squared_loss_block(work, y_off, gy_off, T, idx, s0, n_out, B, nb, scale, nee
             total += d * d
             if need_grad:
                 work[gy_off + j * B + s] = two_scale * d
+    if need_grad and nb < B:
+        _zero_padding(work, gy_off, n_out, B, nb)
     return total
 
 
@@ -170,6 +180,8 @@ def absolute_loss_block(work, y_off, gy_off, T, idx, s0, n_out, B, nb, scale, ne
             total += abs(d)
             if need_grad:
                 work[gy_off + j * B + s] = scale if d > 0 else (-scale if d < 0 else zero)
+    if need_grad and nb < B:
+        _zero_padding(work, gy_off, n_out, B, nb)
     return total
 
 
@@ -190,4 +202,6 @@ def logit_crossentropy_block(work, y_off, gy_off, T, idx, s0, n_out, B, nb, scal
             for j in range(n_out):
                 q = math.exp(work[y_off + j * B + s] - lse)
                 work[gy_off + j * B + s] = scale * (q - (like(scale, 1.0) if j == label else like(scale, 0.0)))
+    if need_grad and nb < B:
+        _zero_padding(work, gy_off, n_out, B, nb)
     return total

@@ -10,20 +10,25 @@ cannot cache code built with ``exec``; a real file can, see numba issue #3501).
 
 Generated functions (all take ``p`` as an argument; nothing chain-specific is a closure):
 
-``forward_block(X, idx, s0, nb, p, work, Y)``
-    rows ``idx[s0:s0+nb]`` of ``X`` -> the same rows of ``Y``.
+``forward_range(X, idx, lo, hi, p, work, Y)``
+    rows ``idx[lo:hi]`` of ``X`` -> the same rows of ``Y``, block by block.
 ``forward_threaded(X, idx, p, works, Y)``
     all rows, split over ``works.shape[0]`` threads.
-``valgrad_block(X, T, idx, s0, nb, p, g, work, scale, gx) -> float``
-    adds ``scale * dL/dp`` of the block into ``g``; returns the unscaled loss sum; if
-    ``gx.shape[0] > 0`` also writes ``scale * dL/dx`` into the block's rows of ``gx``.
+``valgrad_range(X, T, idx, lo, hi, p, g, work, scale, gx) -> float``
+    overwrites ``g`` with ``scale * dL/dp`` of rows ``idx[lo:hi]``; returns
+    ``scale * loss sum``; if ``gx.shape[0] > 0`` also writes ``scale * dL/dx`` rows of ``gx``.
 ``valgrad_threaded(X, T, idx, lo, hi, p, G, works, losses, scale, gx)``
     rows ``idx[lo:hi]`` split over ``G.shape[0]`` threads; row ``t`` of ``G`` is
     overwritten with thread ``t``'s gradient, ``losses[t]`` with its scaled loss.
-``loss_threaded(X, T, idx, p, works, losses, scale)``
+``loss_range`` / ``loss_threaded(X, T, idx, p, works, losses, scale)``
     loss only.
 ``train_unbatched_<opt>(...)``, ``train_batched_<opt>(...)``
-    whole training loops (one per optimizer kernel in :data:`smallchains.optim.UPDATE_KERNELS`).
+    whole training loops, one ``prange`` over threads per step (one per optimizer kernel
+    in :data:`smallchains.optim.UPDATE_KERNELS`).
+
+The block code is pasted into the ``*_range`` loops rather than called, and the training
+loops hold their own ``prange``: every extra level of jitted call costs another LLVM
+optimization of the linked callee at compile time (measured: seconds per level).
 """
 
 from __future__ import annotations
@@ -43,9 +48,9 @@ from .. import _config
 from ..layers.base import EmitContext
 
 #: Bytes of per-thread block workspace aimed for (fits in L2 alongside the weights).
-TARGET_BLOCK_BYTES = 192 * 1024
+TARGET_BLOCK_BYTES = 64 * 1024
 MAX_BLOCK = 256
-MIN_BLOCK = 8
+MIN_BLOCK = 16
 
 
 @dataclass
@@ -101,7 +106,7 @@ def choose_block_size(input_shape, layers, itemsize) -> int:
     per_sample += 2 * max([prod(input_shape)] + [prod(s.out_shape) for s in slots])
     b = TARGET_BLOCK_BYTES // (per_sample * itemsize)
     b = max(MIN_BLOCK, min(MAX_BLOCK, b))
-    return int(b // 8 * 8)
+    return int(b // 16 * 16)
 
 
 def plan_chain(input_shape, layers, B: int) -> ChainPlan:
@@ -183,16 +188,12 @@ WORK_SIZE = {work_size}
 
 
 @njit(**_J)
-def forward_block(X, idx, s0, nb, p, work, Y):
-    load_block(X, idx, s0, nb, work, 0, N_IN, B)
-{forward_infer}
-    store_block(Y, idx, s0, nb, work, {out_off}, N_OUT, B)
-
-
-@njit(**_J)
 def forward_range(X, idx, lo, hi, p, work, Y):
     for s0 in range(lo, hi, B):
-        forward_block(X, idx, s0, min(B, hi - s0), p, work, Y)
+        nb = min(B, hi - s0)
+        load_block(X, idx, s0, nb, work, 0, N_IN, B)
+{forward_infer}
+        store_block(Y, idx, s0, nb, work, {out_off}, N_OUT, B)
 
 
 @njit(parallel=True, **_J)
@@ -206,31 +207,31 @@ def forward_threaded(X, idx, p, works, Y):
 _LOSS_TEMPLATE = '''
 
 @njit(**_J)
-def valgrad_block(X, T, idx, s0, nb, p, g, work, scale, gx):
-    need_gx = gx.shape[0] > 0
-    load_block(X, idx, s0, nb, work, 0, N_IN, B)
-{forward_train}
-    total = {loss_kernel}(work, {out_off}, {grad_a}, T, idx, s0, N_OUT, B, nb, scale, True)
-{pullback}
-    if need_gx:
-        store_block(gx, idx, s0, nb, work, {gx_off}, N_IN, B)
-    return total
-
-
-@njit(**_J)
-def loss_block(X, T, idx, s0, nb, p, work, scale):
-    load_block(X, idx, s0, nb, work, 0, N_IN, B)
-{forward_infer}
-    return {loss_kernel}(work, {out_off}, {grad_a}, T, idx, s0, N_OUT, B, nb, scale, False)
-
-
-@njit(**_J)
 def valgrad_range(X, T, idx, lo, hi, p, g, work, scale, gx):
+    \"\"\"Overwrite g with scale * dL/dp over rows idx[lo:hi]; return scale * loss sum.\"\"\"
+    need_gx = gx.shape[0] > 0
     for j in range(g.shape[0]):
         g[j] = 0
     total = like(scale, 0.0)
     for s0 in range(lo, hi, B):
-        total += valgrad_block(X, T, idx, s0, min(B, hi - s0), p, g, work, scale, gx)
+        nb = min(B, hi - s0)
+        load_block(X, idx, s0, nb, work, 0, N_IN, B)
+{forward_train}
+        total += {loss_kernel}(work, {out_off}, {grad_a}, T, idx, s0, N_OUT, B, nb, scale, True)
+{pullback}
+        if need_gx:
+            store_block(gx, idx, s0, nb, work, {gx_off}, N_IN, B)
+    return total * scale
+
+
+@njit(**_J)
+def loss_range(X, T, idx, lo, hi, p, work, scale):
+    total = like(scale, 0.0)
+    for s0 in range(lo, hi, B):
+        nb = min(B, hi - s0)
+        load_block(X, idx, s0, nb, work, 0, N_IN, B)
+{forward_infer}
+        total += {loss_kernel}(work, {out_off}, {grad_a}, T, idx, s0, N_OUT, B, nb, scale, False)
     return total * scale
 
 
@@ -248,25 +249,23 @@ def loss_threaded(X, T, idx, p, works, losses, scale):
     nt = works.shape[0]
     n = idx.shape[0]
     for t in prange(nt):
-        total = like(scale, 0.0)
-        lo = n * t // nt
-        hi = n * (t + 1) // nt
-        for s0 in range(lo, hi, B):
-            total += loss_block(X, T, idx, s0, min(B, hi - s0), p, works[t], scale)
-        losses[t] = total * scale
+        losses[t] = loss_range(X, T, idx, n * t // nt, n * (t + 1) // nt, p, works[t], scale)
 '''
 
 _TRAIN_TEMPLATE = '''
 
-@njit(**_J)
+@njit(parallel=True, **_J)
 def train_unbatched_{opt}(X, T, idx, p, G, works, losses, g, state, hyper, step0, iters, hist, gx):
-    """Full-batch steps; returns -1, or the first iteration whose loss was not finite."""
+    \"\"\"Full-batch steps; returns -1, or the first iteration whose loss was not finite.\"\"\"
     n = idx.shape[0]
+    nt = G.shape[0]
     scale = like(p[0], 1.0 / n)
     for it in range(iters):
-        valgrad_threaded(X, T, idx, 0, n, p, G, works, losses, scale, gx)
+        for t in prange(nt):
+            losses[t] = valgrad_range(X, T, idx, n * t // nt, n * (t + 1) // nt,
+                                      p, G[t], works[t], scale, gx)
         total = like(p[0], 0.0)
-        for t in range(losses.shape[0]):
+        for t in range(nt):
             total += losses[t]
         hist[it] = total
         if not np.isfinite(total):
@@ -276,19 +275,22 @@ def train_unbatched_{opt}(X, T, idx, p, G, works, losses, g, state, hyper, step0
     return -1
 
 
-@njit(**_J)
+@njit(parallel=True, **_J)
 def train_batched_{opt}(X, T, perm, batch_size, p, G, works, losses, g, state, hyper, step0, hist, gx):
-    """One epoch of minibatch steps over ``perm``; a last partial batch is a (smaller) step.
-    Returns -1, or the first batch whose loss was not finite."""
+    \"\"\"One epoch of minibatch steps over ``perm``; a last partial batch is a (smaller) step.
+    Returns -1, or the first batch whose loss was not finite.\"\"\"
     n = perm.shape[0]
+    nt = G.shape[0]
     nbatch = (n + batch_size - 1) // batch_size
     for b in range(nbatch):
         lo = b * batch_size
-        hi = min(n, lo + batch_size)
-        scale = like(p[0], 1.0 / (hi - lo))
-        valgrad_threaded(X, T, perm, lo, hi, p, G, works, losses, scale, gx)
+        m = min(n, lo + batch_size) - lo
+        scale = like(p[0], 1.0 / m)
+        for t in prange(nt):
+            losses[t] = valgrad_range(X, T, perm, lo + m * t // nt, lo + m * (t + 1) // nt,
+                                      p, G[t], works[t], scale, gx)
         total = like(p[0], 0.0)
-        for t in range(losses.shape[0]):
+        for t in range(nt):
             total += losses[t]
         hist[b] = total
         if not np.isfinite(total):
@@ -342,14 +344,14 @@ def generate_source(input_shape, layers, dtype, loss=None, B=None) -> tuple[str,
         version=__version__, spec=spec, dtype=dtype.name, loss=loss.spec() if loss else None,
         B=B, kernel_hash=kernel_source_hash(), imports=import_lines, n_in=plan.n_in,
         n_out=plan.n_out, n_params=plan.n_params, work_size=plan.work_size, out_off=out_off,
-        forward_infer=_indent(_forward_lines(plan, dtype, training=False)),
+        forward_infer=_indent(_forward_lines(plan, dtype, training=False), 8),
     )
     src = _TEMPLATE.format(**fmt)
     if loss is not None:
         pull, gx_off = _pullback_lines(plan, dtype, first_need_gin="need_gx")
         src += _LOSS_TEMPLATE.format(
-            **fmt, forward_train=_indent(_forward_lines(plan, dtype, training=True)),
-            loss_kernel=loss.kernel_name, grad_a=plan.grad_a, pullback=_indent(pull), gx_off=gx_off,
+            **fmt, forward_train=_indent(_forward_lines(plan, dtype, training=True), 8),
+            loss_kernel=loss.kernel_name, grad_a=plan.grad_a, pullback=_indent(pull, 8), gx_off=gx_off,
         )
         for opt, (_, name) in sorted(UPDATE_KERNELS.items()):
             src += _TRAIN_TEMPLATE.format(opt=opt, update=name)

@@ -11,11 +11,19 @@ from .._config import INLINE_OPTIONS, JIT_OPTIONS
 
 @njit(**INLINE_OPTIONS)
 def load_block(X, idx, s0, nb, work, off, n_feat, B):
-    """Copy rows ``idx[s0:s0+nb]`` of ``X (N, n_feat)`` into a feature-major block."""
+    """Copy rows ``idx[s0:s0+nb]`` of ``X (N, n_feat)`` into a feature-major block.
+
+    Lanes ``nb..B-1`` of a partial block are zeroed: every layer computes all ``B`` lanes
+    (constant trip counts vectorize best); the loss gives those lanes zero gradient.
+    """
     for s in range(nb):
         r = idx[s0 + s]
         for f in range(n_feat):
             work[off + f * B + s] = X[r, f]
+    if nb < B:
+        for f in range(n_feat):
+            for s in range(nb, B):
+                work[off + f * B + s] = 0
 
 
 @njit(**INLINE_OPTIONS)

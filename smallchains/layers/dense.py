@@ -103,7 +103,7 @@ Dense = TurboDense
 
 # --- code emission -----------------------------------------------------------------------
 # Blocks are feature-major: feature i of sample s at work[off + i*B + s], so every inner
-# loop runs over the block's samples ("for s in range(nb)") and vectorizes. Inputs are
+# loop runs over the block's samples (f"for s in range({B})") and vectorizes. Inputs are
 # taken CHUNK at a time in one fused expression: one load/store of z per CHUNK FMAs.
 CHUNK = 8
 
@@ -134,21 +134,56 @@ def emit_affine(ctx, n_in, n_out, w_off, b_off, act, z_off):
     if len(chunks) == 1:
         i, k = chunks[0]
         L += [f"    w{j} = p[wo + {j}]" for j in range(k)]
-        L += ["    if True:", "        for s in range(nb):"]
+        L += ["    if True:", f"        for s in range({B}):"]
         L += act_line(_sum(["bias"] + [f"w{j} * work[{x + j * B} + s]" for j in range(k)]))
         return L
     # first chunk initializes the running sum in the output row, middle chunks add to it,
     # the remainder (if any) and the activation come last
-    L += [f"    for s in range(nb):", f"        work[ao + s] = bias"]
+    L += [f"    for s in range({B}):", f"        work[ao + s] = bias"]
     if full:
         L += [f"    for i in range(0, {full * CHUNK}, {CHUNK}):"]
         L += [f"        w{j} = p[wo + i + {j}]" for j in range(CHUNK)]
-        L += [f"        xi = {x} + i * {B}", "        for s in range(nb):"]
+        L += [f"        xi = {x} + i * {B}", f"        for s in range({B}):"]
         L += [f"            work[ao + s] += " + _sum([f"w{j} * work[xi + {j * B} + s]" for j in range(CHUNK)])]
     rem = n_in - full * CHUNK
     L += [f"    w{j} = p[wo + {full * CHUNK + j}]" for j in range(rem)]
-    L += ["    if True:", "        for s in range(nb):"]
+    L += ["    if True:", f"        for s in range({B}):"]
     L += act_line(_sum(["work[ao + s]"] + [f"w{j} * work[{x + (full * CHUNK + j) * B} + s]" for j in range(rem)]))
+    return L
+
+
+TILE = 4
+
+
+def emit_outer_grad(B, dt, d_off, x_off, n_out, n_in, w_off):
+    """Lines adding ``sum_s d[o, s] x[i, s]`` into ``g[w_off + o * n_in + i]`` for all
+    ``o < n_out``, ``i < n_in`` (``d`` and ``x`` feature-major blocks at the offsets)."""
+    L = []
+
+    def tile(o_expr, i_expr, to, ti, indent):
+        pad = " " * indent
+        out = [f"{pad}c{a}_{b} = {dt}(0.0)" for a in range(to) for b in range(ti)]
+        out += [f"{pad}do = {d_off} + ({o_expr}) * {B}", f"{pad}xo = {x_off} + ({i_expr}) * {B}",
+                f"{pad}for s in range({B}):"]
+        out += [f"{pad}    d{a} = work[do + {a * B} + s]" for a in range(to)]
+        out += [f"{pad}    x{b} = work[xo + {b * B} + s]" for b in range(ti)]
+        out += [f"{pad}    c{a}_{b} += d{a} * x{b}" for a in range(to) for b in range(ti)]
+        out += [f"{pad}g[{w_off} + ({o_expr} + {a}) * {n_in} + {i_expr} + {b}] += c{a}_{b}"
+                for a in range(to) for b in range(ti)]
+        return out
+
+    fo, fi = n_out // TILE * TILE, n_in // TILE * TILE
+    if fo and fi:
+        L += [f"for ot in range(0, {fo}, {TILE}):", f"    for it in range(0, {fi}, {TILE}):"]
+        L += tile("ot", "it", TILE, TILE, 8)
+    if fo and fi < n_in:
+        L += [f"for ot in range(0, {fo}, {TILE}):"] + tile("ot", str(fi), TILE, n_in - fi, 4)
+    if fo < n_out:
+        for o in range(fo, n_out):
+            if fi:
+                L += [f"for it in range(0, {fi}, {TILE}):"] + tile(str(o), "it", 1, TILE, 4)
+            if fi < n_in:
+                L += tile(str(o), str(fi), 1, n_in - fi, 0)
     return L
 
 
@@ -167,7 +202,7 @@ def emit_affine_pullback(ctx, n_in, n_out, w_off, b_off, act, z_off):
          f"    ao = {a_off} + o * {B}",
          f"    zo = {z_off} + o * {B}",
          f"    gb = {dt}(0.0)",
-         f"    for s in range(nb):",
+         f"    for s in range({B}):",
          f"        zz = work[zo + s]",
          f"        aa = work[ao + s]",
          f"        d = work[go + s] * {grad_expr(act, 'zz', 'aa', dt)}",
@@ -175,33 +210,23 @@ def emit_affine_pullback(ctx, n_in, n_out, w_off, b_off, act, z_off):
          f"        gb += d"]
     if b_off is not None:
         L += [f"    g[{b_off} + o] += gb"]
-    # dW[o, i] = sum_s delta[o, s] x[i, s]: 4 accumulators share each delta load
-    L += [f"    wo = {w_off} + o * {n_in}"]
-    n4 = n_in // 4 * 4
-    if n4:
-        L += [f"    for i in range(0, {n4}, 4):",
-              f"        xi = {x} + i * {B}"]
-        L += [f"        c{j} = {dt}(0.0)" for j in range(4)]
-        L += ["        for s in range(nb):", "            d = work[go + s]"]
-        L += [f"            c{j} += d * work[xi + {j * B} + s]" for j in range(4)]
-        L += [f"        g[wo + i + {j}] += c{j}" for j in range(4)]
-    for i in range(n4, n_in):
-        L += [f"    c0 = {dt}(0.0)", "    for s in range(nb):",
-              f"        c0 += work[go + s] * work[{x + i * B} + s]", f"    g[wo + {i}] += c0"]
+    # dW[o, i] = sum_s delta[o, s] x[i, s], in TILE x TILE register tiles: each loaded
+    # delta and x vector feeds TILE FMAs
+    L += emit_outer_grad(B, dt, go_, x, n_out, n_in, w_off)
     # dL/dx[i, s] = sum_o W[o, i] delta[o, s], CHUNK outputs per fused expression
     if ctx.need_gin is False:
         return L
     full = n_out // CHUNK
     rem = n_out - full * CHUNK
     L += [f"if {ctx.need_gin}:", f"    for i in range({n_in}):", f"        gi = {gi_} + i * {B}",
-          f"        for s in range(nb):", f"            work[gi + s] = {dt}(0.0)"]
+          f"        for s in range({B}):", f"            work[gi + s] = {dt}(0.0)"]
     if full:
         L += [f"        for o in range(0, {full * CHUNK}, {CHUNK}):"]
         L += [f"            w{j} = p[{w_off} + (o + {j}) * {n_in} + i]" for j in range(CHUNK)]
-        L += [f"            go = {go_} + o * {B}", "            for s in range(nb):"]
+        L += [f"            go = {go_} + o * {B}", f"            for s in range({B}):"]
         L += ["                work[gi + s] += " + _sum([f"w{j} * work[go + {j * B} + s]" for j in range(CHUNK)])]
     if rem:
         L += [f"        w{j} = p[{w_off} + {(full * CHUNK + j) * n_in} + i]" for j in range(rem)]
-        L += ["        for s in range(nb):"]
+        L += [f"        for s in range({B}):"]
         L += ["            work[gi + s] += " + _sum([f"w{j} * work[{go_ + (full * CHUNK + j) * B} + s]" for j in range(rem)])]
     return L

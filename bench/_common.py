@@ -1,0 +1,175 @@
+"""Shared helpers for the smallchains benchmarks.
+
+Keep this module free of heavy imports at module level: ``setup_threads`` must
+run *before* numba / torch / jax are imported, because their thread pools are
+sized from environment variables read at import time.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# Workload constants (SimpleChains.jl matrix-exponential example).
+N_SAMPLES = 10_000
+N_IN = 4
+N_OUT = 4
+HIDDEN = (32, 16)
+LR = 1e-3
+BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
+DATA_SEED = 0
+PARAM_SEED = 0
+
+# FLOPs per sample per training step, as used by the SimpleChains.jl docs for
+# this model (forward + backward). Throughput = FLOPS_PER_SAMPLE * N / time.
+FLOPS_PER_SAMPLE = 4224
+FLOPS_PER_EPOCH = FLOPS_PER_SAMPLE * N_SAMPLES
+
+IMPLS = ("smallchains", "torch", "torch-compile", "jax")
+
+
+# --------------------------------------------------------------------------
+# argv / threads
+# --------------------------------------------------------------------------
+def peek_arg(name: str, default=None, argv=None):
+    """Read ``--name VALUE`` or ``--name=VALUE`` from argv without argparse.
+
+    Used at the very top of scripts, before heavy imports, because pyperf
+    worker processes re-run the script with the same (user) arguments.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return default
+
+
+def setup_threads(n: int, impl: str, pin: bool = True) -> list[int]:
+    """Configure thread counts for ``impl``. MUST run before importing numba,
+    torch or jax. Returns the CPU set the process is pinned to.
+
+    * all impls: OMP_NUM_THREADS / MKL_NUM_THREADS / OPENBLAS_NUM_THREADS = n
+      and (if ``pin``) ``os.sched_setaffinity`` to the first n allowed cores,
+      so every impl sees the same hardware.
+    * smallchains: NUMBA_NUM_THREADS = n.
+    * jax: XLA_FLAGS = "--xla_cpu_multi_thread_eigen=<n > 1>
+      intra_op_parallelism_threads=n". XLA's CPU thread pool is sized from the
+      number of *schedulable* CPUs (sched_getaffinity), so the affinity mask
+      is what really restricts it (measured: with the flags alone a
+      1-thread run still used ~1.06 cores; pinned, <= 1.0); the eigen flag controls intra-op Eigen
+      threading. (``intra_op_parallelism_threads=`` without the leading
+      ``--`` is accepted-and-ignored by the XLA flag parser; with ``--`` it is
+      a fatal "Unknown flag".)
+    * torch: torch.set_num_threads(n) / set_num_interop_threads(1) is done
+      after import by ``torch_threads``.
+    """
+    n = int(n)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(n)
+    if impl == "smallchains":
+        os.environ["NUMBA_NUM_THREADS"] = str(n)
+    if impl.startswith("jax"):
+        multi = "true" if n > 1 else "false"
+        flags = os.environ.get("XLA_FLAGS", "")
+        flags += (f" --xla_cpu_multi_thread_eigen={multi}"
+                  f" intra_op_parallelism_threads={n}")
+        os.environ["XLA_FLAGS"] = flags.strip()
+    cpus = sorted(os.sched_getaffinity(0))
+    if pin:
+        if n > len(cpus):
+            print(f"warning: {n} threads requested but only {len(cpus)} CPUs "
+                  f"available", file=sys.stderr)
+        cpus = cpus[:n]
+        os.sched_setaffinity(0, cpus)
+    return cpus
+
+
+def torch_threads(n: int):
+    import torch
+    torch.set_num_threads(int(n))
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        # only allowed once, before any inter-op work has started
+        pass
+
+
+# --------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------
+def expm_2x2_batch(A):
+    """Exact matrix exponential of a batch of 2x2 matrices, A: (n, 2, 2)
+    (float64). Closed form: with m = tr/2, B = A - m I, d^2 = -det(B),
+    exp(A) = e^m (cosh(d) I + sinh(d)/d B)  (d may be imaginary)."""
+    import numpy as np
+    A = np.asarray(A, dtype=np.float64)
+    m = 0.5 * (A[:, 0, 0] + A[:, 1, 1])
+    B = A - m[:, None, None] * np.eye(2)
+    d2 = -(B[:, 0, 0] * B[:, 1, 1] - B[:, 0, 1] * B[:, 1, 0])
+    d = np.sqrt(d2.astype(np.complex128))
+    c = np.cosh(d).real
+    small = np.abs(d) < 1e-8
+    s = np.where(small, 1.0 + d2 / 6.0,
+                 (np.sinh(d) / np.where(small, 1.0, d)).real)
+    E = c[:, None, None] * np.eye(2) + s[:, None, None] * B
+    return np.exp(m)[:, None, None] * E
+
+
+def make_data(n: int = N_SAMPLES, seed: int = DATA_SEED, check: bool = False):
+    """X: (n, 4) float32 ~ randn, each row a row-major flattened 2x2 matrix.
+    Y: (n, 4) float32, row-major flattened expm of that matrix.
+
+    Row-major samples (n, features): transpose for feature-major libraries.
+    If ``check``, verify the closed form against scipy.linalg.expm."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, 4), dtype=np.float32)
+    Y = expm_2x2_batch(X.astype(np.float64).reshape(n, 2, 2))
+    if check:
+        from scipy.linalg import expm
+        ref = expm(X.astype(np.float64).reshape(n, 2, 2))  # batched in scipy>=1.9
+        err = np.max(np.abs(ref - Y) / (1 + np.abs(ref)))
+        assert err < 1e-10, err
+    return X, Y.reshape(n, 4).astype(np.float32)
+
+
+def glorot_params(seed: int = PARAM_SEED):
+    """Reference initial params [(W (out,in), b (out,)), ...] as float32,
+    Glorot-uniform weights, zero bias. Used by torch/jax impls so both start
+    from identical weights."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    dims = (N_IN,) + HIDDEN + (N_OUT,)
+    out = []
+    for fi, fo in zip(dims[:-1], dims[1:]):
+        lim = np.sqrt(6.0 / (fi + fo))
+        W = rng.uniform(-lim, lim, size=(fo, fi)).astype(np.float32)
+        out.append((W, np.zeros(fo, np.float32)))
+    return out
+
+
+# --------------------------------------------------------------------------
+# result table
+# --------------------------------------------------------------------------
+def fmt_table(rows, baseline_impl="torch"):
+    """rows: list of dicts with keys impl, threads, mean, std (seconds per
+    epoch). Returns a markdown table string."""
+    base = {r["threads"]: r["mean"] for r in rows if r["impl"] == baseline_impl}
+    lines = [
+        "| impl | threads | µs/epoch (mean ± std) | vs torch eager | GFLOP/s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        us, sd = r["mean"] * 1e6, r["std"] * 1e6
+        b = base.get(r["threads"])
+        ratio = f"{b / r['mean']:.2f}x" if b else "n/a"
+        gf = FLOPS_PER_EPOCH / r["mean"] / 1e9
+        lines.append(f"| {r['impl']} | {r['threads']} | {us:,.1f} ± {sd:,.1f}"
+                     f" | {ratio} | {gf:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    X, Y = make_data(check=True)
+    print(X.shape, X.dtype, Y.shape, Y.dtype, "expm check OK")

@@ -1,0 +1,230 @@
+"""Shared helpers for the smallchains test-suite.
+
+* :func:`assert_close` -- THE tolerance helper (per-dtype rtol/atol), used by all tests.
+* :func:`get_chain` / :func:`make_model` -- a few shared architectures, built once per
+  session (every distinct architecture/dtype/loss compiles its own numba kernels, which
+  costs seconds on a cold cache, so tests reuse these instead of inventing new ones).
+* :func:`numpy_forward` -- a naive float64 reference forward pass.
+* fixtures ``torch`` (skips without torch) and ``data_dir`` (skips without datasets).
+
+Import the helpers with ``from conftest import ...`` (tests/ is on sys.path).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import smallchains as sc
+
+# --------------------------------------------------------------------------------------
+# tolerances
+
+#: (rtol, atol) by comparison kind. "fd" is for float64 central finite differences.
+TOLERANCES = {
+    "float64": (1e-9, 1e-11),
+    "float32": (2e-5, 2e-5),
+    "fd": (1e-6, 1e-8),
+}
+
+
+def _tol_key(dtype) -> str:
+    if isinstance(dtype, str) and dtype in TOLERANCES:
+        return dtype
+    return np.dtype(dtype).name
+
+
+def assert_close(actual, expected, dtype, *, rtol=None, atol=None, err_msg=""):
+    """``|actual - expected| <= atol + rtol * |expected|`` elementwise, shapes equal.
+
+    ``dtype`` picks the default tolerances: ``np.float32``, ``np.float64`` or ``"fd"``
+    (finite differences); ``rtol``/``atol`` override them.
+    """
+    r, a = TOLERANCES[_tol_key(dtype)]
+    rtol = r if rtol is None else rtol
+    atol = a if atol is None else atol
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"shape {actual.shape} != {expected.shape} {err_msg}"
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=err_msg)
+
+
+# --------------------------------------------------------------------------------------
+# shared architectures
+
+#: name -> (input width, [(out, activation, bias), ...])
+#: Together they use every activation, widths 1, 2, 3, 4, 7, 8, 9, 13, 16, 37, depths 3-4,
+#: a 1-wide input and a bias-free layer.
+ARCHS = {
+    "deep": (3, [(13, "tanh", True), (1, "softplus", True), (37, "gelu", True), (4, "identity", True)]),
+    "kinks": (1, [(8, "relu", True), (7, "elu", True), (2, "leaky_relu", True)]),
+    "clf": (6, [(9, "sigmoid", True), (16, "silu", False), (3, "identity", True)]),
+}
+
+#: the loss each architecture is differentiated with
+ARCH_LOSS = {"deep": "squared", "kinks": "absolute", "clf": "logitce"}
+
+
+@functools.lru_cache(maxsize=None)
+def get_chain(name: str) -> sc.SimpleChain:
+    n_in, layers = ARCHS[name]
+    return sc.SimpleChain(n_in, *[sc.TurboDense(o, a, bias=b) for o, a, b in layers])
+
+
+def make_targets(name: str, n: int, rng) -> np.ndarray:
+    chain = get_chain(name)
+    if ARCH_LOSS[name] == "logitce":
+        return rng.integers(0, chain.output_shape[0], size=n)
+    return rng.standard_normal((n,) + chain.output_shape)
+
+
+def make_model(name: str, targets, loss: str | None = None):
+    loss = ARCH_LOSS[name] if loss is None else loss
+    cls = {"squared": sc.SquaredLoss, "absolute": sc.AbsoluteLoss,
+           "logitce": sc.LogitCrossEntropyLoss}[loss]
+    return sc.add_loss(get_chain(name), cls(targets))
+
+
+def make_data(name: str, n: int, seed: int = 0):
+    """``(X, targets)`` float64 for architecture ``name``."""
+    rng = np.random.default_rng(seed)
+    chain = get_chain(name)
+    X = rng.standard_normal((n,) + chain.input_shape)
+    return X, make_targets(name, n, rng)
+
+
+def random_params(chain, seed=0, dtype=np.float64, bias_scale=0.3):
+    """Glorot weights plus non-zero biases (so bias gradients and paths are exercised)."""
+    p = sc.init_params(chain, seed=seed, dtype=np.float64)
+    rng = np.random.default_rng(seed + 1000)
+    for v in chain.param_views(p):
+        if "b" in v:
+            v["b"][...] = bias_scale * rng.standard_normal(v["b"].shape)
+    return p.astype(dtype)
+
+
+# --------------------------------------------------------------------------------------
+# reference implementations
+
+def np_activation(name: str, z: np.ndarray) -> np.ndarray:
+    """float64 numpy activations (overflow-free formulations)."""
+    if name == "identity":
+        return z
+    if name == "tanh":
+        return np.tanh(z)
+    if name == "relu":
+        return np.maximum(z, 0.0)
+    if name == "sigmoid":
+        return 0.5 + 0.5 * np.tanh(0.5 * z)
+    if name == "softplus":
+        return np.logaddexp(0.0, z)
+    if name == "gelu":
+        return 0.5 * z * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (z + 0.044715 * z ** 3)))
+    if name == "silu":
+        return z * (0.5 + 0.5 * np.tanh(0.5 * z))
+    if name == "elu":
+        return np.where(z > 0, z, np.expm1(np.minimum(z, 0.0)))
+    if name == "leaky_relu":
+        return np.where(z > 0, z, 0.01 * z)
+    raise KeyError(name)
+
+
+def numpy_forward(chain, X, p) -> np.ndarray:
+    """Naive float64 forward pass of a chain of TurboDense layers over a batch ``X``."""
+    a = np.asarray(X, dtype=np.float64).reshape(X.shape[0], -1)
+    p = np.asarray(p, dtype=np.float64)
+    for layer, views in zip(chain.layers, chain.param_views(p)):
+        z = a @ views["W"].T
+        if "b" in views:
+            z = z + views["b"]
+        a = np_activation(layer.activation.name, z)
+    return a.reshape((X.shape[0],) + chain.output_shape)
+
+
+def central_fd(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:
+    """Central finite-difference gradient of scalar ``f`` at float64 ``x`` (any shape)."""
+    x = np.array(x, dtype=np.float64)
+    flat = x.reshape(-1)
+    g = np.empty_like(flat)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + h
+        fp = f(x)
+        flat[i] = old - h
+        fm = f(x)
+        flat[i] = old
+        g[i] = (fp - fm) / (2 * h)
+    return g.reshape(x.shape)
+
+
+# torch equivalents (float64)
+
+TORCH_ACT = {
+    "identity": lambda nn: nn.Identity(),
+    "tanh": lambda nn: nn.Tanh(),
+    "relu": lambda nn: nn.ReLU(),
+    "sigmoid": lambda nn: nn.Sigmoid(),
+    "softplus": lambda nn: nn.Softplus(),
+    "gelu": lambda nn: nn.GELU(approximate="tanh"),
+    "silu": lambda nn: nn.SiLU(),
+    "elu": lambda nn: nn.ELU(),
+    "leaky_relu": lambda nn: nn.LeakyReLU(0.01),
+}
+
+
+def torch_model(torch, chain, p):
+    """An nn.Sequential equal to ``chain`` at parameters ``p`` (float64), and its Linears."""
+    nn = torch.nn
+    mods, linears = [], []
+    for layer, views in zip(chain.layers, chain.param_views(p)):
+        W = views["W"]
+        lin = nn.Linear(W.shape[1], W.shape[0], bias="b" in views, dtype=torch.float64)
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(np.array(W, dtype=np.float64)))
+            if "b" in views:
+                lin.bias.copy_(torch.from_numpy(np.array(views["b"], dtype=np.float64)))
+        mods += [lin, TORCH_ACT[layer.activation.name](nn)]
+        linears.append(lin)
+    return nn.Sequential(*mods), linears
+
+
+def torch_loss(torch, loss, yhat, T):
+    n = yhat.shape[0]
+    if loss == "squared":
+        return ((yhat - torch.from_numpy(T)) ** 2).sum() / n
+    if loss == "absolute":
+        return (yhat - torch.from_numpy(T)).abs().sum() / n
+    return torch.nn.functional.cross_entropy(yhat, torch.from_numpy(np.asarray(T, dtype=np.int64)))
+
+
+def torch_flat(linears, grad=False) -> np.ndarray:
+    """Parameters (or their gradients) of ``torch_model``'s Linears in smallchains order."""
+    parts = []
+    for lin in linears:
+        for t in (lin.weight, lin.bias):
+            if t is not None:
+                parts.append((t.grad if grad else t).detach().numpy().reshape(-1))
+    return np.concatenate(parts)
+
+
+# --------------------------------------------------------------------------------------
+# fixtures
+
+@pytest.fixture(scope="session")
+def torch():
+    """The torch module (float64 reference autograd); skips the test without torch."""
+    return pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """Shared datasets folder: ``$SMALLCHAINS_DATA`` else ``<repo>/../shared/datasets``."""
+    env = os.environ.get("SMALLCHAINS_DATA")
+    path = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+    if not path.is_dir():
+        pytest.skip(f"datasets folder {path} not found (set SMALLCHAINS_DATA)")
+    return path

@@ -1,0 +1,401 @@
+"""Bad input gets a clear exception (type and message) and leaves the caller's arrays
+untouched; odd-but-valid input (non-contiguous X) works."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+
+import smallchains as sc
+from conftest import assert_close, get_chain, make_data, make_model, random_params
+
+N = 5
+
+
+@contextmanager
+def unchanged(*arrays):
+    """Assert that the arrays hold the same values (NaN == NaN) after the block."""
+    copies = [np.array(a, copy=True) for a in arrays]
+    yield
+    for i, (a, c) in enumerate(zip(arrays, copies)):
+        np.testing.assert_array_equal(a, c, err_msg=f"argument {i} was modified")
+
+
+@pytest.fixture
+def reg():
+    """Regression setup: 'deep' chain (3 inputs, 4 outputs), SquaredLoss, float64."""
+    X, Y = make_data("deep", N, seed=0)
+    model = make_model("deep", Y, "squared")
+    p = random_params(model.chain, seed=0)
+    G = sc.alloc_threaded_grad(model.chain, n_threads=2, dtype=np.float64)
+    return model, X, Y, p, G
+
+
+# Every public entry point that takes X, as f(model, X, p, G, opt).
+CALLS = {
+    "chain": lambda m, X, p, G, o: m.chain(X, p),
+    "model": lambda m, X, p, G, o: m(X, p),
+    "valgrad": lambda m, X, p, G, o: sc.valgrad(m, X, p),
+    "valgrad_with_input": lambda m, X, p, G, o: sc.valgrad_with_input(m, X, p),
+    "train_unbatched": lambda m, X, p, G, o: sc.train_unbatched(G, p, m, X, o, 3),
+    "train_batched": lambda m, X, p, G, o: sc.train_batched(G, p, m, X, o, 2, batch_size=2, seed=0),
+}
+MODEL_CALLS = [k for k in CALLS if k != "chain"]
+TRAIN_CALLS = ["train_unbatched", "train_batched"]
+
+
+def _rejects(call, model, X, p, G, exc, match, extra=()):
+    opt = sc.Adam(1e-2)
+    with unchanged(X, p, G, model.loss.targets, *extra), pytest.raises(exc, match=match):
+        CALLS[call](model, X, p, G, opt)
+    assert opt.t == 0 and opt.state is None  # optimizer untouched too
+
+
+# --------------------------------------------------------------------------------------
+# bad X
+
+BAD_X = {
+    "wrong_width": (lambda X: X[:, :2].copy(), ValueError, r"X must have shape \(N, 3\).*got \(5, 2\)"),
+    "3d": (lambda X: X[:, :, None].copy(), ValueError, r"X must have shape \(N, 3\) \(batch first\)"),
+    "int": (lambda X: np.round(X).astype(np.int64), TypeError, r"float32 or float64.*int64"),
+    "object": (lambda X: X.astype(object), TypeError, r"float32 or float64.*object"),
+    "bool": (lambda X: X > 0, TypeError, r"float32 or float64.*bool"),
+    "empty": (lambda X: X[:0].copy(), ValueError, r"empty batch"),
+    "nan": (lambda X: np.where(np.arange(N)[:, None] == 3, np.nan, X), ValueError,
+            r"NaN or Inf \(first at sample 3\)"),
+    "inf": (lambda X: np.where(np.arange(N)[:, None] == 1, -np.inf, X), ValueError,
+            r"NaN or Inf \(first at sample 1\)"),
+}
+
+
+@pytest.mark.parametrize("call", list(CALLS))
+@pytest.mark.parametrize("bad", list(BAD_X))
+def test_bad_X_rejected(reg, bad, call):
+    model, X, Y, p, G = reg
+    make, exc, match = BAD_X[bad]
+    _rejects(call, model, make(X), p, G, exc, match)
+
+
+def test_X_huge_but_finite_float64_ok(reg):
+    model, X, Y, p, G = reg
+    X = X.copy()
+    X[2, 0] = 1e300
+    assert np.isfinite(model.chain(X, p)).all()
+
+
+@pytest.mark.xfail(strict=True, reason="bug: finite float64 X beyond float32 range is cast with a "
+                   "numpy 'overflow encountered in cast' RuntimeWarning (an error under "
+                   "filterwarnings=error) and then reported as 'X contains NaN or Inf'")
+def test_X_overflowing_float32_rejected_cleanly(reg):
+    """Finite float64 X that overflows when cast to a float32 p: a clean ValueError."""
+    model, X, Y, p, G = reg
+    X = X.copy()
+    X[2, 0] = 1e300
+    p = p.astype(np.float32)
+    with unchanged(X, p), pytest.raises(ValueError, match=r"float32|overflow|NaN or Inf"):
+        model.chain(X, p)
+
+
+@pytest.mark.parametrize("call", MODEL_CALLS)
+def test_single_sample_rejected_where_batch_needed(reg, call):
+    model, X, Y, p, G = reg
+    _rejects(call, model, X[0].copy(), p, G, ValueError, r"\(N, 3\)")
+
+
+@pytest.mark.parametrize("call", list(CALLS))
+def test_non_contiguous_X_works(reg, call):
+    model, X, Y, p, G = reg
+    wide = np.zeros((N, 6))
+    wide[:, ::2] = X
+    variants = [wide[:, ::2], np.asfortranarray(X)]
+    assert not variants[0].flags.c_contiguous and not variants[1].flags.c_contiguous
+    expected = CALLS[call](model, X, p.copy(), G.copy(), sc.Adam(1e-2))
+    for Xv in variants:
+        before = Xv.copy()
+        q = p.copy()
+        got = CALLS[call](model, Xv, q, G.copy(), sc.Adam(1e-2))
+        np.testing.assert_array_equal(Xv, before)
+        if isinstance(got, tuple):
+            for a, b in zip(got, expected):
+                assert_close(a, b, np.float64)
+        else:
+            assert_close(got, expected, np.float64)
+        if call in TRAIN_CALLS:
+            ref = p.copy()
+            CALLS[call](model, X, ref, G.copy(), sc.Adam(1e-2))
+            assert_close(q, ref, np.float64)
+            assert not np.array_equal(q, p)
+
+
+def test_float32_X_into_float64_chain_is_converted(reg):
+    model, X, Y, p, G = reg
+    X32 = X.astype(np.float32)
+    assert_close(model.chain(X32, p), model.chain(X32.astype(np.float64), p), np.float64, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------
+# bad targets
+
+@pytest.mark.parametrize("call", MODEL_CALLS)
+def test_targets_N_mismatch(reg, call):
+    model, X, Y, p, G = reg
+    bad = make_model("deep", Y[:4], "squared")
+    _rejects(call, bad, X, p, G, ValueError, r"targets have 4 samples but X has 5")
+
+
+@pytest.mark.parametrize("call", MODEL_CALLS)
+def test_targets_wrong_width(reg, call):
+    model, X, Y, p, G = reg
+    bad = make_model("deep", Y[:, :3].copy(), "squared")
+    _rejects(call, bad, X, p, G, ValueError, r"targets must have shape \(N, 4\)")
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize("call", MODEL_CALLS)
+def test_nonfinite_targets(reg, call, value):
+    model, X, Y, p, G = reg
+    Y = Y.copy()
+    Y[2, 1] = value
+    for loss in ("squared", "absolute"):
+        _rejects(call, make_model("deep", Y, loss), X, p, G, ValueError, r"targets contain NaN or Inf")
+
+
+# --------------------------------------------------------------------------------------
+# bad p
+
+BAD_P = {
+    "short": (lambda p: p[:-1].copy(), ValueError, r"p must have shape \(292,\).*got \(291,\)"),
+    "long": (lambda p: np.append(p, 0.0), ValueError, r"p must have shape \(292,\)"),
+    "2d": (lambda p: p[None, :].copy(), ValueError, r"p must have shape \(292,\)"),
+    "int": (lambda p: np.round(p).astype(np.int64), TypeError, r"p must have dtype float32 or float64, got int64"),
+    "list": (lambda p: list(p), TypeError, r"p must be a numpy ndarray"),
+    "strided": (lambda p: np.repeat(p, 2)[::2], ValueError, r"C-contiguous"),
+}
+
+
+@pytest.mark.parametrize("call", list(CALLS))
+@pytest.mark.parametrize("bad", list(BAD_P))
+def test_bad_p_rejected(reg, bad, call):
+    model, X, Y, p, G = reg
+    assert model.chain.n_params == 292
+    make, exc, match = BAD_P[bad]
+    q = make(p)
+    opt = sc.Adam(1e-2)
+    with unchanged(X, G, *(() if isinstance(q, list) else (q,))), pytest.raises(exc, match=match):
+        CALLS[call](model, X, q, G, opt)
+    assert opt.t == 0 and opt.state is None
+
+
+def test_readonly_p_rejected_for_training(reg):
+    model, X, Y, p, G = reg
+    p.flags.writeable = False
+    for call in TRAIN_CALLS:
+        _rejects(call, model, X, p, G, ValueError, r"p must be writeable")
+
+
+# --------------------------------------------------------------------------------------
+# NaN/Inf during training
+
+def test_loss_inf_at_first_iteration(reg):
+    """Finite but huge targets: the very first loss overflows; no step is applied."""
+    model, X, Y, p, G = reg
+    huge = make_model("deep", np.full_like(Y, 1e200), "squared")
+    opt = sc.SGD(1e-3)
+    with unchanged(p, X), pytest.raises(FloatingPointError, match=r"iteration 0 \(0-based\)"):
+        sc.train_unbatched(G, p, huge, X, opt, 5)
+    assert opt.t == 0
+
+
+def test_loss_nan_after_diverging(reg):
+    """A huge learning rate: step 0 is finite, then the loss overflows."""
+    model, X, Y, p, G = reg
+    p0 = p.copy()
+    opt = sc.SGD(1e150)
+    with pytest.raises(FloatingPointError, match=r"iteration 1 \(0-based\) of train_unbatched") as e:
+        sc.train_unbatched(G, p, model, X, opt, 10)
+    assert "loss is" in str(e.value)
+    # p holds the parameters of the failing iteration: finite, one step away from p0
+    assert opt.t == 1
+    assert np.isfinite(p).all() and not np.array_equal(p, p0)
+    assert not np.isfinite(model(X, p))
+
+
+def test_loss_nan_in_train_batched_names_epoch_and_minibatch(reg):
+    model, X, Y, p, G = reg
+    opt = sc.SGD(1e150)
+    with pytest.raises(FloatingPointError, match=r"epoch 1, minibatch 1 \(0-based\)"):
+        sc.train_batched(G, p, model, X, opt, 3, batch_size=2, shuffle=False)
+    assert opt.t == 1
+    assert np.isfinite(p).all()
+
+
+def test_nan_in_p_detected_by_training(reg):
+    model, X, Y, p, G = reg
+    p[5] = np.nan
+    with unchanged(p), pytest.raises(FloatingPointError, match=r"iteration 0"):
+        sc.train_unbatched(G, p, model, X, sc.Adam(), 3)
+
+
+# --------------------------------------------------------------------------------------
+# LogitCrossEntropyLoss labels ('clf' chain: 6 inputs, 3 classes)
+
+BAD_LABELS = {
+    "too_big": (np.array([0, 1, 3, 2, 0]), ValueError, r"labels must lie in \[0, 3\).*got range \[0, 3\]"),
+    "negative": (np.array([0, -1, 2, 2, 0]), ValueError, r"labels must lie in \[0, 3\).*\[-1, 2\]"),
+    "float": (np.array([0.0, 1.0, 2.0, 1.0, 0.0]), TypeError, r"labels must be integers.*float64"),
+    "bool": (np.array([True, False, True, True, False]), TypeError, r"labels must be integers"),
+    "short": (np.array([0, 1, 2, 1]), ValueError, r"labels must have shape \(5,\), got \(4,\)"),
+    "2d": (np.array([[0], [1], [2], [1], [0]]), ValueError, r"labels must have shape \(5,\)"),
+}
+
+
+@pytest.mark.parametrize("call", MODEL_CALLS)
+@pytest.mark.parametrize("bad", list(BAD_LABELS))
+def test_bad_labels(bad, call):
+    labels, exc, match = BAD_LABELS[bad]
+    X, _ = make_data("clf", N, seed=1)
+    model = make_model("clf", labels, "logitce")
+    p = random_params(model.chain, seed=1)
+    G = sc.alloc_threaded_grad(model.chain, n_threads=1, dtype=np.float64)
+    _rejects(call, model, X, p, G, exc, match, extra=(labels,))
+
+
+def test_good_labels_any_int_dtype():
+    X, _ = make_data("clf", N, seed=1)
+    labels = np.array([0, 1, 2, 1, 0])
+    p = random_params(get_chain("clf"), seed=1)
+    ref = make_model("clf", labels, "logitce")(X, p)
+    for dt in (np.int32, np.uint8, np.int64):
+        assert_close(make_model("clf", labels.astype(dt), "logitce")(X, p), ref, np.float64)
+
+
+# --------------------------------------------------------------------------------------
+# layers and chains
+
+def test_unknown_activation():
+    with pytest.raises(ValueError, match=r"unknown activation 'tanhh'.*'tanh'"):
+        sc.TurboDense(3, "tanhh")
+    with pytest.raises(TypeError, match=r"activation must be a name"):
+        sc.TurboDense(3, 3)
+
+
+@pytest.mark.parametrize("out", [0, -2, 2.5, True, "4", None])
+def test_bad_dense_width(out):
+    with pytest.raises(ValueError, match=r"TurboDense: out must be a positive int"):
+        sc.TurboDense(out)
+
+
+def test_bad_chain_construction():
+    with pytest.raises(ValueError, match=r"at least one layer"):
+        sc.SimpleChain(3)
+    with pytest.raises(ValueError, match=r"input_shape must be positive"):
+        sc.SimpleChain(0, sc.TurboDense(2))
+    with pytest.raises(TypeError, match=r"layer 1 must be a smallchains layer"):
+        sc.SimpleChain(3, sc.TurboDense(2), "tanh")
+    with pytest.raises(ValueError, match=r"layer 0 .*TurboDense expects a 1-D feature input"):
+        sc.SimpleChain((2, 3), sc.TurboDense(2))
+
+
+# --------------------------------------------------------------------------------------
+# training arguments
+
+@pytest.mark.parametrize("call", TRAIN_CALLS)
+def test_G_wrong_shape(reg, call):
+    model, X, Y, p, G = reg
+    n = model.chain.n_params
+    for bad in (np.zeros((2, n + 1)), np.zeros(n), np.zeros((n, 2))):
+        _rejects(call, model, X, p, bad, ValueError, rf"G must have shape \(n_threads, {n}\)")
+    _rejects(call, model, X, p, [[0.0] * n], ValueError, r"G must have shape")
+
+
+@pytest.mark.parametrize("call", TRAIN_CALLS)
+def test_G_wrong_dtype(reg, call):
+    model, X, Y, p, G = reg
+    _rejects(call, model, X, p, G.astype(np.float32), TypeError, r"G has dtype float32 but p has float64")
+    _rejects(call, model, X, p.astype(np.float32), G, TypeError, r"G has dtype float64 but p has float32")
+
+
+@pytest.mark.parametrize("call", TRAIN_CALLS)
+def test_G_not_contiguous(reg, call):
+    model, X, Y, p, G = reg
+    Gf = np.asfortranarray(G)
+    _rejects(call, model, X, p, Gf, ValueError, r"G must be writeable and C-contiguous")
+
+
+def test_opt_not_an_optimizer(reg, torch):
+    model, X, Y, p, G = reg
+    tp = torch.nn.Parameter(torch.zeros(3))
+    for bad in ("adam", sc.Adam, torch.optim.Adam([tp]), None):
+        for fn in (lambda o: sc.train_unbatched(G, p, model, X, o, 2),
+                   lambda o: sc.train_batched(G, p, model, X, o, 2)):
+            with unchanged(p, G, X), pytest.raises(TypeError, match=r"opt must be a smallchains optimizer"):
+                fn(bad)
+
+
+def test_model_without_loss(reg):
+    model, X, Y, p, G = reg
+    chain = model.chain
+    for fn in (lambda: sc.valgrad(chain, X, p), lambda: sc.valgrad_with_input(chain, X, p),
+               lambda: sc.train_unbatched(G, p, chain, X, sc.Adam(), 2),
+               lambda: sc.train_batched(G, p, chain, X, sc.Adam(), 2)):
+        with unchanged(p, G, X), pytest.raises(TypeError, match=r"expected a model with a loss \(sc.add_loss"):
+            fn()
+    with pytest.raises(TypeError, match=r"add_loss expects a smallchains Loss"):
+        sc.add_loss(chain, Y)
+    with pytest.raises(TypeError, match=r"add_loss expects a SimpleChain"):
+        sc.add_loss(model, sc.SquaredLoss(Y))
+
+
+def test_bad_out_arrays(reg):
+    model, X, Y, p, G = reg
+    n = p.shape[0]
+    for out in (np.zeros(n - 1), np.zeros(n, dtype=np.float32), np.zeros((1, n)),
+                np.zeros(2 * n)[::2], "g"):
+        for fn in (sc.valgrad, sc.valgrad_with_input):
+            extra = (out,) if isinstance(out, np.ndarray) else ()
+            with unchanged(p, X, *extra), pytest.raises(ValueError, match=r"out must be a writeable C-contiguous float64 array of shape \(292,\)"):
+                fn(model, X, p, out=out)
+    for x_out in (np.zeros((N, 2)), np.zeros((N, 3), dtype=np.float32), np.zeros(3 * N)):
+        with unchanged(p, X, x_out), pytest.raises(ValueError, match=r"x_out must be a C-contiguous float64 array of shape \(5, 3\)"):
+            sc.valgrad_with_input(model, X, p, x_out=x_out)
+    # a good x_out is filled and returned
+    x_out = np.full(X.shape, np.nan)
+    _, _, gx = sc.valgrad_with_input(model, X, p, x_out=x_out)
+    assert gx is x_out and np.isfinite(x_out).all()
+
+
+def test_bad_counts(reg):
+    model, X, Y, p, G = reg
+    with unchanged(p, G), pytest.raises(ValueError, match=r"iters must be >= 0, got -1"):
+        sc.train_unbatched(G, p, model, X, sc.Adam(), -1)
+    with unchanged(p, G), pytest.raises(ValueError, match=r"epochs must be >= 0, got -1"):
+        sc.train_batched(G, p, model, X, sc.Adam(), -1)
+    with unchanged(p, G), pytest.raises(ValueError, match=r"batch_size must be >= 1, got 0"):
+        sc.train_batched(G, p, model, X, sc.Adam(), 1, batch_size=0)
+    with pytest.raises(ValueError, match=r"n_threads must be >= 1"):
+        sc.alloc_threaded_grad(model.chain, n_threads=0)
+    with pytest.raises(TypeError, match=r"dtype must be float32 or float64"):
+        sc.alloc_threaded_grad(model.chain, dtype=np.int32)
+    with pytest.raises(TypeError, match=r"dtype must be float32 or float64"):
+        sc.init_params(model.chain, seed=0, dtype=np.float16)
+
+
+def test_bad_optimizer_settings_and_state(reg):
+    model, X, Y, p, G = reg
+    for make in (lambda: sc.Adam(0.0), lambda: sc.Adam(-1e-3), lambda: sc.Adam(float("nan")),
+                 lambda: sc.SGD(0.0), lambda: sc.RMSProp(-1.0)):
+        with pytest.raises(ValueError, match=r"lr must be > 0"):
+            make()
+    with pytest.raises(ValueError, match=r"betas must lie in \[0, 1\)"):
+        sc.Adam(1e-3, betas=(0.9, 1.0))
+    opt = sc.Adam(1e-3)
+    opt.step(p.copy(), np.ones_like(p))
+    q = np.zeros(7)
+    with unchanged(q), pytest.raises(ValueError, match=r"call opt.reset\(\)"):
+        opt.step(q, np.ones_like(q))
+    with unchanged(p, G), pytest.raises(ValueError, match=r"call opt.reset\(\)"):
+        sc.train_unbatched(G.astype(np.float32), p.astype(np.float32), model, X, opt, 1)
+    with pytest.raises(ValueError, match=r"p and g must be 1-D with equal shape and dtype"):
+        sc.Adam().step(p.copy(), np.ones(3))

@@ -1,0 +1,280 @@
+"""Training: threaded gradients, determinism, optimizers vs torch, train_unbatched vs a
+torch loop, train_batched (partial batches, shuffling, equivalence to unbatched)."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+
+import smallchains as sc
+from conftest import (assert_close, get_chain, make_data, make_model, random_params, torch_flat,
+                      torch_loss, torch_model)
+
+ARCH = "deep"  # 3 -> 13 tanh -> 1 softplus -> 37 gelu -> 4, SquaredLoss
+
+
+def _setup(n=50, seed=0, dtype=np.float64):
+    X, _ = make_data(ARCH, n, seed=seed)
+    # learnable targets (4 outputs from 3 inputs)
+    Y = np.stack([np.sin(X[:, 0]), X[:, 1] * X[:, 2], np.tanh(X[:, 0] + X[:, 1]), 0.5 * X[:, 2]], axis=1)
+    model = make_model(ARCH, Y)
+    p = random_params(model.chain, seed=seed, dtype=dtype)
+    return model, X.astype(dtype), Y, p
+
+
+# --------------------------------------------------------------------------------------
+# threads
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_threaded_training_matches_single_thread_and_is_deterministic(dtype):
+    model, X, Y, p0 = _setup(n=50, dtype=dtype)
+    runs = {}
+    for rows in (1, 2, 3, 2):
+        G = sc.alloc_threaded_grad(model.chain, n_threads=rows, dtype=dtype)
+        assert G.shape == (rows, model.chain.n_params) and G.dtype == dtype
+        p = p0.copy()
+        hist = sc.train_unbatched(G, p, model, X, sc.SGD(0.05, momentum=0.5), 5)
+        assert np.all(G[-1] != 0)  # the last row (thread) did contribute
+        if rows in runs:  # same thread count: bitwise identical
+            np.testing.assert_array_equal(p, runs[rows][0])
+            np.testing.assert_array_equal(hist, runs[rows][1])
+        runs[rows] = (p, hist)
+    assert not np.array_equal(runs[1][0], p0)
+    for rows in (2, 3):
+        assert_close(runs[rows][0], runs[1][0], dtype)
+        assert_close(runs[rows][1], runs[1][1], dtype)
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 numba threads")
+def test_valgrad_same_with_one_or_two_threads():
+    model, X, Y, p = _setup(n=601)  # several blocks, so two threads are used
+    old = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        l1, g1, gx1 = sc.valgrad_with_input(model, X, p)
+        f1 = model.chain(X, p)
+        m1 = model(X, p)
+        numba.set_num_threads(2)
+        l2, g2, gx2 = sc.valgrad_with_input(model, X, p)
+        f2 = model.chain(X, p)
+        m2 = model(X, p)
+        l3, g3, gx3 = sc.valgrad_with_input(model, X, p)
+    finally:
+        numba.set_num_threads(old)
+    assert_close(l2, l1, np.float64)
+    assert_close(m2, m1, np.float64)
+    assert_close(m1, l1, np.float64)
+    assert_close(g2, g1, np.float64)
+    assert_close(gx2, gx1, np.float64)
+    np.testing.assert_array_equal(f2, f1)  # forward is per sample: no reduction
+    np.testing.assert_array_equal(g3, g2)  # deterministic
+    assert l3 == l2
+
+
+# --------------------------------------------------------------------------------------
+# optimizers step for step against torch
+
+OPTS = [
+    ("adam", dict(lr=1e-2)),
+    ("adam", dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6)),
+    ("rmsprop", dict(lr=1e-2)),
+    ("rmsprop", dict(lr=1e-3, alpha=0.9, eps=1e-6)),
+    ("sgd", dict(lr=0.1)),
+    ("sgd", dict(lr=0.05, momentum=0.9)),
+]
+
+
+def _make_opts(torch, kind, kw, param):
+    if kind == "adam":
+        return sc.Adam(**kw), torch.optim.Adam([param], **kw)
+    if kind == "rmsprop":
+        return sc.RMSProp(**kw), torch.optim.RMSprop([param], **kw)
+    return sc.SGD(**kw), torch.optim.SGD([param], **kw)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("kind,kw", OPTS, ids=[f"{k}-{i}" for i, (k, _) in enumerate(OPTS)])
+def test_optimizer_matches_torch(torch, kind, kw, dtype):
+    rng = np.random.default_rng(1)
+    n = 37
+    p = rng.standard_normal(n).astype(dtype)
+    p0 = p.copy()
+    tp = torch.nn.Parameter(torch.from_numpy(p.copy()))
+    opt, topt = _make_opts(torch, kind, kw, tp)
+    for step in range(20):
+        g = (rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 1, n)).astype(dtype)
+        g[step % n] = 0  # some exact zeros
+        opt.step(p, g)
+        tp.grad = torch.from_numpy(g.copy())
+        topt.step()
+        assert p.dtype == dtype
+        assert_close(p, tp.detach().numpy(), dtype, err_msg=f"step {step}")
+    assert opt.t == 20
+    assert np.abs(p - p0).max() > 1e-3  # the steps did move p
+    opt.reset()
+    assert opt.t == 0 and opt.state is None
+
+
+def test_train_unbatched_adam_matches_torch_loop(torch):
+    model, X, Y, p0 = _setup(n=50, seed=4)
+    p = p0.copy()
+    G = sc.alloc_threaded_grad(model.chain, dtype=np.float64)
+    opt = sc.Adam(1e-2)
+    hist = sc.train_unbatched(G, p, model, X, opt, 50)
+    assert opt.t == 50
+
+    net, linears = torch_model(torch, model.chain, p0)
+    topt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    xt = torch.from_numpy(X)
+    thist = []
+    for _ in range(50):
+        topt.zero_grad()
+        loss = torch_loss(torch, "squared", net(xt), Y)
+        loss.backward()
+        thist.append(loss.item())
+        topt.step()
+    assert_close(hist, thist, np.float64, rtol=1e-8, atol=1e-10)
+    assert_close(p, torch_flat(linears), np.float64, rtol=1e-8, atol=1e-10)
+    assert hist[-1] < 0.8 * hist[0]
+
+
+# --------------------------------------------------------------------------------------
+# loss history, chunked loops
+
+def test_history_length_and_first_value():
+    model, X, Y, p0 = _setup(n=30)
+    G = sc.alloc_threaded_grad(model.chain, n_threads=2, dtype=np.float64)
+    p = p0.copy()
+    hist = sc.train_unbatched(G, p, model, X, sc.Adam(1e-2), 7)
+    assert hist.shape == (7,) and hist.dtype == np.float64
+    assert_close(hist[0], model(X, p0), np.float64)
+    assert np.all(np.isfinite(hist)) and hist[-1] < hist[0]
+    # the history is the loss BEFORE each step: continue one step and compare
+    hist2 = sc.train_unbatched(G, p.copy(), model, X, sc.SGD(1e-3), 1)
+    assert_close(hist2[0], model(X, p), np.float64)
+    # zero iterations: nothing happens
+    p_before = p.copy()
+    opt = sc.Adam()
+    assert sc.train_unbatched(G, p, model, X, opt, 0).shape == (0,)
+    np.testing.assert_array_equal(p, p_before)
+    assert opt.t == 0
+    eh = sc.train_batched(G, p, model, X, sc.Adam(1e-2), 4, batch_size=7, seed=0)
+    assert eh.shape == (4,) and np.all(np.isfinite(eh))
+
+
+def test_callback_chunks_and_continuation_equal_one_run():
+    model, X, Y, p0 = _setup(n=40, seed=2)
+    G = sc.alloc_threaded_grad(model.chain, n_threads=2, dtype=np.float64)
+    p_ref = p0.copy()
+    h_ref = sc.train_unbatched(G, p_ref, model, X, sc.Adam(1e-2), 30)
+
+    calls = []
+    p = p0.copy()
+    opt = sc.Adam(1e-2)
+    h = sc.train_unbatched(G, p, model, X, opt, 30, report_every=10,
+                           callback=lambda step, loss, q: calls.append((step, loss, q.copy())))
+    np.testing.assert_array_equal(p, p_ref)
+    np.testing.assert_array_equal(h, h_ref)
+    assert [c[0] for c in calls] == [10, 20, 30]
+    assert [c[1] for c in calls] == [h_ref[9], h_ref[19], h_ref[29]]
+    np.testing.assert_array_equal(calls[-1][2], p_ref)
+
+    # two calls of 15 with one optimizer == one call of 30 (state and step count carry on)
+    p = p0.copy()
+    opt = sc.Adam(1e-2)
+    h1 = sc.train_unbatched(G, p, model, X, opt, 15)
+    h2 = sc.train_unbatched(G, p, model, X, opt, 15)
+    assert opt.t == 30
+    np.testing.assert_array_equal(np.concatenate([h1, h2]), h_ref)
+    np.testing.assert_array_equal(p, p_ref)
+
+
+# --------------------------------------------------------------------------------------
+# train_batched
+
+def test_train_batched_loss_decreases():
+    model, X, Y, p = _setup(n=200, seed=6)
+    G = sc.alloc_threaded_grad(model.chain, dtype=np.float64)
+    start = model(X, p)
+    hist = sc.train_batched(G, p, model, X, sc.Adam(1e-2), 60, batch_size=32, seed=0)
+    assert hist.shape == (60,)
+    assert hist[-5:].mean() < 0.75 * hist[:5].mean()
+    assert model(X, p) < 0.75 * start
+
+
+def test_train_batched_uses_partial_last_batch():
+    """N=10, batch 4 -> batches of 4, 4, 2, each one SGD step with its own mean loss."""
+    model, X, Y, p0 = _setup(n=10, seed=8)
+    G = sc.alloc_threaded_grad(model.chain, n_threads=2, dtype=np.float64)
+    epochs = 3
+    p = p0.copy()
+    opt = sc.SGD(0.05, momentum=0.9)
+    hist = sc.train_batched(G, p, model, X, opt, epochs, batch_size=4, shuffle=False)
+    assert opt.t == 3 * epochs
+    assert hist.shape == (epochs,)
+
+    q = p0.copy()
+    ref_opt = sc.SGD(0.05, momentum=0.9)
+    ref_hist = []
+    for _ in range(epochs):
+        losses = []
+        for lo, hi in ((0, 4), (4, 8), (8, 10)):
+            sub = make_model(ARCH, Y[lo:hi])
+            loss, g = sc.valgrad(sub, X[lo:hi], q)
+            losses.append(loss)
+            ref_opt.step(q, g)
+        ref_hist.append(np.mean(losses))
+    assert_close(p, q, np.float64)
+    assert_close(hist, ref_hist, np.float64)
+    # dropping the last batch would give a different result
+    r = p0.copy()
+    sc.train_batched(G, r, make_model(ARCH, Y[:8]), X[:8], sc.SGD(0.05, momentum=0.9), epochs,
+                     batch_size=4, shuffle=False)
+    assert not np.allclose(r, p, rtol=1e-6, atol=1e-9)
+
+
+def test_train_batched_shuffle_seed_reproducible():
+    model, X, Y, p0 = _setup(n=30, seed=9)
+    G = sc.alloc_threaded_grad(model.chain, n_threads=2, dtype=np.float64)
+
+    def run(**kw):
+        p = p0.copy()
+        h = sc.train_batched(G, p, model, X, sc.Adam(1e-2), 3, batch_size=8, **kw)
+        return p, h
+
+    a, ha = run(seed=123)
+    b, hb = run(seed=123)
+    c, _ = run(seed=124)
+    d, _ = run(shuffle=False)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(ha, hb)
+    assert not np.allclose(a, c, rtol=1e-6, atol=1e-9)
+    assert not np.allclose(a, d, rtol=1e-6, atol=1e-9)
+
+
+def test_train_batched_shuffle_is_a_permutation():
+    """With batch_size=N, shuffling only reorders the sum: same result as unshuffled."""
+    model, X, Y, p0 = _setup(n=30, seed=10)
+    G = sc.alloc_threaded_grad(model.chain, n_threads=2, dtype=np.float64)
+    p1, p2 = p0.copy(), p0.copy()
+    h1 = sc.train_batched(G, p1, model, X, sc.SGD(0.05), 4, batch_size=30, shuffle=True, seed=1)
+    h2 = sc.train_batched(G, p2, model, X, sc.SGD(0.05), 4, batch_size=30, shuffle=False)
+    assert_close(p1, p2, np.float64)
+    assert_close(h1, h2, np.float64)
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd", "rmsprop"])
+def test_train_batched_full_batch_equals_unbatched(kind):
+    model, X, Y, p0 = _setup(n=40, seed=11)
+    G = sc.alloc_threaded_grad(model.chain, n_threads=2, dtype=np.float64)
+    make = {"adam": lambda: sc.Adam(1e-2), "sgd": lambda: sc.SGD(0.05, momentum=0.5),
+            "rmsprop": lambda: sc.RMSProp(1e-3)}[kind]
+    p1, p2 = p0.copy(), p0.copy()
+    o1, o2 = make(), make()
+    h1 = sc.train_batched(G, p1, model, X, o1, 12, batch_size=40, shuffle=False)
+    h2 = sc.train_unbatched(G, p2, model, X, o2, 12)
+    assert o1.t == o2.t == 12
+    assert_close(p1, p2, np.float64)
+    assert_close(h1, h2, np.float64)
+    assert not np.array_equal(p1, p0)
