@@ -12,7 +12,7 @@ from . import _cpu  # noqa: F401  (must run before numba is imported)
 from . import datasets
 from .activations import Activation, available_activations, get_activation
 from .chain import SimpleChain, SimpleChainWithLoss, add_loss, init_params, numparam, remove_loss
-from .layers import Dense, TurboDense
+from .layers import Conv, Dense, Flatten, MaxPool, TurboDense
 from .losses import AbsoluteLoss, LogitCrossEntropyLoss, Loss, SquaredLoss
 from .optim import SGD, Adam, Optimizer, RMSProp
 from .train import (
@@ -24,7 +24,7 @@ from .train import (
 )
 
 __all__ = [
-    "AbsoluteLoss", "Activation", "Adam", "Dense", "LogitCrossEntropyLoss", "Loss",
+    "AbsoluteLoss", "Activation", "Adam", "Conv", "Dense", "Flatten", "MaxPool", "LogitCrossEntropyLoss", "Loss",
     "Optimizer", "RMSProp", "SGD", "SimpleChain", "SimpleChainWithLoss", "SquaredLoss",
     "TurboDense", "add_loss", "alloc_threaded_grad", "available_activations", "datasets",
     "get_activation", "init_params", "numparam", "remove_loss", "train_batched",

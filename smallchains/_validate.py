@@ -67,8 +67,12 @@ def check_inputs(input_shape: tuple, X, dtype, *, allow_single: bool = True, nam
         raise ValueError(f"{name} must have shape {expected} (batch first), got {X.shape}")
     if X.shape[0] == 0:
         raise ValueError(f"{name} is an empty batch (N = 0); need at least one sample")
-    X2 = np.ascontiguousarray(X.reshape(X.shape[0], prod(in_shape)), dtype=dtype)
-    if not np.isfinite(X2).all():
-        bad = np.argwhere(~np.isfinite(X2))[0]
+    Xf = X.reshape(X.shape[0], prod(in_shape))
+    if not np.isfinite(Xf).all():
+        bad = np.argwhere(~np.isfinite(Xf))[0]
         raise ValueError(f"{name} contains NaN or Inf (first at sample {bad[0]})")
-    return X2, single
+    dtype = np.dtype(dtype)
+    if Xf.dtype.itemsize > dtype.itemsize and np.abs(Xf).max() > np.finfo(dtype).max:
+        raise ValueError(f"{name} has values beyond the {dtype} range (max |x| = {np.abs(Xf).max():.3g}); "
+                         f"they cannot be converted to the parameter dtype {dtype}")
+    return np.ascontiguousarray(Xf, dtype=dtype), single

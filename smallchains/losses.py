@@ -75,10 +75,12 @@ class Loss:
                 f"{type(self).__name__}: targets must have shape (N, {', '.join(map(str, out_shape))}) "
                 f"to match the chain output, got {y.shape}"
             )
-        y = np.ascontiguousarray(y.reshape(n, n_out), dtype=dtype)
+        y = y.reshape(n, n_out)
         if not np.isfinite(y).all():
             raise ValueError(f"{type(self).__name__}: targets contain NaN or Inf")
-        return y
+        if y.dtype.itemsize > np.dtype(dtype).itemsize and np.abs(y).max() > np.finfo(dtype).max:
+            raise ValueError(f"{type(self).__name__}: targets exceed the {np.dtype(dtype)} range")
+        return np.ascontiguousarray(y, dtype=dtype)
 
 
 class SquaredLoss(Loss):

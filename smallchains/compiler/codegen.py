@@ -140,26 +140,48 @@ def _ctx(plan: ChainPlan, i: int, dtype, **kw) -> EmitContext:
     )
 
 
-def _forward_lines(plan, dtype, training):
-    lines = []
+class _Functions:
+    """Collects one small jitted function per layer step. numba's front end (SSA, reaching
+    definitions, typing) grows much faster than linearly with function size: LeNet5 as ONE
+    function spent ~49 s in the front end; split per layer it is a sum of small compiles,
+    and LLVM inlines the calls back into the range loops."""
+
+    def __init__(self):
+        self.defs, self._seen = [], {}
+
+    def add(self, name, args, lines):
+        body = "\n".join(lines)
+        if body in self._seen:  # identical code (e.g. train/infer forward): reuse
+            return self._seen[body]
+        self.defs.append(f"@njit(**_J)\ndef {name}({args}):\n" + _indent(lines) + "\n")
+        self._seen[body] = name
+        return name
+
+
+def _forward_lines(plan, dtype, training, funcs):
+    calls = []
     for i, s in enumerate(plan.slots):
-        lines += s.layer.emit_forward(_ctx(plan, i, dtype, training=training))
-    return lines
+        lines = s.layer.emit_forward(_ctx(plan, i, dtype, training=training))
+        if lines:
+            name = funcs.add(f"layer{i}_forward{'_train' if training else ''}", "p, work", lines)
+            calls.append(f"{name}(p, work)")
+    return calls
 
 
-def _pullback_lines(plan, dtype, first_need_gin):
-    """Pullbacks in reverse order; returns (lines, offset of dL/dx if computed)."""
-    lines, gout, gin = [], plan.grad_a, plan.grad_b
-    n = len(plan.slots)
-    for i in reversed(range(n)):
+def _pullback_lines(plan, dtype, first_need_gin, funcs):
+    """Pullback calls in reverse order; returns (lines, offset of dL/dx if computed)."""
+    calls, gout, gin = [], plan.grad_a, plan.grad_b
+    for i in reversed(range(len(plan.slots))):
         s = plan.slots[i]
         need = first_need_gin if i == 0 else True
         if getattr(s.layer, "aliases_input", False):
             continue  # output is the input: dL/dx = dL/dy, nothing to do
-        lines += s.layer.emit_pullback(
-            _ctx(plan, i, dtype, gout_off=gout, gin_off=gin, need_gin=need))
+        lines = s.layer.emit_pullback(_ctx(plan, i, dtype, gout_off=gout, gin_off=gin, need_gin=need))
+        if lines:
+            name = funcs.add(f"layer{i}_pullback", "p, g, work, need_gx", lines)
+            calls.append(f"{name}(p, g, work, need_gx)")
         gout, gin = gin, gout
-    return lines, gout
+    return calls, gout
 
 
 def _indent(lines, n=4):
@@ -344,17 +366,22 @@ def generate_source(input_shape, layers, dtype, loss=None, B=None) -> tuple[str,
         version=__version__, spec=spec, dtype=dtype.name, loss=loss.spec() if loss else None,
         B=B, kernel_hash=kernel_source_hash(), imports=import_lines, n_in=plan.n_in,
         n_out=plan.n_out, n_params=plan.n_params, work_size=plan.work_size, out_off=out_off,
-        forward_infer=_indent(_forward_lines(plan, dtype, training=False), 8),
     )
-    src = _TEMPLATE.format(**fmt)
+    funcs = _Functions()
+    fmt["forward_infer"] = _indent(_forward_lines(plan, dtype, False, funcs), 8)
+    body = _TEMPLATE.format(**fmt)
     if loss is not None:
-        pull, gx_off = _pullback_lines(plan, dtype, first_need_gin="need_gx")
-        src += _LOSS_TEMPLATE.format(
-            **fmt, forward_train=_indent(_forward_lines(plan, dtype, training=True), 8),
-            loss_kernel=loss.kernel_name, grad_a=plan.grad_a, pullback=_indent(pull, 8), gx_off=gx_off,
+        fwd_train = _indent(_forward_lines(plan, dtype, True, funcs), 8)
+        pull, gx_off = _pullback_lines(plan, dtype, "need_gx", funcs)
+        body += _LOSS_TEMPLATE.format(
+            **fmt, forward_train=fwd_train, loss_kernel=loss.kernel_name, grad_a=plan.grad_a,
+            pullback=_indent(pull, 8), gx_off=gx_off,
         )
         for opt, (_, name) in sorted(UPDATE_KERNELS.items()):
-            src += _TRAIN_TEMPLATE.format(opt=opt, update=name)
+            body += _TRAIN_TEMPLATE.format(opt=opt, update=name)
+    # layer functions go between the header (imports, constants) and the range kernels
+    head, sep, rest = body.partition("\n\n@njit")
+    src = head + "\n\n\n" + "\n\n".join(funcs.defs) + "\n" + sep + rest
     return src, plan
 
 

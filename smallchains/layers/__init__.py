@@ -1,9 +1,12 @@
 """Layers: one module per family; each holds the layer class and its numba kernels.
 
-* :mod:`.dense` -- :class:`TurboDense` (alias :class:`Dense`): ``dense_forward``, ``dense_pullback``.
+* :mod:`.dense` -- :class:`TurboDense` (alias :class:`Dense`): code emitted by
+  ``emit_affine`` (forward) and ``emit_affine_pullback`` (pullback).
+* :mod:`.conv` -- :class:`Conv`, :class:`MaxPool`, :class:`Flatten` over NCHW images.
 """
 
 from .base import EmitContext, Layer
+from .conv import Conv, Flatten, MaxPool
 from .dense import Dense, TurboDense
 
-__all__ = ["Dense", "EmitContext", "Layer", "TurboDense"]
+__all__ = ["Conv", "Dense", "EmitContext", "Flatten", "Layer", "MaxPool", "TurboDense"]

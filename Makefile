@@ -1,0 +1,29 @@
+# Fresh-machine entry points. Each target creates .venv if missing.
+# torch==2.13.0 is installed explicitly FIRST: that CPU wheel is on local disk here, and
+# any other version would pull a multi-GB CUDA build.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export SMALLCHAINS_DATA ?= $(abspath ../shared/datasets)
+
+.PHONY: venv demo test bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+venv: $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test,bench]"
+
+demo: venv
+	$(BIN)/python examples/matrix_exponential.py --quiet
+
+test: venv
+	$(BIN)/python -m pytest -q tests
+
+bench: venv
+	$(BIN)/python bench/run_matexp.py
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,344 @@
+"""Convolution, max pooling and flattening over NCHW images.
+
+Per sample, an image block is stored feature-major in CHW order: element ``(c, y, x)`` of
+lane ``s`` is at ``work[off + ((c * H + y) * W + x) * B + s]``. One image row of all lanes,
+``(x, s)`` for ``x < W``, is therefore a contiguous run of ``W * B`` numbers, and a
+convolution is a sum of shifted contiguous runs: every inner loop is long, unit-stride and
+vectorized, whatever the image width.
+
+* :class:`Conv` -- forward and input-gradient code by :func:`emit_correlate`, weight
+  gradient by :func:`emit_conv_weight_grad` (SimpleChains.jl: ``Conv``, src/conv.jl).
+* :class:`MaxPool` -- :func:`MaxPool.emit_forward` / :func:`MaxPool.emit_pullback`
+  (SimpleChains.jl: ``MaxPool``).
+* :class:`Flatten` -- no code: its output is its input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+
+import numpy as np
+
+from ..activations import Activation, get_activation, grad_expr, needs_z, value_expr
+from .base import EmitContext, Layer
+from .dense import _sum
+
+
+def _pos_int(name, v):
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return int(v)
+
+
+def _image(layer, shape):
+    if len(shape) != 3:
+        raise ValueError(f"{type(layer).__name__} expects a (C, H, W) image per sample, got shape {shape}")
+    return shape
+
+
+@dataclass(frozen=True, init=False)
+class Conv(Layer):
+    """2-D convolution (cross-correlation, as torch ``Conv2d``), stride 1, NCHW.
+
+    Parameters
+    ----------
+    out_channels : int
+    kernel_size : int
+        Square ``K x K`` kernel.
+    activation : str or Activation, default ``"identity"``
+    padding : int or ``"valid"`` or ``"same"``, default ``"valid"`` (0)
+        Zero padding on each side; ``"same"`` is ``(K - 1) // 2`` (odd ``K`` only) and keeps
+        ``H, W``.
+    bias : bool, default True
+
+    Input ``(C, H, W)`` per sample; output ``(out_channels, H + 2P - K + 1, W + 2P - K + 1)``.
+    Parameters: ``W (out_channels, C, K, K)`` (torch ``Conv2d.weight`` layout), then
+    ``b (out_channels,)``; Glorot-normal weights with fan_in ``C K^2`` and fan_out
+    ``out_channels K^2``, zero bias.
+    """
+
+    out_channels: int
+    kernel_size: int
+    activation: Activation
+    padding: int
+    bias: bool
+
+    def __init__(self, out_channels, kernel_size, activation="identity", padding="valid", bias=True):
+        object.__setattr__(self, "out_channels", _pos_int("Conv: out_channels", out_channels))
+        k = _pos_int("Conv: kernel_size", kernel_size)
+        object.__setattr__(self, "kernel_size", k)
+        object.__setattr__(self, "activation", get_activation(activation))
+        if padding == "valid":
+            padding = 0
+        elif padding == "same":
+            if k % 2 == 0:
+                raise ValueError(f"Conv: padding='same' needs an odd kernel_size, got {k}")
+            padding = (k - 1) // 2
+        elif not isinstance(padding, (int, np.integer)) or isinstance(padding, bool) or padding < 0:
+            raise ValueError(f"Conv: padding must be 'valid', 'same' or an int >= 0, got {padding!r}")
+        object.__setattr__(self, "padding", int(padding))
+        object.__setattr__(self, "bias", bool(bias))
+
+    def __repr__(self):
+        extra = f", padding={self.padding}" if self.padding else ""
+        extra += "" if self.bias else ", bias=False"
+        return f"Conv({self.out_channels}, {self.kernel_size}, {self.activation.name!r}{extra})"
+
+    def _dims(self, shape):
+        C, H, W = _image(self, shape)
+        K, P = self.kernel_size, self.padding
+        Hp, Wp = H + 2 * P, W + 2 * P
+        if Hp < K or Wp < K:
+            raise ValueError(f"Conv: kernel {K}x{K} larger than the padded input {Hp}x{Wp}")
+        return C, H, W, K, P, Hp, Wp, Hp - K + 1, Wp - K + 1
+
+    def output_shape(self, shape):
+        C, H, W, K, P, Hp, Wp, Ho, Wo = self._dims(shape)
+        return (self.out_channels, Ho, Wo)
+
+    def param_shapes(self, shape):
+        C, K = shape[0], self.kernel_size
+        d = {"W": (self.out_channels, C, K, K)}
+        if self.bias:
+            d["b"] = (self.out_channels,)
+        return d
+
+    def init_params(self, views, shape, rng):
+        C, K = shape[0], self.kernel_size
+        std = np.sqrt(2.0 / (C * K * K + self.out_channels * K * K))
+        views["W"][...] = rng.standard_normal(views["W"].shape) * std
+        if self.bias:
+            views["b"][...] = 0
+
+    def _scratch(self, shape):
+        """Per-sample sizes of: padded input, padded-input gradient, padded delta, z."""
+        C, H, W, K, P, Hp, Wp, Ho, Wo = self._dims(shape)
+        Co = self.out_channels
+        pad_in = C * Hp * Wp if P else 0
+        dpad = Co * (Ho + 2 * (K - 1)) * (Wo + 2 * (K - 1))
+        z = Co * Ho * Wo if needs_z(self.activation) else 0
+        return pad_in, pad_in, dpad, z
+
+    def saved_size(self, shape):
+        return sum(self._scratch(shape))
+
+    def _offsets(self, ctx):
+        a, b, c, d = self._scratch(ctx.in_shape)
+        o = ctx.saved_off
+        return o, o + a * ctx.B, o + (a + b) * ctx.B, o + (a + b + c) * ctx.B
+
+    def emit_forward(self, ctx: EmitContext) -> list:
+        C, H, W, K, P, Hp, Wp, Ho, Wo = self._dims(ctx.in_shape)
+        Co, B, dt = self.out_channels, ctx.B, ctx.dt
+        pin, _, _, z_off = self._offsets(ctx)
+        L = [f"# conv {C}x{H}x{W} -> {Co}x{Ho}x{Wo}, {K}x{K}, padding {P} ({self.activation.name})"]
+        src = ctx.in_off
+        if P:
+            L += emit_pad_copy(B, ctx.in_off, pin, C, H, W, P, P)
+            src = pin
+        w = ctx.p_off
+        b_expr = f"p[{w + Co * C * K * K} + cd]" if self.bias else f"{dt}(0.0)"
+        L += emit_correlate(B, dt, src, C, Hp, Wp, ctx.out_off, Co, Ho, Wo, K, b_expr,
+                            lambda cd, cs, ky, kx: f"{w} + (({cd} * {C} + {cs}) * {K} + {ky}) * {K} + {kx}")
+        n = Co * Ho * Wo * B
+        act = self.activation
+        if act.name != "identity":
+            L += [f"for j in range({n}):", f"    zz = work[{ctx.out_off} + j]"]
+            if z_off is not None and needs_z(act):
+                L += [f"    work[{z_off} + j] = zz"]
+            L += [f"    work[{ctx.out_off} + j] = {value_expr(act, 'zz', dt)}"]
+        return L
+
+    def emit_pullback(self, ctx: EmitContext) -> list:
+        C, H, W, K, P, Hp, Wp, Ho, Wo = self._dims(ctx.in_shape)
+        Co, B, dt = self.out_channels, ctx.B, ctx.dt
+        pin, gpin, dpad, z_off = self._offsets(ctx)
+        act = self.activation
+        src = pin if P else ctx.in_off
+        go, w = ctx.gout_off, ctx.p_off
+        n_row = Ho * Wo * B
+        zo = z_off if needs_z(act) else ctx.out_off
+        L = [f"# pullback of conv {C}x{H}x{W} -> {Co}x{Ho}x{Wo}, {K}x{K}, padding {P}",
+             f"for co in range({Co}):",
+             f"    gb = {dt}(0.0)",
+             f"    for j in range({n_row}):",
+             f"        zz = work[{zo} + co * {n_row} + j]",
+             f"        aa = work[{ctx.out_off} + co * {n_row} + j]",
+             f"        d = work[{go} + co * {n_row} + j] * {grad_expr(act, 'zz', 'aa', dt)}",
+             f"        work[{go} + co * {n_row} + j] = d",
+             f"        gb += d"]
+        if self.bias:
+            L += [f"    g[{w + Co * C * K * K} + co] += gb"]
+        L += emit_conv_weight_grad(B, dt, go, Co, Ho, Wo, src, C, Hp, Wp, K, w)
+        if ctx.need_gin is False:
+            return L
+        # dL/d(input): full correlation of the zero-padded delta with the flipped kernel
+        Hd, Wd = Ho + 2 * (K - 1), Wo + 2 * (K - 1)
+        body = emit_pad_copy(B, go, dpad, Co, Ho, Wo, K - 1, K - 1)
+        dst = gpin if P else ctx.gin_off
+        body += emit_correlate(
+            B, dt, dpad, Co, Hd, Wd, dst, C, Hp, Wp, K, f"{dt}(0.0)",
+            lambda cd, cs, ky, kx: f"{w} + (({cs} * {C} + {cd}) * {K} + {K - 1} - {ky}) * {K} + {K - 1} - {kx}")
+        if P:  # crop the padded-input gradient
+            body += [f"for c in range({C}):", f"    for y in range({H}):",
+                     f"        for j in range({W * B}):",
+                     f"            work[{ctx.gin_off} + (c * {H} + y) * {W * B} + j] = "
+                     f"work[{gpin} + (c * {Hp} + y + {P}) * {Wp * B} + {P * B} + j]"]
+        L += [f"if {ctx.need_gin}:"] + ["    " + ln for ln in body]
+        return L
+
+
+def emit_pad_copy(B, src, dst, C, H, W, py, px):
+    """Copy a ``(C, H, W)`` block into the interior of a ``(C, H+2py, W+2px)`` block.
+
+    The border is never written, so it keeps the zeros the workspace was allocated with
+    (the padded buffer is private to its layer)."""
+    Wp = W + 2 * px
+    return [f"for c in range({C}):", f"    for y in range({H}):",
+            f"        for j in range({W * B}):",
+            f"            work[{dst} + (c * {H + 2 * py} + y + {py}) * {Wp * B} + {px * B} + j] = "
+            f"work[{src} + (c * {H} + y) * {W * B} + j]"]
+
+
+def emit_correlate(B, dt, src, Cs, Hs, Ws, dst, Cd, Hd, Wd, K, init_expr, w_index):
+    """Lines for ``dst[cd, y, x] = init + sum_{cs,ky,kx} w(cd,cs,ky,kx) src[cs, y+ky, x+kx]``
+    over all lanes (a 'valid' cross-correlation). ``w_index(cd, cs, ky, kx)`` gives the
+    expression of the weight's index in ``p``; ``init_expr`` may use ``cd``. All ``K*K``
+    taps of one (cd, cs) pair are one fused expression: one load/store of the output row per
+    ``K*K`` FMAs, with the weights held in registers across rows."""
+    taps = [(ky, kx) for ky in range(K) for kx in range(K)]
+    L = [f"for cd in range({Cd}):",
+         f"    init = {init_expr}",
+         f"    for j in range({Hd * Wd * B}):",
+         f"        work[{dst} + cd * {Hd * Wd * B} + j] = init",
+         f"    for cs in range({Cs}):"]
+    L += [f"        w{t} = p[{w_index('cd', 'cs', ky, kx)}]" for t, (ky, kx) in enumerate(taps)]
+    L += [f"        for y in range({Hd}):",
+          f"            drow = {dst} + (cd * {Hd} + y) * {Wd * B}",
+          f"            srow = {src} + (cs * {Hs} + y) * {Ws * B}",
+          f"            for j in range({Wd * B}):",
+          "                work[drow + j] += " + _sum(
+              [f"w{t} * work[srow + {ky * Ws * B + kx * B} + j]" for t, (ky, kx) in enumerate(taps)])]
+    return L
+
+
+def emit_conv_weight_grad(B, dt, d_off, Co, Ho, Wo, src, Ci, Hs, Ws, K, w_off, CO_TILE=4):
+    """Lines adding ``dW[co, ci, ky, kx] = sum_{y, x, s} delta[co, y, x, s] src[ci, y+ky, x+kx, s]``.
+
+    Tiles of ``CO_TILE`` output channels x ``K`` horizontal taps share each loaded delta
+    and source vector (``CO_TILE + K`` loads per ``CO_TILE * K`` FMAs)."""
+    L = []
+    nrow = Wo * B
+    full = Co // CO_TILE * CO_TILE
+
+    def tile(c0, tc, pad):
+        acc = [f"a{a}_{kx}" for a in range(tc) for kx in range(K)]
+        out = [f"for ci in range({Ci}):", f"    for ky in range({K}):"]
+        out += [f"        {v} = {dt}(0.0)" for v in acc]
+        out += [f"        for y in range({Ho}):",
+                f"            srow = {src} + (ci * {Hs} + y + ky) * {Ws * B}"]
+        out += [f"            drow{a} = {d_off} + (({c0} + {a}) * {Ho} + y) * {nrow}" for a in range(tc)]
+        out += [f"            for j in range({nrow}):"]
+        out += [f"                d{a} = work[drow{a} + j]" for a in range(tc)]
+        out += [f"                x{kx} = work[srow + {kx * B} + j]" for kx in range(K)]
+        out += [f"                a{a}_{kx} += d{a} * x{kx}" for a in range(tc) for kx in range(K)]
+        out += [f"        g[{w_off} + ((({c0} + {a}) * {Ci} + ci) * {K} + ky) * {K} + {kx}] += a{a}_{kx}"
+                for a in range(tc) for kx in range(K)]
+        return [pad + ln for ln in out]
+
+    if full:
+        L += [f"for c0 in range(0, {full}, {CO_TILE}):"] + tile("c0", CO_TILE, "    ")
+    if full < Co:
+        L += tile(str(full), Co - full, "")
+    return L
+
+
+@dataclass(frozen=True, init=False)
+class MaxPool(Layer):
+    """Max pooling over ``k x k`` windows with stride ``k`` (no padding), NCHW.
+
+    Input ``(C, H, W)``; output ``(C, H // k, W // k)`` (trailing rows/columns that do not
+    fill a window are dropped, as torch ``MaxPool2d``). The gradient goes to the first
+    maximal element of each window in row-major order (as torch). No parameters.
+    """
+
+    k: int
+
+    def __init__(self, kernel_size=2):
+        object.__setattr__(self, "k", _pos_int("MaxPool: kernel_size", kernel_size))
+
+    def __repr__(self):
+        return f"MaxPool({self.k})"
+
+    def output_shape(self, shape):
+        C, H, W = _image(self, shape)
+        if H < self.k or W < self.k:
+            raise ValueError(f"MaxPool({self.k}) needs an image of at least {self.k}x{self.k}, got {H}x{W}")
+        return (C, H // self.k, W // self.k)
+
+    def _win(self, ctx):
+        C, H, W = ctx.in_shape
+        k, B = self.k, ctx.B
+        return C, H, W, H // k, W // k, k, B
+
+    def emit_forward(self, ctx):
+        C, H, W, Ho, Wo, k, B = self._win(ctx)
+        i, o = ctx.in_off, ctx.out_off
+        L = [f"# maxpool {k}x{k}: {C}x{H}x{W} -> {C}x{Ho}x{Wo}",
+             f"for c in range({C}):", f"    for oy in range({Ho}):", f"        for ox in range({Wo}):",
+             f"            ib = {i} + ((c * {H} + oy * {k}) * {W} + ox * {k}) * {B}",
+             f"            ob = {o} + ((c * {Ho} + oy) * {Wo} + ox) * {B}",
+             f"            for s in range({B}):",
+             f"                m = work[ib + s]"]
+        for dy in range(k):
+            for dx in range(k):
+                if dy or dx:
+                    L += [f"                m = max(m, work[ib + {(dy * W + dx) * B} + s])"]
+        L += ["                work[ob + s] = m"]
+        return L
+
+    def emit_pullback(self, ctx):
+        if ctx.need_gin is False:
+            return []
+        C, H, W, Ho, Wo, k, B = self._win(ctx)
+        i, o, go, gi, dt = ctx.in_off, ctx.out_off, ctx.gout_off, ctx.gin_off, ctx.dt
+        L = [f"# pullback of maxpool {k}x{k}: the first maximum of each window gets the gradient",
+             f"if {ctx.need_gin}:"]
+        if H % k or W % k:  # elements outside every window get zero
+            L += [f"    for j in range({C * H * W * B}):", f"        work[{gi} + j] = {dt}(0.0)"]
+        L += [f"    for c in range({C}):", f"        for oy in range({Ho}):", f"            for ox in range({Wo}):",
+              f"                ib = ((c * {H} + oy * {k}) * {W} + ox * {k}) * {B}",
+              f"                ob = ((c * {Ho} + oy) * {Wo} + ox) * {B}",
+              f"                for s in range({B}):",
+              f"                    m = work[{o} + ob + s]",
+              f"                    gv = work[{go} + ob + s]",
+              f"                    free = {dt}(1.0)"]
+        for dy in range(k):
+            for dx in range(k):
+                off = (dy * W + dx) * B
+                L += [f"                    e = {dt}(1.0) if work[{i} + ib + {off} + s] == m else {dt}(0.0)",
+                      f"                    work[{gi} + ib + {off} + s] = gv * e * free",
+                      f"                    free = free * ({dt}(1.0) - e)"]
+        return L
+
+
+@dataclass(frozen=True)
+class Flatten(Layer):
+    """Flatten a per-sample array to a vector in C order (``(C, H, W) -> (C*H*W,)``), like
+    ``torch.flatten(x, 1)`` on NCHW and SimpleChains.jl's ``Flatten``. Costs nothing: the
+    block layout is already flat, so the output shares the input's workspace."""
+
+    aliases_input = True
+
+    def __repr__(self):
+        return "Flatten()"
+
+    def output_shape(self, shape):
+        return (prod(shape),)
+
+    def emit_forward(self, ctx):
+        return []
+
+    def emit_pullback(self, ctx):
+        return []
