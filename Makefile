@@ -18,12 +18,14 @@ venv: $(BIN)/python
 
 demo: venv
 	$(BIN)/python examples/matrix_exponential.py --quiet
+	$(BIN)/python examples/lenet5_mnist.py --epochs 10
 
 test: venv
 	$(BIN)/python -m pytest -q tests
 
 bench: venv
 	$(BIN)/python bench/run_matexp.py
+	$(BIN)/python bench/run_lenet5.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

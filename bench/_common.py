@@ -173,3 +173,58 @@ def fmt_table(rows, baseline_impl="torch"):
 if __name__ == "__main__":
     X, Y = make_data(check=True)
     print(X.shape, X.dtype, Y.shape, Y.dtype, "expm check OK")
+
+
+# --------------------------------------------------------------------------
+# LeNet5 / MNIST workload (SimpleChains.jl's second published benchmark)
+# --------------------------------------------------------------------------
+LENET5_N_TRAIN = 60_000
+LENET5_LR = 3e-4
+
+
+def default_data_dir() -> str:
+    """``$SMALLCHAINS_DATA`` if set, else ``<repo>/../shared/datasets``."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.environ.get("SMALLCHAINS_DATA") or os.path.normpath(
+        os.path.join(repo, "..", "shared", "datasets"))
+
+
+def ensure_data_env(env=None):
+    """Set SMALLCHAINS_DATA in ``env`` (default ``os.environ``) if unset;
+    returns ``env``."""
+    env = os.environ if env is None else env
+    if not env.get("SMALLCHAINS_DATA"):
+        env["SMALLCHAINS_DATA"] = default_data_dir()
+    return env
+
+
+def load_mnist_train(limit=None):
+    """Real MNIST training set via smallchains.datasets: X float32
+    (N,1,28,28) in [0,1], y int64, read-only; first ``limit`` images if given.
+    Imports smallchains (so numba): call after setup_threads."""
+    ensure_data_env()
+    import smallchains as sc
+    X, y = sc.datasets.mnist("train")
+    if limit:
+        X, y = X[:int(limit)], y[:int(limit)]
+    return X, y
+
+
+def fmt_table_lenet5(rows):
+    """rows: dicts with impl, batch (label str), threads, mean, std (s/epoch
+    of 60k images). Ratio = best torch mean at the same thread count / mean."""
+    best = {}
+    for r in rows:
+        if r["impl"] == "torch":
+            t = r["threads"]
+            best[t] = min(best.get(t, float("inf")), r["mean"])
+    lines = [
+        "| impl | batch size | threads | s/epoch (mean ± std) | vs best torch |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        b = best.get(r["threads"])
+        ratio = f"{b / r['mean']:.2f}x" if b else "n/a"
+        lines.append(f"| {r['impl']} | {r['batch']} | {r['threads']} | "
+                     f"{r['mean']:.3f} ± {r['std']:.3f} | {ratio} |")
+    return "\n".join(lines)

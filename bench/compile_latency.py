@@ -1,11 +1,15 @@
 """smallchains compile latency (cold and warm cache), not a pyperf benchmark.
 
-    python bench/compile_latency.py [--threads N] [--keep]
+    python bench/compile_latency.py [--model {matexp,lenet5}] [--threads N] [--keep]
 
 Each measurement is a fresh subprocess; inside it the wall time is taken from
-just before ``import smallchains`` to the end of the first training step
-(``train_unbatched(..., 1)``) on the matexp workload. Data generation (numpy)
-happens before the clock starts.
+just before ``import smallchains`` to the end of the first training step:
+* matexp (default): ``train_unbatched(..., 1)`` on the matexp workload. Data
+  generation (numpy) happens before the clock starts.
+* lenet5: ``train_batched(..., 1 epoch, batch_size=128)`` on the first 128
+  MNIST training images (LeNet5, Adam(3e-4)). The images are loaded by the
+  parent (smallchains.datasets) and handed to the child as a .npy file, so the
+  child reads them with numpy before the clock starts.
 
 * cold: SMALLCHAINS_CACHE_DIR = a fresh empty temp dir
 * warm: same dir, new process
@@ -23,6 +27,39 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def child_lenet5(threads, data):
+    sys.path.insert(0, HERE)
+    import _common as C
+    C.setup_threads(threads, "smallchains")
+    import numpy as np
+    d = np.load(data)
+    X, y = d["X"], d["y"]
+    t0 = time.perf_counter()
+    import smallchains as sc
+    chain = sc.SimpleChain(
+        (1, 28, 28),
+        sc.Conv(6, 5, "relu"), sc.MaxPool(2),
+        sc.Conv(16, 5, "relu"), sc.MaxPool(2),
+        sc.Flatten(),
+        sc.TurboDense(120, "relu"), sc.TurboDense(84, "relu"), sc.TurboDense(10))
+    p = sc.init_params(chain, seed=0)
+    model = sc.add_loss(chain, sc.LogitCrossEntropyLoss(y))
+    G = sc.alloc_threaded_grad(chain)
+    opt = sc.Adam(C.LENET5_LR)
+    sc.train_batched(G, p, model, X, opt, 1, batch_size=128, shuffle=True, seed=0)
+    t1 = time.perf_counter()
+    print(f"LATENCY {t1 - t0:.6f}")
+
+
+def write_lenet5_data(path, n=128):
+    """Parent side: first n MNIST training images -> npz for the child."""
+    sys.path.insert(0, HERE)
+    import _common as C
+    import numpy as np
+    X, y = C.load_mnist_train(n)
+    np.savez(path, X=np.ascontiguousarray(X), y=np.ascontiguousarray(y))
 
 
 def child(threads):
@@ -43,14 +80,16 @@ def child(threads):
     print(f"LATENCY {t1 - t0:.6f}")
 
 
-def run_once(cache, threads):
+def run_once(cache, threads, model="matexp", data=None):
     env = dict(os.environ)
     env["SMALLCHAINS_CACHE_DIR"] = cache
     env["NUMBA_CACHE_DIR"] = os.path.join(cache, "numba")
+    cmd = [sys.executable, os.path.abspath(__file__), "--child",
+           "--threads", str(threads), "--model", model]
+    if data:
+        cmd += ["--data", data]
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child",
-                        "--threads", str(threads)],
-                       env=env, capture_output=True, text=True)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         sys.stderr.write(r.stdout + r.stderr)
@@ -65,18 +104,32 @@ def main():
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--keep", action="store_true", help="keep the cache dir")
+    ap.add_argument("--model", choices=["matexp", "lenet5"], default="matexp")
+    ap.add_argument("--data", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.threads)
+        if args.model == "lenet5":
+            child_lenet5(args.threads, args.data)
+        else:
+            child(args.threads)
         return
     cache = tempfile.mkdtemp(prefix="smallchains-cache-")
+    data = None
     try:
-        cold, cold_wall = run_once(cache, args.threads)
-        warm, warm_wall = run_once(cache, args.threads)
+        if args.model == "lenet5":
+            # outside the cache dir so the cache starts empty
+            datadir = tempfile.mkdtemp(prefix="smallchains-lat-data-")
+            data = os.path.join(datadir, "mnist128.npz")
+            write_lenet5_data(data)
+        cold, cold_wall = run_once(cache, args.threads, args.model, data)
+        warm, warm_wall = run_once(cache, args.threads, args.model, data)
     finally:
+        if data:
+            shutil.rmtree(os.path.dirname(data), ignore_errors=True)
         if not args.keep:
             shutil.rmtree(cache, ignore_errors=True)
-    print(f"smallchains compile latency ({args.threads} threads; import -> end "
+    what = "" if args.model == "matexp" else f"{args.model}, "
+    print(f"smallchains compile latency ({what}{args.threads} threads; import -> end "
           f"of first step): cold {cold:.2f} s, warm {warm:.2f} s "
           f"(whole process: cold {cold_wall:.2f} s, warm {warm_wall:.2f} s)")
 

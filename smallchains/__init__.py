@@ -16,7 +16,9 @@ from .layers import Conv, Dense, Flatten, MaxPool, TurboDense
 from .losses import AbsoluteLoss, LogitCrossEntropyLoss, Loss, SquaredLoss
 from .optim import SGD, Adam, Optimizer, RMSProp
 from .train import (
+    accuracy_and_loss,
     alloc_threaded_grad,
+    default_batch_size,
     train_batched,
     train_unbatched,
     valgrad,
@@ -26,7 +28,7 @@ from .train import (
 __all__ = [
     "AbsoluteLoss", "Activation", "Adam", "Conv", "Dense", "Flatten", "MaxPool", "LogitCrossEntropyLoss", "Loss",
     "Optimizer", "RMSProp", "SGD", "SimpleChain", "SimpleChainWithLoss", "SquaredLoss",
-    "TurboDense", "add_loss", "alloc_threaded_grad", "available_activations", "datasets",
+    "TurboDense", "accuracy_and_loss", "add_loss", "alloc_threaded_grad", "default_batch_size", "available_activations", "datasets",
     "get_activation", "init_params", "numparam", "remove_loss", "train_batched",
     "train_unbatched", "valgrad", "valgrad_with_input",
 ]

@@ -37,8 +37,8 @@ def check_inputs(input_shape: tuple, X, dtype, *, allow_single: bool = True, nam
     """Validate ``X`` of shape ``(N, *input_shape)`` (or one sample ``input_shape``).
 
     Returns ``(X2, single)``: ``X2`` is a C-contiguous ``(N, prod(input_shape))`` array of
-    ``dtype`` -- a view of ``X`` when possible, else ONE copy (non-contiguous input or
-    another float dtype); ``single`` tells whether a single sample was given.
+    ``dtype`` -- a view of ``X`` when possible, else ONE copy (non-contiguous, read-only,
+    or another float dtype); ``single`` tells whether a single sample was given.
 
     Raises
     ------
@@ -75,4 +75,9 @@ def check_inputs(input_shape: tuple, X, dtype, *, allow_single: bool = True, nam
     if Xf.dtype.itemsize > dtype.itemsize and np.abs(Xf).max() > np.finfo(dtype).max:
         raise ValueError(f"{name} has values beyond the {dtype} range (max |x| = {np.abs(Xf).max():.3g}); "
                          f"they cannot be converted to the parameter dtype {dtype}")
-    return np.ascontiguousarray(Xf, dtype=dtype), single
+    X2 = np.ascontiguousarray(Xf, dtype=dtype)
+    if not X2.flags.writeable:
+        # numba compiles a separate specialization for read-only arrays (e.g. the cached
+        # arrays of smallchains.datasets); one copy keeps a single compiled kernel
+        X2 = X2.copy()
+    return X2, single

@@ -109,8 +109,8 @@ class SimpleChain:
         return out
 
     # --- compiled kernels ----------------------------------------------------------------
-    def _kernels(self, dtype, loss=None):
-        return get_kernels(self.input_shape, self.layers, dtype, loss)
+    def _kernels(self, dtype):
+        return get_kernels(self.input_shape, self.layers, dtype)
 
     def _works(self, plan, n_threads: int, dtype) -> np.ndarray:
         """Per-thread workspaces, allocated once per (Python thread, dtype, block, count)."""
@@ -175,7 +175,7 @@ class SimpleChainWithLoss:
         n = X2.shape[0]
         nt = max(1, min(numba.get_num_threads(), -(-n // plan.B)))
         losses = np.zeros(nt, dtype=p.dtype)
-        mod.loss_threaded(X2, T, np.arange(n), p, self.chain._works(plan, nt, p.dtype), losses,
+        getattr(mod, f"loss_threaded_{self.loss.kind}")(X2, T, np.arange(n), p, self.chain._works(plan, nt, p.dtype), losses,
                           p.dtype.type(1.0 / n))
         return float(losses.sum())
 

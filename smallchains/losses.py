@@ -26,10 +26,16 @@ from ._config import INLINE_OPTIONS
 from ._numba_utils import like
 
 
+def _writeable(a):
+    # read-only arrays would make numba compile a second specialization of every kernel
+    return a if a.flags.writeable else a.copy()
+
+
 class Loss:
     """Base class. ``targets`` holds ``y`` (or labels) for all samples, batch-first."""
 
-    kernel_name: str = ""
+    #: key into :data:`LOSS_KERNELS`; custom losses need a block kernel registered there.
+    kind: str = ""
     #: True if targets are class labels (integers), False if they are float arrays.
     labels: bool = False
 
@@ -80,7 +86,7 @@ class Loss:
             raise ValueError(f"{type(self).__name__}: targets contain NaN or Inf")
         if y.dtype.itemsize > np.dtype(dtype).itemsize and np.abs(y).max() > np.finfo(dtype).max:
             raise ValueError(f"{type(self).__name__}: targets exceed the {np.dtype(dtype)} range")
-        return np.ascontiguousarray(y, dtype=dtype)
+        return _writeable(np.ascontiguousarray(y, dtype=dtype))
 
 
 class SquaredLoss(Loss):
@@ -92,7 +98,7 @@ class SquaredLoss(Loss):
         Targets ``y``; converted (copied) to the parameter dtype when used.
     """
 
-    kernel_name = "squared_loss_block"
+    kind = "squared"
 
 
 class AbsoluteLoss(Loss):
@@ -101,7 +107,7 @@ class AbsoluteLoss(Loss):
     The derivative at ``yhat == y`` is taken as 0.
     """
 
-    kernel_name = "absolute_loss_block"
+    kind = "absolute"
 
 
 class LogitCrossEntropyLoss(Loss):
@@ -114,7 +120,7 @@ class LogitCrossEntropyLoss(Loss):
         output width. Float labels raise ``TypeError``; out-of-range labels ``ValueError``.
     """
 
-    kernel_name = "logit_crossentropy_block"
+    kind = "logitce"
     labels = True
 
     def prepare_targets(self, out_shape, n, dtype, targets=None):
@@ -131,15 +137,16 @@ class LogitCrossEntropyLoss(Loss):
                 f"LogitCrossEntropyLoss: labels must lie in [0, {k}) (0-based), "
                 f"got range [{y.min()}, {y.max()}]"
             )
-        return np.ascontiguousarray(y, dtype=np.int64)
+        return _writeable(np.ascontiguousarray(y, dtype=np.int64))
 
 
-def get_loss_kernel(loss: Loss):
-    return {
-        "squared_loss_block": squared_loss_block,
-        "absolute_loss_block": absolute_loss_block,
-        "logit_crossentropy_block": logit_crossentropy_block,
-    }[loss.kernel_name]
+#: loss kind -> block kernel name; every generated chain module has valgrad and training
+#: kernels for each kind (compiled lazily, on first use).
+LOSS_KERNELS = {
+    "squared": "squared_loss_block",
+    "absolute": "absolute_loss_block",
+    "logitce": "logit_crossentropy_block",
+}
 
 
 # --- block kernels ----------------------------------------------------------------------

@@ -21,7 +21,7 @@ def _prepare(model, X, p, targets=None):
     chain, loss = model.chain, model.loss
     X2, _ = check_inputs(chain.input_shape, X, p.dtype, allow_single=False)
     T = loss.prepare_targets(chain.output_shape, X2.shape[0], p.dtype, targets)
-    mod, plan = chain._kernels(p.dtype, loss)
+    mod, plan = chain._kernels(p.dtype)
     return X2, T, mod, plan
 
 
@@ -88,7 +88,7 @@ def _valgrad(model, X, p, out, x_out, want_x):
     else:
         gx = np.empty((0, plan.n_in), dtype=p.dtype)
     works = model.chain._works(plan, nt, p.dtype)
-    mod.valgrad_threaded(X2, T, np.arange(n), 0, n, p, G, works, losses, p.dtype.type(1.0 / n), gx)
+    getattr(mod, f"valgrad_threaded_{model.loss.kind}")(X2, T, np.arange(n), 0, n, p, G, works, losses, p.dtype.type(1.0 / n), gx)
     from .compiler.runtime import sum_rows
 
     sum_rows(G, out)
@@ -212,7 +212,7 @@ def train_unbatched(G, p, model, X, opt, iters, *, callback=None, report_every=N
     if iters < 0:
         raise ValueError(f"iters must be >= 0, got {iters}")
     p, G, X2, T, mod, plan, state, hyper, works, gx, losses, g = _train_setup(G, p, model, X, opt)
-    loop = getattr(mod, f"train_unbatched_{opt.kind}")
+    loop = getattr(mod, f"train_unbatched_{opt.kind}_{model.loss.kind}")
     hist = np.zeros(iters, dtype=p.dtype)
     idx = np.arange(X2.shape[0])
     chunk = iters if (callback is None and not progress) else (report_every or max(1, iters // 100))
@@ -237,6 +237,44 @@ def train_unbatched(G, p, model, X, opt, iters, *, callback=None, report_every=N
     return hist
 
 
+def default_batch_size(block: int, n_threads: int, n: int) -> int:
+    """Default minibatch size: four blocks per thread, at least 64, at most ``n``."""
+    return max(1, min(n, max(64, 4 * block * n_threads)))
+
+
+def accuracy_and_loss(model, X, *args):
+    """Classification accuracy and mean loss: ``accuracy_and_loss(model, X, labels, p)``
+    or ``accuracy_and_loss(model, X, p)`` (the model's own labels).
+
+    Parameters
+    ----------
+    model : SimpleChainWithLoss with a :class:`~smallchains.LogitCrossEntropyLoss`
+    X : ndarray, shape ``(N, *input_shape)``
+    labels : array of int, shape ``(N,)``, optional -- 0-based classes.
+    p : ndarray, shape ``(n_params,)``
+
+    Returns
+    -------
+    (float, float)
+        Fraction of samples whose largest logit is the label, and the mean loss.
+
+    SimpleChains.jl: ``accuracy_and_loss(model, X, Y, p)``.
+    """
+    _check_model(model)
+    if len(args) == 1:
+        labels, p = None, args[0]
+    elif len(args) == 2:
+        labels, p = args
+    else:
+        raise TypeError("use accuracy_and_loss(model, X, labels, p) or accuracy_and_loss(model, X, p)")
+    if not getattr(model.loss, "labels", False):
+        raise TypeError(f"accuracy needs a classification loss, got {type(model.loss).__name__}")
+    loss = model(X, p, labels)  # validates everything
+    T = np.asarray(model.loss.targets if labels is None else labels)
+    logits = model.chain(X, p)
+    return float(np.mean(np.argmax(logits, axis=1) == T)), loss
+
+
 def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True, seed=None,
                   callback=None, progress=False):
     """Minibatch training for ``epochs`` passes over ``X``, ``p`` in place.
@@ -248,9 +286,18 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
 
     Parameters
     ----------
+    G : ndarray, shape ``(n_threads, n_params)``, dtype of ``p`` -- scratch, overwritten.
+    p : ndarray, shape ``(n_params,)`` -- updated in place.
+    model : SimpleChainWithLoss
+    X : ndarray, shape ``(N, *input_shape)`` -- copied once if not C-contiguous or of
+        another float dtype than ``p``; never modified.
+    opt : Optimizer -- its state advances by one step per minibatch.
+    epochs : int
     batch_size : int, optional
-        Default: ``min(N, 32 * block size * n_threads)``, never less than 1 -- per-thread
-        shares of a few blocks keep threads busy.
+        Default :func:`default_batch_size`: ``min(N, max(64, 4 * B * n_threads))`` where
+        ``B`` is the chain's block size (16 for LeNet5, so 128 at 2 threads).
+    shuffle : bool, default True
+    seed : int, optional -- seed of the shuffling generator.
     callback : callable ``(epoch, mean_loss, p) -> None``, optional
         Called after every epoch (1-based epoch number).
     progress : bool
@@ -276,11 +323,11 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
     p, G, X2, T, mod, plan, state, hyper, works, gx, losses, g = _train_setup(G, p, model, X, opt)
     n = X2.shape[0]
     if batch_size is None:
-        batch_size = min(n, 32 * plan.B * G.shape[0]) if False else min(n, max(64, 2 * plan.B * G.shape[0]))
+        batch_size = default_batch_size(plan.B, G.shape[0], n)
     batch_size = int(batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    loop = getattr(mod, f"train_batched_{opt.kind}")
+    loop = getattr(mod, f"train_batched_{opt.kind}_{model.loss.kind}")
     rng = np.random.default_rng(seed)
     perm = np.arange(n)
     nbatch = -(-n // batch_size)

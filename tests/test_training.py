@@ -278,3 +278,26 @@ def test_train_batched_full_batch_equals_unbatched(kind):
     assert_close(p1, p2, np.float64)
     assert_close(h1, h2, np.float64)
     assert not np.array_equal(p1, p0)
+
+
+def test_accuracy_and_loss_matches_numpy():
+    X, labels = make_data("clf", 97, seed=3)
+    model = make_model("clf", labels)
+    p = random_params(model.chain, seed=4)
+    logits = model.chain(X, p)
+    m = logits.max(axis=1, keepdims=True)
+    lse = (m + np.log(np.exp(logits - m).sum(axis=1, keepdims=True)))[:, 0]
+    want_loss = float(np.mean(lse - logits[np.arange(97), labels]))
+    want_acc = float(np.mean(logits.argmax(axis=1) == labels))
+    acc, loss = sc.accuracy_and_loss(model, X, p)
+    assert acc == want_acc
+    assert_close(loss, want_loss, np.float64)
+    # explicit labels (other than the model's own) take precedence
+    other = (labels + 1) % model.chain.output_shape[0]
+    acc2, _ = sc.accuracy_and_loss(model, X, other, p)
+    assert acc2 == float(np.mean(logits.argmax(axis=1) == other))
+    with pytest.raises(TypeError, match="accuracy_and_loss"):
+        sc.accuracy_and_loss(model, X)
+    reg = make_model("deep", np.zeros((3,) + get_chain("deep").output_shape))
+    with pytest.raises(TypeError, match="classification"):
+        sc.accuracy_and_loss(reg, np.zeros((3,) + get_chain("deep").input_shape), random_params(reg.chain))

@@ -229,7 +229,7 @@ def forward_threaded(X, idx, p, works, Y):
 _LOSS_TEMPLATE = '''
 
 @njit(**_J)
-def valgrad_range(X, T, idx, lo, hi, p, g, work, scale, gx):
+def valgrad_range_{kind}(X, T, idx, lo, hi, p, g, work, scale, gx):
     \"\"\"Overwrite g with scale * dL/dp over rows idx[lo:hi]; return scale * loss sum.\"\"\"
     need_gx = gx.shape[0] > 0
     for j in range(g.shape[0]):
@@ -247,7 +247,7 @@ def valgrad_range(X, T, idx, lo, hi, p, g, work, scale, gx):
 
 
 @njit(**_J)
-def loss_range(X, T, idx, lo, hi, p, work, scale):
+def loss_range_{kind}(X, T, idx, lo, hi, p, work, scale):
     total = like(scale, 0.0)
     for s0 in range(lo, hi, B):
         nb = min(B, hi - s0)
@@ -258,33 +258,33 @@ def loss_range(X, T, idx, lo, hi, p, work, scale):
 
 
 @njit(parallel=True, **_J)
-def valgrad_threaded(X, T, idx, lo, hi, p, G, works, losses, scale, gx):
+def valgrad_threaded_{kind}(X, T, idx, lo, hi, p, G, works, losses, scale, gx):
     nt = G.shape[0]
     n = hi - lo
     for t in prange(nt):
-        losses[t] = valgrad_range(X, T, idx, lo + n * t // nt, lo + n * (t + 1) // nt,
+        losses[t] = valgrad_range_{kind}(X, T, idx, lo + n * t // nt, lo + n * (t + 1) // nt,
                                   p, G[t], works[t], scale, gx)
 
 
 @njit(parallel=True, **_J)
-def loss_threaded(X, T, idx, p, works, losses, scale):
+def loss_threaded_{kind}(X, T, idx, p, works, losses, scale):
     nt = works.shape[0]
     n = idx.shape[0]
     for t in prange(nt):
-        losses[t] = loss_range(X, T, idx, n * t // nt, n * (t + 1) // nt, p, works[t], scale)
+        losses[t] = loss_range_{kind}(X, T, idx, n * t // nt, n * (t + 1) // nt, p, works[t], scale)
 '''
 
 _TRAIN_TEMPLATE = '''
 
 @njit(parallel=True, **_J)
-def train_unbatched_{opt}(X, T, idx, p, G, works, losses, g, state, hyper, step0, iters, hist, gx):
+def train_unbatched_{opt}_{kind}(X, T, idx, p, G, works, losses, g, state, hyper, step0, iters, hist, gx):
     \"\"\"Full-batch steps; returns -1, or the first iteration whose loss was not finite.\"\"\"
     n = idx.shape[0]
     nt = G.shape[0]
     scale = like(p[0], 1.0 / n)
     for it in range(iters):
         for t in prange(nt):
-            losses[t] = valgrad_range(X, T, idx, n * t // nt, n * (t + 1) // nt,
+            losses[t] = valgrad_range_{kind}(X, T, idx, n * t // nt, n * (t + 1) // nt,
                                       p, G[t], works[t], scale, gx)
         total = like(p[0], 0.0)
         for t in range(nt):
@@ -298,7 +298,7 @@ def train_unbatched_{opt}(X, T, idx, p, G, works, losses, g, state, hyper, step0
 
 
 @njit(parallel=True, **_J)
-def train_batched_{opt}(X, T, perm, batch_size, p, G, works, losses, g, state, hyper, step0, hist, gx):
+def train_batched_{opt}_{kind}(X, T, perm, batch_size, p, G, works, losses, g, state, hyper, step0, hist, gx):
     \"\"\"One epoch of minibatch steps over ``perm``; a last partial batch is a (smaller) step.
     Returns -1, or the first batch whose loss was not finite.\"\"\"
     n = perm.shape[0]
@@ -309,7 +309,7 @@ def train_batched_{opt}(X, T, perm, batch_size, p, G, works, losses, g, state, h
         m = min(n, lo + batch_size) - lo
         scale = like(p[0], 1.0 / m)
         for t in prange(nt):
-            losses[t] = valgrad_range(X, T, perm, lo + m * t // nt, lo + m * (t + 1) // nt,
+            losses[t] = valgrad_range_{kind}(X, T, perm, lo + m * t // nt, lo + m * (t + 1) // nt,
                                       p, G[t], works[t], scale, gx)
         total = like(p[0], 0.0)
         for t in range(nt):
@@ -342,43 +342,44 @@ def kernel_source_hash() -> str:
     return _kernel_hash_value
 
 
-def generate_source(input_shape, layers, dtype, loss=None, B=None) -> tuple[str, ChainPlan]:
+def generate_source(input_shape, layers, dtype, B=None) -> tuple[str, ChainPlan]:
+    """Source of the kernel module of a chain: forward kernels plus, for every loss kind
+    and optimizer, valgrad and training loops (numba compiles each on first use)."""
     from .. import __version__
+    from ..losses import LOSS_KERNELS
     from ..optim import UPDATE_KERNELS
 
     dtype = np.dtype(dtype)
     if B is None:
         B = choose_block_size(input_shape, layers, dtype.itemsize)
     plan = plan_chain(input_shape, layers, B)
-    imports = {}
+    imports = {"smallchains.losses": set(LOSS_KERNELS.values())}
     for s in plan.slots:
         for mod, names in s.layer.kernel_imports.items():
             imports.setdefault(mod, set()).update(names)
-    if loss is not None:
-        imports.setdefault("smallchains.losses", set()).add(loss.kernel_name)
-        for mod, name in UPDATE_KERNELS.values():
-            imports.setdefault(mod, set()).add(name)
+    for mod, name in UPDATE_KERNELS.values():
+        imports.setdefault(mod, set()).add(name)
     import_lines = "\n".join(
         f"from {mod} import {', '.join(sorted(names))}" for mod, names in sorted(imports.items()))
     out_off = plan.slots[-1].out_off if plan.slots else 0
     spec = f"SimpleChain({tuple(input_shape)}, " + ", ".join(s.layer.spec() for s in plan.slots) + ")"
     fmt = dict(
-        version=__version__, spec=spec, dtype=dtype.name, loss=loss.spec() if loss else None,
-        B=B, kernel_hash=kernel_source_hash(), imports=import_lines, n_in=plan.n_in,
+        version=__version__, spec=spec, dtype=dtype.name, loss="all", B=B,
+        kernel_hash=kernel_source_hash(), imports=import_lines, n_in=plan.n_in,
         n_out=plan.n_out, n_params=plan.n_params, work_size=plan.work_size, out_off=out_off,
     )
     funcs = _Functions()
     fmt["forward_infer"] = _indent(_forward_lines(plan, dtype, False, funcs), 8)
     body = _TEMPLATE.format(**fmt)
-    if loss is not None:
-        fwd_train = _indent(_forward_lines(plan, dtype, True, funcs), 8)
-        pull, gx_off = _pullback_lines(plan, dtype, "need_gx", funcs)
+    fwd_train = _indent(_forward_lines(plan, dtype, True, funcs), 8)
+    pull, gx_off = _pullback_lines(plan, dtype, "need_gx", funcs)
+    for kind, kernel in sorted(LOSS_KERNELS.items()):
         body += _LOSS_TEMPLATE.format(
-            **fmt, forward_train=fwd_train, loss_kernel=loss.kernel_name, grad_a=plan.grad_a,
+            **fmt, kind=kind, forward_train=fwd_train, loss_kernel=kernel, grad_a=plan.grad_a,
             pullback=_indent(pull, 8), gx_off=gx_off,
         )
         for opt, (_, name) in sorted(UPDATE_KERNELS.items()):
-            body += _TRAIN_TEMPLATE.format(opt=opt, update=name)
+            body += _TRAIN_TEMPLATE.format(opt=opt, update=name, kind=kind)
     # layer functions go between the header (imports, constants) and the range kernels
     head, sep, rest = body.partition("\n\n@njit")
     src = head + "\n\n\n" + "\n\n".join(funcs.defs) + "\n" + sep + rest
@@ -406,13 +407,12 @@ def _import_generated(src: str):
     return module
 
 
-def get_kernels(input_shape, layers, dtype, loss=None, B=None):
+def get_kernels(input_shape, layers, dtype, B=None):
     """Return ``(module, plan)`` for the chain; memoized in-process and cached on disk."""
-    key = (tuple(input_shape), tuple(l.spec() for l in layers), np.dtype(dtype).name,
-           loss.spec() if loss is not None else None, B)
+    key = (tuple(input_shape), tuple(l.spec() for l in layers), np.dtype(dtype).name, B)
     with _lock:
         hit = _modules.get(key)
         if hit is None:
-            src, plan = generate_source(input_shape, layers, dtype, loss, B)
+            src, plan = generate_source(input_shape, layers, dtype, B)
             hit = _modules[key] = (_import_generated(src), plan)
         return hit
