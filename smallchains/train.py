@@ -82,8 +82,8 @@ def _valgrad(model, X, p, out, x_out, want_x):
         if x_out is None:
             x_out = np.empty(shape, dtype=p.dtype)
         elif (not isinstance(x_out, np.ndarray) or x_out.shape != shape or x_out.dtype != p.dtype
-              or not x_out.flags.c_contiguous):
-            raise ValueError(f"x_out must be a C-contiguous {p.dtype} array of shape {shape}")
+              or not x_out.flags.c_contiguous or not x_out.flags.writeable):
+            raise ValueError(f"x_out must be a writeable C-contiguous {p.dtype} array of shape {shape}")
         gx = x_out.reshape(n, -1)
     else:
         gx = np.empty((0, plan.n_in), dtype=p.dtype)
@@ -105,7 +105,9 @@ def valgrad(model, X, p, *, out=None):
     X : ndarray, shape ``(N, *input_shape)``, float
     p : ndarray, shape ``(n_params,)``, float32 or float64
     out : ndarray like ``p``, optional
-        Overwritten with the gradient and returned (no allocation for it).
+        Overwritten with the gradient and returned. (Each call still allocates small
+        per-thread scratch, ``n_threads x n_params``; the training loops allocate nothing
+        per step.)
 
     Returns
     -------

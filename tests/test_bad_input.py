@@ -355,7 +355,7 @@ def test_bad_out_arrays(reg):
             with unchanged(p, X, *extra), pytest.raises(ValueError, match=r"out must be a writeable C-contiguous float64 array of shape \(292,\)"):
                 fn(model, X, p, out=out)
     for x_out in (np.zeros((N, 2)), np.zeros((N, 3), dtype=np.float32), np.zeros(3 * N)):
-        with unchanged(p, X, x_out), pytest.raises(ValueError, match=r"x_out must be a C-contiguous float64 array of shape \(5, 3\)"):
+        with unchanged(p, X, x_out), pytest.raises(ValueError, match=r"x_out must be a writeable C-contiguous float64 array of shape \(5, 3\)"):
             sc.valgrad_with_input(model, X, p, x_out=x_out)
     # a good x_out is filled and returned
     x_out = np.full(X.shape, np.nan)
