@@ -29,6 +29,9 @@ def parse(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=1, help="evaluate accuracy every N epochs")
     ap.add_argument("--progress", action="store_true", help="tqdm bar over epochs")
+    ap.add_argument("--compare-torch", action="store_true",
+                    help="also train torch's LeNet5 from the same initial parameters (same batch "
+                         "size, Adam, epochs, thread count) and print its accuracy and time")
     return ap.parse_args(argv)
 
 
@@ -65,6 +68,7 @@ def main(argv=None):
     print(chain.summary())
     model = sc.add_loss(chain, sc.LogitCrossEntropyLoss(ytr))
     p = sc.init_params(chain, seed=args.seed)
+    p0 = p.copy()
     G = sc.alloc_threaded_grad(chain)
     opt = sc.Adam(args.lr)
     print(f"threads: {numba.get_num_threads()}, training images: {len(Xtr)}, "
@@ -97,7 +101,55 @@ def main(argv=None):
     print(f"training time {train_time:.2f} s for {args.epochs} epochs "
           f"({train_time / max(1, args.epochs):.2f} s/epoch); total {time.perf_counter() - t_start:.1f} s")
     print("* mean minibatch loss during the epoch")
-    return dict(rows=rows, train_time=train_time, p=p)
+    out = dict(rows=rows, train_time=train_time, p=p)
+    if args.compare_torch:
+        bs = args.batch_size or sc.default_batch_size(chain._kernels(np.float32)[1].B, G.shape[0], len(Xtr))
+        out["torch"] = train_torch(chain, p0, Xtr, ytr, Xte, yte, args, bs, numba.get_num_threads())
+    return out
+
+
+def train_torch(chain, p0, Xtr, ytr, Xte, yte, args, batch_size, threads):
+    """The same LeNet5 in torch eager, from the same initial parameters."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 6, 5), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(6, 16, 5), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+        torch.nn.Linear(256, 120), torch.nn.ReLU(), torch.nn.Linear(120, 84), torch.nn.ReLU(),
+        torch.nn.Linear(84, 10))
+    layers = [m for m in net if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    views = [v for v in chain.param_views(p0) if v]
+    with torch.no_grad():
+        for m, v in zip(layers, views):
+            m.weight.copy_(torch.from_numpy(v["W"]))
+            m.bias.copy_(torch.from_numpy(v["b"]))
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    Xt, yt = torch.from_numpy(Xtr), torch.from_numpy(ytr)
+    Xv, yv = torch.from_numpy(Xte), torch.from_numpy(yte)
+    gen = torch.Generator().manual_seed(args.seed)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch size {batch_size}")
+    rows = []
+    for epoch in range(1, args.epochs + 1):
+        t = time.perf_counter()
+        perm = torch.randperm(len(Xt), generator=gen)
+        for lo in range(0, len(Xt), batch_size):
+            idx = perm[lo:lo + batch_size]
+            opt.zero_grad()
+            F.cross_entropy(net(Xt[idx]), yt[idx]).backward()
+            opt.step()
+        dt = time.perf_counter() - t
+        with torch.no_grad():
+            logits = net(Xv)
+            acc = float((logits.argmax(1) == yv).float().mean())
+            loss = float(F.cross_entropy(logits, yv))
+        print(f"torch {epoch:>5} {dt:>9.2f}   test acc {acc:.4f}  test loss {loss:.4f}")
+        rows.append(dict(epoch=epoch, time=dt, test_acc=acc, test_loss=loss))
+    total = sum(r["time"] for r in rows)
+    print(f"torch training time {total:.2f} s ({total / max(1, args.epochs):.2f} s/epoch)")
+    return dict(rows=rows, train_time=total)
 
 
 if __name__ == "__main__":

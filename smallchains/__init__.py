@@ -9,7 +9,6 @@ compiled code.
 __version__ = "0.1.0"
 
 from . import _cpu  # noqa: F401  (must run before numba is imported)
-from . import datasets
 from .activations import Activation, available_activations, get_activation
 from .chain import SimpleChain, SimpleChainWithLoss, add_loss, init_params, numparam, remove_loss
 from .layers import Conv, Dense, Flatten, MaxPool, TurboDense
@@ -32,3 +31,13 @@ __all__ = [
     "get_activation", "init_params", "numparam", "remove_loss", "train_batched",
     "train_unbatched", "valgrad", "valgrad_with_input",
 ]
+
+
+def __getattr__(name):
+    # smallchains.datasets is imported on first use (it pulls in urllib, gzip, hashlib):
+    # keeps ``import smallchains`` fast for users who bring their own data
+    if name == "datasets":
+        import importlib
+
+        return importlib.import_module(".datasets", __name__)
+    raise AttributeError(f"module 'smallchains' has no attribute {name!r}")
