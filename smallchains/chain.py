@@ -112,6 +112,29 @@ class SimpleChain:
     def _kernels(self, dtype):
         return get_kernels(self.input_shape, self.layers, dtype)
 
+    def kernels(self, dtype=np.float32) -> "ChainKernels":
+        """Single-sample numba kernels, callable from Python and from users' ``@njit`` code.
+
+        Returns a :class:`ChainKernels` with sizes ``n_in``, ``n_out``, ``n_params``,
+        ``work_size`` and the jitted functions
+
+        * ``forward(x, p, y, work)``: ``y = chain(x; p)``;
+        * ``vjp(x, p, ybar, xbar, pbar, work)``: ``xbar = ybar^T dy/dx``,
+          ``pbar = ybar^T dy/dp`` (plain v^T J, overwritten, not accumulated).
+
+        All arrays are 1-D C-contiguous of ``dtype``: ``x (n_in,)``, ``y, ybar (n_out,)``,
+        ``p, pbar (n_params,)``, ``work (work_size,)`` (scratch, caller-owned, reusable).
+        Outputs never alias ``work``; nothing is allocated per call; ``p`` is an argument, so
+        new parameters never recompile. Kernels do not validate: wrong sizes are undefined
+        behaviour (check them once in your own code). To call from your own ``@njit``
+        function, bind the functions to module-level names first (``fwd = k.forward``) and
+        call those globals.
+        """
+        dtype = check_dtype(dtype)
+        mod, plan = get_kernels(self.input_shape, self.layers, dtype, B=1)
+        return ChainKernels(prod(self.input_shape), prod(self.output_shape), self.n_params,
+                            plan.work_size, np.dtype(dtype), mod.forward_single, mod.vjp_single)
+
     def _works(self, plan, n_threads: int, dtype) -> np.ndarray:
         """Per-thread workspaces, allocated once per (Python thread, dtype, block, count)."""
         cache = getattr(self._tls, "works", None)
@@ -146,6 +169,22 @@ class SimpleChain:
         mod.forward_threaded(X2, np.arange(n), p, self._works(plan, nt, p.dtype), Y)
         Y = Y.reshape((n,) + self.output_shape)
         return Y[0] if single else Y
+
+
+class ChainKernels:
+    """Sizes and single-sample kernels of a chain (see :meth:`SimpleChain.kernels`)."""
+
+    def __init__(self, n_in, n_out, n_params, work_size, dtype, forward, vjp):
+        self.n_in, self.n_out, self.n_params, self.work_size = n_in, n_out, n_params, work_size
+        self.dtype, self.forward, self.vjp = dtype, forward, vjp
+
+    def __repr__(self):
+        return (f"ChainKernels(n_in={self.n_in}, n_out={self.n_out}, n_params={self.n_params}, "
+                f"work_size={self.work_size}, dtype={self.dtype})")
+
+    def alloc_work(self) -> np.ndarray:
+        """A zeroed workspace of ``work_size`` elements."""
+        return np.zeros(self.work_size, dtype=self.dtype)
 
 
 class SimpleChainWithLoss:

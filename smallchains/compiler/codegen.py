@@ -274,6 +274,35 @@ def loss_threaded_{kind}(X, T, idx, p, works, losses, scale):
         losses[t] = loss_range_{kind}(X, T, idx, n * t // nt, n * (t + 1) // nt, p, works[t], scale)
 '''
 
+_SINGLE_TEMPLATE = '''
+
+@njit(**_J)
+def forward_single(x, p, y, work):
+    """One sample: y = chain(x; p). Overwrites y and work; allocates nothing."""
+    for f in range(N_IN):
+        work[f] = x[f]
+{forward_single}
+    for f in range(N_OUT):
+        y[f] = work[{out_off} + f]
+
+
+@njit(**_J)
+def vjp_single(x, p, ybar, xbar, pbar, work):
+    """One sample: xbar = ybar^T dy/dx, pbar = ybar^T dy/dp (overwritten, not accumulated)."""
+    for f in range(N_IN):
+        work[f] = x[f]
+{forward_train_single}
+    for f in range(N_OUT):
+        work[{grad_a} + f] = ybar[f]
+    for j in range(pbar.shape[0]):
+        pbar[j] = 0
+    g = pbar
+    need_gx = True
+{pullback_single}
+    for f in range(N_IN):
+        xbar[f] = work[{gx_off} + f]
+'''
+
 _TRAIN_TEMPLATE = '''
 
 @njit(parallel=True, **_J)
@@ -373,6 +402,11 @@ def generate_source(input_shape, layers, dtype, B=None) -> tuple[str, ChainPlan]
     body = _TEMPLATE.format(**fmt)
     fwd_train = _indent(_forward_lines(plan, dtype, True, funcs), 8)
     pull, gx_off = _pullback_lines(plan, dtype, "need_gx", funcs)
+    if B == 1:
+        body += _SINGLE_TEMPLATE.format(
+            forward_single=_indent(_forward_lines(plan, dtype, False, funcs)),
+            forward_train_single=_indent(_forward_lines(plan, dtype, True, funcs)),
+            pullback_single=_indent(pull), out_off=out_off, grad_a=plan.grad_a, gx_off=gx_off)
     for kind, kernel in sorted(LOSS_KERNELS.items()):
         body += _LOSS_TEMPLATE.format(
             **fmt, kind=kind, forward_train=fwd_train, loss_kernel=kernel, grad_a=plan.grad_a,
