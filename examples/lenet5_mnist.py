@@ -110,7 +110,6 @@ def main(argv=None):
 
 def train_torch(chain, p0, Xtr, ytr, Xte, yte, args, batch_size, threads):
     """The same LeNet5 in torch eager, from the same initial parameters."""
-    import numpy as np
     import torch
     import torch.nn.functional as F
 

@@ -51,9 +51,6 @@ class Loss:
         """The same loss with other targets (for example a test set)."""
         return type(self)(targets)
 
-    def spec(self) -> str:
-        return type(self).__name__
-
     def prepare_targets(self, out_shape: tuple, n: int, dtype, targets=None) -> np.ndarray:
         """Validate targets against the chain output and return a kernel-ready array.
 

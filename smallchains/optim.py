@@ -67,9 +67,8 @@ class Optimizer:
             raise ValueError(f"p and g must be 1-D with equal shape and dtype, got {p.shape} {p.dtype} "
                              f"and {g.shape} {g.dtype}")
         state, hyper = self.prepare(p)
-        mod, name = UPDATE_KERNELS[self.kind]
         self.t += 1
-        globals()[name](p, g, state, hyper, self.t)
+        globals()[UPDATE_KERNELS[self.kind][1]](p, g, state, hyper, self.t)
 
 
 class Adam(Optimizer):

@@ -7,13 +7,11 @@ fixed order, so results are deterministic for a fixed thread count.
 
 from __future__ import annotations
 
-import time
-
 import numba
 import numpy as np
 
 from ._validate import check_dtype, check_inputs, check_params
-from .chain import SimpleChain, SimpleChainWithLoss, remove_loss
+from .chain import SimpleChainWithLoss, remove_loss
 from .optim import Optimizer
 
 

@@ -24,6 +24,7 @@ import pytest
 
 import smallchains as sc
 from conftest import TORCH_ACT, assert_close, central_fd
+from conftest import random_params as conv_params
 
 # --------------------------------------------------------------------------------------
 # architectures
@@ -52,16 +53,6 @@ def conv_chain(name):
 
 def n_classes(name):
     return conv_chain(name).output_shape[0]
-
-
-def conv_params(chain, seed=0, dtype=np.float64, bias_scale=0.3):
-    """Glorot weights plus non-zero biases."""
-    p = sc.init_params(chain, seed=seed, dtype=np.float64)
-    rng = np.random.default_rng(seed + 1000)
-    for v in chain.param_views(p):
-        if "b" in v:
-            v["b"][...] = bias_scale * rng.standard_normal(v["b"].shape)
-    return p.astype(dtype)
 
 
 def conv_case(name, n=N_GRAD, seed=0):

@@ -38,7 +38,7 @@ import importlib.util
 import os
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 
@@ -77,7 +77,6 @@ class ChainPlan:
     work_size: int = 0
     grad_a: int = 0
     grad_b: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def n_in(self) -> int:
@@ -134,7 +133,7 @@ def plan_chain(input_shape, layers, B: int) -> ChainPlan:
 def _ctx(plan: ChainPlan, i: int, dtype, **kw) -> EmitContext:
     s = plan.slots[i]
     return EmitContext(
-        index=i, in_shape=s.in_shape, out_shape=s.out_shape, p_off=s.p_off,
+        in_shape=s.in_shape, out_shape=s.out_shape, p_off=s.p_off,
         in_off=s.in_off, out_off=s.out_off, saved_off=s.saved_off, B=plan.B,
         dt=f"np.{np.dtype(dtype).name}", **kw,
     )

@@ -32,7 +32,6 @@ class EmitContext:
     the generated source) and ``nb`` the name of the runtime block length.
     """
 
-    index: int
     in_shape: tuple
     out_shape: tuple
     p_off: int

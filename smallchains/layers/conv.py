@@ -167,7 +167,7 @@ class Conv(Layer):
              f"        aa = work[{ctx.out_off} + co * {n_row} + j]",
              f"        d = work[{go} + co * {n_row} + j] * {grad_expr(act, 'zz', 'aa', dt)}",
              f"        work[{go} + co * {n_row} + j] = d",
-             f"        gb += d"]
+             "        gb += d"]
         if self.bias:
             L += [f"    g[{w + Co * C * K * K} + co] += gb"]
         L += emit_conv_weight_grad(B, dt, go, Co, Ho, Wo, src, C, Hp, Wp, K, w)
@@ -290,7 +290,7 @@ class MaxPool(Layer):
              f"            ib = {i} + ((c * {H} + oy * {k}) * {W} + ox * {k}) * {B}",
              f"            ob = {o} + ((c * {Ho} + oy) * {Wo} + ox) * {B}",
              f"            for s in range({B}):",
-             f"                m = work[ib + s]"]
+             "                m = work[ib + s]"]
         for dy in range(k):
             for dx in range(k):
                 if dy or dx:

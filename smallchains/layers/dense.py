@@ -139,12 +139,12 @@ def emit_affine(ctx, n_in, n_out, w_off, b_off, act, z_off):
         return L
     # first chunk initializes the running sum in the output row, middle chunks add to it,
     # the remainder (if any) and the activation come last
-    L += [f"    for s in range({B}):", f"        work[ao + s] = bias"]
+    L += [f"    for s in range({B}):", "        work[ao + s] = bias"]
     if full:
         L += [f"    for i in range(0, {full * CHUNK}, {CHUNK}):"]
         L += [f"        w{j} = p[wo + i + {j}]" for j in range(CHUNK)]
         L += [f"        xi = {x} + i * {B}", f"        for s in range({B}):"]
-        L += [f"            work[ao + s] += " + _sum([f"w{j} * work[xi + {j * B} + s]" for j in range(CHUNK)])]
+        L += ["            work[ao + s] += " + _sum([f"w{j} * work[xi + {j * B} + s]" for j in range(CHUNK)])]
     rem = n_in - full * CHUNK
     L += [f"    w{j} = p[wo + {full * CHUNK + j}]" for j in range(rem)]
     L += ["    if True:", f"        for s in range({B}):"]
@@ -203,11 +203,11 @@ def emit_affine_pullback(ctx, n_in, n_out, w_off, b_off, act, z_off):
          f"    zo = {z_off} + o * {B}",
          f"    gb = {dt}(0.0)",
          f"    for s in range({B}):",
-         f"        zz = work[zo + s]",
-         f"        aa = work[ao + s]",
+         "        zz = work[zo + s]",
+         "        aa = work[ao + s]",
          f"        d = work[go + s] * {grad_expr(act, 'zz', 'aa', dt)}",
-         f"        work[go + s] = d",
-         f"        gb += d"]
+         "        work[go + s] = d",
+         "        gb += d"]
     if b_off is not None:
         L += [f"    g[{b_off} + o] += gb"]
     # dW[o, i] = sum_s delta[o, s] x[i, s], in TILE x TILE register tiles: each loaded
