@@ -19,6 +19,7 @@ venv: $(BIN)/python
 demo: venv
 	$(BIN)/python examples/matrix_exponential.py --quiet
 	$(BIN)/python examples/lenet5_mnist.py --epochs 10
+	$(BIN)/python examples/neural_ode_spiral.py
 
 test: venv
 	$(BIN)/python -m pytest -q tests
@@ -26,6 +27,7 @@ test: venv
 bench: venv
 	$(BIN)/python bench/run_matexp.py
 	$(BIN)/python bench/run_lenet5.py
+	$(BIN)/python bench/run_neural_ode.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -1,6 +1,6 @@
 """smallchains compile latency (cold and warm cache), not a pyperf benchmark.
 
-    python bench/compile_latency.py [--model {matexp,lenet5}] [--threads N] [--keep]
+    python bench/compile_latency.py [--model {matexp,lenet5,ode}] [--threads N] [--keep]
 
 Each measurement is a fresh subprocess; inside it the wall time is taken from
 just before ``import smallchains`` to the end of the first training step:
@@ -10,6 +10,9 @@ just before ``import smallchains`` to the end of the first training step:
   MNIST training images (LeNet5, Adam(3e-4)). The images are loaded by the
   parent (smallchains.datasets) and handed to the child as a .npy file, so the
   child reads them with numpy before the clock starts.
+* ode: the neural-ODE spiral problem (examples/neural_ode_spiral.py): import to the end
+  of the first training iteration (forward solve + backsolve adjoint); the start points
+  and targets are computed with numpy before the clock starts.
 
 * cold: SMALLCHAINS_CACHE_DIR = a fresh empty temp dir
 * warm: same dir, new process
@@ -80,6 +83,20 @@ def child(threads):
     print(f"LATENCY {t1 - t0:.6f}")
 
 
+def child_ode():
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
+    import numpy as np
+    rng = np.random.default_rng(0)
+    y0, Y = rng.uniform(-2, 2, (20, 2)), rng.uniform(-2, 2, (10, 20, 2))
+    t = np.linspace(0.0, 25.0, 1000)[:10]
+    t0 = time.perf_counter()
+    import neural_ode_spiral as ex  # imports smallchains
+    _, p, solver = ex.make_problem()
+    ex.loss_and_grad(solver, p, y0, t, Y)
+    t1 = time.perf_counter()
+    print(f"LATENCY {t1 - t0:.6f}")
+
+
 def run_once(cache, threads, model="matexp", data=None):
     env = dict(os.environ)
     env["SMALLCHAINS_CACHE_DIR"] = cache
@@ -104,12 +121,14 @@ def main():
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--keep", action="store_true", help="keep the cache dir")
-    ap.add_argument("--model", choices=["matexp", "lenet5"], default="matexp")
+    ap.add_argument("--model", choices=["matexp", "lenet5", "ode"], default="matexp")
     ap.add_argument("--data", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         if args.model == "lenet5":
             child_lenet5(args.threads, args.data)
+        elif args.model == "ode":
+            child_ode()
         else:
             child(args.threads)
         return

@@ -36,10 +36,12 @@ exp inner polynomial is a linear relative-error minimax LP.  Coefficients
 were then rounded to float32 (exact-arithmetic error 1.8e-8 -> 3.5e-8; the
 rest of the 3.2e-7 is float32 evaluation rounding near |tanh| ~ 1).
 """
+import math
+
 import numpy as np
 import numba
 
-__all__ = ["FASTMATH", "tanh_f32", "exp_f32", "sigmoid_f32"]
+__all__ = ["FASTMATH", "tanh_f32", "tanh_f64", "exp_f32", "sigmoid_f32"]
 
 # Everything except nnan / ninf, so NaN / inf propagate with IEEE semantics.
 FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
@@ -134,3 +136,42 @@ def exp_f32(x):
     p = p * p
     p = p * p
     return np.float32(p)
+
+
+# ---------------------------------------------------------------------------
+# float64 tanh for float64 chains (ODE right-hand sides call tanh per element per stage;
+# libm's scalar tanh is a call per element, ~24 ns, and blocks vectorization).
+#     tanh(|x|) = e / (e + 2),   e = expm1(2|x|) = 2^k (1 + q) - 1
+# with 2|x| = k ln2 + r, |r| <= ln2/2 (Cody-Waite split of ln2 into a head with trailing
+# zero bits, exact for k < 2^11, and a tail), q = expm1(r) by its Taylor series to r^13
+# (truncation < 1.2e-17 relative), 2^k an integer shift. For k = 0, e = q exactly, so
+# small |x| keeps full relative accuracy; for k >= 1, e >= 0.41 and the subtraction loses
+# at most two bits. |x| is clamped to 20 (tanh(20) rounds to 1.0). Measured: <= 3 ulp
+# against numpy on 10^6 normal samples at each scale 1e-8..30 (tests/test_fastmath.py),
+# ~2.6 ns per element in a vectorized loop (libm: ~24 ns). Compiled without
+# ``reassoc``/``afn`` so the ln2 split is evaluated as written.
+# ---------------------------------------------------------------------------
+_jit64 = numba.njit(fastmath={"nsz", "contract"}, error_model="numpy", cache=True)
+_LN2_HI = 6.93147180369123816490e-01
+_LN2_LO = 1.90821492927058770002e-10
+_INV_LN2 = 1.44269504088896338700e+00
+
+
+@_jit64
+def tanh_f64(x):
+    """float64 tanh(x) to a few ulp; plain arithmetic, vectorises in numba loops."""
+    x = np.float64(x)
+    a = abs(x)
+    a = 20.0 if a > 20.0 else a  # NaN passes through (compares false)
+    y = a + a
+    kf = y * _INV_LN2 + 0.5
+    kf = kf if kf < 60.0 else 60.0  # NaN -> 60: keeps the int conversion defined
+    k = np.int64(kf)
+    r = (y - k * _LN2_HI) - k * _LN2_LO
+    q = r * (1.0 + r * (1 / 2 + r * (1 / 6 + r * (1 / 24 + r * (1 / 120 + r * (1 / 720 + r * (
+        1 / 5040 + r * (1 / 40320 + r * (1 / 362880 + r * (1 / 3628800 + r * (
+            1 / 39916800 + r * (1 / 479001600 + r * (1 / 6227020800)))))))))))))
+    s = np.float64(np.int64(1) << k)
+    e = s * q + (s - 1.0)
+    t = e / (e + 2.0)
+    return math.copysign(t, x)

@@ -106,7 +106,7 @@ _LEAKY = 0.01
 
 
 def _tanh_expr(x: str, dt: str) -> str:
-    return f"tanh_f32({x})" if dt == "np.float32" else f"math.tanh({x})"
+    return f"tanh_f32({x})" if dt == "np.float32" else f"tanh_f64({x})"
 
 
 def value_expr(act: Activation, z: str, dt: str) -> str:

@@ -6,7 +6,7 @@ import numba
 import numpy as np
 import pytest
 
-from smallchains._fastmath import FASTMATH, exp_f32, sigmoid_f32, tanh_f32
+from smallchains._fastmath import FASTMATH, exp_f32, sigmoid_f32, tanh_f32, tanh_f64
 
 _FM = set(FASTMATH)
 
@@ -231,3 +231,44 @@ def test_loops_vectorize_without_libm_calls(loop, packed):
     asm = _asm(loop)
     assert not _LIBM.search(asm), _LIBM.search(asm).group(0)
     assert re.search(packed, asm), "no packed ymm/zmm FMA: loop not vectorised"
+
+
+# --------------------------------------------------------------------------
+# float64 tanh (used by float64 chains)
+# --------------------------------------------------------------------------
+@numba.njit(fastmath=_FM, error_model="numpy")
+def _tanh64_loop(x, out):
+    for i in range(x.size):
+        out[i] = tanh_f64(x[i])
+
+
+def _tanh64(x):
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    out = np.empty_like(x)
+    _tanh64_loop(x, out)
+    return out
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e-8, 1e-3, 0.1, 0.5, 1.0, 3.0, 10.0, 30.0])
+def test_tanh_f64_within_4_ulp(scale):
+    x = np.random.default_rng(7).standard_normal(1_000_000) * scale
+    got, ref = _tanh64(x), np.tanh(x)
+    ulp = np.spacing(np.abs(ref))
+    assert np.all(np.abs(got - ref) <= 4 * ulp), np.max(np.abs(got - ref) / ulp)
+
+
+def test_tanh_f64_edges_and_oddness():
+    x = np.array([0.0, -0.0, 5e-324, -5e-324, 19.0, 20.0, 21.0, 1e300, np.inf, -np.inf])
+    got, ref = _tanh64(x), np.tanh(x)
+    assert np.all(np.abs(got - ref) <= np.spacing(np.abs(ref)))
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(ref))  # -0.0 stays -0.0
+    assert np.isnan(_tanh64(np.array([np.nan]))[0])
+    g = np.linspace(0.0, 25.0, 100_001)
+    np.testing.assert_array_equal(_tanh64(-g), -_tanh64(g))
+    assert np.all(np.abs(_tanh64(g)) <= 1.0)
+
+
+def test_tanh_f64_loop_is_vectorised():
+    asm = _tanh64_loop.inspect_asm(_tanh64_loop.signatures[0])
+    assert re.search(r"vdivpd\s+%[yz]mm", asm), "tanh_f64 loop did not vectorise"
+    assert not re.search(r"call\w*\s+\S*tanh", asm)  # no libm call

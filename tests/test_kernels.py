@@ -1,7 +1,8 @@
-"""Single-sample kernels for embedding (chain.kernels): VJP vs finite differences, calls
-from a user's own @njit function, no aliasing between calls."""
+"""Kernels for embedding (chain.kernels): single-sample and batched VJPs vs finite
+differences, calls from a user's own @njit function, no aliasing between calls."""
 
 import numpy as np
+import pytest
 from numba import njit
 
 import smallchains as sc
@@ -61,3 +62,59 @@ def test_user_njit_function_and_no_aliasing():
     K.vjp(x0, p, np.array([1.0, 0.0]), xb, pb, K.alloc_work())
     assert np.array_equal(xb, xbar0) and np.array_equal(pb, pbar0)
     assert not np.array_equal(outs[0][3], outs[1][3])
+
+
+# --- batched kernels ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("block_size", [24, 32])
+@pytest.mark.parametrize("n", [1, 20, 33, 70])
+def test_batched_kernels_match_chain_and_single(block_size, n):
+    kb = CHAIN.kernels(np.float64, block_size=block_size)
+    p = _params()
+    rng = np.random.default_rng(n)
+    X, Ybar = rng.standard_normal((n, 2)), rng.standard_normal((n, 2))
+    work = kb.alloc_work()
+    Y, Y2, Xbar, pbar = np.empty((n, 2)), np.empty((n, 2)), np.empty((n, 2)), np.empty(p.size)
+    kb.forward_batch(X, p, Y, work)
+    assert_close(Y, CHAIN(X, p), np.float64)
+    kb.valvjp_batch(X, p, Ybar, Y2, Xbar, pbar, work)
+    assert_close(Y2, Y, np.float64)
+    # pbar is the sum of the per-sample VJPs, Xbar their rows
+    xb, pb, pb_sum = np.empty(2), np.empty(p.size), np.zeros(p.size)
+    for i in range(n):
+        K.vjp(X[i], p, Ybar[i], xb, pb, K.alloc_work())
+        assert_close(Xbar[i], xb, np.float64)
+        pb_sum += pb
+    assert_close(pbar, pb_sum, np.float64)
+    Xbar2, pbar2 = np.full((n, 2), np.nan), np.full(p.size, np.nan)  # overwritten, not accumulated
+    kb.vjp_batch(X, p, Ybar, Xbar2, pbar2, work)
+    assert np.array_equal(Xbar2, Xbar) and np.array_equal(pbar2, pbar)
+
+
+def test_batched_vjp_matches_finite_differences():
+    kb = CHAIN.kernels(np.float64)
+    p = _params()
+    rng = np.random.default_rng(5)
+    X, Ybar = rng.standard_normal((9, 2)), rng.standard_normal((9, 2))
+    Xbar, pbar = np.empty((9, 2)), np.empty(p.size)
+    kb.vjp_batch(X, p, Ybar, Xbar, pbar, kb.alloc_work())
+    assert_close(pbar, central_fd(lambda q: float((Ybar * CHAIN(X, q)).sum()), p), "fd")
+    assert_close(Xbar.ravel(), central_fd(
+        lambda z: float((Ybar * CHAIN(z.reshape(9, 2), p)).sum()), X.ravel()), "fd")
+
+
+def test_single_valvjp_returns_value():
+    p = _params()
+    x, ybar = np.array([0.2, -0.9]), np.array([0.5, 2.0])
+    y, xbar, pbar = np.empty(2), np.empty(2), np.empty(p.size)
+    K.valvjp(x, p, ybar, y, xbar, pbar, K.alloc_work())
+    assert_close(y, CHAIN(x, p), np.float64)
+    xb, pb = np.empty(2), np.empty(p.size)
+    K.vjp(x, p, ybar, xb, pb, K.alloc_work())
+    assert np.array_equal(xb, xbar) and np.array_equal(pb, pbar)
+
+
+def test_kernels_bad_block_size():
+    for bad in (0, -3, 2.5, "8"):
+        with pytest.raises(ValueError, match="block_size"):
+            CHAIN.kernels(np.float64, block_size=bad)

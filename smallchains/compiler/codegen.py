@@ -195,10 +195,10 @@ import math
 import numpy as np
 from numba import njit, prange
 from smallchains._config import JIT_OPTIONS as _J
-from smallchains._fastmath import tanh_f32
+from smallchains._fastmath import tanh_f32, tanh_f64
 from smallchains._numba_utils import like
 from smallchains.activations import gelu_grad, silu_grad
-from smallchains.compiler.runtime import load_block, store_block, sum_rows
+from smallchains.compiler.runtime import load_block, load_rows, store_block, store_rows, sum_rows
 {imports}
 
 B = {B}
@@ -286,11 +286,15 @@ def forward_single(x, p, y, work):
 
 
 @njit(**_J)
-def vjp_single(x, p, ybar, xbar, pbar, work):
-    """One sample: xbar = ybar^T dy/dx, pbar = ybar^T dy/dp (overwritten, not accumulated)."""
+def valvjp_single(x, p, ybar, y, xbar, pbar, work):
+    """One sample: y = chain(x; p) (skipped if y is empty), xbar = ybar^T dy/dx,
+    pbar = ybar^T dy/dp (overwritten, not accumulated)."""
     for f in range(N_IN):
         work[f] = x[f]
 {forward_train_single}
+    if y.shape[0] > 0:
+        for f in range(N_OUT):
+            y[f] = work[{out_off} + f]
     for f in range(N_OUT):
         work[{grad_a} + f] = ybar[f]
     for j in range(pbar.shape[0]):
@@ -300,6 +304,52 @@ def vjp_single(x, p, ybar, xbar, pbar, work):
 {pullback_single}
     for f in range(N_IN):
         xbar[f] = work[{gx_off} + f]
+
+
+@njit(**_J)
+def vjp_single(x, p, ybar, xbar, pbar, work):
+    """One sample: xbar = ybar^T dy/dx, pbar = ybar^T dy/dp (overwritten, not accumulated)."""
+    valvjp_single(x, p, ybar, xbar[:0], xbar, pbar, work)
+'''
+
+_BATCH_TEMPLATE = '''
+
+@njit(**_J)
+def forward_batch(X, p, Y, work):
+    """Rows of X (n, N_IN) -> rows of Y (n, N_OUT), block by block. Allocates nothing."""
+    n = X.shape[0]
+    for s0 in range(0, n, B):
+        nb = min(B, n - s0)
+        load_rows(X, s0, nb, work, 0, N_IN, B)
+{forward_infer}
+        store_rows(Y, s0, nb, work, {out_off}, N_OUT, B)
+
+
+@njit(**_J)
+def valvjp_batch(X, p, Ybar, Y, Xbar, pbar, work):
+    """Y = chain(X) row-wise; Xbar = Ybar^T dY/dX row-wise; pbar = sum over rows of
+    Ybar^T dY/dp. Y, Xbar, pbar overwritten (Y may have 0 rows: then not written)."""
+    n = X.shape[0]
+    want_y = Y.shape[0] > 0
+    for j in range(pbar.shape[0]):
+        pbar[j] = 0
+    g = pbar
+    need_gx = True
+    for s0 in range(0, n, B):
+        nb = min(B, n - s0)
+        load_rows(X, s0, nb, work, 0, N_IN, B)
+{forward_train}
+        if want_y:
+            store_rows(Y, s0, nb, work, {out_off}, N_OUT, B)
+        load_rows(Ybar, s0, nb, work, {grad_a}, N_OUT, B)
+{pullback}
+        store_rows(Xbar, s0, nb, work, {gx_off}, N_IN, B)
+
+
+@njit(**_J)
+def vjp_batch(X, p, Ybar, Xbar, pbar, work):
+    """Xbar = Ybar^T dY/dX row-wise, pbar = sum over rows of Ybar^T dY/dp (overwritten)."""
+    valvjp_batch(X, p, Ybar, Xbar[:0], Xbar, pbar, work)
 '''
 
 _TRAIN_TEMPLATE = '''
@@ -362,7 +412,7 @@ def kernel_source_hash() -> str:
         root = Path(__file__).resolve().parent.parent
         h = hashlib.sha256()
         for path in sorted(root.rglob("*.py")):
-            if "datasets" in path.parts:
+            if "datasets" in path.parts or "ode" in path.parts:
                 continue
             h.update(path.relative_to(root).as_posix().encode())
             h.update(path.read_bytes())
@@ -406,6 +456,9 @@ def generate_source(input_shape, layers, dtype, B=None) -> tuple[str, ChainPlan]
             forward_single=_indent(_forward_lines(plan, dtype, False, funcs)),
             forward_train_single=_indent(_forward_lines(plan, dtype, True, funcs)),
             pullback_single=_indent(pull), out_off=out_off, grad_a=plan.grad_a, gx_off=gx_off)
+    body += _BATCH_TEMPLATE.format(
+        forward_infer=fmt["forward_infer"], forward_train=fwd_train, pullback=_indent(pull, 8),
+        out_off=out_off, grad_a=plan.grad_a, gx_off=gx_off)
     for kind, kernel in sorted(LOSS_KERNELS.items()):
         body += _LOSS_TEMPLATE.format(
             **fmt, kind=kind, forward_train=fwd_train, loss_kernel=kernel, grad_a=plan.grad_a,

@@ -35,6 +35,26 @@ def store_block(Y, idx, s0, nb, work, off, n_feat, B):
             Y[r, f] = work[off + f * B + s]
 
 
+@njit(**INLINE_OPTIONS)
+def load_rows(X, s0, nb, work, off, n_feat, B):
+    """Like :func:`load_block` for the contiguous rows ``s0:s0+nb`` of ``X (N, n_feat)``."""
+    for s in range(nb):
+        for f in range(n_feat):
+            work[off + f * B + s] = X[s0 + s, f]
+    if nb < B:
+        for f in range(n_feat):
+            for s in range(nb, B):
+                work[off + f * B + s] = 0
+
+
+@njit(**INLINE_OPTIONS)
+def store_rows(Y, s0, nb, work, off, n_feat, B):
+    """Copy a feature-major block back to the contiguous rows ``s0:s0+nb`` of ``Y``."""
+    for s in range(nb):
+        for f in range(n_feat):
+            Y[s0 + s, f] = work[off + f * B + s]
+
+
 @njit(**JIT_OPTIONS)
 def sum_rows(G, g):
     """``g[:] = G[0] + G[1] + ...`` in fixed row order (deterministic)."""

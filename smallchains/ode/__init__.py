@@ -1,0 +1,364 @@
+"""Neural ODEs: an adaptive Dormand-Prince 5(4) solver and its adjoint, in numba, plus a
+scipy adapter. See ``docs/ode.md``.
+
+* :class:`Dopri5` -- ``solve(u0, t, p)`` and ``vjp(t, U, Ubar, p) -> (dL/du0, dL/dp)`` for
+  ``du/dt = f(t, u, p)`` given a jitted right-hand side and its VJP; buffers allocated
+  once per solver object.
+* :func:`chain_rhs` -- the right-hand side ``du/dt = chain(u)`` over a batch of states,
+  built on :meth:`SimpleChain.kernels`.
+* :mod:`smallchains.ode.dopri5` -- the numba functions themselves (``dopri5``,
+  ``backsolve``), for training loops written entirely in numba.
+* :class:`ScipyAdapter` -- the same right-hand side and its adjoint system as plain
+  callables for :func:`scipy.integrate.solve_ivp`.
+"""
+
+from __future__ import annotations
+
+from collections import namedtuple
+from math import prod
+
+import numpy as np
+from numba import njit
+
+from .._validate import check_dtype
+from . import dopri5 as _d5
+from .dopri5 import (MAX_STEPS_EXCEEDED, N_SCRATCH_ROWS, NOT_FINITE, RHS_SIG, RHS_VJP_SIG,
+                     STEP_UNDERFLOW, backsolve, dopri5)
+
+__all__ = ["Dopri5", "ODEFunction", "ScipyAdapter", "chain_rhs", "compile_rhs", "dopri5", "backsolve",
+           "param_groups", "RHS_SIG", "RHS_VJP_SIG"]
+
+ODEFunction = namedtuple("ODEFunction", "rhs rhs_vjp n_state n_params work_size dtype")
+ODEFunction.__doc__ = """A right-hand side for :class:`Dopri5` / :class:`ScipyAdapter`.
+
+``rhs(t, u, p, du, work)`` and ``rhs_vjp(t, u, p, a, du, ubar, pbar, work)``: ``@njit``
+functions compilable for :data:`RHS_SIG` / :data:`RHS_VJP_SIG` (float64 ``t``, 1-D
+C-contiguous float64 arrays; see :mod:`smallchains.ode.dopri5`); state size ``n_state``,
+``n_params``, scratch ``work_size``, ``dtype`` (float64; the solvers are float64 only)."""
+
+
+def compile_rhs(f: ODEFunction) -> ODEFunction:
+    """Compile ``f.rhs`` / ``f.rhs_vjp`` for :data:`RHS_SIG` / :data:`RHS_VJP_SIG` (no-op if
+    already compiled), as the numba-level :func:`dopri5` / :func:`backsolve` need; returns
+    ``f``. Raises TypeError if ``f`` is not float64 or a function is not ``@njit`` or does
+    not compile for its signature."""
+    if np.dtype(f.dtype) != np.float64:
+        raise TypeError(f"smallchains.ode solves in float64 only, got an ODEFunction of {f.dtype}")
+    for fn, sig, name in ((f.rhs, RHS_SIG, "rhs"), (f.rhs_vjp, RHS_VJP_SIG, "rhs_vjp")):
+        if fn is None:
+            continue
+        if not hasattr(fn, "compile"):
+            raise TypeError(f"{name} must be a numba @njit function, got {type(fn).__name__}")
+        if tuple(sig.args) in fn.overloads:
+            continue
+        try:
+            fn.compile(sig)
+        except Exception as e:
+            raise TypeError(f"{name} does not compile for the signature {sig}: {e}") from e
+    return f
+
+
+def chain_rhs(chain, n_samples: int, dtype=np.float64, input_map=None) -> ODEFunction:
+    """``du/dt = chain(g(u))`` for a state of ``n_samples`` independent samples.
+
+    The state is ``u`` flattened from ``(n_samples, n_in)`` (rows are samples); the chain
+    must map ``n_in`` features to ``n_in`` features. The functions call the chain's batched
+    kernels (:meth:`SimpleChain.kernels`) on the whole state at once.
+
+    Parameters
+    ----------
+    chain : SimpleChain with ``n_out == n_in``
+    n_samples : int >= 1
+    dtype : np.float64 (the solvers are float64 only)
+    input_map : pair ``(g, dg)`` of jitted scalar functions, optional
+        Elementwise map applied to the state before the chain, and its derivative (for
+        torchdiffeq's spiral demo ``g(u) = u**3``, ``dg(u) = 3 u**2``). Default: identity.
+
+    Returns an :class:`ODEFunction` (its ``work_size`` covers the kernels' scratch and,
+    with ``input_map``, ``g(u)``). Raises ``ValueError`` if ``n_out != n_in`` or
+    ``n_samples < 1``.
+    """
+    if int(n_samples) < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    # one block for small batches (zero-padded lanes are wasted work); >= 24 lanes so the
+    # block loops vectorize (see SimpleChain.kernels)
+    k = chain.kernels(dtype, block_size=min(128, max(24, -(-int(n_samples) // 8) * 8)))
+    if k.n_in != k.n_out:
+        raise ValueError(f"du/dt = chain(u) needs n_out == n_in, got {k.n_in} -> {k.n_out}")
+    shape = (int(n_samples), k.n_in)
+    n, kw = prod(shape), k.work_size
+    forward, valvjp = k.forward_batch, k.valvjp_batch
+
+    if input_map is None:
+        @njit(RHS_SIG, nogil=True)
+        def rhs(t, u, p, du, work):
+            forward(u.reshape(shape), p, du.reshape(shape), work)
+
+        @njit(RHS_VJP_SIG, nogil=True)
+        def rhs_vjp(t, u, p, a, du, ubar, pbar, work):
+            valvjp(u.reshape(shape), p, a.reshape(shape), du.reshape(shape),
+                   ubar.reshape(shape), pbar, work)
+
+        return ODEFunction(rhs, rhs_vjp, n, k.n_params, kw, k.dtype)
+
+    g, dg = input_map
+
+    @njit(RHS_SIG, nogil=True)
+    def rhs(t, u, p, du, work):
+        x = work[kw:kw + n]
+        for i in range(n):
+            x[i] = g(u[i])
+        forward(x.reshape(shape), p, du.reshape(shape), work[:kw])
+
+    @njit(RHS_VJP_SIG, nogil=True)
+    def rhs_vjp(t, u, p, a, du, ubar, pbar, work):
+        x = work[kw:kw + n]
+        for i in range(n):
+            x[i] = g(u[i])
+        valvjp(x.reshape(shape), p, a.reshape(shape), du.reshape(shape), ubar.reshape(shape),
+               pbar, work[:kw])
+        for i in range(n):  # chain rule through g
+            ubar[i] *= dg(u[i])
+
+    return ODEFunction(rhs, rhs_vjp, n, k.n_params, kw + n, k.dtype)
+
+
+def param_groups(chain) -> list:
+    """Sizes of the chain's parameter tensors (weights and biases per layer, in ``p``
+    order): the groups of torchdiffeq's default adjoint error norm."""
+    views = chain.param_views(np.zeros(chain.n_params))
+    return [v.size for layer in views for v in layer.values()]
+
+
+def _raise_for(code: int, what: str, max_steps: int):
+    if code == MAX_STEPS_EXCEEDED:
+        raise RuntimeError(f"{what}: more than max_steps={max_steps} steps in one interval "
+                           "(stiff or diverging problem? raise max_steps or loosen rtol/atol)")
+    if code == NOT_FINITE:
+        raise FloatingPointError(f"{what}: NaN or Inf in the solution or its error estimate")
+    if code == STEP_UNDERFLOW:
+        raise RuntimeError(f"{what}: step size underflow (t + dt == t)")
+
+
+class Dopri5:
+    """Adaptive Dormand-Prince 5(4) solver with a backsolve adjoint, for
+    ``du/dt = f(t, u, p)``.
+
+    Step-size control, initial step and dense output follow torchdiffeq's ``dopri5``; the
+    adjoint follows torchdiffeq's ``odeint_adjoint`` (Chen et al., "Neural Ordinary
+    Differential Equations", NeurIPS 2018). Buffers are allocated once here, so
+    :meth:`solve` and :meth:`vjp` allocate only their outputs (or nothing, with ``out=``).
+
+    Parameters
+    ----------
+    f : ODEFunction
+        From :func:`chain_rhs`, or your own ``ODEFunction(rhs, rhs_vjp, n_state, n_params,
+        work_size, dtype)`` with jitted functions of the signatures in
+        :mod:`smallchains.ode.dopri5`.
+    rtol, atol : float
+        Tolerances of the forward solve (torchdiffeq's defaults 1e-7, 1e-9).
+    adjoint_rtol, adjoint_atol : float, optional
+        Tolerances of the backward solve (default: the forward ones, as torchdiffeq).
+    adjoint_norm : "mixed" or "seminorm"
+        Error norm of the augmented state ``[u, a, dL/dp]``: "mixed" (torchdiffeq's default)
+        is the max of the RMS norms of ``u``, ``a`` and each parameter group; "seminorm"
+        leaves ``dL/dp`` out of step-size control (fewer steps; Kidger et al. 2021).
+    param_groups : list of int or SimpleChain, optional
+        Sizes of the parameter groups for "mixed" (a chain: one per weight/bias tensor, see
+        :func:`param_groups`). Default: all parameters in one group.
+    max_steps : int
+        Steps allowed per output interval before giving up (RuntimeError).
+    """
+
+    def __init__(self, f: ODEFunction, rtol=1e-7, atol=1e-9, adjoint_rtol=None,
+                 adjoint_atol=None, adjoint_norm="mixed", param_groups=None, max_steps=100_000):
+        compile_rhs(f)
+        self.f = f
+        self.dtype = check_dtype(f.dtype)
+        n, n_p = int(f.n_state), int(f.n_params)
+        self.n_state, self.n_params = n, n_p
+        for name, v in (("rtol", rtol), ("atol", atol)):
+            if not (np.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if rtol == 0 and atol == 0:
+            raise ValueError("rtol and atol cannot both be zero")
+        self.rtol, self.atol = float(rtol), float(atol)
+        self.adjoint_rtol = self.rtol if adjoint_rtol is None else float(adjoint_rtol)
+        self.adjoint_atol = self.atol if adjoint_atol is None else float(adjoint_atol)
+        self.max_steps = int(max_steps)
+        if adjoint_norm not in ("mixed", "seminorm"):
+            raise ValueError(f'adjoint_norm must be "mixed" or "seminorm", got {adjoint_norm!r}')
+        if param_groups is None:
+            groups = [n_p]
+        elif hasattr(param_groups, "param_views"):
+            groups = globals()["param_groups"](param_groups)
+        else:
+            groups = [int(g) for g in param_groups]
+        if sum(groups) != n_p or any(g < 0 for g in groups):
+            raise ValueError(f"param_groups must be sizes >= 0 summing to n_params={n_p}, got {groups}")
+        bounds = [0, n, 2 * n]
+        if adjoint_norm == "mixed":
+            for g in groups:
+                bounds.append(bounds[-1] + g)
+        self.forward_bounds = np.array([0, n], dtype=np.int64)
+        self.adjoint_bounds = np.array(bounds, dtype=np.int64)
+        m = 2 * n + n_p
+        dt = self.dtype
+        self.work = np.zeros(max(1, int(f.work_size)), dtype=dt)
+        self._S = np.zeros((N_SCRATCH_ROWS, n), dtype=dt)
+        self._S_adj = np.zeros((N_SCRATCH_ROWS, m), dtype=dt)
+        self._Z2 = np.zeros((2, m), dtype=dt)
+        self._t2 = np.zeros(2, dtype=dt)
+        self._stats = np.zeros(3, dtype=np.int64)
+        self.stats = {}
+
+    # --- validation ----------------------------------------------------------------------
+    def _times(self, t):
+        t = np.ascontiguousarray(t, dtype=self.dtype)
+        if t.ndim != 1 or t.shape[0] < 1:
+            raise ValueError(f"t must be a 1-D array of at least one time, got shape {t.shape}")
+        if not np.all(np.isfinite(t)):
+            raise ValueError("t must be finite")
+        d = np.diff(t)
+        if t.shape[0] > 1 and not (np.all(d > 0) or np.all(d < 0)):
+            raise ValueError("t must be strictly increasing or strictly decreasing")
+        return t
+
+    def _params(self, p):
+        if not isinstance(p, np.ndarray) or p.dtype != self.dtype or p.shape != (self.n_params,):
+            raise ValueError(f"p must be a ({self.n_params},) {self.dtype} ndarray, got "
+                             f"{getattr(p, 'shape', type(p).__name__)} {getattr(p, 'dtype', '')}")
+        return np.ascontiguousarray(p)
+
+    def _state(self, x, name, lead=()):
+        x = np.asarray(x)
+        if x.dtype.kind != "f":
+            raise TypeError(f"{name} must be a float array, got dtype {x.dtype}")
+        if x.shape[:len(lead)] != lead or prod(x.shape[len(lead):]) != self.n_state:
+            raise ValueError(f"{name} must have shape {lead} + (a shape of {self.n_state} "
+                             f"elements), got {x.shape}")
+        if not np.all(np.isfinite(x)):
+            raise ValueError(f"{name} must be finite")
+        return np.ascontiguousarray(x, dtype=self.dtype).reshape(lead + (self.n_state,))
+
+    def _set_stats(self):
+        nfe, acc, rej = (int(v) for v in self._stats)
+        self.stats = {"nfe": nfe, "accepted": acc, "rejected": rej}
+
+    # --- public --------------------------------------------------------------------------
+    def solve(self, u0, t, p, out=None):
+        """Solve from ``u(t[0]) = u0`` and return the solution at the times ``t``.
+
+        Parameters
+        ----------
+        u0 : array of ``n_state`` elements, any shape (e.g. ``(n_samples, n_in)``)
+        t : 1-D array, strictly monotone (increasing or decreasing), finite
+        p : ``(n_params,)`` ndarray of the solver's dtype
+        out : ndarray ``(len(t), *u0.shape)``, optional, C-contiguous, overwritten
+
+        Returns
+        -------
+        U : ``(len(t), *u0.shape)`` with ``U[0] = u0``. ``self.stats`` then holds the
+        function evaluations and accepted/rejected steps of this solve.
+
+        Raises
+        ------
+        ValueError / TypeError for bad shapes, dtypes, non-finite or non-monotone input;
+        RuntimeError (too many steps, step underflow) and FloatingPointError (NaN/Inf) from
+        the solve.
+        """
+        u0 = np.asarray(u0)
+        shape = u0.shape
+        u0f = self._state(u0, "u0")
+        t = self._times(t)
+        p = self._params(p)
+        if out is None:
+            out = np.empty((t.shape[0],) + shape, dtype=self.dtype)
+        elif (out.shape != (t.shape[0],) + shape or out.dtype != self.dtype
+              or not out.flags.c_contiguous):
+            raise ValueError(f"out must be a C-contiguous {(t.shape[0],) + shape} {self.dtype} array")
+        self._stats[:] = 0
+        code = dopri5(self.f.rhs, t, u0f, p, self.work, self.rtol, self.atol, self.forward_bounds,
+                      out.reshape(t.shape[0], self.n_state), self._S, self.max_steps, self._stats)
+        self._set_stats()
+        _raise_for(code, "dopri5 forward solve", self.max_steps)
+        return out
+
+    def vjp(self, t, U, Ubar, p):
+        """Pullback of the solution map: gradients of a loss ``L(U)`` given ``dL/dU``.
+
+        Parameters
+        ----------
+        t : the times of the forward :meth:`solve`
+        U : ``(len(t), ...)`` the forward solution (its values reset the backward state at
+            every output time, as torchdiffeq does)
+        Ubar : same shape as ``U``: ``dL/dU``
+        p : ``(n_params,)``
+
+        Returns
+        -------
+        (u0bar, pbar): ``dL/du0`` shaped like ``U[0]``, ``dL/dp (n_params,)``; new arrays.
+        ``self.stats`` holds the backward solve's counts.
+        """
+        if self.f.rhs_vjp is None:
+            raise ValueError("this ODEFunction has no rhs_vjp: the adjoint needs one")
+        t = self._times(t)
+        lead = (t.shape[0],)
+        U2 = self._state(U, "U", lead)
+        Ub2 = self._state(Ubar, "Ubar", lead)
+        p = self._params(p)
+        u0bar = np.empty(self.n_state, dtype=self.dtype)
+        pbar = np.empty(self.n_params, dtype=self.dtype)
+        self._stats[:] = 0
+        code = backsolve(self.f.rhs, self.f.rhs_vjp, t, U2, Ub2, p, self.work, self.adjoint_rtol,
+                         self.adjoint_atol, self.adjoint_bounds, self._S_adj, self._Z2, self._t2,
+                         self.max_steps, self._stats, u0bar, pbar)
+        self._set_stats()
+        _raise_for(code, "adjoint backsolve", self.max_steps)
+        return u0bar.reshape(np.shape(U)[1:]), pbar
+
+
+class ScipyAdapter:
+    """The right-hand side and its adjoint system as callables for
+    :func:`scipy.integrate.solve_ivp` (which allocates per call; use :class:`Dopri5` for
+    speed). ``fun(t, u, p)`` returns ``f(t, u, p)``; ``adjoint_fun(t, z, p)`` returns the
+    backsolve system for ``z = [u, a, g]`` (see :func:`smallchains.ode.dopri5.adjoint_system`):
+    pass either with ``args=(p,)``. :meth:`vjp` runs the backsolve adjoint with solve_ivp.
+    """
+
+    def __init__(self, f: ODEFunction):
+        compile_rhs(f)
+        self.f = f
+        self.dtype = check_dtype(f.dtype)
+        self.work = np.zeros(max(1, int(f.work_size)), dtype=self.dtype)
+
+    def fun(self, t, u, p):
+        du = np.empty(self.f.n_state, dtype=self.dtype)
+        self.f.rhs(float(t), np.ascontiguousarray(u, dtype=self.dtype), p, du, self.work)
+        return du
+
+    def adjoint_fun(self, t, z, p):
+        z = np.ascontiguousarray(z, dtype=self.dtype)
+        dz = np.empty_like(z)
+        _d5.adjoint_system(float(t), self.f.rhs, self.f.rhs_vjp, self.f.n_state, z, p, dz, self.work)
+        return dz
+
+    def vjp(self, t, U, Ubar, p, method="DOP853", rtol=1e-10, atol=1e-12):
+        """Backsolve adjoint with ``solve_ivp`` over each output interval (as
+        :meth:`Dopri5.vjp`). ``U, Ubar (len(t), n_state)``. Returns ``(u0bar, pbar)``."""
+        from scipy.integrate import solve_ivp
+
+        n = self.f.n_state
+        shape = np.shape(Ubar)[1:]
+        U = np.asarray(U, dtype=self.dtype).reshape(len(t), n)
+        Ubar = np.asarray(Ubar, dtype=self.dtype).reshape(len(t), n)
+        z = np.concatenate([U[-1], Ubar[-1], np.zeros(self.f.n_params, dtype=self.dtype)])
+        for j in range(len(t) - 1, 0, -1):
+            sol = solve_ivp(self.adjoint_fun, (t[j], t[j - 1]), z, method=method, rtol=rtol,
+                            atol=atol, args=(p,))
+            if not sol.success:
+                raise RuntimeError(f"solve_ivp failed on [{t[j - 1]}, {t[j]}]: {sol.message}")
+            z = sol.y[:, -1].copy()
+            z[:n] = U[j - 1]
+            z[n:2 * n] += Ubar[j - 1]
+        return z[n:2 * n].reshape(shape), z[2 * n:].copy()
