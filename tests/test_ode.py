@@ -109,7 +109,8 @@ def _weighted_loss(s, u0, t, p, W):
     return float((W * s.solve(u0, t, p)).sum())
 
 
-@pytest.mark.parametrize("input_map", [None, (cube, dcube)], ids=["plain", "cube"])
+@pytest.mark.parametrize("input_map", [None, (cube, dcube), ("np.sin(u) + u", "math.cos(u) + 1")],
+                         ids=["plain", "cube-njit", "sin-expr"])
 def test_adjoint_matches_finite_differences(input_map):
     f, p, s = neural(input_map=input_map, rtol=1e-11, atol=1e-12)
     rng = np.random.default_rng(3)
@@ -330,6 +331,12 @@ def test_bad_solver_options():
         ode.Dopri5(f._replace(rhs=njit(lambda t, u: None)))
     with pytest.raises(ValueError, match="n_out == n_in"):
         ode.chain_rhs(sc.SimpleChain(2, sc.TurboDense(3)), 4)
+    with pytest.raises(ValueError, match="may only use u"):
+        ode.chain_rhs(NET, 3, input_map=("__import__('os')", "1"))
+    with pytest.raises(ValueError, match="not a Python expression"):
+        ode.chain_rhs(NET, 3, input_map=("u**", "1"))
+    with pytest.raises(TypeError, match="float64 only"):
+        ode.chain_rhs(NET, 3, dtype=np.float32)
 
 
 @njit
@@ -356,6 +363,6 @@ def test_example_neural_ode_spiral_trains():
     (_, _, total100), (_, _, total200) = out["history"]
     t, y = sc.datasets.spiral()
     _, p0, _ = mod.make_problem()
-    full = ode.Dopri5(ode.chain_rhs(mod.make_problem()[0], 1, input_map=(mod.cube, mod.dcube)))
+    full = ode.Dopri5(ode.chain_rhs(mod.make_problem()[0], 1, input_map=mod.CUBE))
     initial = float(np.abs(full.solve(y[0], t, p0) - y).mean())
     assert total200 < initial

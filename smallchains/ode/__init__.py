@@ -70,38 +70,46 @@ def chain_rhs(chain, n_samples: int, dtype=np.float64, input_map=None) -> ODEFun
     chain : SimpleChain with ``n_out == n_in``
     n_samples : int >= 1
     dtype : np.float64 (the solvers are float64 only)
-    input_map : pair ``(g, dg)`` of jitted scalar functions, optional
-        Elementwise map applied to the state before the chain, and its derivative (for
-        torchdiffeq's spiral demo ``g(u) = u**3``, ``dg(u) = 3 u**2``). Default: identity.
+    input_map : pair, optional
+        Elementwise map ``g`` applied to the state before the chain, and its derivative:
+        either two expression strings in ``u`` (may use ``math`` and ``np``), e.g.
+        ``("u**3", "3*u**2")`` for torchdiffeq's spiral demo -- generated into a module
+        that numba caches on disk, so later processes load it in milliseconds -- or two
+        ``@njit`` scalar functions ``(g, dg)`` (compiled as closures in every process,
+        about 2-3 s). Default: identity (also disk-cached).
 
     Returns an :class:`ODEFunction` (its ``work_size`` covers the kernels' scratch and,
-    with ``input_map``, ``g(u)``). Raises ``ValueError`` if ``n_out != n_in`` or
-    ``n_samples < 1``.
+    with ``input_map``, ``g(u)``). Raises ``ValueError`` if ``n_out != n_in``,
+    ``n_samples < 1`` or an expression is not a plain expression in ``u``.
     """
+    from ..compiler.codegen import _import_generated, get_kernels
+    from ._rhs_codegen import generate
+
     if int(n_samples) < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    if np.dtype(dtype) != np.float64:
+        raise TypeError(f"smallchains.ode solves in float64 only, got dtype {np.dtype(dtype)}")
+    n_in, n_out = prod(chain.input_shape), prod(chain.output_shape)
+    if n_in != n_out:
+        raise ValueError(f"du/dt = chain(u) needs n_out == n_in, got {n_in} -> {n_out}")
     # one block for small batches (zero-padded lanes are wasted work); >= 24 lanes so the
     # block loops vectorize (see SimpleChain.kernels)
-    k = chain.kernels(dtype, block_size=min(128, max(24, -(-int(n_samples) // 8) * 8)))
-    if k.n_in != k.n_out:
-        raise ValueError(f"du/dt = chain(u) needs n_out == n_in, got {k.n_in} -> {k.n_out}")
-    shape = (int(n_samples), k.n_in)
-    n, kw = prod(shape), k.work_size
-    forward, valvjp = k.forward_batch, k.valvjp_batch
+    block = min(128, max(24, -(-int(n_samples) // 8) * 8))
+    kmod, plan = get_kernels(chain.input_shape, chain.layers, np.float64, B=block)
+    n, kw = int(n_samples) * n_in, plan.work_size
+    extra = 0 if input_map is None else n
+    if input_map is None or all(isinstance(e, str) for e in input_map):
+        g, dg = (None, None) if input_map is None else input_map
+        mod = _import_generated(generate(kmod.__name__, g, dg))
+        return ODEFunction(mod.rhs, mod.rhs_vjp, n, chain.n_params, kw + extra, np.dtype(np.float64))
+    return _closure_rhs(kmod, input_map, (int(n_samples), n_in), kw, chain.n_params)
 
-    if input_map is None:
-        @njit(RHS_SIG, nogil=True)
-        def rhs(t, u, p, du, work):
-            forward(u.reshape(shape), p, du.reshape(shape), work)
 
-        @njit(RHS_VJP_SIG, nogil=True)
-        def rhs_vjp(t, u, p, a, du, ubar, pbar, work):
-            valvjp(u.reshape(shape), p, a.reshape(shape), du.reshape(shape),
-                   ubar.reshape(shape), pbar, work)
-
-        return ODEFunction(rhs, rhs_vjp, n, k.n_params, kw, k.dtype)
-
+def _closure_rhs(kmod, input_map, shape, kw, n_params) -> ODEFunction:
+    """:func:`chain_rhs` with ``g``, ``dg`` given as jitted functions (not disk-cacheable)."""
     g, dg = input_map
+    forward, valvjp = kmod.forward_batch, kmod.valvjp_batch
+    n = prod(shape)
 
     @njit(RHS_SIG, nogil=True)
     def rhs(t, u, p, du, work):
@@ -120,7 +128,7 @@ def chain_rhs(chain, n_samples: int, dtype=np.float64, input_map=None) -> ODEFun
         for i in range(n):  # chain rule through g
             ubar[i] *= dg(u[i])
 
-    return ODEFunction(rhs, rhs_vjp, n, k.n_params, kw + n, k.dtype)
+    return ODEFunction(rhs, rhs_vjp, n, n_params, kw + n, np.dtype(np.float64))
 
 
 def param_groups(chain) -> list:
@@ -328,6 +336,9 @@ class ScipyAdapter:
 
     def __init__(self, f: ODEFunction):
         compile_rhs(f)
+        if not _d5.adjoint_system.signatures:  # compile once for first-class functions,
+            _d5.adjoint_system.compile(_d5.ADJOINT_SYSTEM_SIG)  # then never per rhs
+            _d5.adjoint_system.disable_compile()
         self.f = f
         self.dtype = check_dtype(f.dtype)
         self.work = np.zeros(max(1, int(f.work_size)), dtype=self.dtype)

@@ -84,7 +84,7 @@ M7 = 11237099 / 235043384 / 2
 SAFETY, IFACTOR, DFACTOR, ORDER = 0.9, 10.0, 0.2, 5
 
 
-@njit(**_INLINE)
+@njit(**_OPTS)
 def _group_norm(num, y0, y1, rtol, atol, bounds, h):
     """max over groups of rms(h * num_i / (atol + rtol * max(|y0_i|, |y1_i|)))."""
     worst = 0.0
@@ -120,7 +120,7 @@ def _call_vjp_impl(f, t, u, p, a, du, ubar, pbar, work):
     return impl
 
 
-@njit(**_INLINE)
+@njit(**_OPTS)
 def _eval(adjoint, rhs, rhs_vjp, n, t, z, p, dz, work):
     """``dz = f(t, z)``, or for ``adjoint`` the augmented backsolve system of
     ``z = [u, a, g]`` (Chen et al. 2018, eq. 4): ``du/dt = f``, ``da/dt = -a^T df/du``,
@@ -133,9 +133,13 @@ def _eval(adjoint, rhs, rhs_vjp, n, t, z, p, dz, work):
         rhs(t, z, p, dz, work)
 
 
-@njit(types.void(_f64, _RHS, _VJP, _i64, _vec, _vec, _vec, _vec), **_OPTS)
+ADJOINT_SYSTEM_SIG = types.void(_f64, _RHS, _VJP, _i64, _vec, _vec, _vec, _vec)
+
+
+@njit(**_OPTS)
 def adjoint_system(t, rhs, rhs_vjp, n, z, p, dz, work):
-    """The augmented backsolve system alone (e.g. for scipy): writes ``dz``."""
+    """The augmented backsolve system alone (e.g. for scipy): writes ``dz``. Compiled on
+    first use for :data:`ADJOINT_SYSTEM_SIG` (see :func:`smallchains.ode.ScipyAdapter`)."""
     _eval(True, rhs, rhs_vjp, n, t, z, p, dz, work)
 
 
