@@ -156,6 +156,7 @@ class Dopri5:
     adjoint follows torchdiffeq's ``odeint_adjoint`` (Chen et al., "Neural Ordinary
     Differential Equations", NeurIPS 2018). Buffers are allocated once here, so
     :meth:`solve` and :meth:`vjp` allocate only their outputs (or nothing, with ``out=``).
+    The object owns its scratch buffers: use one per thread (the solves release the GIL).
 
     Parameters
     ----------
