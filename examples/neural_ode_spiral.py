@@ -76,19 +76,18 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    t0 = time.perf_counter()
     t, true_y = sc.datasets.spiral(DATA_SIZE)
     net, p, solver = make_problem(param_seed=args.seed)
     full = ode.Dopri5(ode.chain_rhs(net, 1, input_map=CUBE))
     opt = sc.RMSProp(1e-3)
     rng = np.random.default_rng(args.seed)
     batch_t = t[:BATCH_TIME]
-
-    t0 = time.perf_counter()
-    y0, Y = get_batch(np.random.default_rng(12345), true_y)  # warm-up: compiles the solver
+    y0, Y = get_batch(np.random.default_rng(12345), true_y)  # warm-up call
     loss_and_grad(solver, p.copy(), y0, batch_t, Y)
     full.solve(true_y[0], t, p)
     compile_s = time.perf_counter() - t0
-    print(f"compile + first call: {compile_s:.2f} s")
+    print(f"setup (data, compile or cache load, first call): {compile_s:.2f} s")
 
     history = []
     t_train = time.perf_counter()

@@ -27,17 +27,17 @@ from .train import (
 __all__ = [
     "AbsoluteLoss", "Activation", "Adam", "ChainKernels", "Conv", "Dense", "Flatten", "MaxPool", "LogitCrossEntropyLoss", "Loss",
     "Optimizer", "RMSProp", "SGD", "SimpleChain", "SimpleChainWithLoss", "SquaredLoss",
-    "TurboDense", "accuracy_and_loss", "add_loss", "alloc_threaded_grad", "default_batch_size", "available_activations", "datasets",
+    "TurboDense", "accuracy_and_loss", "add_loss", "alloc_threaded_grad", "default_batch_size", "available_activations", "datasets", "ode",
     "get_activation", "init_params", "numparam", "remove_loss", "train_batched",
     "train_unbatched", "valgrad", "valgrad_with_input",
 ]
 
 
 def __getattr__(name):
-    # smallchains.datasets is imported on first use (it pulls in urllib, gzip, hashlib):
-    # keeps ``import smallchains`` fast for users who bring their own data
-    if name == "datasets":
+    # smallchains.datasets (urllib, gzip, hashlib) and smallchains.ode (compiles or loads
+    # the solver) are imported on first use: keeps ``import smallchains`` fast
+    if name in ("datasets", "ode"):
         import importlib
 
-        return importlib.import_module(".datasets", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'smallchains' has no attribute {name!r}")
