@@ -61,6 +61,10 @@ class Optimizer:
             )
         return self.state, np.asarray(self._hyper(), dtype=p.dtype)
 
+    def update_kernel(self):
+        """The numba update kernel ``update(p, g, state, hyper, t)`` of this optimizer."""
+        return globals()[UPDATE_KERNELS[self.kind][1]]
+
     def step(self, p: np.ndarray, g: np.ndarray) -> None:
         """Apply one update to ``p`` in place from gradient ``g`` (same shape and dtype)."""
         if p.shape != g.shape or p.dtype != g.dtype or p.ndim != 1:
@@ -68,7 +72,7 @@ class Optimizer:
                              f"and {g.shape} {g.dtype}")
         state, hyper = self.prepare(p)
         self.t += 1
-        globals()[UPDATE_KERNELS[self.kind][1]](p, g, state, hyper, self.t)
+        self.update_kernel()(p, g, state, hyper, self.t)
 
 
 class Adam(Optimizer):

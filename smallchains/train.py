@@ -10,6 +10,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .compiler import loops
 from ._validate import check_dtype, check_inputs, check_params
 from .chain import SimpleChainWithLoss, remove_loss
 from .optim import Optimizer
@@ -212,7 +213,7 @@ def train_unbatched(G, p, model, X, opt, iters, *, callback=None, report_every=N
     if iters < 0:
         raise ValueError(f"iters must be >= 0, got {iters}")
     p, G, X2, T, mod, plan, state, hyper, works, gx, losses, g = _train_setup(G, p, model, X, opt)
-    loop = getattr(mod, f"train_unbatched_{opt.kind}_{model.loss.kind}")
+    valgrad_kernel, update = getattr(mod, f"valgrad_range_{model.loss.kind}"), opt.update_kernel()
     hist = np.zeros(iters, dtype=p.dtype)
     idx = np.arange(X2.shape[0])
     chunk = iters if (callback is None and not progress) else (report_every or max(1, iters // 100))
@@ -221,7 +222,9 @@ def train_unbatched(G, p, model, X, opt, iters, *, callback=None, report_every=N
         done = 0
         while done < iters:
             k = min(chunk, iters - done)
-            bad = loop(X2, T, idx, p, G, works, losses, g, state, hyper, opt.t, k, hist[done:done + k], gx)
+            bad = loops.run(loops.train_unbatched_loop, valgrad_kernel, update,
+                            (X2, T, idx, p, G, works, losses, g, state, hyper, opt.t, k,
+                             hist[done:done + k], gx), p, state, hyper)
             if bad >= 0:
                 opt.t += bad
                 raise FloatingPointError(
@@ -327,7 +330,7 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
     batch_size = int(batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    loop = getattr(mod, f"train_batched_{opt.kind}_{model.loss.kind}")
+    valgrad_kernel, update = getattr(mod, f"valgrad_range_{model.loss.kind}"), opt.update_kernel()
     rng = np.random.default_rng(seed)
     perm = np.arange(n)
     nbatch = -(-n // batch_size)
@@ -338,7 +341,9 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
         for e in range(epochs):
             if shuffle:
                 rng.shuffle(perm)
-            bad = loop(X2, T, perm, batch_size, p, G, works, losses, g, state, hyper, opt.t, hist, gx)
+            bad = loops.run(loops.train_batched_loop, valgrad_kernel, update,
+                            (X2, T, perm, batch_size, p, G, works, losses, g, state, hyper,
+                             opt.t, hist, gx), p, state, hyper)
             if bad >= 0:
                 opt.t += bad
                 raise FloatingPointError(

@@ -22,13 +22,15 @@ Generated functions (all take ``p`` as an argument; nothing chain-specific is a 
     overwritten with thread ``t``'s gradient, ``losses[t]`` with its scaled loss.
 ``loss_range`` / ``loss_threaded(X, T, idx, p, works, losses, scale)``
     loss only.
-``train_unbatched_<opt>(...)``, ``train_batched_<opt>(...)``
-    whole training loops, one ``prange`` over threads per step (one per optimizer kernel
-    in :data:`smallchains.optim.UPDATE_KERNELS`).
+``forward_batch``, ``vjp_batch``, ``valvjp_batch`` (and in the ``B = 1`` module
+``forward_single``, ``vjp_single``, ``valvjp_single``)
+    the embedding kernels of :meth:`SimpleChain.kernels`.
 
-The block code is pasted into the ``*_range`` loops rather than called, and the training
-loops hold their own ``prange``: every extra level of jitted call costs another LLVM
-optimization of the linked callee at compile time (measured: seconds per level).
+The training loops are not generated: :mod:`smallchains.compiler.loops` holds them once
+for all chains and receives ``valgrad_range_<loss>`` as a function pointer. The block code
+is pasted into the ``*_range`` loops rather than called: every extra level of jitted call
+costs another LLVM optimization of the linked callee at compile time (measured: seconds
+per level).
 """
 
 from __future__ import annotations
@@ -352,53 +354,6 @@ def vjp_batch(X, p, Ybar, Xbar, pbar, work):
     valvjp_batch(X, p, Ybar, Xbar[:0], Xbar, pbar, work)
 '''
 
-_TRAIN_TEMPLATE = '''
-
-@njit(parallel=True, **_J)
-def train_unbatched_{opt}_{kind}(X, T, idx, p, G, works, losses, g, state, hyper, step0, iters, hist, gx):
-    \"\"\"Full-batch steps; returns -1, or the first iteration whose loss was not finite.\"\"\"
-    n = idx.shape[0]
-    nt = G.shape[0]
-    scale = like(p[0], 1.0 / n)
-    for it in range(iters):
-        for t in prange(nt):
-            losses[t] = valgrad_range_{kind}(X, T, idx, n * t // nt, n * (t + 1) // nt,
-                                      p, G[t], works[t], scale, gx)
-        total = like(p[0], 0.0)
-        for t in range(nt):
-            total += losses[t]
-        hist[it] = total
-        if not np.isfinite(total):
-            return it
-        sum_rows(G, g)
-        {update}(p, g, state, hyper, step0 + it + 1)
-    return -1
-
-
-@njit(parallel=True, **_J)
-def train_batched_{opt}_{kind}(X, T, perm, batch_size, p, G, works, losses, g, state, hyper, step0, hist, gx):
-    \"\"\"One epoch of minibatch steps over ``perm``; a last partial batch is a (smaller) step.
-    Returns -1, or the first batch whose loss was not finite.\"\"\"
-    n = perm.shape[0]
-    nt = G.shape[0]
-    nbatch = (n + batch_size - 1) // batch_size
-    for b in range(nbatch):
-        lo = b * batch_size
-        m = min(n, lo + batch_size) - lo
-        scale = like(p[0], 1.0 / m)
-        for t in prange(nt):
-            losses[t] = valgrad_range_{kind}(X, T, perm, lo + m * t // nt, lo + m * (t + 1) // nt,
-                                      p, G[t], works[t], scale, gx)
-        total = like(p[0], 0.0)
-        for t in range(nt):
-            total += losses[t]
-        hist[b] = total
-        if not np.isfinite(total):
-            return b
-        sum_rows(G, g)
-        {update}(p, g, state, hyper, step0 + b + 1)
-    return -1
-'''
 
 
 _kernel_hash_value = None
@@ -422,10 +377,9 @@ def kernel_source_hash() -> str:
 
 def generate_source(input_shape, layers, dtype, B=None) -> tuple[str, ChainPlan]:
     """Source of the kernel module of a chain: forward kernels plus, for every loss kind
-    and optimizer, valgrad and training loops (numba compiles each on first use)."""
+    valgrad and loss kernels, and the embedding kernels (numba compiles each on first use)."""
     from .. import __version__
     from ..losses import LOSS_KERNELS
-    from ..optim import UPDATE_KERNELS
 
     dtype = np.dtype(dtype)
     if B is None:
@@ -435,8 +389,6 @@ def generate_source(input_shape, layers, dtype, B=None) -> tuple[str, ChainPlan]
     for s in plan.slots:
         for mod, names in s.layer.kernel_imports.items():
             imports.setdefault(mod, set()).update(names)
-    for mod, name in UPDATE_KERNELS.values():
-        imports.setdefault(mod, set()).add(name)
     import_lines = "\n".join(
         f"from {mod} import {', '.join(sorted(names))}" for mod, names in sorted(imports.items()))
     out_off = plan.slots[-1].out_off if plan.slots else 0
@@ -464,8 +416,6 @@ def generate_source(input_shape, layers, dtype, B=None) -> tuple[str, ChainPlan]
             **fmt, kind=kind, forward_train=fwd_train, loss_kernel=kernel, grad_a=plan.grad_a,
             pullback=_indent(pull, 8), gx_off=gx_off,
         )
-        for opt, (_, name) in sorted(UPDATE_KERNELS.items()):
-            body += _TRAIN_TEMPLATE.format(opt=opt, update=name, kind=kind)
     # layer functions go between the header (imports, constants) and the range kernels
     head, sep, rest = body.partition("\n\n@njit")
     src = head + "\n\n\n" + "\n\n".join(funcs.defs) + "\n" + sep + rest
