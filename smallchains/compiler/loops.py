@@ -24,24 +24,33 @@ from .._numba_utils import like
 from .runtime import sum_rows
 
 
+def _step(valgrad, update, X, T, idx, lo, m, p, G, works, losses, g, state, hyper, t, gx):
+    """One optimizer step on rows ``idx[lo:lo+m]``, split over the ``G.shape[0]`` threads
+    (thread ``k`` overwrites ``G[k]`` and ``losses[k]``); returns the loss. A non-finite
+    loss is returned without updating ``p``."""
+    nt = G.shape[0]
+    scale = like(p[0], 1.0 / m)
+    for k in prange(nt):
+        losses[k] = valgrad(X, T, idx, lo + m * k // nt, lo + m * (k + 1) // nt, p, G[k],
+                            works[k], scale, gx)
+    total = like(p[0], 0.0)
+    for k in range(nt):
+        total += losses[k]
+    if np.isfinite(total):
+        sum_rows(G, g)
+        update(p, g, state, hyper, t)
+    return total
+
+
 def _train_unbatched(valgrad, update, X, T, idx, p, G, works, losses, g, state, hyper, step0,
                      iters, hist, gx):
     """Full-batch steps; returns -1, or the first iteration whose loss was not finite."""
     n = idx.shape[0]
-    nt = G.shape[0]
-    scale = like(p[0], 1.0 / n)
     for it in range(iters):
-        for t in prange(nt):
-            losses[t] = valgrad(X, T, idx, n * t // nt, n * (t + 1) // nt, p, G[t], works[t],
-                                scale, gx)
-        total = like(p[0], 0.0)
-        for t in range(nt):
-            total += losses[t]
-        hist[it] = total
-        if not np.isfinite(total):
+        hist[it] = _step_p(valgrad, update, X, T, idx, 0, n, p, G, works, losses, g, state, hyper,
+                           step0 + it + 1, gx)
+        if not np.isfinite(hist[it]):
             return it
-        sum_rows(G, g)
-        update(p, g, state, hyper, step0 + it + 1)
     return -1
 
 
@@ -50,29 +59,19 @@ def _train_batched(valgrad, update, X, T, perm, batch_size, p, G, works, losses,
     """One epoch of minibatch steps over ``perm``; a last partial batch is a (smaller) step.
     Returns -1, or the first batch whose loss was not finite."""
     n = perm.shape[0]
-    nt = G.shape[0]
-    nbatch = (n + batch_size - 1) // batch_size
-    for b in range(nbatch):
+    for b in range((n + batch_size - 1) // batch_size):
         lo = b * batch_size
-        m = min(n, lo + batch_size) - lo
-        scale = like(p[0], 1.0 / m)
-        for t in prange(nt):
-            losses[t] = valgrad(X, T, perm, lo + m * t // nt, lo + m * (t + 1) // nt, p, G[t],
-                                works[t], scale, gx)
-        total = like(p[0], 0.0)
-        for t in range(nt):
-            total += losses[t]
-        hist[b] = total
-        if not np.isfinite(total):
+        hist[b] = _step_p(valgrad, update, X, T, perm, lo, min(n, lo + batch_size) - lo, p, G,
+                          works, losses, g, state, hyper, step0 + b + 1, gx)
+        if not np.isfinite(hist[b]):
             return b
-        sum_rows(G, g)
-        update(p, g, state, hyper, step0 + b + 1)
     return -1
 
 
+_step_p = njit(parallel=True, **JIT_OPTIONS)(_step)
 # compiled only through run(), which disables further compilation after each signature
-train_unbatched_loop = njit(parallel=True, **JIT_OPTIONS)(_train_unbatched)
-train_batched_loop = njit(parallel=True, **JIT_OPTIONS)(_train_batched)
+train_unbatched_loop = njit(**JIT_OPTIONS)(_train_unbatched)
+train_batched_loop = njit(**JIT_OPTIONS)(_train_batched)
 
 _lock = threading.Lock()
 
