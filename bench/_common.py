@@ -182,6 +182,23 @@ LENET5_N_TRAIN = 60_000
 LENET5_LR = 3e-4
 
 
+def matexp_chain():
+    """The matrix-exponential model 4 -> 32 tanh -> 16 tanh -> 4 (imports smallchains)."""
+    import smallchains as sc
+    return sc.SimpleChain(4, sc.TurboDense(32, "tanh"), sc.TurboDense(16, "tanh"),
+                          sc.TurboDense(4))
+
+
+def lenet5_chain():
+    """The blog's LeNet5 over (1, 28, 28) images: ``examples/lenet5_mnist.py``'s
+    ``lenet5()`` (imports smallchains)."""
+    examples = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+    if examples not in sys.path:
+        sys.path.insert(0, examples)
+    from lenet5_mnist import lenet5
+    return lenet5()
+
+
 def default_data_dir() -> str:
     """``$SMALLCHAINS_DATA`` if set, else ``<repo>/../shared/datasets``."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -228,3 +245,34 @@ def fmt_table_lenet5(rows):
         lines.append(f"| {r['impl']} | {r['batch']} | {r['threads']} | "
                      f"{r['mean']:.3f} ± {r['std']:.3f} | {ratio} |")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# driver output
+# --------------------------------------------------------------------------
+def compile_latency(*args, env=None) -> str:
+    """Run ``bench/compile_latency.py *args`` in a subprocess; its summary line, or a
+    FAILED note with the end of its stderr."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    print("$ compile_latency.py " + " ".join(args), flush=True)
+    r = subprocess.run([sys.executable, os.path.join(here, "compile_latency.py"), *args],
+                       capture_output=True, text=True, env=env)
+    if r.returncode == 0:
+        return r.stdout.strip()
+    return "compile latency: FAILED\n" + r.stderr.strip()[-2000:]
+
+
+def report(text, notes=(), lat="", out=None) -> str:
+    """Append notes and the compile-latency line to ``text``, print it, and also write it
+    to ``out`` if given."""
+    if notes:
+        text += "\n" + "\n".join(notes) + "\n"
+    if lat:
+        text += "\n" + lat + "\n"
+    print()
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+    return text

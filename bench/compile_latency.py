@@ -41,12 +41,7 @@ def child_lenet5(threads, data):
     X, y = d["X"], d["y"]
     t0 = time.perf_counter()
     import smallchains as sc
-    chain = sc.SimpleChain(
-        (1, 28, 28),
-        sc.Conv(6, 5, "relu"), sc.MaxPool(2),
-        sc.Conv(16, 5, "relu"), sc.MaxPool(2),
-        sc.Flatten(),
-        sc.TurboDense(120, "relu"), sc.TurboDense(84, "relu"), sc.TurboDense(10))
+    chain = C.lenet5_chain()
     p = sc.init_params(chain, seed=0)
     model = sc.add_loss(chain, sc.LogitCrossEntropyLoss(y))
     G = sc.alloc_threaded_grad(chain)
@@ -72,8 +67,7 @@ def child(threads):
     X, Y = C.make_data()
     t0 = time.perf_counter()
     import smallchains as sc
-    chain = sc.SimpleChain(4, sc.TurboDense(32, "tanh"),
-                           sc.TurboDense(16, "tanh"), sc.TurboDense(4))
+    chain = C.matexp_chain()
     p = sc.init_params(chain, seed=0)
     model = sc.add_loss(chain, sc.SquaredLoss(Y))
     G = sc.alloc_threaded_grad(chain)

@@ -47,7 +47,6 @@ NO_PIN = "--no-pin" in sys.argv
 C.setup_threads(THREADS, IMPL, pin=not NO_PIN)
 C.ensure_data_env()
 
-import numpy as np  # noqa: E402
 import pyperf  # noqa: E402
 
 N_FULL = C.LENET5_N_TRAIN
@@ -63,12 +62,7 @@ def _bs(args):
 # --------------------------------------------------------------------------
 def build_smallchains(X, y, args, runner):
     import smallchains as sc
-    chain = sc.SimpleChain(
-        (1, 28, 28),
-        sc.Conv(6, 5, "relu"), sc.MaxPool(2),
-        sc.Conv(16, 5, "relu"), sc.MaxPool(2),
-        sc.Flatten(),
-        sc.TurboDense(120, "relu"), sc.TurboDense(84, "relu"), sc.TurboDense(10))
+    chain = C.lenet5_chain()
     model = sc.add_loss(chain, sc.LogitCrossEntropyLoss(y))
     p = sc.init_params(chain, seed=0)
     G = sc.alloc_threaded_grad(chain)

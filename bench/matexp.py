@@ -42,7 +42,6 @@ THREADS = int(C.peek_arg("--threads", "1"))
 NO_PIN = "--no-pin" in sys.argv
 C.setup_threads(THREADS, IMPL, pin=not NO_PIN)
 
-import numpy as np  # noqa: E402
 import pyperf  # noqa: E402
 
 N = C.N_SAMPLES
@@ -54,8 +53,7 @@ WARMUP_STEPS = 5
 # --------------------------------------------------------------------------
 def build_smallchains(X, Y, args):
     import smallchains as sc
-    chain = sc.SimpleChain(4, sc.TurboDense(32, "tanh"),
-                           sc.TurboDense(16, "tanh"), sc.TurboDense(4))
+    chain = C.matexp_chain()
     p = sc.init_params(chain, seed=0)
     model = sc.add_loss(chain, sc.SquaredLoss(Y))
     G = sc.alloc_threaded_grad(chain)

@@ -112,14 +112,7 @@ def main():
 
     lat = ""
     if "smallchains" in impls and not args.no_compile_latency:
-        print("$ compile_latency.py --model lenet5", flush=True)
-        r = subprocess.run([sys.executable, os.path.join(HERE, "compile_latency.py"),
-                            "--model", "lenet5"],
-                           capture_output=True, text=True, env=env)
-        if r.returncode == 0:
-            lat = r.stdout.strip()
-        else:
-            lat = "compile latency: FAILED\n" + r.stderr.strip()[-2000:]
+        lat = C.compile_latency("--model", "lenet5", env=env)
 
     if args.limit:
         data = (f"first {args.limit} MNIST training images per 'epoch', time "
@@ -131,15 +124,7 @@ def main():
             f"cross-entropy; {mode}; ratio = best torch s/epoch at the same "
             f"thread count / this s/epoch; pyperf json in {outdir}\n\n"
             + table + "\n")
-    if notes:
-        text += "\n" + "\n".join(notes) + "\n"
-    if lat:
-        text += "\n" + lat + "\n"
-    print()
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    C.report(text, notes, lat, args.out)
     return 1 if failed else 0
 
 

@@ -106,26 +106,12 @@ def main():
 
     lat = ""
     if "smallchains" in impls and not args.no_compile_latency:
-        print("$ compile_latency.py", flush=True)
-        r = subprocess.run([sys.executable, os.path.join(HERE, "compile_latency.py")],
-                           capture_output=True, text=True)
-        if r.returncode == 0:
-            lat = r.stdout.strip()
-        else:
-            lat = "compile latency: FAILED\n" + r.stderr.strip()[-2000:]
+        lat = C.compile_latency()
 
     text = (f"Matrix-exponential benchmark: N={C.N_SAMPLES}, 4-32-16-4 tanh, Adam, "
             f"{C.FLOPS_PER_SAMPLE} flop/sample/step; pyperf json in {outdir}\n\n"
             + table + "\n")
-    if notes:
-        text += "\n" + "\n".join(notes) + "\n"
-    if lat:
-        text += "\n" + lat + "\n"
-    print()
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    C.report(text, notes, lat, args.out)
     return 1 if failed else 0
 
 

@@ -10,6 +10,8 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import _common as C  # noqa: E402
 
 
 def main():
@@ -37,8 +39,7 @@ def main():
     check = subprocess.run([sys.executable, script, "--check"], check=True, capture_output=True,
                            text=True).stdout
     print(check)
-    lat = subprocess.run([sys.executable, os.path.join(HERE, "compile_latency.py"), "--model", "ode",
-                          "--threads", "1"], check=True, capture_output=True, text=True).stdout
+    lat = C.compile_latency("--model", "ode", "--threads", "1")
     ref = means["torchdiffeq"][0]
     print("| impl | threads | ms per iteration (mean ± std) | speed-up vs torchdiffeq |")
     print("|---|---:|---:|---:|")

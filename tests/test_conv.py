@@ -113,6 +113,18 @@ def torch_valgrad(torch, chain, X, y, p):
     return loss.item(), np.concatenate(parts), Xt.grad.detach().numpy(), out.detach().numpy()
 
 
+def assert_valgrad_matches_torch(torch, chain, X, y, p):
+    """Loss, dL/dp and dL/dX of the logit cross-entropy model equal torch autograd's;
+    returns dL/dX."""
+    model = sc.add_loss(chain, sc.LogitCrossEntropyLoss(y))
+    loss, g, gx = sc.valgrad_with_input(model, X, p)
+    tl, tg, tgx, _ = torch_valgrad(torch, chain, X, y, p)
+    assert_close(loss, tl, np.float64, err_msg="loss")
+    assert_close(g, tg, np.float64, err_msg="dL/dp")
+    assert_close(gx, tgx, np.float64, err_msg="dL/dX")
+    return gx
+
+
 def test_archs_cover_requested_combinations():
     """The three architectures cover every padding/channel/kernel/activation/pool case."""
     convs = [l for n in ARCH_NAMES for l in conv_chain(n).layers if isinstance(l, sc.Conv)]
@@ -192,12 +204,7 @@ def test_maxpool_ties_match_torch(torch, name, kind):
     else:
         X = np.broadcast_to(np.array([0.75, -0.5, 1.25, 0.25, 2.0])[:X.shape[0], None, None, None],
                             X.shape).copy()
-    model = sc.add_loss(chain, sc.LogitCrossEntropyLoss(y))
-    loss, g, gx = sc.valgrad_with_input(model, X, p)
-    tl, tg, tgx, _ = torch_valgrad(torch, chain, X, y, p)
-    assert_close(loss, tl, np.float64)
-    assert_close(g, tg, np.float64, err_msg="dL/dp")
-    assert_close(gx, tgx, np.float64, err_msg="dL/dX")
+    assert_valgrad_matches_torch(torch, chain, X, y, p)
 
 
 def test_maxpool_ties_after_relu_bias(torch):
@@ -205,12 +212,7 @@ def test_maxpool_ties_after_relu_bias(torch):
     chain, X, y, p = conv_case("a", seed=2)
     views = chain.param_views(p)
     views[0]["b"][...] = -50.0  # relu output all zeros in the first conv
-    model = sc.add_loss(chain, sc.LogitCrossEntropyLoss(y))
-    loss, g, gx = sc.valgrad_with_input(model, X, p)
-    tl, tg, tgx, _ = torch_valgrad(torch, chain, X, y, p)
-    assert_close(loss, tl, np.float64)
-    assert_close(g, tg, np.float64)
-    assert_close(gx, tgx, np.float64)
+    gx = assert_valgrad_matches_torch(torch, chain, X, y, p)
     assert not gx.any()  # no path back to the input
 
 
@@ -222,13 +224,8 @@ def test_maxpool_ties_constant_feature_maps(torch):
     v[0]["W"][...] = 0.0
     v[0]["b"][...] = 1.0           # first conv output: constant 1 in every channel
     v[1]["W"][...] = np.round(v[1]["W"] * 64) / 64  # dyadic: exact (bit-identical) ties
-    model = sc.add_loss(chain, sc.LogitCrossEntropyLoss(y))
-    loss, g, gx = sc.valgrad_with_input(model, X, p)
-    tl, tg, tgx, _ = torch_valgrad(torch, chain, X, y, p)
-    assert_close(loss, tl, np.float64)
-    assert_close(g, tg, np.float64)
+    gx = assert_valgrad_matches_torch(torch, chain, X, y, p)
     assert not gx.any()
-    assert_close(gx, tgx, np.float64)
 
 
 # --------------------------------------------------------------------------------------
@@ -263,12 +260,7 @@ def test_conv_forward_matches_torch_large_batch(torch, name):
     assert_close(chain(X, p), ref, np.float64)
     # loss and gradient over the same batch (exercises partial-block padding lanes)
     y = rng.integers(0, n_classes(name), size=29)
-    model = sc.add_loss(chain, sc.LogitCrossEntropyLoss(y))
-    loss, g, gx = sc.valgrad_with_input(model, X, p)
-    tl, tg, tgx, _ = torch_valgrad(torch, chain, X, y, p)
-    assert_close(loss, tl, np.float64)
-    assert_close(g, tg, np.float64)
-    assert_close(gx, tgx, np.float64)
+    assert_valgrad_matches_torch(torch, chain, X, y, p)
 
 
 # --------------------------------------------------------------------------------------

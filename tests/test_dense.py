@@ -168,7 +168,7 @@ def test_param_views_layout_and_sharing():
     chain = get_chain("clf")
     p = np.arange(chain.n_params, dtype=np.float64)
     views = chain.param_views(p)
-    expected, off = [], 0
+    off = 0
     n_in = chain.input_shape[0]
     for (out, _, bias), v in zip(ARCHS["clf"][1], views):
         assert v["W"].shape == (out, n_in)

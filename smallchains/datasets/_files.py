@@ -201,7 +201,7 @@ def ensure_files(
         missing = []
     if missing:
         fixes = [
-            f"pass data_dir=<directory holding these files>",
+            "pass data_dir=<directory holding these files>",
             f"or set the environment variable {ENV_VAR} to a folder that has a "
             f"'{dataset}' sub-folder with these files",
         ]

@@ -134,6 +134,10 @@ def _closure_rhs(kmod, input_map, shape, kw, n_params) -> ODEFunction:
 def param_groups(chain) -> list:
     """Sizes of the chain's parameter tensors (weights and biases per layer, in ``p``
     order): the groups of torchdiffeq's default adjoint error norm."""
+    return _tensor_sizes(chain)
+
+
+def _tensor_sizes(chain) -> list:
     views = chain.param_views(np.zeros(chain.n_params))
     return [v.size for layer in views for v in layer.values()]
 
@@ -200,7 +204,7 @@ class Dopri5:
         if param_groups is None:
             groups = [n_p]
         elif hasattr(param_groups, "param_views"):
-            groups = globals()["param_groups"](param_groups)
+            groups = _tensor_sizes(param_groups)
         else:
             groups = [int(g) for g in param_groups]
         if sum(groups) != n_p or any(g < 0 for g in groups):
