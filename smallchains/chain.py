@@ -14,7 +14,7 @@ import numba
 import numpy as np
 
 from ._validate import check_dtype, check_inputs, check_params
-from .compiler import get_kernels
+from .compiler import get_kernels, loops
 from .layers.base import Layer
 from .losses import Loss
 
@@ -195,7 +195,9 @@ class SimpleChain:
         n = X2.shape[0]
         nt = max(1, min(numba.get_num_threads(), -(-n // plan.B)))
         Y = np.empty((n, plan.n_out), dtype=p.dtype)
-        mod.forward_threaded(X2, np.arange(n), p, self._works(plan, nt, p.dtype), Y)
+        idx = np.arange(n)
+        loops.call(loops.forward_threads, [(mod.forward_range, loops.forward_sig(X2, idx, p, Y))],
+                   (X2, idx, p, self._works(plan, nt, p.dtype), Y))
         Y = Y.reshape((n,) + self.output_shape)
         return Y[0] if single else Y
 
@@ -246,8 +248,10 @@ class SimpleChainWithLoss:
         n = X2.shape[0]
         nt = max(1, min(numba.get_num_threads(), -(-n // plan.B)))
         losses = np.zeros(nt, dtype=p.dtype)
-        getattr(mod, f"loss_threaded_{self.loss.kind}")(X2, T, np.arange(n), p, self.chain._works(plan, nt, p.dtype), losses,
-                          p.dtype.type(1.0 / n))
+        idx = np.arange(n)
+        kernel = getattr(mod, f"loss_range_{self.loss.kind}")
+        loops.call(loops.loss_threads, [(kernel, loops.loss_sig(X2, T, idx, p))],
+                   (X2, T, idx, p, self.chain._works(plan, nt, p.dtype), losses, p.dtype.type(1.0 / n)))
         return float(losses.sum())
 
 

@@ -39,6 +39,12 @@ def _check_out(out, p, name="out"):
     return out
 
 
+def _train_kernels(model, mod, opt, X2, T, idx, p, gx, state, hyper):
+    """The chain's valgrad kernel and the optimizer's update, with their signatures."""
+    return [(getattr(mod, f"valgrad_range_{model.loss.kind}"), loops.valgrad_sig(X2, T, idx, p, gx)),
+            (opt.update_kernel(), loops.update_sig(p, state, hyper))]
+
+
 def alloc_threaded_grad(chain, n_threads=None, dtype=np.float32) -> np.ndarray:
     """Per-thread gradient buffers for :func:`train_unbatched` / :func:`train_batched`.
 
@@ -87,7 +93,10 @@ def _valgrad(model, X, p, out, x_out, want_x):
     else:
         gx = np.empty((0, plan.n_in), dtype=p.dtype)
     works = model.chain._works(plan, nt, p.dtype)
-    getattr(mod, f"valgrad_threaded_{model.loss.kind}")(X2, T, np.arange(n), 0, n, p, G, works, losses, p.dtype.type(1.0 / n), gx)
+    kernel = getattr(mod, f"valgrad_{'x_' if want_x else ''}range_{model.loss.kind}")
+    idx = np.arange(n)
+    loops.call(loops.valgrad_threads, [(kernel, loops.valgrad_sig(X2, T, idx, p, gx))],
+               (X2, T, idx, 0, n, p, G, works, losses, p.dtype.type(1.0 / n), gx))
     from .compiler.runtime import sum_rows
 
     sum_rows(G, out)
@@ -213,18 +222,18 @@ def train_unbatched(G, p, model, X, opt, iters, *, callback=None, report_every=N
     if iters < 0:
         raise ValueError(f"iters must be >= 0, got {iters}")
     p, G, X2, T, mod, plan, state, hyper, works, gx, losses, g = _train_setup(G, p, model, X, opt)
-    valgrad_kernel, update = getattr(mod, f"valgrad_range_{model.loss.kind}"), opt.update_kernel()
     hist = np.zeros(iters, dtype=p.dtype)
     idx = np.arange(X2.shape[0])
+    kernels = _train_kernels(model, mod, opt, X2, T, idx, p, gx, state, hyper)
     chunk = iters if (callback is None and not progress) else (report_every or max(1, iters // 100))
     bar = _Progress(iters, progress, "train_unbatched")
     try:
         done = 0
         while done < iters:
             k = min(chunk, iters - done)
-            bad = loops.run(loops.train_unbatched_loop, valgrad_kernel, update,
-                            (X2, T, idx, p, G, works, losses, g, state, hyper, opt.t, k,
-                             hist[done:done + k], gx), p, state, hyper)
+            bad = loops.call(loops.train_unbatched_loop, kernels,
+                             (X2, T, idx, p, G, works, losses, g, state, hyper, opt.t, k,
+                              hist[done:done + k], gx))
             if bad >= 0:
                 opt.t += bad
                 raise FloatingPointError(
@@ -330,9 +339,9 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
     batch_size = int(batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    valgrad_kernel, update = getattr(mod, f"valgrad_range_{model.loss.kind}"), opt.update_kernel()
     rng = np.random.default_rng(seed)
     perm = np.arange(n)
+    kernels = _train_kernels(model, mod, opt, X2, T, perm, p, gx, state, hyper)
     nbatch = -(-n // batch_size)
     hist = np.zeros(nbatch, dtype=p.dtype)
     out = np.zeros(epochs, dtype=p.dtype)
@@ -341,9 +350,9 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
         for e in range(epochs):
             if shuffle:
                 rng.shuffle(perm)
-            bad = loops.run(loops.train_batched_loop, valgrad_kernel, update,
-                            (X2, T, perm, batch_size, p, G, works, losses, g, state, hyper,
-                             opt.t, hist, gx), p, state, hyper)
+            bad = loops.call(loops.train_batched_loop, kernels,
+                             (X2, T, perm, batch_size, p, G, works, losses, g, state, hyper,
+                              opt.t, hist, gx))
             if bad >= 0:
                 opt.t += bad
                 raise FloatingPointError(

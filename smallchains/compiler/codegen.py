@@ -12,22 +12,21 @@ Generated functions (all take ``p`` as an argument; nothing chain-specific is a 
 
 ``forward_range(X, idx, lo, hi, p, work, Y)``
     rows ``idx[lo:hi]`` of ``X`` -> the same rows of ``Y``, block by block.
-``forward_threaded(X, idx, p, works, Y)``
-    all rows, split over ``works.shape[0]`` threads.
-``valgrad_range(X, T, idx, lo, hi, p, g, work, scale, gx) -> float``
+``valgrad_range_<loss>(X, T, idx, lo, hi, p, g, work, scale, gx) -> float``
     overwrites ``g`` with ``scale * dL/dp`` of rows ``idx[lo:hi]``; returns
-    ``scale * loss sum``; if ``gx.shape[0] > 0`` also writes ``scale * dL/dx`` rows of ``gx``.
-``valgrad_threaded(X, T, idx, lo, hi, p, G, works, losses, scale, gx)``
-    rows ``idx[lo:hi]`` split over ``G.shape[0]`` threads; row ``t`` of ``G`` is
-    overwritten with thread ``t``'s gradient, ``losses[t]`` with its scaled loss.
-``loss_range`` / ``loss_threaded(X, T, idx, p, works, losses, scale)``
+    ``scale * loss sum``. ``gx`` is unused: the first layer's input gradient is not
+    even compiled (training never needs it).
+``valgrad_x_range_<loss>(...)``
+    the same, and also overwrites rows ``idx[lo:hi]`` of ``gx`` with ``scale * dL/dx``.
+``loss_range_<loss>(X, T, idx, lo, hi, p, work, scale) -> float``
     loss only.
 ``forward_batch``, ``vjp_batch``, ``valvjp_batch`` (and in the ``B = 1`` module
 ``forward_single``, ``vjp_single``, ``valvjp_single``)
     the embedding kernels of :meth:`SimpleChain.kernels`.
 
-The training loops are not generated: :mod:`smallchains.compiler.loops` holds them once
-for all chains and receives ``valgrad_range_<loss>`` as a function pointer. The block code
+Nothing parallel is generated: :mod:`smallchains.compiler.loops` holds the threaded
+drivers and training loops once for all chains and receives these range kernels as
+function pointers. The block code
 is pasted into the ``*_range`` loops rather than called: every extra level of jitted call
 costs another LLVM optimization of the linked callee at compile time (measured: seconds
 per level).
@@ -170,7 +169,9 @@ def _forward_lines(plan, dtype, training, funcs):
 
 
 def _pullback_lines(plan, dtype, first_need_gin, funcs):
-    """Pullback calls in reverse order; returns (lines, offset of dL/dx if computed)."""
+    """Pullback calls in reverse order; returns (lines, offset of dL/dx). The first layer
+    computes dL/dx only if ``first_need_gin``: training never needs it, and leaving it out
+    saves its compile (a convolution's input gradient is its costliest part)."""
     calls, gout, gin = [], plan.grad_a, plan.grad_b
     for i in reversed(range(len(plan.slots))):
         s = plan.slots[i]
@@ -179,8 +180,8 @@ def _pullback_lines(plan, dtype, first_need_gin, funcs):
             continue  # output is the input: dL/dx = dL/dy, nothing to do
         lines = s.layer.emit_pullback(_ctx(plan, i, dtype, gout_off=gout, gin_off=gin, need_gin=need))
         if lines:
-            name = funcs.add(f"layer{i}_pullback", "p, g, work, need_gx", lines)
-            calls.append(f"{name}(p, g, work, need_gx)")
+            name = funcs.add(f"layer{i}_pullback{'_gx' if i == 0 and need else ''}", "p, g, work", lines)
+            calls.append(f"{name}(p, g, work)")
         gout, gin = gin, gout
     return calls, gout
 
@@ -195,7 +196,7 @@ _TEMPLATE = '''\
 # dtype: {dtype}; loss: {loss}; block size B = {B}; kernel-source hash {kernel_hash}
 import math
 import numpy as np
-from numba import njit, prange
+from numba import njit
 from smallchains._config import JIT_OPTIONS as _J
 from smallchains._fastmath import tanh_f32, tanh_f64
 from smallchains._numba_utils import like
@@ -218,21 +219,14 @@ def forward_range(X, idx, lo, hi, p, work, Y):
 {forward_infer}
         store_block(Y, idx, s0, nb, work, {out_off}, N_OUT, B)
 
-
-@njit(parallel=True, **_J)
-def forward_threaded(X, idx, p, works, Y):
-    nt = works.shape[0]
-    n = idx.shape[0]
-    for t in prange(nt):
-        forward_range(X, idx, n * t // nt, n * (t + 1) // nt, p, works[t], Y)
 '''
 
 _LOSS_TEMPLATE = '''
 
 @njit(**_J)
-def valgrad_range_{kind}(X, T, idx, lo, hi, p, g, work, scale, gx):
-    \"\"\"Overwrite g with scale * dL/dp over rows idx[lo:hi]; return scale * loss sum.\"\"\"
-    need_gx = gx.shape[0] > 0
+def valgrad{x}_range_{kind}(X, T, idx, lo, hi, p, g, work, scale, gx):
+    \"\"\"Overwrite g with scale * dL/dp over rows idx[lo:hi]; return scale * loss sum.
+    {gx_doc}\"\"\"
     for j in range(g.shape[0]):
         g[j] = 0
     total = like(scale, 0.0)
@@ -241,11 +235,11 @@ def valgrad_range_{kind}(X, T, idx, lo, hi, p, g, work, scale, gx):
         load_block(X, idx, s0, nb, work, 0, N_IN, B)
 {forward_train}
         total += {loss_kernel}(work, {out_off}, {grad_a}, T, idx, s0, N_OUT, B, nb, scale, True)
-{pullback}
-        if need_gx:
-            store_block(gx, idx, s0, nb, work, {gx_off}, N_IN, B)
+{pullback}{store_gx}
     return total * scale
+'''
 
+_LOSS_ONLY_TEMPLATE = '''
 
 @njit(**_J)
 def loss_range_{kind}(X, T, idx, lo, hi, p, work, scale):
@@ -256,23 +250,6 @@ def loss_range_{kind}(X, T, idx, lo, hi, p, work, scale):
 {forward_infer}
         total += {loss_kernel}(work, {out_off}, {grad_a}, T, idx, s0, N_OUT, B, nb, scale, False)
     return total * scale
-
-
-@njit(parallel=True, **_J)
-def valgrad_threaded_{kind}(X, T, idx, lo, hi, p, G, works, losses, scale, gx):
-    nt = G.shape[0]
-    n = hi - lo
-    for t in prange(nt):
-        losses[t] = valgrad_range_{kind}(X, T, idx, lo + n * t // nt, lo + n * (t + 1) // nt,
-                                  p, G[t], works[t], scale, gx)
-
-
-@njit(parallel=True, **_J)
-def loss_threaded_{kind}(X, T, idx, p, works, losses, scale):
-    nt = works.shape[0]
-    n = idx.shape[0]
-    for t in prange(nt):
-        losses[t] = loss_range_{kind}(X, T, idx, n * t // nt, n * (t + 1) // nt, p, works[t], scale)
 '''
 
 _SINGLE_TEMPLATE = '''
@@ -302,7 +279,6 @@ def valvjp_single(x, p, ybar, y, xbar, pbar, work):
     for j in range(pbar.shape[0]):
         pbar[j] = 0
     g = pbar
-    need_gx = True
 {pullback_single}
     for f in range(N_IN):
         xbar[f] = work[{gx_off} + f]
@@ -336,7 +312,6 @@ def valvjp_batch(X, p, Ybar, Y, Xbar, pbar, work):
     for j in range(pbar.shape[0]):
         pbar[j] = 0
     g = pbar
-    need_gx = True
     for s0 in range(0, n, B):
         nb = min(B, n - s0)
         load_rows(X, s0, nb, work, 0, N_IN, B)
@@ -402,7 +377,8 @@ def generate_source(input_shape, layers, dtype, B=None) -> tuple[str, ChainPlan]
     fmt["forward_infer"] = _indent(_forward_lines(plan, dtype, False, funcs), 8)
     body = _TEMPLATE.format(**fmt)
     fwd_train = _indent(_forward_lines(plan, dtype, True, funcs), 8)
-    pull, gx_off = _pullback_lines(plan, dtype, "need_gx", funcs)
+    pull, gx_off = _pullback_lines(plan, dtype, True, funcs)
+    pull_train, _ = _pullback_lines(plan, dtype, False, funcs)
     if B == 1:
         body += _SINGLE_TEMPLATE.format(
             forward_single=_indent(_forward_lines(plan, dtype, False, funcs)),
@@ -414,8 +390,14 @@ def generate_source(input_shape, layers, dtype, B=None) -> tuple[str, ChainPlan]
     for kind, kernel in sorted(LOSS_KERNELS.items()):
         body += _LOSS_TEMPLATE.format(
             **fmt, kind=kind, forward_train=fwd_train, loss_kernel=kernel, grad_a=plan.grad_a,
-            pullback=_indent(pull, 8), gx_off=gx_off,
-        )
+            pullback=_indent(pull_train, 8), x="", store_gx="",
+            gx_doc="gx is not used (same signature as valgrad_x_range).")
+        body += _LOSS_TEMPLATE.format(
+            **fmt, kind=kind, forward_train=fwd_train, loss_kernel=kernel, grad_a=plan.grad_a,
+            pullback=_indent(pull, 8), x="_x",
+            store_gx=f"\n        store_block(gx, idx, s0, nb, work, {gx_off}, N_IN, B)",
+            gx_doc="Also overwrites rows idx[lo:hi] of gx (N, N_IN) with scale * dL/dx.")
+        body += _LOSS_ONLY_TEMPLATE.format(**fmt, kind=kind, loss_kernel=kernel, grad_a=plan.grad_a)
     # layer functions go between the header (imports, constants) and the range kernels
     head, sep, rest = body.partition("\n\n@njit")
     src = head + "\n\n\n" + "\n\n".join(funcs.defs) + "\n" + sep + rest

@@ -1,13 +1,19 @@
-"""Training loops shared by every chain: compiled once per argument types, cached on disk.
+"""Loops shared by every chain: compiled once per argument types, cached on disk.
 
-The chain's generated ``valgrad_range_<loss>`` kernel and the optimizer's update kernel
-are passed to the loops as numba first-class functions (called through a pointer, once
-per thread per step). So a loop is never recompiled for a new chain, and compiling it
-never re-optimizes the chain's kernels: when the loops were generated per chain, their
-parallel (``prange``) compile cost 4-8 s per chain, about a third of a cold start.
+The chain's generated block kernels (``forward_range``, ``loss_range_<loss>``,
+``valgrad_range_<loss>``) and the optimizer's update kernel are passed to these loops as
+numba first-class functions (called through a pointer, once per thread per step). So a
+loop is never recompiled for a new chain, and compiling it never re-optimizes the chain's
+kernels: when the loops were generated per chain, their parallel (``prange``) compile
+cost 4-8 s per chain, about a third of a cold start.
 
-Each loop dispatcher is compiled only through :func:`run`, which compiles
-(or loads from numba's cache) the exact signature needed, with the kernels' types as
+* :data:`forward_threads`, :data:`loss_threads`, :data:`valgrad_threads`: one call of a
+  range kernel per thread over contiguous slices of the rows (``chain(X, p)``,
+  ``model(X, p)``, :func:`smallchains.valgrad`);
+* :data:`train_unbatched_loop`, :data:`train_batched_loop`: whole training runs.
+
+Each dispatcher is compiled only through :func:`call`, which compiles (or loads from
+numba's cache) the exact signature needed, with the kernels' types as
 ``types.FunctionType``; numba then passes jitted functions as pointers instead of
 specializing on them.
 """
@@ -24,17 +30,38 @@ from .._numba_utils import like
 from .runtime import sum_rows
 
 
+def _forward_threads(forward, X, idx, p, works, Y):
+    """Rows ``idx`` of ``X`` -> the same rows of ``Y``, split over ``works.shape[0]`` threads."""
+    nt = works.shape[0]
+    n = idx.shape[0]
+    for k in prange(nt):
+        forward(X, idx, n * k // nt, n * (k + 1) // nt, p, works[k], Y)
+
+
+def _loss_threads(loss, X, T, idx, p, works, losses, scale):
+    """Thread ``k`` overwrites ``losses[k]`` with ``scale *`` the loss sum of its rows."""
+    nt = works.shape[0]
+    n = idx.shape[0]
+    for k in prange(nt):
+        losses[k] = loss(X, T, idx, n * k // nt, n * (k + 1) // nt, p, works[k], scale)
+
+
+def _valgrad_threads(valgrad, X, T, idx, lo, m, p, G, works, losses, scale, gx):
+    """Rows ``idx[lo:lo+m]`` split over the ``G.shape[0]`` threads: thread ``k`` overwrites
+    ``G[k]`` with ``scale * dL/dp`` of its rows and ``losses[k]`` with their scaled loss."""
+    nt = G.shape[0]
+    for k in prange(nt):
+        losses[k] = valgrad(X, T, idx, lo + m * k // nt, lo + m * (k + 1) // nt, p, G[k],
+                            works[k], scale, gx)
+
+
 def _step(valgrad, update, X, T, idx, lo, m, p, G, works, losses, g, state, hyper, t, gx):
     """One optimizer step on rows ``idx[lo:lo+m]``, split over the ``G.shape[0]`` threads
     (thread ``k`` overwrites ``G[k]`` and ``losses[k]``); returns the loss. A non-finite
     loss is returned without updating ``p``."""
-    nt = G.shape[0]
-    scale = like(p[0], 1.0 / m)
-    for k in prange(nt):
-        losses[k] = valgrad(X, T, idx, lo + m * k // nt, lo + m * (k + 1) // nt, p, G[k],
-                            works[k], scale, gx)
+    valgrad_threads(valgrad, X, T, idx, lo, m, p, G, works, losses, like(p[0], 1.0 / m), gx)
     total = like(p[0], 0.0)
-    for k in range(nt):
+    for k in range(G.shape[0]):
         total += losses[k]
     if np.isfinite(total):
         sum_rows(G, g)
@@ -47,7 +74,7 @@ def _train_unbatched(valgrad, update, X, T, idx, p, G, works, losses, g, state, 
     """Full-batch steps; returns -1, or the first iteration whose loss was not finite."""
     n = idx.shape[0]
     for it in range(iters):
-        hist[it] = _step_p(valgrad, update, X, T, idx, 0, n, p, G, works, losses, g, state, hyper,
+        hist[it] = _step(valgrad, update, X, T, idx, 0, n, p, G, works, losses, g, state, hyper,
                            step0 + it + 1, gx)
         if not np.isfinite(hist[it]):
             return it
@@ -61,51 +88,83 @@ def _train_batched(valgrad, update, X, T, perm, batch_size, p, G, works, losses,
     n = perm.shape[0]
     for b in range((n + batch_size - 1) // batch_size):
         lo = b * batch_size
-        hist[b] = _step_p(valgrad, update, X, T, perm, lo, min(n, lo + batch_size) - lo, p, G,
+        hist[b] = _step(valgrad, update, X, T, perm, lo, min(n, lo + batch_size) - lo, p, G,
                           works, losses, g, state, hyper, step0 + b + 1, gx)
         if not np.isfinite(hist[b]):
             return b
     return -1
 
 
-_step_p = njit(parallel=True, **JIT_OPTIONS)(_step)
-# compiled only through run(), which disables further compilation after each signature
+forward_threads = njit(parallel=True, **JIT_OPTIONS)(_forward_threads)
+loss_threads = njit(parallel=True, **JIT_OPTIONS)(_loss_threads)
+valgrad_threads = njit(parallel=True, **JIT_OPTIONS)(_valgrad_threads)
+_step = njit(**JIT_OPTIONS)(_step)
 train_unbatched_loop = njit(**JIT_OPTIONS)(_train_unbatched)
 train_batched_loop = njit(**JIT_OPTIONS)(_train_batched)
+# Compiled only through call(), for exact signatures: called directly with jitted kernels,
+# numba would specialize on each kernel instead of taking a pointer. So _compile disables
+# further compilation of these after each signature. valgrad_threads stays open: _step
+# compiles it for its own function-typed arguments.
+_LOCKED = (forward_threads, loss_threads, train_unbatched_loop, train_batched_loop)
 
 _lock = threading.Lock()
 
 
-def _compile(dispatcher, sig, always_enabled=True):
-    """Compile ``dispatcher`` for ``sig`` (or load it from numba's cache) if needed."""
-    if tuple(sig.args) in dispatcher.overloads:
+def _compile(dispatcher, sig):
+    """Compile ``dispatcher`` for ``sig`` (a signature, or a tuple of argument types), or
+    load it from numba's cache, if needed."""
+    key = tuple(sig.args) if hasattr(sig, "args") else tuple(sig)
+    if key in dispatcher.overloads:
         return
     with _lock:
-        if tuple(sig.args) in dispatcher.overloads:
+        if key in dispatcher.overloads:
             return
-        if not always_enabled:
+        locked = dispatcher in _LOCKED
+        if locked:
             dispatcher.disable_compile(False)
         try:
             dispatcher.compile(sig)
         finally:
-            if not always_enabled:
+            if locked:
                 dispatcher.disable_compile(True)
 
 
-def run(loop, valgrad, update, args, p, state, hyper):
-    """``loop(valgrad, update, *args)`` for :data:`train_unbatched_loop` or
-    :data:`train_batched_loop`, after compiling (or loading) the exact signatures:
-    ``args`` are the loop's arguments after ``update``; ``p``, ``state``, ``hyper`` (also in
-    ``args``) give the kernels' signatures."""
-    X, T, idx, gx = args[0], args[1], args[2], args[-1]
+def _row(dt):
+    return types.Array(dt, 1, "C")
+
+
+def forward_sig(X, idx, p, Y):
+    """Signature of a chain's ``forward_range(X, idx, lo, hi, p, work, Y)``."""
     dt = typeof(p).dtype
-    row = types.Array(dt, 1, "C")
-    vg_sig = dt(typeof(X), typeof(T), typeof(idx), types.int64, types.int64, typeof(p), row, row,
-                dt, typeof(gx))
-    up_sig = types.void(typeof(p), typeof(p), typeof(state), typeof(hyper), types.int64)
-    _compile(valgrad, vg_sig)
-    _compile(update, up_sig)
-    loop_sig = types.int64(types.FunctionType(vg_sig), types.FunctionType(up_sig),
-                           *[typeof(a) for a in args])
-    _compile(loop, loop_sig, always_enabled=False)
-    return loop(valgrad, update, *args)
+    return types.void(typeof(X), typeof(idx), types.int64, types.int64, typeof(p), _row(dt), typeof(Y))
+
+
+def loss_sig(X, T, idx, p):
+    """Signature of ``loss_range_<loss>(X, T, idx, lo, hi, p, work, scale) -> loss``."""
+    dt = typeof(p).dtype
+    return dt(typeof(X), typeof(T), typeof(idx), types.int64, types.int64, typeof(p), _row(dt), dt)
+
+
+def valgrad_sig(X, T, idx, p, gx):
+    """Signature of ``valgrad_range_<loss>(X, T, idx, lo, hi, p, g, work, scale, gx)``."""
+    dt = typeof(p).dtype
+    return dt(typeof(X), typeof(T), typeof(idx), types.int64, types.int64, typeof(p), _row(dt),
+              _row(dt), dt, typeof(gx))
+
+
+def update_sig(p, state, hyper):
+    """Signature of an optimizer's ``update(p, g, state, hyper, t)``."""
+    return types.void(typeof(p), typeof(p), typeof(state), typeof(hyper), types.int64)
+
+
+def call(loop, kernels, args):
+    """``loop(*kernels, *args)`` after compiling (or loading) the exact signatures.
+
+    ``kernels`` is a sequence of ``(jitted kernel, its signature)``: each kernel is
+    compiled for its signature and passed as a first-class function of that type."""
+    fn_types = []
+    for kernel, sig in kernels:
+        _compile(kernel, sig)
+        fn_types.append(types.FunctionType(sig))
+    _compile(loop, (*fn_types, *[typeof(a) for a in args]))
+    return loop(*[k for k, _ in kernels], *args)

@@ -285,18 +285,29 @@ class MaxPool(Layer):
     def emit_forward(self, ctx):
         C, H, W, Ho, Wo, k, B = self._win(ctx)
         i, o = ctx.in_off, ctx.out_off
-        L = [f"# maxpool {k}x{k}: {C}x{H}x{W} -> {C}x{Ho}x{Wo}",
-             f"for c in range({C}):", f"    for oy in range({Ho}):", f"        for ox in range({Wo}):",
-             f"            ib = {i} + ((c * {H} + oy * {k}) * {W} + ox * {k}) * {B}",
-             f"            ob = {o} + ((c * {Ho} + oy) * {Wo} + ox) * {B}",
-             f"            for s in range({B}):",
-             "                m = work[ib + s]"]
+        L = [f"# maxpool {k}x{k}: {C}x{H}x{W} -> {C}x{Ho}x{Wo}"] + self._window_loop(ctx) + [
+             f"    ib = {i} + ib",
+             f"    for s in range({B}):",
+             "        m = work[ib + s]"]
         for dy in range(k):
             for dx in range(k):
                 if dy or dx:
-                    L += [f"                m = max(m, work[ib + {(dy * W + dx) * B} + s])"]
-        L += ["                work[ob + s] = m"]
+                    L += [f"        m = max(m, work[ib + {(dy * W + dx) * B} + s])"]
+        L += [f"        work[{o} + q * {B} + s] = m"]
         return L
+
+    def _window_loop(self, ctx):
+        """ONE loop over all output pixels ``q = (c * Ho + oy) * Wo + ox``, setting ``ib``,
+        the relative offset of the window's first input element. Nested (c, oy, ox) loops
+        with short constant trip counts get fully unrolled around the vectorized sample
+        loop, and LLVM's loop-load elimination then takes seconds (measured: 4-18 s for
+        one 16x8x8 pooling at B = 16, 0.1 s as one flat loop)."""
+        C, H, W, Ho, Wo, k, B = self._win(ctx)
+        return [f"for q in range({C * Ho * Wo}):",
+                f"    c = q // {Ho * Wo}",
+                f"    oy = q // {Wo} - c * {Ho}",
+                f"    ox = q - (q // {Wo}) * {Wo}",
+                f"    ib = ((c * {H} + oy * {k}) * {W} + ox * {k}) * {B}"]
 
     def emit_pullback(self, ctx):
         if ctx.need_gin is False:
@@ -307,19 +318,18 @@ class MaxPool(Layer):
              f"if {ctx.need_gin}:"]
         if H % k or W % k:  # elements outside every window get zero
             L += [f"    for j in range({C * H * W * B}):", f"        work[{gi} + j] = {dt}(0.0)"]
-        L += [f"    for c in range({C}):", f"        for oy in range({Ho}):", f"            for ox in range({Wo}):",
-              f"                ib = ((c * {H} + oy * {k}) * {W} + ox * {k}) * {B}",
-              f"                ob = ((c * {Ho} + oy) * {Wo} + ox) * {B}",
-              f"                for s in range({B}):",
-              f"                    m = work[{o} + ob + s]",
-              f"                    gv = work[{go} + ob + s]",
-              f"                    free = {dt}(1.0)"]
+        L += ["    " + ln for ln in self._window_loop(ctx)]
+        L += [f"        ob = q * {B}",
+              f"        for s in range({B}):",
+              f"            m = work[{o} + ob + s]",
+              f"            gv = work[{go} + ob + s]",
+              f"            free = {dt}(1.0)"]
         for dy in range(k):
             for dx in range(k):
                 off = (dy * W + dx) * B
-                L += [f"                    e = {dt}(1.0) if work[{i} + ib + {off} + s] == m else {dt}(0.0)",
-                      f"                    work[{gi} + ib + {off} + s] = gv * e * free",
-                      f"                    free = free * ({dt}(1.0) - e)"]
+                L += [f"            e = {dt}(1.0) if work[{i} + ib + {off} + s] == m else {dt}(0.0)",
+                      f"            work[{gi} + ib + {off} + s] = gv * e * free",
+                      f"            free = free * ({dt}(1.0) - e)"]
         return L
 
 
