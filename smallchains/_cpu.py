@@ -16,20 +16,30 @@ import os
 import sys
 
 
+def _host_features() -> set:
+    try:
+        import llvmlite.binding as llvm
+
+        return set(llvm.get_host_cpu_features().flatten().split(","))
+    except Exception:  # pragma: no cover - llvmlite always present with numba
+        return set()
+
+
+def vector_registers() -> int:
+    """SIMD registers the generated kernels can count on: 32 with AVX-512, else 16.
+    Register tiles are sized from it (a tile whose accumulators do not fit spills)."""
+    return 32 if "+avx512f" in _host_features() else 16
+
+
 def _prefer_512() -> bool:
     if os.environ.get("SMALLCHAINS_PREFER_512", "1") == "0":
         return False
     if "numba" in sys.modules or "NUMBA_CPU_FEATURES" in os.environ or "NUMBA_CPU_NAME" in os.environ:
         return False
-    try:
-        import llvmlite.binding as llvm
-
-        feats = llvm.get_host_cpu_features().flatten()
-    except Exception:  # pragma: no cover - llvmlite always present with numba
+    feats = _host_features()
+    if "+avx512f" not in feats:
         return False
-    if "+avx512f" not in feats.split(","):
-        return False
-    os.environ["NUMBA_CPU_FEATURES"] = feats + ",-prefer-256-bit"
+    os.environ["NUMBA_CPU_FEATURES"] = ",".join(sorted(feats)) + ",-prefer-256-bit"
     return True
 
 

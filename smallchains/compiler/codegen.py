@@ -153,7 +153,7 @@ class _Functions:
         body = "\n".join(lines)
         if body in self._seen:  # identical code (e.g. train/infer forward): reuse
             return self._seen[body]
-        self.defs.append(f"@njit(**_J)\ndef {name}({args}):\n" + _indent(lines) + "\n")
+        self.defs.append(f"@njit(**_JL)\ndef {name}({args}):\n" + _indent(lines) + "\n")
         self._seen[body] = name
         return name
 
@@ -197,7 +197,7 @@ _TEMPLATE = '''\
 import math
 import numpy as np
 from numba import njit
-from smallchains._config import JIT_OPTIONS as _J
+from smallchains._config import JIT_OPTIONS as _J, LAYER_OPTIONS as _JL
 from smallchains._fastmath import tanh_f32, tanh_f64
 from smallchains._numba_utils import like
 from smallchains.activations import gelu_grad, silu_grad
