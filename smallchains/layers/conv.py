@@ -141,7 +141,8 @@ class Conv(Layer):
         w = ctx.p_off
         b_expr = f"p[{w + Co * C * K * K} + cd]" if self.bias else f"{dt}(0.0)"
         L += emit_correlate(B, dt, src, C, Hp, Wp, ctx.out_off, Co, Ho, Wo, K, b_expr,
-                            lambda cd, cs, ky, kx: f"{w} + (({cd} * {C} + {cs}) * {K} + {ky}) * {K} + {kx}")
+                            lambda cd, cs, ky, kx: f"{w} + (({cd} * {C} + {cs}) * {K} + {ky}) * {K} + {kx}",
+                            src_rows=(P, P + H) if P else None)
         n = Co * Ho * Wo * B
         act = self.activation
         if act.name != "identity":
@@ -180,7 +181,8 @@ class Conv(Layer):
         dst = gpin if P else ctx.gin_off
         body += emit_correlate(
             B, dt, dpad, Co, Hd, Wd, dst, C, Hp, Wp, K, f"{dt}(0.0)",
-            lambda cd, cs, ky, kx: f"{w} + (({cs} * {C} + {cd}) * {K} + {K - 1} - {ky}) * {K} + {K - 1} - {kx}")
+            lambda cd, cs, ky, kx: f"{w} + (({cs} * {C} + {cd}) * {K} + {K - 1} - {ky}) * {K} + {K - 1} - {kx}",
+            src_rows=(K - 1, K - 1 + Ho))
         if P:  # crop the padded-input gradient
             body += [f"for c in range({C}):", f"    for y in range({H}):",
                      f"        for j in range({W * B}):",
@@ -202,13 +204,16 @@ def emit_pad_copy(B, src, dst, C, H, W, py, px):
             f"work[{src} + (c * {H} + y) * {W * B} + j]"]
 
 
-def emit_correlate(B, dt, src, Cs, Hs, Ws, dst, Cd, Hd, Wd, K, init_expr, w_index):
+def emit_correlate(B, dt, src, Cs, Hs, Ws, dst, Cd, Hd, Wd, K, init_expr, w_index,
+                   src_rows=None):
     """Lines for ``dst[cd, y, x] = init + sum_{cs,ky,kx} w(cd,cs,ky,kx) src[cs, y+ky, x+kx]``
     over all lanes (a 'valid' cross-correlation). ``w_index(cd, cs, ky, kx)`` gives the
     expression of the weight's index in ``p``; ``init_expr`` may use ``cd``. The taps of
     one (cd, cs) pair are fused into expressions of about ``CORR_TAPS`` taps (whole kernel
     rows): one load/store of the output row per that many FMAs, with the weights held in
-    registers across rows."""
+    registers across rows. ``src_rows = (lo, hi)``: only source rows ``lo <= r < hi`` can be
+    nonzero (a zero-padded source), so output rows that would read only zero rows through a
+    group's taps are skipped."""
     taps = [(ky, kx) for ky in range(K) for kx in range(K)]
     L = [f"for cd in range({Cd}):",
          f"    init = {init_expr}",
@@ -218,8 +223,14 @@ def emit_correlate(B, dt, src, Cs, Hs, Ws, dst, Cd, Hd, Wd, K, init_expr, w_inde
     rows = max(1, CORR_TAPS // K)
     for g0 in range(0, K, rows):
         group = [(t, ky, kx) for t, (ky, kx) in enumerate(taps) if g0 <= ky < g0 + rows]
+        y0, y1 = 0, Hd
+        if src_rows is not None:  # rows y with some y + ky in [lo, hi) for ky in the group
+            ky1 = min(g0 + rows, K) - 1
+            y0, y1 = max(0, src_rows[0] - ky1), min(Hd, src_rows[1] - g0)
+            if y0 >= y1:
+                continue
         L += [f"        w{t} = p[{w_index('cd', 'cs', ky, kx)}]" for t, ky, kx in group]
-        L += [f"        for y in range({Hd}):",
+        L += [f"        for y in range({y0}, {y1}):",
               f"            drow = {dst} + (cd * {Hd} + y) * {Wd * B}",
               f"            srow = {src} + (cs * {Hs} + y) * {Ws * B}",
               f"            for j in range({Wd * B}):",
