@@ -12,17 +12,19 @@ keep numba's default.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
 
-def _host_features() -> set:
+@functools.lru_cache(maxsize=None)
+def _host_features() -> frozenset:
     try:
         import llvmlite.binding as llvm
 
-        return set(llvm.get_host_cpu_features().flatten().split(","))
+        return frozenset(llvm.get_host_cpu_features().flatten().split(","))
     except Exception:  # pragma: no cover - llvmlite always present with numba
-        return set()
+        return frozenset()
 
 
 def vector_registers() -> int:
@@ -36,10 +38,9 @@ def _prefer_512() -> bool:
         return False
     if "numba" in sys.modules or "NUMBA_CPU_FEATURES" in os.environ or "NUMBA_CPU_NAME" in os.environ:
         return False
-    feats = _host_features()
-    if "+avx512f" not in feats:
+    if vector_registers() < 32:
         return False
-    os.environ["NUMBA_CPU_FEATURES"] = ",".join(sorted(feats)) + ",-prefer-256-bit"
+    os.environ["NUMBA_CPU_FEATURES"] = ",".join(sorted(_host_features())) + ",-prefer-256-bit"
     return True
 
 

@@ -387,16 +387,15 @@ def generate_source(input_shape, layers, dtype, B=None) -> tuple[str, ChainPlan]
     body += _BATCH_TEMPLATE.format(
         forward_infer=fmt["forward_infer"], forward_train=fwd_train, pullback=_indent(pull, 8),
         out_off=out_off, grad_a=plan.grad_a, gx_off=gx_off)
+    valgrad_variants = (  # (name suffix, pullback, gx store, docstring line)
+        ("", pull_train, "", "gx is not used (same signature as valgrad_x_range)."),
+        ("_x", pull, f"\n        store_block(gx, idx, s0, nb, work, {gx_off}, N_IN, B)",
+         "Also overwrites rows idx[lo:hi] of gx (N, N_IN) with scale * dL/dx."))
     for kind, kernel in sorted(LOSS_KERNELS.items()):
-        body += _LOSS_TEMPLATE.format(
-            **fmt, kind=kind, forward_train=fwd_train, loss_kernel=kernel, grad_a=plan.grad_a,
-            pullback=_indent(pull_train, 8), x="", store_gx="",
-            gx_doc="gx is not used (same signature as valgrad_x_range).")
-        body += _LOSS_TEMPLATE.format(
-            **fmt, kind=kind, forward_train=fwd_train, loss_kernel=kernel, grad_a=plan.grad_a,
-            pullback=_indent(pull, 8), x="_x",
-            store_gx=f"\n        store_block(gx, idx, s0, nb, work, {gx_off}, N_IN, B)",
-            gx_doc="Also overwrites rows idx[lo:hi] of gx (N, N_IN) with scale * dL/dx.")
+        for x, pullback, store_gx, gx_doc in valgrad_variants:
+            body += _LOSS_TEMPLATE.format(
+                **fmt, kind=kind, forward_train=fwd_train, loss_kernel=kernel, grad_a=plan.grad_a,
+                pullback=_indent(pullback, 8), x=x, store_gx=store_gx, gx_doc=gx_doc)
         body += _LOSS_ONLY_TEMPLATE.format(**fmt, kind=kind, loss_kernel=kernel, grad_a=plan.grad_a)
     # layer functions go between the header (imports, constants) and the range kernels
     head, sep, rest = body.partition("\n\n@njit")

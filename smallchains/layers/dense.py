@@ -245,8 +245,8 @@ def emit_affine_pullback(ctx, n_in, n_out, w_off, b_off, act, z_off):
          "        gb += d"]
     if b_off is not None:
         L += [f"    g[{b_off} + o] += gb"]
-    # dW[o, i] = sum_s delta[o, s] x[i, s], in TILE_O x TILE_I register tiles: each loaded
-    # delta vector feeds TILE_I FMAs, each x vector TILE_O
+    # dW[o, i] = sum_s delta[o, s] x[i, s]: small blocks vectorized over i (transposed x),
+    # others in TILE_O x TILE_I register tiles vectorized over the samples
     if B * np.dtype(dt.removeprefix("np.")).itemsize <= DW_TRANSPOSE_MAX_BYTES and n_in >= 8:
         L += emit_outer_grad_transposed(B, dt, go_, x, n_out, n_in, w_off, gi_)
     else:
