@@ -18,9 +18,9 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 # zero check of the default ``"python"`` model, which otherwise blocks vectorization.
 JIT_OPTIONS = dict(nogil=True, fastmath=FASTMATH, error_model="numpy", cache=True)
 INLINE_OPTIONS = dict(JIT_OPTIONS, inline="always")
-# Functions only ever called from other jitted code (a generated chain's per-layer steps):
-# no CPython or C entry wrappers to generate and compile.
-LAYER_OPTIONS = dict(JIT_OPTIONS, no_cpython_wrapper=True, no_cfunc_wrapper=True)
+# A generated chain's per-layer steps: C functions over raw pointers, called by symbol
+# from the chain's kernels (see smallchains.compiler.linking).
+CFUNC_OPTIONS = dict(nopython=True, fastmath=FASTMATH, error_model="numpy", cache=True)
 
 
 def cache_dir() -> Path:

@@ -26,10 +26,10 @@ Generated functions (all take ``p`` as an argument; nothing chain-specific is a 
 
 Nothing parallel is generated: :mod:`smallchains.compiler.loops` holds the threaded
 drivers and training loops once for all chains and receives these range kernels as
-function pointers. The block code
-is pasted into the ``*_range`` loops rather than called: every extra level of jitted call
-costs another LLVM optimization of the linked callee at compile time (measured: seconds
-per level).
+function pointers. The kernels call each layer's block code ("layer steps", one small
+C function per layer forward / pullback) by symbol name, see
+:mod:`smallchains.compiler.linking`; the kernels themselves are module attributes served
+by the module's ``__getattr__``, which binds those symbols first.
 """
 
 from __future__ import annotations
@@ -141,21 +141,43 @@ def _ctx(plan: ChainPlan, i: int, dtype, **kw) -> EmitContext:
 
 
 class _Functions:
-    """Collects one small jitted function per layer step. numba's front end (SSA, reaching
+    """Collects one small function per layer step. numba's front end (SSA, reaching
     definitions, typing) grows much faster than linearly with function size: LeNet5 as ONE
-    function spent ~49 s in the front end; split per layer it is a sum of small compiles,
-    and LLVM inlines the calls back into the range loops."""
+    function spent ~49 s in the front end; split per layer it is a sum of small compiles.
+    Each step becomes a C function over raw pointers that the kernels call by symbol
+    (:mod:`smallchains.compiler.linking`), so it is optimized and compiled once."""
 
     def __init__(self):
-        self.defs, self._seen = [], {}
+        self.defs, self._seen, self.sigs = [], {}, {}
 
     def add(self, name, args, lines):
-        body = "\n".join(lines)
-        if body in self._seen:  # identical code (e.g. train/infer forward): reuse
-            return self._seen[body]
-        self.defs.append(f"@njit(**_JL)\ndef {name}({args}):\n" + _indent(lines) + "\n")
-        self._seen[body] = name
-        return name
+        """Define step ``name`` over arrays ``args`` (("p", "work") or ("p", "g", "work"))
+        and return the call expression that runs it from a kernel."""
+        key = (args, "\n".join(lines))
+        if key not in self._seen:  # identical code (e.g. train/infer forward): reuse
+            sig = "_FWD_SIG" if len(args) == 2 else "_PULL_SIG"
+            views = [f"{a} = carray({a}_, ({'WORK_SIZE' if a == 'work' else 'N_PARAMS'},))"
+                     for a in args]
+            self.defs.append(
+                f"def _py_{name}({', '.join(a + '_' for a in args)}):\n" + _indent(views + lines)
+                + f"\n\n\n{name} = ExternalFunction(_SYMBOL_PREFIX + {name!r}, {sig})\n")
+            self.sigs[name] = sig
+            self._seen[key] = name
+        name = self._seen[key]
+        return f"{name}({', '.join(a + '.ctypes' for a in args)})"
+
+    def source(self, deps):
+        """The step definitions, the ``_LAYERS`` table and the kernels' ``_DEPS``."""
+        layers = ", ".join(f"{n!r}: (_py_{n}, {sig})" for n, sig in self.sigs.items())
+        dep_lines = [f"    {k!r}: {tuple(dict.fromkeys(v))!r}," for k, v in sorted(deps.items())]
+        return ("\n\n".join(self.defs) + f"\n\n_LAYERS = {{{layers}}}\n"
+                + "_DEPS = {\n" + "\n".join(dep_lines) + "\n}\n\n\n"
+                + "def __getattr__(name):\n    return _resolve(globals(), name)\n")
+
+
+def _steps(calls):
+    """Names of the layer steps in a list of call expressions."""
+    return [c.split("(", 1)[0] for c in calls]
 
 
 def _forward_lines(plan, dtype, training, funcs):
@@ -163,8 +185,8 @@ def _forward_lines(plan, dtype, training, funcs):
     for i, s in enumerate(plan.slots):
         lines = s.layer.emit_forward(_ctx(plan, i, dtype, training=training))
         if lines:
-            name = funcs.add(f"layer{i}_forward{'_train' if training else ''}", "p, work", lines)
-            calls.append(f"{name}(p, work)")
+            calls.append(funcs.add(f"layer{i}_forward{'_train' if training else ''}",
+                                   ("p", "work"), lines))
     return calls
 
 
@@ -180,8 +202,8 @@ def _pullback_lines(plan, dtype, first_need_gin, funcs):
             continue  # output is the input: dL/dx = dL/dy, nothing to do
         lines = s.layer.emit_pullback(_ctx(plan, i, dtype, gout_off=gout, gin_off=gin, need_gin=need))
         if lines:
-            name = funcs.add(f"layer{i}_pullback{'_gx' if i == 0 and need else ''}", "p, g, work", lines)
-            calls.append(f"{name}(p, g, work)")
+            calls.append(funcs.add(f"layer{i}_pullback{'_gx' if i == 0 and need else ''}",
+                                   ("p", "g", "work"), lines))
         gout, gin = gin, gout
     return calls, gout
 
@@ -196,12 +218,14 @@ _TEMPLATE = '''\
 # dtype: {dtype}; loss: {loss}; block size B = {B}; kernel-source hash {kernel_hash}
 import math
 import numpy as np
-from numba import njit
-from smallchains._config import JIT_OPTIONS as _J, LAYER_OPTIONS as _JL
+from numba import carray, njit, types
+from smallchains._config import JIT_OPTIONS as _J
+from smallchains.compiler.linking import resolve as _resolve
 from smallchains._fastmath import tanh_f32, tanh_f64
 from smallchains._numba_utils import like
 from smallchains.activations import gelu_grad, silu_grad
-from smallchains.compiler.runtime import load_block, load_rows, store_block, store_rows, sum_rows
+from smallchains.compiler.runtime import (
+    check_contiguous, load_block, load_rows, store_block, store_rows, sum_rows)
 {imports}
 
 B = {B}
@@ -210,9 +234,17 @@ N_OUT = {n_out}
 N_PARAMS = {n_params}
 WORK_SIZE = {work_size}
 
+# Layer steps: C functions over raw pointers, bound to these symbols on first use of a
+# kernel that calls them (module __getattr__ -> smallchains.compiler.linking.resolve).
+_SYMBOL_PREFIX = "@MODULE@_"
+_PTR = types.CPointer(types.{dtype})
+_FWD_SIG = types.void(_PTR, _PTR)
+_PULL_SIG = types.void(_PTR, _PTR, _PTR)
+ExternalFunction = types.ExternalFunction
+
 
 @njit(**_J)
-def forward_range(X, idx, lo, hi, p, work, Y):
+def _forward_range(X, idx, lo, hi, p, work, Y):
     for s0 in range(lo, hi, B):
         nb = min(B, hi - s0)
         load_block(X, idx, s0, nb, work, 0, N_IN, B)
@@ -224,7 +256,7 @@ def forward_range(X, idx, lo, hi, p, work, Y):
 _LOSS_TEMPLATE = '''
 
 @njit(**_J)
-def valgrad{x}_range_{kind}(X, T, idx, lo, hi, p, g, work, scale, gx):
+def _valgrad{x}_range_{kind}(X, T, idx, lo, hi, p, g, work, scale, gx):
     \"\"\"Overwrite g with scale * dL/dp over rows idx[lo:hi]; return scale * loss sum.
     {gx_doc}\"\"\"
     for j in range(g.shape[0]):
@@ -242,7 +274,7 @@ def valgrad{x}_range_{kind}(X, T, idx, lo, hi, p, g, work, scale, gx):
 _LOSS_ONLY_TEMPLATE = '''
 
 @njit(**_J)
-def loss_range_{kind}(X, T, idx, lo, hi, p, work, scale):
+def _loss_range_{kind}(X, T, idx, lo, hi, p, work, scale):
     total = like(scale, 0.0)
     for s0 in range(lo, hi, B):
         nb = min(B, hi - s0)
@@ -255,8 +287,9 @@ def loss_range_{kind}(X, T, idx, lo, hi, p, work, scale):
 _SINGLE_TEMPLATE = '''
 
 @njit(**_J)
-def forward_single(x, p, y, work):
+def _forward_single(x, p, y, work):
     """One sample: y = chain(x; p). Overwrites y and work; allocates nothing."""
+    check_contiguous(p, p, work)
     for f in range(N_IN):
         work[f] = x[f]
 {forward_single}
@@ -265,9 +298,10 @@ def forward_single(x, p, y, work):
 
 
 @njit(**_J)
-def valvjp_single(x, p, ybar, y, xbar, pbar, work):
+def _valvjp_single(x, p, ybar, y, xbar, pbar, work):
     """One sample: y = chain(x; p) (skipped if y is empty), xbar = ybar^T dy/dx,
     pbar = ybar^T dy/dp (overwritten, not accumulated)."""
+    check_contiguous(p, pbar, work)
     for f in range(N_IN):
         work[f] = x[f]
 {forward_train_single}
@@ -285,16 +319,17 @@ def valvjp_single(x, p, ybar, y, xbar, pbar, work):
 
 
 @njit(**_J)
-def vjp_single(x, p, ybar, xbar, pbar, work):
+def _vjp_single(x, p, ybar, xbar, pbar, work):
     """One sample: xbar = ybar^T dy/dx, pbar = ybar^T dy/dp (overwritten, not accumulated)."""
-    valvjp_single(x, p, ybar, xbar[:0], xbar, pbar, work)
+    _valvjp_single(x, p, ybar, xbar[:0], xbar, pbar, work)
 '''
 
 _BATCH_TEMPLATE = '''
 
 @njit(**_J)
-def forward_batch(X, p, Y, work):
+def _forward_batch(X, p, Y, work):
     """Rows of X (n, N_IN) -> rows of Y (n, N_OUT), block by block. Allocates nothing."""
+    check_contiguous(p, p, work)
     n = X.shape[0]
     for s0 in range(0, n, B):
         nb = min(B, n - s0)
@@ -304,9 +339,10 @@ def forward_batch(X, p, Y, work):
 
 
 @njit(**_J)
-def valvjp_batch(X, p, Ybar, Y, Xbar, pbar, work):
+def _valvjp_batch(X, p, Ybar, Y, Xbar, pbar, work):
     """Y = chain(X) row-wise; Xbar = Ybar^T dY/dX row-wise; pbar = sum over rows of
     Ybar^T dY/dp. Y, Xbar, pbar overwritten (Y may have 0 rows: then not written)."""
+    check_contiguous(p, pbar, work)
     n = X.shape[0]
     want_y = Y.shape[0] > 0
     for j in range(pbar.shape[0]):
@@ -324,9 +360,9 @@ def valvjp_batch(X, p, Ybar, Y, Xbar, pbar, work):
 
 
 @njit(**_J)
-def vjp_batch(X, p, Ybar, Xbar, pbar, work):
+def _vjp_batch(X, p, Ybar, Xbar, pbar, work):
     """Xbar = Ybar^T dY/dX row-wise, pbar = sum over rows of Ybar^T dY/dp (overwritten)."""
-    valvjp_batch(X, p, Ybar, Xbar[:0], Xbar, pbar, work)
+    _valvjp_batch(X, p, Ybar, Xbar[:0], Xbar, pbar, work)
 '''
 
 
@@ -374,24 +410,33 @@ def generate_source(input_shape, layers, dtype, B=None) -> tuple[str, ChainPlan]
         n_out=plan.n_out, n_params=plan.n_params, work_size=plan.work_size, out_off=out_off,
     )
     funcs = _Functions()
-    fmt["forward_infer"] = _indent(_forward_lines(plan, dtype, False, funcs), 8)
+    infer_calls = _forward_lines(plan, dtype, False, funcs)
+    train_calls = _forward_lines(plan, dtype, True, funcs)
+    pull_calls, gx_off = _pullback_lines(plan, dtype, True, funcs)
+    pull_train_calls, _ = _pullback_lines(plan, dtype, False, funcs)
+    infer = _steps(infer_calls)
+    with_gx = _steps(train_calls + pull_calls)
+    deps = {"forward_range": infer, "forward_batch": infer, "valvjp_batch": with_gx,
+            "vjp_batch": with_gx}
+    fmt["forward_infer"] = _indent(infer_calls, 8)
     body = _TEMPLATE.format(**fmt)
-    fwd_train = _indent(_forward_lines(plan, dtype, True, funcs), 8)
-    pull, gx_off = _pullback_lines(plan, dtype, True, funcs)
-    pull_train, _ = _pullback_lines(plan, dtype, False, funcs)
+    fwd_train = _indent(train_calls, 8)
     if B == 1:
+        deps.update(forward_single=infer, valvjp_single=with_gx, vjp_single=with_gx)
         body += _SINGLE_TEMPLATE.format(
-            forward_single=_indent(_forward_lines(plan, dtype, False, funcs)),
-            forward_train_single=_indent(_forward_lines(plan, dtype, True, funcs)),
-            pullback_single=_indent(pull), out_off=out_off, grad_a=plan.grad_a, gx_off=gx_off)
+            forward_single=_indent(infer_calls), forward_train_single=_indent(train_calls),
+            pullback_single=_indent(pull_calls), out_off=out_off, grad_a=plan.grad_a, gx_off=gx_off)
     body += _BATCH_TEMPLATE.format(
-        forward_infer=fmt["forward_infer"], forward_train=fwd_train, pullback=_indent(pull, 8),
+        forward_infer=fmt["forward_infer"], forward_train=fwd_train, pullback=_indent(pull_calls, 8),
         out_off=out_off, grad_a=plan.grad_a, gx_off=gx_off)
     valgrad_variants = (  # (name suffix, pullback, gx store, docstring line)
-        ("", pull_train, "", "gx is not used (same signature as valgrad_x_range)."),
-        ("_x", pull, f"\n        store_block(gx, idx, s0, nb, work, {gx_off}, N_IN, B)",
+        ("", pull_train_calls, "", "gx is not used (same signature as valgrad_x_range)."),
+        ("_x", pull_calls, f"\n        store_block(gx, idx, s0, nb, work, {gx_off}, N_IN, B)",
          "Also overwrites rows idx[lo:hi] of gx (N, N_IN) with scale * dL/dx."))
     for kind, kernel in sorted(LOSS_KERNELS.items()):
+        deps[f"loss_range_{kind}"] = infer
+        deps[f"valgrad_range_{kind}"] = _steps(train_calls + pull_train_calls)
+        deps[f"valgrad_x_range_{kind}"] = with_gx
         for x, pullback, store_gx, gx_doc in valgrad_variants:
             body += _LOSS_TEMPLATE.format(
                 **fmt, kind=kind, forward_train=fwd_train, loss_kernel=kernel, grad_a=plan.grad_a,
@@ -399,7 +444,7 @@ def generate_source(input_shape, layers, dtype, B=None) -> tuple[str, ChainPlan]
         body += _LOSS_ONLY_TEMPLATE.format(**fmt, kind=kind, loss_kernel=kernel, grad_a=plan.grad_a)
     # layer functions go between the header (imports, constants) and the range kernels
     head, sep, rest = body.partition("\n\n@njit")
-    src = head + "\n\n\n" + "\n\n".join(funcs.defs) + "\n" + sep + rest
+    src = head + "\n\n\n" + funcs.source(deps) + "\n" + sep + rest
     return src, plan
 
 
@@ -412,6 +457,7 @@ def _import_generated(src: str):
     modname = f"_smallchains_kernels_{digest}"
     if modname in sys.modules:
         return sys.modules[modname]
+    src = src.replace("@MODULE@", modname)  # symbol names of the layer steps
     path = _config.cache_dir() / f"{modname}.py"
     if not path.exists() or path.read_text() != src:
         tmp = path.with_suffix(f".tmp{os.getpid()}")

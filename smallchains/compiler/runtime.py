@@ -64,3 +64,11 @@ def sum_rows(G, g):
     for t in range(1, G.shape[0]):
         for j in range(n):
             g[j] += G[t, j]
+
+
+@njit(**INLINE_OPTIONS)
+def check_contiguous(p, pbar, work):
+    """Raise ValueError unless ``p``, ``pbar`` and ``work`` are C-contiguous: the layer
+    steps read them through raw pointers (a strided view would be read as if dense)."""
+    if not (p.flags.c_contiguous and pbar.flags.c_contiguous and work.flags.c_contiguous):
+        raise ValueError("chain kernels need C-contiguous p, pbar and work arrays")
