@@ -15,6 +15,7 @@ import numpy as np
 
 from ._validate import check_dtype, check_inputs, check_params
 from .compiler import get_kernels, loops
+from .compiler.linking import Deferred
 from .layers.base import Layer
 from .losses import Loss
 
@@ -196,7 +197,7 @@ class SimpleChain:
         nt = max(1, min(numba.get_num_threads(), -(-n // plan.B)))
         Y = np.empty((n, plan.n_out), dtype=p.dtype)
         idx = np.arange(n)
-        loops.call(loops.forward_threads, [(mod.forward_range, loops.forward_sig(X2, idx, p, Y))],
+        loops.call(loops.forward_threads, [(Deferred(mod, "forward_range"), loops.forward_sig(X2, idx, p, Y))],
                    (X2, idx, p, self._works(plan, nt, p.dtype), Y))
         Y = Y.reshape((n,) + self.output_shape)
         return Y[0] if single else Y
@@ -249,7 +250,7 @@ class SimpleChainWithLoss:
         nt = max(1, min(numba.get_num_threads(), -(-n // plan.B)))
         losses = np.zeros(nt, dtype=p.dtype)
         idx = np.arange(n)
-        kernel = getattr(mod, f"loss_range_{self.loss.kind}")
+        kernel = Deferred(mod, f"loss_range_{self.loss.kind}")
         loops.call(loops.loss_threads, [(kernel, loops.loss_sig(X2, T, idx, p))],
                    (X2, T, idx, p, self.chain._works(plan, nt, p.dtype), losses, p.dtype.type(1.0 / n)))
         return float(losses.sum())

@@ -22,7 +22,7 @@ import math
 import numpy as np
 from numba import njit
 
-from ._config import INLINE_OPTIONS
+from ._config import JIT_OPTIONS
 from ._numba_utils import like
 
 
@@ -152,14 +152,14 @@ LOSS_KERNELS = {
 # Lanes nb..B-1 of a partial block are padding: their gradient is set to zero.
 
 
-@njit(**INLINE_OPTIONS)
+@njit(**JIT_OPTIONS)
 def _zero_padding(work, gy_off, n_out, B, nb):
     for j in range(n_out):
         for s in range(nb, B):
             work[gy_off + j * B + s] = 0
 
 
-@njit(**INLINE_OPTIONS)
+@njit(**JIT_OPTIONS)
 def squared_loss_block(work, y_off, gy_off, T, idx, s0, n_out, B, nb, scale, need_grad):
     total = like(scale, 0.0)
     two_scale = like(scale, 2.0) * scale
@@ -175,7 +175,7 @@ def squared_loss_block(work, y_off, gy_off, T, idx, s0, n_out, B, nb, scale, nee
     return total
 
 
-@njit(**INLINE_OPTIONS)
+@njit(**JIT_OPTIONS)
 def absolute_loss_block(work, y_off, gy_off, T, idx, s0, n_out, B, nb, scale, need_grad):
     total = like(scale, 0.0)
     zero = like(scale, 0.0)
@@ -191,7 +191,7 @@ def absolute_loss_block(work, y_off, gy_off, T, idx, s0, n_out, B, nb, scale, ne
     return total
 
 
-@njit(**INLINE_OPTIONS)
+@njit(**JIT_OPTIONS)
 def logit_crossentropy_block(work, y_off, gy_off, T, idx, s0, n_out, B, nb, scale, need_grad):
     total = like(scale, 0.0)
     for s in range(nb):

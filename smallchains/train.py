@@ -11,6 +11,7 @@ import numba
 import numpy as np
 
 from .compiler import loops
+from .compiler.linking import Deferred
 from ._validate import check_dtype, check_inputs, check_params
 from .chain import SimpleChainWithLoss, remove_loss
 from .optim import Optimizer
@@ -41,7 +42,7 @@ def _check_out(out, p, name="out"):
 
 def _train_kernels(model, mod, opt, X2, T, idx, p, gx, state, hyper):
     """The chain's valgrad kernel and the optimizer's update, with their signatures."""
-    return [(getattr(mod, f"valgrad_range_{model.loss.kind}"), loops.valgrad_sig(X2, T, idx, p, gx)),
+    return [(Deferred(mod, f"valgrad_range_{model.loss.kind}"), loops.valgrad_sig(X2, T, idx, p, gx)),
             (opt.update_kernel(), loops.update_sig(p, state, hyper))]
 
 
@@ -93,7 +94,7 @@ def _valgrad(model, X, p, out, x_out, want_x):
     else:
         gx = np.empty((0, plan.n_in), dtype=p.dtype)
     works = model.chain._works(plan, nt, p.dtype)
-    kernel = getattr(mod, f"valgrad_{'x_' if want_x else ''}range_{model.loss.kind}")
+    kernel = Deferred(mod, f"valgrad_{'x_' if want_x else ''}range_{model.loss.kind}")
     idx = np.arange(n)
     loops.call(loops.valgrad_threads, [(kernel, loops.valgrad_sig(X2, T, idx, p, gx))],
                (X2, T, idx, 0, n, p, G, works, losses, p.dtype.type(1.0 / n), gx))

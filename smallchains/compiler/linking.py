@@ -14,9 +14,10 @@ compiles each step once; the call itself costs a few nanoseconds per layer per b
 
 Independent steps also compile in parallel: when a kernel needs several steps that are not
 in numba's on-disk cache yet, a helper process (``python -m smallchains.compiler.linking``)
-compiles part of them into that cache while this process compiles the rest, and this
-process then loads the helper's from the cache. ``SMALLCHAINS_COMPILE_WORKERS=0`` turns the
-helper off; if it fails, the steps are compiled here (same result, only slower).
+compiles steps into that cache while this process first compiles the library loop that
+will run the kernel (:class:`Deferred`), then the steps the helper has not claimed yet;
+this process then loads the helper's steps from the cache. ``SMALLCHAINS_COMPILE_WORKERS=0``
+turns the helper off; if it fails, the steps are compiled here (same result, slower).
 
 The generated module keeps its kernels under private names (``_valgrad_range_logitce``)
 and its module ``__getattr__`` (PEP 562) calls :func:`resolve`, so every way of reaching a
@@ -30,8 +31,10 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -59,6 +62,85 @@ def bind(symbol: str, pyfunc, sig) -> None:
         _bound[symbol] = compiled
 
 
+class _Job:
+    """Compiling a kernel's uncached layer steps with one helper process. The helper takes
+    steps from the front of the list (the longest), this process from the back (once it gets
+    to them:
+    :func:`loops.call <smallchains.compiler.loops.call>` first compiles the library loop);
+    a step is claimed by creating a file, so each is compiled once."""
+
+    def __init__(self, namespace, steps):
+        self.namespace, self.steps = namespace, steps
+        self.claims = tempfile.mkdtemp(prefix=".claims-", dir=Path(namespace["__file__"]).parent)
+        root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        try:
+            self.helper = subprocess.Popen(
+                [sys.executable, "-m", "smallchains.compiler.linking", namespace["__file__"],
+                 namespace["__name__"], self.claims, *steps],
+                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL)
+        except OSError:
+            self.helper = None
+
+    def finish(self):
+        """Compile the steps the helper has not claimed, then wait for it."""
+        layers, prefix = self.namespace["_LAYERS"], self.namespace["_SYMBOL_PREFIX"]
+        try:
+            for step in reversed(self.steps):
+                if _claim(self.claims, step):
+                    bind(prefix + step, *layers[step])
+        finally:
+            if self.helper is not None:
+                self.helper.wait()
+            shutil.rmtree(self.claims, ignore_errors=True)
+
+
+def _claim(directory, step) -> bool:
+    try:
+        os.close(os.open(os.path.join(directory, step), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+_pending: dict = {}  # (module name, kernel name) -> _Job started by prefetch
+
+
+def _marker(namespace, name) -> Path:
+    # exists once all of the kernel's steps have been compiled into numba's cache
+    return Path(namespace["__file__"]).with_suffix(f".{name}.compiled")
+
+
+def _start(namespace, name):
+    """A :class:`_Job` for kernel ``name``'s uncached steps, or None if a helper process
+    would not pay off (cached, too little code, one step, or helpers turned off)."""
+    prefix, layers = namespace["_SYMBOL_PREFIX"], namespace["_LAYERS"]
+    todo = [s for s in namespace["_DEPS"][name] if prefix + s not in _bound]
+    if len(todo) < 2 or _workers() < 1 or _marker(namespace, name).exists():
+        return None
+    lines = {s: len(inspect.getsource(layers[s][0]).splitlines()) for s in todo}
+    if sum(lines.values()) < MIN_PARALLEL_LINES:
+        return None
+    # longest first: the helper starts on the big steps, this process joins from the small
+    # end once it is done with the library loop, and the last steps finish close together
+    return _Job(namespace, sorted(todo, key=lines.get, reverse=True))
+
+
+def prefetch(module, name) -> None:
+    """Start compiling kernel ``name``'s uncached layer steps in a helper process, so that
+    this process can compile something else meanwhile; ``getattr(module, name)`` finishes."""
+    namespace = vars(module)
+    with _lock:
+        key = (module.__name__, name)
+        if name in namespace or key in _pending or name not in namespace["_DEPS"]:
+            return
+        job = _start(namespace, name)
+        if job is not None:
+            _pending[key] = job
+
+
 def resolve(namespace: dict, name: str):
     """Module ``__getattr__`` of a generated chain module: bind the layer steps kernel
     ``name`` calls, then return the kernel (and store it under ``name``, so later lookups
@@ -68,24 +150,32 @@ def resolve(namespace: dict, name: str):
         raise AttributeError(f"module {namespace['__name__']!r} has no attribute {name!r}")
     layers, prefix = namespace["_LAYERS"], namespace["_SYMBOL_PREFIX"]
     with _lock:
-        todo = [s for s in deps if prefix + s not in _bound]
-        marker = Path(namespace["__file__"]).with_suffix(f".{name}.compiled")
-        helper = None
-        if todo and not marker.exists():
-            todo, helper = _start_helper(namespace, todo)
-        try:
-            for step in todo:
-                bind(prefix + step, *layers[step])
-        finally:
-            if helper is not None:
-                helper.wait()
-        for step in deps:  # the helper's steps now load from numba's cache
+        new = [s for s in deps if prefix + s not in _bound]
+        job = _pending.pop((namespace["__name__"], name), None) or _start(namespace, name)
+        if job is not None:
+            job.finish()
+        for step in deps:  # the helper's steps load from numba's cache
             bind(prefix + step, *layers[step])
-        if todo or helper is not None:
-            marker.touch()
+        if new:
+            _marker(namespace, name).touch()
     kernel = namespace["_" + name]
     namespace[name] = kernel
     return kernel
+
+
+class Deferred:
+    """Kernel ``name`` of a generated module, to be fetched later: lets
+    :func:`smallchains.compiler.loops.call` compile the library loop while a helper
+    process compiles the kernel's layer steps."""
+
+    def __init__(self, module, name):
+        self.module, self.name = module, name
+
+    def start(self):
+        prefetch(self.module, self.name)
+
+    def get(self):
+        return getattr(self.module, self.name)
 
 
 def _workers() -> int:
@@ -95,48 +185,18 @@ def _workers() -> int:
     return min(1, len(os.sched_getaffinity(0)) - 1)
 
 
-def _start_helper(namespace, steps):
-    """Start a helper process compiling about half of ``steps`` (by source lines) into
-    numba's cache; return (the steps left for this process, the helper or None)."""
-    if _workers() < 1 or len(steps) < 2:
-        return steps, None
-    layers = namespace["_LAYERS"]
-    cost = {s: len(inspect.getsource(layers[s][0]).splitlines()) for s in steps}
-    if sum(cost.values()) < MIN_PARALLEL_LINES:
-        return steps, None
-    mine, theirs = [], []
-    load = [0.0, 0.15 * sum(cost.values())]  # the helper starts late (interpreter, numba)
-    for s in sorted(steps, key=cost.get, reverse=True):
-        k = 0 if load[0] <= load[1] else 1
-        (mine, theirs)[k].append(s)
-        load[k] += cost[s]
-    if not theirs:
-        return steps, None
-    root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    try:
-        helper = subprocess.Popen(
-            [sys.executable, "-m", "smallchains.compiler.linking", namespace["__file__"],
-             namespace["__name__"], *theirs],
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL)
-    except OSError:
-        return steps, None
-    return mine, helper
-
-
-def _helper_main(path, modname, steps):
-    """Helper process: compile ``steps`` of the generated module at ``path`` into numba's
-    on-disk cache."""
+def _helper_main(path, modname, claims, steps):
+    """Helper process: compile the unclaimed ``steps`` of the generated module at ``path``
+    into numba's on-disk cache, in order."""
     spec = importlib.util.spec_from_file_location(modname, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[modname] = module
     spec.loader.exec_module(module)
     for step in steps:
-        pyfunc, sig = module._LAYERS[step]
-        cfunc(sig, **CFUNC_OPTIONS)(pyfunc)
+        if _claim(claims, step):
+            pyfunc, sig = module._LAYERS[step]
+            cfunc(sig, **CFUNC_OPTIONS)(pyfunc)
 
 
 if __name__ == "__main__":
-    _helper_main(sys.argv[1], sys.argv[2], sys.argv[3:])
+    _helper_main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:])

@@ -27,6 +27,7 @@ from numba import njit, prange, typeof, types
 
 from .._config import JIT_OPTIONS
 from .._numba_utils import like
+from .linking import Deferred
 from .runtime import sum_rows
 
 
@@ -164,11 +165,18 @@ def update_sig(p, state, hyper):
 def call(loop, kernels, args):
     """``loop(*kernels, *args)`` after compiling (or loading) the exact signatures.
 
-    ``kernels`` is a sequence of ``(jitted kernel, its signature)``: each kernel is
-    compiled for its signature and passed as a first-class function of that type."""
-    fn_types = []
-    for kernel, sig in kernels:
-        _compile(kernel, sig)
-        fn_types.append(types.FunctionType(sig))
-    _compile(loop, (*fn_types, *[typeof(a) for a in args]))
-    return loop(*[k for k, _ in kernels], *args)
+    ``kernels`` is a sequence of ``(kernel, its signature)``: each kernel is compiled for
+    its signature and passed as a first-class function of that type. A kernel may be a
+    :class:`~smallchains.compiler.linking.Deferred` generated kernel: a helper process then
+    compiles its layer steps while this one compiles the loop."""
+    for kernel, _ in kernels:
+        if isinstance(kernel, Deferred):
+            kernel.start()
+    _compile(loop, (*[types.FunctionType(sig) for _, sig in kernels], *[typeof(a) for a in args]))
+    funcs = [kernel for kernel, _ in kernels]
+    # plain kernels (the optimizer update) first: more time for the helper process
+    for i in sorted(range(len(funcs)), key=lambda i: isinstance(funcs[i], Deferred)):
+        if isinstance(funcs[i], Deferred):
+            funcs[i] = funcs[i].get()
+        _compile(funcs[i], kernels[i][1])
+    return loop(*funcs, *args)

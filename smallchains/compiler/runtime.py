@@ -9,7 +9,7 @@ from numba import njit
 from .._config import INLINE_OPTIONS, JIT_OPTIONS
 
 
-@njit(**INLINE_OPTIONS)
+@njit(**JIT_OPTIONS)
 def load_block(X, idx, s0, nb, work, off, n_feat, B):
     """Copy rows ``idx[s0:s0+nb]`` of ``X (N, n_feat)`` into a feature-major block.
 
@@ -26,7 +26,7 @@ def load_block(X, idx, s0, nb, work, off, n_feat, B):
                 work[off + f * B + s] = 0
 
 
-@njit(**INLINE_OPTIONS)
+@njit(**JIT_OPTIONS)
 def store_block(Y, idx, s0, nb, work, off, n_feat, B):
     """Copy a feature-major block back to rows ``idx[s0:s0+nb]`` of ``Y (N, n_feat)``."""
     for s in range(nb):
@@ -35,7 +35,7 @@ def store_block(Y, idx, s0, nb, work, off, n_feat, B):
             Y[r, f] = work[off + f * B + s]
 
 
-@njit(**INLINE_OPTIONS)
+@njit(**JIT_OPTIONS)
 def load_rows(X, s0, nb, work, off, n_feat, B):
     """Like :func:`load_block` for the contiguous rows ``s0:s0+nb`` of ``X (N, n_feat)``."""
     for s in range(nb):
@@ -47,7 +47,7 @@ def load_rows(X, s0, nb, work, off, n_feat, B):
                 work[off + f * B + s] = 0
 
 
-@njit(**INLINE_OPTIONS)
+@njit(**JIT_OPTIONS)
 def store_rows(Y, s0, nb, work, off, n_feat, B):
     """Copy a feature-major block back to the contiguous rows ``s0:s0+nb`` of ``Y``."""
     for s in range(nb):
