@@ -138,8 +138,9 @@ class SimpleChain:
         (work_size,)`` is caller-owned scratch, reusable by every kernel (one per thread).
         All arrays are C-contiguous of ``dtype``. Outputs never alias ``work``; nothing is
         allocated per call; ``p`` is an argument, so new parameters never recompile. Kernels
-        do not validate: wrong sizes are undefined behaviour (check them once in your own
-        code). To call from your own ``@njit`` function, bind the functions to module-level
+        check only that ``p``, ``pbar`` and ``work`` are C-contiguous (ValueError: the layer
+        code reads them through raw pointers); wrong sizes are undefined behaviour (check
+        them once in your own code). To call from your own ``@njit`` function, bind the functions to module-level
         names first (``fwd = k.forward``) and call those globals.
 
         Parameters

@@ -1,5 +1,5 @@
-"""Layer steps called by symbol (smallchains.compiler.linking): kernels reached through the
-generated module's __getattr__, the parallel helper process, fresh processes loading the
+"""Layer steps called through a table (smallchains.compiler.linking): kernels reached through
+the generated module's __getattr__, the parallel helper process, fresh processes loading the
 cache, and the raw-pointer guard of the embedding kernels."""
 
 import os

@@ -27,9 +27,9 @@ Generated functions (all take ``p`` as an argument; nothing chain-specific is a 
 Nothing parallel is generated: :mod:`smallchains.compiler.loops` holds the threaded
 drivers and training loops once for all chains and receives these range kernels as
 function pointers. The kernels call each layer's block code ("layer steps", one small
-C function per layer forward / pullback) by symbol name, see
+C function per layer forward / pullback) through the module's step table, see
 :mod:`smallchains.compiler.linking`; the kernels themselves are module attributes served
-by the module's ``__getattr__``, which binds those symbols first.
+by the module's ``__getattr__``, which binds those steps first.
 """
 
 from __future__ import annotations
@@ -144,40 +144,39 @@ class _Functions:
     """Collects one small function per layer step. numba's front end (SSA, reaching
     definitions, typing) grows much faster than linearly with function size: LeNet5 as ONE
     function spent ~49 s in the front end; split per layer it is a sum of small compiles.
-    Each step becomes a C function over raw pointers that the kernels call by symbol
-    (:mod:`smallchains.compiler.linking`), so it is optimized and compiled once."""
+    Each step becomes a C function over raw pointers that the kernels call through the
+    module's step table (:mod:`smallchains.compiler.linking`), so it is compiled once."""
 
     def __init__(self):
-        self.defs, self._seen, self.sigs = [], {}, {}
+        self.defs, self._seen, self.names = [], {}, []
 
-    def add(self, name, args, lines):
-        """Define step ``name`` over arrays ``args`` (("p", "work") or ("p", "g", "work"))
-        and return the call expression that runs it from a kernel."""
-        key = (args, "\n".join(lines))
+    def add(self, name, uses_g, lines):
+        """Define step ``name`` (``lines`` use the arrays ``p``, ``work`` and, if ``uses_g``,
+        ``g``) and return the statement that runs it from a kernel."""
+        key = "\n".join(lines)
         if key not in self._seen:  # identical code (e.g. train/infer forward): reuse
-            sig = "_FWD_SIG" if len(args) == 2 else "_PULL_SIG"
-            views = [f"{a} = carray({a}_, ({'WORK_SIZE' if a == 'work' else 'N_PARAMS'},))"
-                     for a in args]
-            self.defs.append(
-                f"def _py_{name}({', '.join(a + '_' for a in args)}):\n" + _indent(views + lines)
-                + f"\n\n\n{name} = ExternalFunction(_SYMBOL_PREFIX + {name!r}, {sig})\n")
-            self.sigs[name] = sig
-            self._seen[key] = name
-        name = self._seen[key]
-        return f"{name}({', '.join(a + '.ctypes' for a in args)})"
+            views = ["p = carray(p_, (N_PARAMS,))"]
+            views += ["g = carray(g_, (N_PARAMS,))"] if uses_g else []
+            views += ["work = carray(work_, (WORK_SIZE,))"]
+            self.defs.append(f"def _py_{name}(p_, g_, work_):\n" + _indent(views + lines) + "\n")
+            self._seen[key] = (len(self.names), name)
+            self.names.append(name)
+        slot, name = self._seen[key]
+        return f'call_step("@MODULE@_steps", {slot}, p, {"g" if uses_g else "p"}, work)  # {name}'
 
     def source(self, deps):
-        """The step definitions, the ``_LAYERS`` table and the kernels' ``_DEPS``."""
-        layers = ", ".join(f"{n!r}: (_py_{n}, {sig})" for n, sig in self.sigs.items())
+        """The step definitions, the step table and the kernels' ``_DEPS``."""
+        layers = ", ".join(f"{n!r}: ({i}, _py_{n})" for i, n in enumerate(self.names))
         dep_lines = [f"    {k!r}: {tuple(dict.fromkeys(v))!r}," for k, v in sorted(deps.items())]
-        return ("\n\n".join(self.defs) + f"\n\n_LAYERS = {{{layers}}}\n"
+        return ("\n\n".join(self.defs) + f"\n\n_LAYERS = {{{layers}}}  # step: (slot, function)\n"
+                + '_TABLE = StepTable("@MODULE@_steps", len(_LAYERS))\n'
                 + "_DEPS = {\n" + "\n".join(dep_lines) + "\n}\n\n\n"
                 + "def __getattr__(name):\n    return _resolve(globals(), name)\n")
 
 
 def _steps(calls):
-    """Names of the layer steps in a list of call expressions."""
-    return [c.split("(", 1)[0] for c in calls]
+    """Names of the layer steps in a list of call statements."""
+    return [c.rsplit("# ", 1)[1] for c in calls]
 
 
 def _forward_lines(plan, dtype, training, funcs):
@@ -185,8 +184,7 @@ def _forward_lines(plan, dtype, training, funcs):
     for i, s in enumerate(plan.slots):
         lines = s.layer.emit_forward(_ctx(plan, i, dtype, training=training))
         if lines:
-            calls.append(funcs.add(f"layer{i}_forward{'_train' if training else ''}",
-                                   ("p", "work"), lines))
+            calls.append(funcs.add(f"layer{i}_forward{'_train' if training else ''}", False, lines))
     return calls
 
 
@@ -202,8 +200,7 @@ def _pullback_lines(plan, dtype, first_need_gin, funcs):
             continue  # output is the input: dL/dx = dL/dy, nothing to do
         lines = s.layer.emit_pullback(_ctx(plan, i, dtype, gout_off=gout, gin_off=gin, need_gin=need))
         if lines:
-            calls.append(funcs.add(f"layer{i}_pullback{'_gx' if i == 0 and need else ''}",
-                                   ("p", "g", "work"), lines))
+            calls.append(funcs.add(f"layer{i}_pullback{'_gx' if i == 0 and need else ''}", True, lines))
         gout, gin = gin, gout
     return calls, gout
 
@@ -220,7 +217,7 @@ import math
 import numpy as np
 from numba import carray, njit, types
 from smallchains._config import JIT_OPTIONS as _J
-from smallchains.compiler.linking import resolve as _resolve
+from smallchains.compiler.linking import StepTable, call_step, resolve as _resolve
 from smallchains._fastmath import tanh_f32, tanh_f64
 from smallchains._numba_utils import like
 from smallchains.activations import gelu_grad, silu_grad
@@ -234,13 +231,11 @@ N_OUT = {n_out}
 N_PARAMS = {n_params}
 WORK_SIZE = {work_size}
 
-# Layer steps: C functions over raw pointers, bound to these symbols on first use of a
-# kernel that calls them (module __getattr__ -> smallchains.compiler.linking.resolve).
-_SYMBOL_PREFIX = "@MODULE@_"
-_PTR = types.CPointer(types.{dtype})
-_FWD_SIG = types.void(_PTR, _PTR)
-_PULL_SIG = types.void(_PTR, _PTR, _PTR)
-ExternalFunction = types.ExternalFunction
+# Layer steps: C functions over raw pointers (p, g, work), called through the step table
+# _TABLE, which is filled on first use of a kernel that calls them
+# (module __getattr__ -> smallchains.compiler.linking.resolve).
+_STEP_SIG = types.void(types.CPointer(types.{dtype}), types.CPointer(types.{dtype}),
+                       types.CPointer(types.{dtype}))
 
 
 @njit(**_J)
@@ -457,7 +452,7 @@ def _import_generated(src: str):
     modname = f"_smallchains_kernels_{digest}"
     if modname in sys.modules:
         return sys.modules[modname]
-    src = src.replace("@MODULE@", modname)  # symbol names of the layer steps
+    src = src.replace("@MODULE@", modname)  # the step table's symbol name
     path = _config.cache_dir() / f"{modname}.py"
     if not path.exists() or path.read_text() != src:
         tmp = path.with_suffix(f".tmp{os.getpid()}")

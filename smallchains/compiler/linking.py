@@ -1,33 +1,38 @@
-"""Layer steps compiled once, as C functions that the chain's kernels call by symbol name.
+"""Layer steps compiled once, as C functions that the chain's kernels call through a table.
 
 Each layer step of a generated chain module (``layer3_pullback`` ...) is a numba
-``cfunc`` over raw pointers ``(p, work)`` or ``(p, g, work)``. The module's kernels
-(``valgrad_range_<loss>``, ``forward_batch`` ...) call it through a
-``numba.types.ExternalFunction`` of a symbol unique to the module, which this module binds
-to the compiled function's address (``llvmlite.binding.add_symbol``) before any kernel that
-calls it is compiled or loaded from numba's cache.
+``cfunc`` over the raw data pointers ``(p, g, work)`` (forward steps ignore ``g``). The
+module's kernels (``valgrad_range_<loss>``, ``forward_batch`` ...) call step ``i`` as
+``call_step("<module>_steps", i, p, g, work)``: an indirect call through slot ``i`` of a
+per-module table of function addresses (a ctypes array made at import, exported to LLVM
+as a data symbol with ``llvmlite.binding.add_symbol``). :func:`bind` compiles a step and
+fills its slot.
 
 Why not plain ``@njit`` calls: numba links a jitted callee's LLVM IR into every caller and
 re-optimizes and re-generates machine code for all of it, so every layer step was compiled
-twice, once on its own and once inside the kernel that inlined it. A call by symbol
-compiles each step once; the call itself costs a few nanoseconds per layer per block.
+twice, once on its own and once inside the kernel that inlined it. Through the table each
+step is compiled once, the kernels compile without the steps (so both can compile at the
+same time), and the call costs a few nanoseconds per layer per block of samples.
 
 Independent steps also compile in parallel: when a kernel needs several steps that are not
 in numba's on-disk cache yet, a helper process (``python -m smallchains.compiler.linking``)
-compiles steps into that cache while this process first compiles the library loop that
-will run the kernel (:class:`Deferred`), then the steps the helper has not claimed yet;
-this process then loads the helper's steps from the cache. ``SMALLCHAINS_COMPILE_WORKERS=0``
-turns the helper off; if it fails, the steps are compiled here (same result, slower).
+compiles steps into that cache while this process compiles the library loop that will run
+the kernel and the kernel itself (:class:`Deferred`), then the steps the helper has not
+claimed yet; this process then loads the helper's steps from the cache.
+``SMALLCHAINS_COMPILE_WORKERS=0`` turns the helper off; if it fails, the steps are compiled
+here (same result, slower).
 
-The generated module keeps its kernels under private names (``_valgrad_range_logitce``)
-and its module ``__getattr__`` (PEP 562) calls :func:`resolve`, so every way of reaching a
-kernel (``mod.forward_range``, ``getattr``, ``from mod import ...``) first binds the
-symbols it needs. Only those are compiled: training never compiles the first layer's
-input gradient.
+A kernel must never run before its steps are bound (an empty slot is a null pointer). So
+the generated module keeps its kernels under private names (``_valgrad_range_logitce``)
+and its module ``__getattr__`` (PEP 562) calls :func:`resolve`: every way of reaching a
+kernel (``mod.forward_range``, ``getattr``, ``from mod import ...``) first binds the steps
+it calls. Only those are compiled: training never compiles the first layer's input
+gradient.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import inspect
 import os
@@ -39,27 +44,62 @@ import threading
 from pathlib import Path
 
 import llvmlite.binding as llvm
-from numba import cfunc
+from llvmlite import ir
+from numba import cfunc, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from .._config import CFUNC_OPTIONS
 
 _lock = threading.RLock()
-_bound: dict = {}  # symbol -> numba CFunc (kept alive: its machine code must stay mapped)
+_bound: dict = {}  # (module name, step) -> numba CFunc (kept alive: its code must stay mapped)
 
 #: Do not start a helper process for less than this many source lines of uncached steps
 #: (its start-up, about 0.5 s, would eat the gain).
 MIN_PARALLEL_LINES = 60
 
 
-def bind(symbol: str, pyfunc, sig) -> None:
-    """Compile ``pyfunc`` as a C function of ``sig`` (or load it from numba's cache) and bind
-    ``symbol`` to its address, once per process."""
+class StepTable:
+    """The function addresses of a generated module's layer steps, exported to LLVM as the
+    data symbol ``symbol`` (an array of ``n`` pointers, null until bound)."""
+
+    def __init__(self, symbol: str, n: int):
+        self.symbol = symbol
+        self.slots = (ctypes.c_void_p * max(n, 1))()
+        llvm.add_symbol(symbol, ctypes.addressof(self.slots))
+
+
+@intrinsic(prefer_literal=True)
+def call_step(typingctx, table, index, p, g, work):
+    """``call_step("<symbol>", i, p, g, work)``: call the C function in slot ``i`` of the
+    step table ``symbol`` (both literals) with the data pointers of the arrays."""
+    if not isinstance(table, types.StringLiteral) or not isinstance(index, types.IntegerLiteral):
+        return None
+    symbol, slot = table.literal_value, index.literal_value
+
+    def codegen(context, builder, sig, args):
+        ptrs = [context.make_array(t)(context, builder, v).data
+                for t, v in zip(sig.args[2:], args[2:])]
+        fnty = ir.FunctionType(ir.VoidType(), [ptr.type for ptr in ptrs])
+        slots = context.get_c_value(builder, ir.ArrayType(cgutils.voidptr_t, 0), symbol)
+        addr = builder.load(builder.gep(slots, [cgutils.int32_t(0), cgutils.int32_t(slot)]))
+        builder.call(builder.bitcast(addr, fnty.as_pointer()), ptrs)
+        return context.get_dummy_value()
+
+    return types.void(table, index, p, g, work), codegen
+
+
+def bind(namespace: dict, step: str) -> None:
+    """Compile layer step ``step`` of a generated module (or load it from numba's cache) and
+    put its address in the module's step table, once per process."""
+    key = (namespace["__name__"], step)
     with _lock:
-        if symbol in _bound:
+        if key in _bound:
             return
-        compiled = cfunc(sig, **CFUNC_OPTIONS)(pyfunc)
-        llvm.add_symbol(symbol, compiled.address)
-        _bound[symbol] = compiled
+        slot, pyfunc = namespace["_LAYERS"][step]
+        compiled = cfunc(namespace["_STEP_SIG"], **CFUNC_OPTIONS)(pyfunc)
+        namespace["_TABLE"].slots[slot] = compiled.address
+        _bound[key] = compiled
 
 
 class _Job:
@@ -86,11 +126,10 @@ class _Job:
 
     def finish(self):
         """Compile the steps the helper has not claimed, then wait for it."""
-        layers, prefix = self.namespace["_LAYERS"], self.namespace["_SYMBOL_PREFIX"]
         try:
             for step in reversed(self.steps):
                 if _claim(self.claims, step):
-                    bind(prefix + step, *layers[step])
+                    bind(self.namespace, step)
         finally:
             if self.helper is not None:
                 self.helper.wait()
@@ -116,11 +155,11 @@ def _marker(namespace, name) -> Path:
 def _start(namespace, name):
     """A :class:`_Job` for kernel ``name``'s uncached steps, or None if a helper process
     would not pay off (cached, too little code, one step, or helpers turned off)."""
-    prefix, layers = namespace["_SYMBOL_PREFIX"], namespace["_LAYERS"]
-    todo = [s for s in namespace["_DEPS"][name] if prefix + s not in _bound]
+    layers = namespace["_LAYERS"]
+    todo = [s for s in namespace["_DEPS"][name] if (namespace["__name__"], s) not in _bound]
     if len(todo) < 2 or _workers() < 1 or _marker(namespace, name).exists():
         return None
-    lines = {s: len(inspect.getsource(layers[s][0]).splitlines()) for s in todo}
+    lines = {s: len(inspect.getsource(layers[s][1]).splitlines()) for s in todo}
     if sum(lines.values()) < MIN_PARALLEL_LINES:
         return None
     # longest first: the helper starts on the big steps, this process joins from the small
@@ -148,14 +187,13 @@ def resolve(namespace: dict, name: str):
     deps = namespace["_DEPS"].get(name)
     if deps is None:
         raise AttributeError(f"module {namespace['__name__']!r} has no attribute {name!r}")
-    layers, prefix = namespace["_LAYERS"], namespace["_SYMBOL_PREFIX"]
     with _lock:
-        new = [s for s in deps if prefix + s not in _bound]
+        new = [s for s in deps if (namespace["__name__"], s) not in _bound]
         job = _pending.pop((namespace["__name__"], name), None) or _start(namespace, name)
         if job is not None:
             job.finish()
         for step in deps:  # the helper's steps load from numba's cache
-            bind(prefix + step, *layers[step])
+            bind(namespace, step)
         if new:
             _marker(namespace, name).touch()
     kernel = namespace["_" + name]
@@ -174,6 +212,11 @@ class Deferred:
     def start(self):
         prefetch(self.module, self.name)
 
+    def unbound(self):
+        """The kernel's dispatcher, to compile before its steps are bound. Never call it:
+        its steps' table slots may still be empty."""
+        return vars(self.module)["_" + self.name]
+
     def get(self):
         return getattr(self.module, self.name)
 
@@ -182,7 +225,11 @@ def _workers() -> int:
     env = os.environ.get("SMALLCHAINS_COMPILE_WORKERS")
     if env is not None:
         return max(0, int(env))
-    return min(1, len(os.sched_getaffinity(0)) - 1)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return min(1, cores - 1)
 
 
 def _helper_main(path, modname, claims, steps):
@@ -194,8 +241,7 @@ def _helper_main(path, modname, claims, steps):
     spec.loader.exec_module(module)
     for step in steps:
         if _claim(claims, step):
-            pyfunc, sig = module._LAYERS[step]
-            cfunc(sig, **CFUNC_OPTIONS)(pyfunc)
+            cfunc(module._STEP_SIG, **CFUNC_OPTIONS)(module._LAYERS[step][1])
 
 
 if __name__ == "__main__":

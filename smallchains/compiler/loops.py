@@ -168,15 +168,15 @@ def call(loop, kernels, args):
     ``kernels`` is a sequence of ``(kernel, its signature)``: each kernel is compiled for
     its signature and passed as a first-class function of that type. A kernel may be a
     :class:`~smallchains.compiler.linking.Deferred` generated kernel: a helper process then
-    compiles its layer steps while this one compiles the loop."""
+    compiles its layer steps while this one compiles the loop and the kernel; the steps
+    are bound (the rest compiled here, the helper's loaded) before anything runs."""
     for kernel, _ in kernels:
         if isinstance(kernel, Deferred):
             kernel.start()
     _compile(loop, (*[types.FunctionType(sig) for _, sig in kernels], *[typeof(a) for a in args]))
-    funcs = [kernel for kernel, _ in kernels]
-    # plain kernels (the optimizer update) first: more time for the helper process
-    for i in sorted(range(len(funcs)), key=lambda i: isinstance(funcs[i], Deferred)):
-        if isinstance(funcs[i], Deferred):
-            funcs[i] = funcs[i].get()
-        _compile(funcs[i], kernels[i][1])
+    funcs = []
+    for kernel, sig in kernels:
+        _compile(kernel.unbound() if isinstance(kernel, Deferred) else kernel, sig)
+    for kernel, _ in kernels:
+        funcs.append(kernel.get() if isinstance(kernel, Deferred) else kernel)
     return loop(*funcs, *args)
