@@ -16,7 +16,8 @@ from math import prod
 
 import numpy as np
 from .._cpu import vector_registers
-from ..activations import Activation, get_activation, grad_expr, needs_z, value_expr
+from ..activations import (IDENTITY, LEAKY_RELU, RELU, Activation, get_activation, grad_expr,
+                           needs_z, value_expr)
 from .base import EmitContext, Layer
 
 
@@ -128,16 +129,26 @@ def emit_affine(ctx, n_in, n_out, w_off, b_off, act, z_off):
          f"    bias = p[{b_off} + o]" if b_off is not None else f"    bias = {dt}(0.0)"]
     chunks = [(i, min(CHUNK, n_in - i)) for i in range(0, n_in, CHUNK)]
     full = n_in // CHUNK
+    # A costly activation (tanh: 9 coefficients) gets its own pass over the whole output
+    # block: fused into the affine loop, its constants plus the weights overflow the 16
+    # vector registers of AVX2 and LLVM spills them inside the loop.
+    separate = act.code not in (IDENTITY, RELU, LEAKY_RELU)
     act_line = lambda zexpr: (  # noqa: E731
+        [f"            work[ao + s] = {zexpr}"] if separate else
         [f"            zz = {zexpr}"]
         + ([f"            work[{z_off} + o * {B} + s] = zz"] if z_off is not None else [])
         + [f"            work[ao + s] = {value_expr(act, 'zz', dt)}"])
+    act_pass = [f"# {act.name}, one pass over the block", f"for k in range({n_out * B}):",
+                f"    zz = work[{ctx.out_off} + k]"]
+    act_pass += [f"    work[{z_off} + k] = zz"] if z_off is not None else []
+    act_pass += [f"    work[{ctx.out_off} + k] = {value_expr(act, 'zz', dt)}"]
+    act_pass = act_pass if separate else []
     if len(chunks) == 1:
         i, k = chunks[0]
         L += [f"    w{j} = p[wo + {j}]" for j in range(k)]
         L += ["    if True:", f"        for s in range({B}):"]
         L += act_line(_sum(["bias"] + [f"w{j} * work[{x + j * B} + s]" for j in range(k)]))
-        return L
+        return L + act_pass
     # first chunk initializes the running sum in the output row, middle chunks add to it,
     # the remainder (if any) and the activation come last
     L += [f"    for s in range({B}):", "        work[ao + s] = bias"]
@@ -150,7 +161,7 @@ def emit_affine(ctx, n_in, n_out, w_off, b_off, act, z_off):
     L += [f"    w{j} = p[wo + {full * CHUNK + j}]" for j in range(rem)]
     L += ["    if True:", f"        for s in range({B}):"]
     L += act_line(_sum(["work[ao + s]"] + [f"w{j} * work[{x + (full * CHUNK + j) * B} + s]" for j in range(rem)]))
-    return L
+    return L + act_pass
 
 
 # dW register tile: TILE_O x TILE_I vector accumulators plus TILE_O + TILE_I loaded vectors
