@@ -104,10 +104,9 @@ def bind(namespace: dict, step: str) -> None:
 
 class _Job:
     """Compiling a kernel's uncached layer steps with one helper process. The helper takes
-    steps from the front of the list (the longest), this process from the back (once it gets
-    to them:
-    :func:`loops.call <smallchains.compiler.loops.call>` first compiles the library loop);
-    a step is claimed by creating a file, so each is compiled once."""
+    steps from the front of the list (the longest), this process from the back once it gets
+    to them (:func:`smallchains.compiler.loops.call` first compiles the library loop and
+    the kernel). A step is claimed by creating a file, so each is compiled once."""
 
     def __init__(self, namespace, steps):
         self.namespace, self.steps = namespace, steps
@@ -164,7 +163,10 @@ def _start(namespace, name):
         return None
     # longest first: the helper starts on the big steps, this process joins from the small
     # end once it is done with the library loop, and the last steps finish close together
-    return _Job(namespace, sorted(todo, key=lines.get, reverse=True))
+    try:
+        return _Job(namespace, sorted(todo, key=lines.get, reverse=True))
+    except OSError:  # e.g. a read-only cache directory: compile here
+        return None
 
 
 def prefetch(module, name) -> None:
@@ -195,7 +197,10 @@ def resolve(namespace: dict, name: str):
         for step in deps:  # the helper's steps load from numba's cache
             bind(namespace, step)
         if new:
-            _marker(namespace, name).touch()
+            try:
+                _marker(namespace, name).touch()
+            except OSError:  # read-only cache directory: only costs a helper next time
+                pass
     kernel = namespace["_" + name]
     namespace[name] = kernel
     return kernel
