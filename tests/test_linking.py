@@ -79,3 +79,12 @@ def test_embedding_kernels_reject_strided_arrays():
                     k.alloc_work())
     k.forward(x, p, y, k.alloc_work())  # the contiguous call works
     np.testing.assert_allclose(y, CHAIN(x, p), rtol=1e-12)
+
+
+def test_embedding_kernels_reject_other_dtype():
+    from numba.core.errors import TypingError
+
+    k = CHAIN.kernels(np.float32, block_size=8)
+    X, Y = np.ones((4, 3)), np.empty((4, 2))  # float64 arrays for float32 kernels
+    with pytest.raises(TypingError, match="generated for float32"):
+        k.forward_batch(X, np.zeros(CHAIN.n_params), Y, np.zeros(k.work_size))

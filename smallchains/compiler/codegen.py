@@ -162,14 +162,14 @@ class _Functions:
             self._seen[key] = (len(self.names), name)
             self.names.append(name)
         slot, name = self._seen[key]
-        return f'call_step("@MODULE@_steps", {slot}, p, {"g" if uses_g else "p"}, work)  # {name}'
+        return f'call_step(@TABLE@, {slot}, p, {"g" if uses_g else "p"}, work)  # {name}'
 
     def source(self, deps):
         """The step definitions, the step table and the kernels' ``_DEPS``."""
         layers = ", ".join(f"{n!r}: ({i}, _py_{n})" for i, n in enumerate(self.names))
         dep_lines = [f"    {k!r}: {tuple(dict.fromkeys(v))!r}," for k, v in sorted(deps.items())]
         return ("\n\n".join(self.defs) + f"\n\n_LAYERS = {{{layers}}}  # step: (slot, function)\n"
-                + '_TABLE = StepTable("@MODULE@_steps", len(_LAYERS))\n'
+                + '_TABLE = StepTable(@TABLE@, len(_LAYERS))\n'
                 + "_DEPS = {\n" + "\n".join(dep_lines) + "\n}\n\n\n"
                 + "def __getattr__(name):\n    return _resolve(globals(), name)\n")
 
@@ -440,7 +440,9 @@ def generate_source(input_shape, layers, dtype, B=None) -> tuple[str, ChainPlan]
     # layer functions go between the header (imports, constants) and the range kernels
     head, sep, rest = body.partition("\n\n@njit")
     src = head + "\n\n\n" + funcs.source(deps) + "\n" + sep + rest
-    return src, plan
+    # the step table's symbol: module name (filled in on import) and dtype (call_step checks
+    # that the arrays match it)
+    return src.replace("@TABLE@", f'"@MODULE@_steps_{dtype.name}"'), plan
 
 
 _lock = threading.Lock()

@@ -3,10 +3,10 @@
 Each layer step of a generated chain module (``layer3_pullback`` ...) is a numba
 ``cfunc`` over the raw data pointers ``(p, g, work)`` (forward steps ignore ``g``). The
 module's kernels (``valgrad_range_<loss>``, ``forward_batch`` ...) call step ``i`` as
-``call_step("<module>_steps", i, p, g, work)``: an indirect call through slot ``i`` of a
-per-module table of function addresses (a ctypes array made at import, exported to LLVM
-as a data symbol with ``llvmlite.binding.add_symbol``). :func:`bind` compiles a step and
-fills its slot.
+``call_step("<module>_steps_<dtype>", i, p, g, work)``: an indirect call through slot
+``i`` of a per-module table of function addresses (a ctypes array made at import,
+exported to LLVM as a data symbol with ``llvmlite.binding.add_symbol``). :func:`bind`
+compiles a step and fills its slot. Arrays of another dtype are a typing error.
 
 Why not plain ``@njit`` calls: numba links a jitted callee's LLVM IR into every caller and
 re-optimizes and re-generates machine code for all of it, so every layer step was compiled
@@ -47,6 +47,7 @@ import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import cfunc, types
 from numba.core import cgutils
+from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
 from .._config import CFUNC_OPTIONS
@@ -72,10 +73,16 @@ class StepTable:
 @intrinsic(prefer_literal=True)
 def call_step(typingctx, table, index, p, g, work):
     """``call_step("<symbol>", i, p, g, work)``: call the C function in slot ``i`` of the
-    step table ``symbol`` (both literals) with the data pointers of the arrays."""
+    step table ``symbol`` (both literals; the symbol ends in the steps' dtype name) with
+    the data pointers of the arrays."""
     if not isinstance(table, types.StringLiteral) or not isinstance(index, types.IntegerLiteral):
         return None
     symbol, slot = table.literal_value, index.literal_value
+    dtype = symbol.rsplit("_", 1)[1]
+    for name, arr in (("p", p), ("g", g), ("work", work)):
+        if not isinstance(arr, types.Array) or arr.ndim != 1 or str(arr.dtype) != dtype:
+            raise TypingError(f"this chain's kernels were generated for {dtype}: {name} must "
+                              f"be a 1-D {dtype} array, got {arr}")
 
     def codegen(context, builder, sig, args):
         ptrs = [context.make_array(t)(context, builder, v).data
