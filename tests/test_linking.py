@@ -88,3 +88,13 @@ def test_embedding_kernels_reject_other_dtype():
     X, Y = np.ones((4, 3)), np.empty((4, 2))  # float64 arrays for float32 kernels
     with pytest.raises(TypingError, match="generated for float32"):
         k.forward_batch(X, np.zeros(CHAIN.n_params), Y, np.zeros(k.work_size))
+
+
+def test_bad_compile_workers_setting(monkeypatch):
+    from smallchains.compiler import linking
+
+    monkeypatch.setenv("SMALLCHAINS_COMPILE_WORKERS", "many")
+    with pytest.raises(ValueError, match="SMALLCHAINS_COMPILE_WORKERS"):
+        linking._workers()
+    monkeypatch.setenv("SMALLCHAINS_COMPILE_WORKERS", "0")
+    assert linking._workers() == 0

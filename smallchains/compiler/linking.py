@@ -50,6 +50,7 @@ from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
+from .. import _cpu
 from .._config import CFUNC_OPTIONS
 
 _lock = threading.RLock()
@@ -121,6 +122,10 @@ class _Job:
         root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        if not _cpu.PREFER_512:
+            # same CPU features as here, or numba's cache would not share the helper's code
+            # (smallchains._cpu sets NUMBA_CPU_FEATURES in os.environ when it applies)
+            env["SMALLCHAINS_PREFER_512"] = "0"
         try:
             self.helper = subprocess.Popen(
                 [sys.executable, "-m", "smallchains.compiler.linking", namespace["__file__"],
@@ -235,8 +240,14 @@ class Deferred:
 
 def _workers() -> int:
     env = os.environ.get("SMALLCHAINS_COMPILE_WORKERS")
+    if not sys.executable:  # embedded interpreter: no python to start
+        return 0
     if env is not None:
-        return max(0, int(env))
+        try:
+            return max(0, min(1, int(env)))
+        except ValueError:
+            raise ValueError("SMALLCHAINS_COMPILE_WORKERS must be an integer (0: no helper "
+                             f"process, 1: one), got {env!r}") from None
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
