@@ -98,3 +98,44 @@ def test_bad_compile_workers_setting(monkeypatch):
         linking._workers()
     monkeypatch.setenv("SMALLCHAINS_COMPILE_WORKERS", "0")
     assert linking._workers() == 0
+
+
+_PICKLED = textwrap.dedent("""
+    import pickle, sys
+    import numpy as np
+    import smallchains as sc
+    chain = sc.SimpleChain(3, sc.TurboDense(9, "tanh"), sc.TurboDense(6, "relu"),
+                           sc.TurboDense(2))
+    from smallchains.compiler import get_kernels, linking
+    mod, plan = get_kernels(chain.input_shape, chain.layers, np.float64, B=8)
+    mod.forward_batch  # binds the forward steps only
+    before = len(linking._bound)
+    vjp_batch = pickle.loads(bytes.fromhex(sys.argv[1]))
+    rng = np.random.default_rng(0)
+    X, Ybar = rng.standard_normal((11, 3)), rng.standard_normal((11, 2))
+    p = sc.init_params(chain, seed=1, dtype=np.float64)
+    Xbar, pbar = np.empty((11, 3)), np.empty(chain.n_params)
+    vjp_batch(X, p, Ybar, Xbar, pbar, np.zeros(plan.work_size))
+    print(np.concatenate([Xbar.ravel(), pbar]).tobytes().hex(), before, len(linking._bound))
+""")
+
+
+def test_kernel_that_skipped_getattr_binds_its_steps(tmp_path):
+    # A dispatcher pickled to another process is rebuilt without the module's __getattr__:
+    # its table slots still hold the binding trampolines, so it computes the right VJP.
+    import pickle
+
+    k = CHAIN.kernels(np.float64, block_size=8)
+    rng = np.random.default_rng(0)
+    X, Ybar = rng.standard_normal((11, 3)), rng.standard_normal((11, 2))
+    p = sc.init_params(CHAIN, seed=1, dtype=np.float64)
+    Xbar, pbar = np.empty((11, 3)), np.empty(CHAIN.n_params)
+    k.vjp_batch(X, p, Ybar, Xbar, pbar, k.alloc_work())
+    env = dict(os.environ, SMALLCHAINS_CACHE_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", _PICKLED, pickle.dumps(k.vjp_batch).hex()],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    out, before, after = r.stdout.split()
+    assert int(before) < int(after)  # the pullback steps were bound by their trampolines
+    got = np.frombuffer(bytes.fromhex(out))
+    np.testing.assert_allclose(got, np.concatenate([Xbar.ravel(), pbar]), rtol=1e-12, atol=0)

@@ -169,7 +169,7 @@ class _Functions:
         layers = ", ".join(f"{n!r}: ({i}, _py_{n})" for i, n in enumerate(self.names))
         dep_lines = [f"    {k!r}: {tuple(dict.fromkeys(v))!r}," for k, v in sorted(deps.items())]
         return ("\n\n".join(self.defs) + f"\n\n_LAYERS = {{{layers}}}  # step: (slot, function)\n"
-                + '_TABLE = StepTable(@TABLE@, len(_LAYERS))\n'
+                + '_TABLE = StepTable(@TABLE@, globals())\n'
                 + "_DEPS = {\n" + "\n".join(dep_lines) + "\n}\n\n\n"
                 + "def __getattr__(name):\n    return _resolve(globals(), name)\n")
 

@@ -22,17 +22,21 @@ claimed yet; this process then loads the helper's steps from the cache.
 ``SMALLCHAINS_COMPILE_WORKERS=0`` turns the helper off; if it fails, the steps are compiled
 here (same result, slower).
 
-A kernel must never run before its steps are bound (an empty slot is a null pointer). So
-the generated module keeps its kernels under private names (``_valgrad_range_logitce``)
-and its module ``__getattr__`` (PEP 562) calls :func:`resolve`: every way of reaching a
-kernel (``mod.forward_range``, ``getattr``, ``from mod import ...``) first binds the steps
-it calls. Only those are compiled: training never compiles the first layer's input
-gradient.
+A kernel should not run before its steps are bound (a slot then still holds a trampoline
+that binds its step under the GIL, see :class:`StepTable`). So the generated module keeps
+its kernels under private names (``_valgrad_range_logitce``) and its module ``__getattr__``
+(PEP 562) calls :func:`resolve`: every way of reaching a kernel (``mod.forward_range``,
+``getattr``, ``from mod import ...``) first binds the steps it calls. Only those are
+compiled: training never compiles the first layer's input gradient. A kernel can only be
+compiled or loaded in a process that has imported its generated module (which exports
+the table's symbol); otherwise LLVM cannot link it and aborts. Do not pickle kernel
+dispatchers to other processes: create the chain's kernels there.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import inspect
 import os
@@ -41,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import traceback
 from pathlib import Path
 
 import llvmlite.binding as llvm
@@ -59,16 +64,42 @@ _bound: dict = {}  # (module name, step) -> numba CFunc (kept alive: its code mu
 #: Do not start a helper process for less than this many source lines of uncached steps
 #: (its start-up, about 0.5 s, would eat the gain).
 MIN_PARALLEL_LINES = 60
+#: Seconds to wait for the helper process once this process is done with its own steps.
+HELPER_TIMEOUT = 600
+
+
+_STEP_PROTO = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
 
 
 class StepTable:
     """The function addresses of a generated module's layer steps, exported to LLVM as the
-    data symbol ``symbol`` (an array of ``n`` pointers, null until bound)."""
+    data symbol ``symbol``. A slot starts as a trampoline that binds its step (compiles it
+    or loads it from the cache, which overwrites the slot) and then runs it. Kernels
+    reached through the module's ``__getattr__`` never meet a trampoline; a kernel that
+    bypassed it (e.g. a numba dispatcher pickled to another process that then created the
+    chain's kernels) runs correctly instead of calling a null pointer. A trampoline holds
+    the GIL while binding."""
 
-    def __init__(self, symbol: str, n: int):
+    def __init__(self, symbol: str, namespace: dict):
         self.symbol = symbol
-        self.slots = (ctypes.c_void_p * max(n, 1))()
+        layers = namespace["_LAYERS"]
+        self.slots = (ctypes.c_void_p * max(len(layers), 1))()
+        self._trampolines = []
+        for step, (slot, _) in layers.items():
+            trampoline = _STEP_PROTO(functools.partial(_trampoline, namespace, step, self, slot))
+            self._trampolines.append(trampoline)
+            self.slots[slot] = ctypes.cast(trampoline, ctypes.c_void_p).value
         llvm.add_symbol(symbol, ctypes.addressof(self.slots))
+
+
+def _trampoline(namespace, step, table, slot, p, g, work):
+    try:
+        bind(namespace, step)
+        _STEP_PROTO(table.slots[slot])(p, g, work)
+    except BaseException:  # an exception cannot cross into the compiled caller
+        traceback.print_exc()
+        sys.stderr.write(f"smallchains: could not bind layer step {step!r}; aborting\n")
+        os.abort()
 
 
 @intrinsic(prefer_literal=True)
@@ -119,32 +150,45 @@ class _Job:
     def __init__(self, namespace, steps):
         self.namespace, self.steps = namespace, steps
         self.claims = tempfile.mkdtemp(prefix=".claims-", dir=Path(namespace["__file__"]).parent)
-        root = str(Path(__file__).resolve().parents[2])
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        env = dict(os.environ)
         if not _cpu.PREFER_512:
             # same CPU features as here, or numba's cache would not share the helper's code
             # (smallchains._cpu sets NUMBA_CPU_FEATURES in os.environ when it applies)
             env["SMALLCHAINS_PREFER_512"] = "0"
+        # The helper must import exactly this smallchains (its steps go into numba's cache
+        # under the generated file's key, which does not cover the library code they call):
+        # it gets this process's sys.path, not the current directory first as `-m` would.
+        self.helper = None
         try:
             self.helper = subprocess.Popen(
-                [sys.executable, "-m", "smallchains.compiler.linking", namespace["__file__"],
-                 namespace["__name__"], self.claims, *steps],
+                [sys.executable, "-c", _HELPER, os.pathsep.join(sys.path), _PACKAGE,
+                 namespace["__file__"], namespace["__name__"], self.claims, *steps],
                 env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL)
         except OSError:
-            self.helper = None
+            pass
 
     def finish(self):
-        """Compile the steps the helper has not claimed, then wait for it."""
+        """Compile the steps the helper has not claimed, then wait for it (at most
+        HELPER_TIMEOUT seconds: the caller binds every step afterwards anyway, so a killed
+        helper only costs time)."""
+        ok = False
         try:
             for step in reversed(self.steps):
                 if _claim(self.claims, step):
                     bind(self.namespace, step)
+            ok = True
         finally:
-            if self.helper is not None:
+            self.stop(wait=ok)
+
+    def stop(self, wait=False):
+        if self.helper is not None:
+            try:
+                self.helper.wait(timeout=HELPER_TIMEOUT if wait else 0)
+            except subprocess.TimeoutExpired:
+                self.helper.kill()
                 self.helper.wait()
-            shutil.rmtree(self.claims, ignore_errors=True)
+        shutil.rmtree(self.claims, ignore_errors=True)
 
 
 def _claim(directory, step) -> bool:
@@ -152,6 +196,8 @@ def _claim(directory, step) -> bool:
         os.close(os.open(os.path.join(directory, step), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
         return False
+    except OSError:  # claim directory gone or full: compile it (twice at worst)
+        return True
     return True
 
 
@@ -230,18 +276,25 @@ class Deferred:
         prefetch(self.module, self.name)
 
     def unbound(self):
-        """The kernel's dispatcher, to compile before its steps are bound. Never call it:
-        its steps' table slots may still be empty."""
+        """The kernel's dispatcher, to compile before its steps are bound (do not run it
+        from here: its steps would be bound one by one under the GIL)."""
         return vars(self.module)["_" + self.name]
 
     def get(self):
         return getattr(self.module, self.name)
 
+    def cancel(self):
+        """Stop a helper started by :meth:`start` whose kernel will not be fetched."""
+        with _lock:
+            job = _pending.pop((self.module.__name__, self.name), None)
+        if job is not None:
+            job.stop()
+
 
 def _workers() -> int:
     env = os.environ.get("SMALLCHAINS_COMPILE_WORKERS")
-    if not sys.executable:  # embedded interpreter: no python to start
-        return 0
+    if not os.path.basename(sys.executable or "").lower().startswith("python"):
+        return 0  # embedded interpreter (e.g. an application server): no python to start
     if env is not None:
         try:
             return max(0, min(1, int(env)))
@@ -255,9 +308,17 @@ def _workers() -> int:
     return min(1, cores - 1)
 
 
-def _helper_main(path, modname, claims, steps):
+_PACKAGE = str(Path(__file__).resolve().parents[1])
+_HELPER = ("import sys; sys.path[:] = sys.argv[1].split(__import__('os').pathsep); "
+           "from smallchains.compiler.linking import _helper_main; _helper_main(*sys.argv[2:])")
+
+
+def _helper_main(package, path, modname, claims, *steps):
     """Helper process: compile the unclaimed ``steps`` of the generated module at ``path``
-    into numba's on-disk cache, in order."""
+    into numba's on-disk cache, in order. Does nothing unless this smallchains is the
+    parent's (``package``)."""
+    if str(Path(__file__).resolve().parents[1]) != package:
+        return
     spec = importlib.util.spec_from_file_location(modname, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[modname] = module
@@ -265,7 +326,3 @@ def _helper_main(path, modname, claims, steps):
     for step in steps:
         if _claim(claims, step):
             cfunc(module._STEP_SIG, **CFUNC_OPTIONS)(module._LAYERS[step][1])
-
-
-if __name__ == "__main__":
-    _helper_main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:])

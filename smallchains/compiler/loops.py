@@ -170,13 +170,17 @@ def call(loop, kernels, args):
     :class:`~smallchains.compiler.linking.Deferred` generated kernel: a helper process then
     compiles its layer steps while this one compiles the loop and the kernel; the steps
     are bound (the rest compiled here, the helper's loaded) before anything runs."""
-    for kernel, _ in kernels:
-        if isinstance(kernel, Deferred):
-            kernel.start()
-    _compile(loop, (*[types.FunctionType(sig) for _, sig in kernels], *[typeof(a) for a in args]))
-    funcs = []
-    for kernel, sig in kernels:
-        _compile(kernel.unbound() if isinstance(kernel, Deferred) else kernel, sig)
-    for kernel, _ in kernels:
-        funcs.append(kernel.get() if isinstance(kernel, Deferred) else kernel)
+    deferred = [kernel for kernel, _ in kernels if isinstance(kernel, Deferred)]
+    for kernel in deferred:
+        kernel.start()
+    try:
+        _compile(loop, (*[types.FunctionType(sig) for _, sig in kernels],
+                        *[typeof(a) for a in args]))
+        for kernel, sig in kernels:
+            _compile(kernel.unbound() if isinstance(kernel, Deferred) else kernel, sig)
+        funcs = [kernel.get() if isinstance(kernel, Deferred) else kernel for kernel, _ in kernels]
+    except BaseException:
+        for kernel in deferred:
+            kernel.cancel()
+        raise
     return loop(*funcs, *args)
