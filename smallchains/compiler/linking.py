@@ -15,7 +15,7 @@ step is compiled once, the kernels compile without the steps (so both can compil
 same time), and the call costs a few nanoseconds per layer per block of samples.
 
 Independent steps also compile in parallel: when a kernel needs several steps that are not
-in numba's on-disk cache yet, a helper process (``python -m smallchains.compiler.linking``)
+in numba's on-disk cache yet, a helper process (a python running :func:`_helper_main`)
 compiles steps into that cache while this process compiles the library loop that will run
 the kernel and the kernel itself (:class:`Deferred`), then the steps the helper has not
 claimed yet; this process then loads the helper's steps from the cache.
