@@ -140,8 +140,8 @@ class SimpleChain:
         allocated per call; ``p`` is an argument, so new parameters never recompile. Kernels
         check only that ``p``, ``pbar`` and ``work`` are C-contiguous (ValueError: the layer
         code reads them through raw pointers); wrong sizes are undefined behaviour (check
-        them once in your own code). To call from your own ``@njit`` function, bind the functions to module-level
-        names first (``fwd = k.forward``) and call those globals.
+        them once in your own code). To call from your own ``@njit`` function, bind the
+        functions to module-level names first (``fwd = k.forward``) and call those globals.
 
         Parameters
         ----------
@@ -198,7 +198,8 @@ class SimpleChain:
         nt = max(1, min(numba.get_num_threads(), -(-n // plan.B)))
         Y = np.empty((n, plan.n_out), dtype=p.dtype)
         idx = np.arange(n)
-        loops.call(loops.forward_threads, [(Deferred(mod, "forward_range"), loops.forward_sig(X2, idx, p, Y))],
+        kernel = Deferred(mod, "forward_range")
+        loops.call(loops.forward_threads, [(kernel, loops.forward_sig(X2, idx, p, Y))],
                    (X2, idx, p, self._works(plan, nt, p.dtype), Y))
         Y = Y.reshape((n,) + self.output_shape)
         return Y[0] if single else Y

@@ -148,21 +148,27 @@ class _Functions:
     module's step table (:mod:`smallchains.compiler.linking`), so it is compiled once."""
 
     def __init__(self):
-        self.defs, self._seen, self.names = [], {}, []
+        self.defs, self._seen, self.names, self.calls = [], {}, [], {}
 
     def add(self, name, uses_g, lines):
         """Define step ``name`` (``lines`` use the arrays ``p``, ``work`` and, if ``uses_g``,
-        ``g``) and return the statement that runs it from a kernel."""
+        ``g``) and return its name (that of an identical earlier step if there is one)."""
         key = "\n".join(lines)
-        if key not in self._seen:  # identical code (e.g. train/infer forward): reuse
-            views = ["p = carray(p_, (N_PARAMS,))"]
-            views += ["g = carray(g_, (N_PARAMS,))"] if uses_g else []
-            views += ["work = carray(work_, (WORK_SIZE,))"]
-            self.defs.append(f"def _py_{name}(p_, g_, work_):\n" + _indent(views + lines) + "\n")
-            self._seen[key] = (len(self.names), name)
-            self.names.append(name)
-        slot, name = self._seen[key]
-        return f'call_step(@TABLE@, {slot}, p, {"g" if uses_g else "p"}, work)  # {name}'
+        if key in self._seen:  # identical code (e.g. train/infer forward): reuse
+            return self._seen[key]
+        views = ["p = carray(p_, (N_PARAMS,))"]
+        views += ["g = carray(g_, (N_PARAMS,))"] if uses_g else []
+        views += ["work = carray(work_, (WORK_SIZE,))"]
+        self.defs.append(f"def _py_{name}(p_, g_, work_):\n" + _indent(views + lines) + "\n")
+        self.calls[name] = (f'call_step(@TABLE@, {len(self.names)}, p, {"g" if uses_g else "p"}, '
+                            f'work)  # {name}')
+        self._seen[key] = name
+        self.names.append(name)
+        return name
+
+    def run(self, steps, n=4):
+        """Kernel lines running ``steps`` in order, indented by ``n``."""
+        return _indent([self.calls[step] for step in steps], n)
 
     def source(self, deps):
         """The step definitions, the step table and the kernels' ``_DEPS``."""
@@ -174,25 +180,21 @@ class _Functions:
                 + "def __getattr__(name):\n    return _resolve(globals(), name)\n")
 
 
-def _steps(calls):
-    """Names of the layer steps in a list of call statements."""
-    return [c.rsplit("# ", 1)[1] for c in calls]
-
-
 def _forward_lines(plan, dtype, training, funcs):
-    calls = []
+    """Names of the forward steps, in order."""
+    steps = []
     for i, s in enumerate(plan.slots):
         lines = s.layer.emit_forward(_ctx(plan, i, dtype, training=training))
         if lines:
-            calls.append(funcs.add(f"layer{i}_forward{'_train' if training else ''}", False, lines))
-    return calls
+            steps.append(funcs.add(f"layer{i}_forward{'_train' if training else ''}", False, lines))
+    return steps
 
 
 def _pullback_lines(plan, dtype, first_need_gin, funcs):
-    """Pullback calls in reverse order; returns (lines, offset of dL/dx). The first layer
+    """Pullback steps in reverse order; returns (step names, offset of dL/dx). The first layer
     computes dL/dx only if ``first_need_gin``: training never needs it, and leaving it out
     saves its compile (a convolution's input gradient is its costliest part)."""
-    calls, gout, gin = [], plan.grad_a, plan.grad_b
+    steps, gout, gin = [], plan.grad_a, plan.grad_b
     for i in reversed(range(len(plan.slots))):
         s = plan.slots[i]
         need = first_need_gin if i == 0 else True
@@ -200,9 +202,9 @@ def _pullback_lines(plan, dtype, first_need_gin, funcs):
             continue  # output is the input: dL/dx = dL/dy, nothing to do
         lines = s.layer.emit_pullback(_ctx(plan, i, dtype, gout_off=gout, gin_off=gin, need_gin=need))
         if lines:
-            calls.append(funcs.add(f"layer{i}_pullback{'_gx' if i == 0 and need else ''}", True, lines))
+            steps.append(funcs.add(f"layer{i}_pullback{'_gx' if i == 0 and need else ''}", True, lines))
         gout, gin = gin, gout
-    return calls, gout
+    return steps, gout
 
 
 def _indent(lines, n=4):
@@ -405,37 +407,35 @@ def generate_source(input_shape, layers, dtype, B=None) -> tuple[str, ChainPlan]
         n_out=plan.n_out, n_params=plan.n_params, work_size=plan.work_size, out_off=out_off,
     )
     funcs = _Functions()
-    infer_calls = _forward_lines(plan, dtype, False, funcs)
-    train_calls = _forward_lines(plan, dtype, True, funcs)
-    pull_calls, gx_off = _pullback_lines(plan, dtype, True, funcs)
-    pull_train_calls, _ = _pullback_lines(plan, dtype, False, funcs)
-    infer = _steps(infer_calls)
-    with_gx = _steps(train_calls + pull_calls)
+    infer = _forward_lines(plan, dtype, False, funcs)
+    train = _forward_lines(plan, dtype, True, funcs)
+    pull, gx_off = _pullback_lines(plan, dtype, True, funcs)
+    pull_train, _ = _pullback_lines(plan, dtype, False, funcs)
+    with_gx = train + pull
     deps = {"forward_range": infer, "forward_batch": infer, "valvjp_batch": with_gx,
             "vjp_batch": with_gx}
-    fmt["forward_infer"] = _indent(infer_calls, 8)
+    fmt["forward_infer"] = funcs.run(infer, 8)
     body = _TEMPLATE.format(**fmt)
-    fwd_train = _indent(train_calls, 8)
+    fwd_train = funcs.run(train, 8)
     if B == 1:
         deps.update(forward_single=infer, valvjp_single=with_gx, vjp_single=with_gx)
         body += _SINGLE_TEMPLATE.format(
-            forward_single=_indent(infer_calls), forward_train_single=_indent(train_calls),
-            pullback_single=_indent(pull_calls), out_off=out_off, grad_a=plan.grad_a, gx_off=gx_off)
+            forward_single=funcs.run(infer), forward_train_single=funcs.run(train),
+            pullback_single=funcs.run(pull), out_off=out_off, grad_a=plan.grad_a, gx_off=gx_off)
     body += _BATCH_TEMPLATE.format(
-        forward_infer=fmt["forward_infer"], forward_train=fwd_train, pullback=_indent(pull_calls, 8),
+        forward_infer=fmt["forward_infer"], forward_train=fwd_train, pullback=funcs.run(pull, 8),
         out_off=out_off, grad_a=plan.grad_a, gx_off=gx_off)
     valgrad_variants = (  # (name suffix, pullback, gx store, docstring line)
-        ("", pull_train_calls, "", "gx is not used (same signature as valgrad_x_range)."),
-        ("_x", pull_calls, f"\n        store_block(gx, idx, s0, nb, work, {gx_off}, N_IN, B)",
+        ("", pull_train, "", "gx is not used (same signature as valgrad_x_range)."),
+        ("_x", pull, f"\n        store_block(gx, idx, s0, nb, work, {gx_off}, N_IN, B)",
          "Also overwrites rows idx[lo:hi] of gx (N, N_IN) with scale * dL/dx."))
     for kind, kernel in sorted(LOSS_KERNELS.items()):
         deps[f"loss_range_{kind}"] = infer
-        deps[f"valgrad_range_{kind}"] = _steps(train_calls + pull_train_calls)
-        deps[f"valgrad_x_range_{kind}"] = with_gx
         for x, pullback, store_gx, gx_doc in valgrad_variants:
+            deps[f"valgrad{x}_range_{kind}"] = train + pullback
             body += _LOSS_TEMPLATE.format(
                 **fmt, kind=kind, forward_train=fwd_train, loss_kernel=kernel, grad_a=plan.grad_a,
-                pullback=_indent(pullback, 8), x=x, store_gx=store_gx, gx_doc=gx_doc)
+                pullback=funcs.run(pullback, 8), x=x, store_gx=store_gx, gx_doc=gx_doc)
         body += _LOSS_ONLY_TEMPLATE.format(**fmt, kind=kind, loss_kernel=kernel, grad_a=plan.grad_a)
     # layer functions go between the header (imports, constants) and the range kernels
     head, sep, rest = body.partition("\n\n@njit")

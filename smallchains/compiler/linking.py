@@ -81,7 +81,6 @@ class StepTable:
     the GIL while binding."""
 
     def __init__(self, symbol: str, namespace: dict):
-        self.symbol = symbol
         layers = namespace["_LAYERS"]
         self.slots = (ctypes.c_void_p * max(len(layers), 1))()
         self._trampolines = []

@@ -132,17 +132,19 @@ def emit_affine(ctx, n_in, n_out, w_off, b_off, act, z_off):
     # A costly activation (tanh: 9 coefficients) gets its own pass over the whole output
     # block: fused into the affine loop, its constants plus the weights overflow the 16
     # vector registers of AVX2 and LLVM spills them inside the loop.
-    separate = act.code not in (IDENTITY, RELU, LEAKY_RELU)
-    act_line = lambda zexpr: (  # noqa: E731
-        [f"            work[ao + s] = {zexpr}"] if separate else
-        [f"            zz = {zexpr}"]
-        + ([f"            work[{z_off} + o * {B} + s] = zz"] if z_off is not None else [])
-        + [f"            work[ao + s] = {value_expr(act, 'zz', dt)}"])
-    act_pass = [f"# {act.name}, one pass over the block", f"for k in range({n_out * B}):",
-                f"    zz = work[{ctx.out_off} + k]"]
-    act_pass += [f"    work[{z_off} + k] = zz"] if z_off is not None else []
-    act_pass += [f"    work[{ctx.out_off} + k] = {value_expr(act, 'zz', dt)}"]
-    act_pass = act_pass if separate else []
+    if act.code in (IDENTITY, RELU, LEAKY_RELU):  # cheap: fused into the last chunk's loop
+        def act_line(zexpr):
+            return ([f"            zz = {zexpr}"]
+                    + ([f"            work[{z_off} + o * {B} + s] = zz"] if z_off is not None else [])
+                    + [f"            work[ao + s] = {value_expr(act, 'zz', dt)}"])
+        act_pass = []
+    else:  # the affine loops write z into the output block, then one pass applies f
+        def act_line(zexpr):
+            return [f"            work[ao + s] = {zexpr}"]
+        act_pass = [f"# {act.name}, one pass over the block", f"for k in range({n_out * B}):",
+                    f"    zz = work[{ctx.out_off} + k]"]
+        act_pass += [f"    work[{z_off} + k] = zz"] if z_off is not None else []
+        act_pass += [f"    work[{ctx.out_off} + k] = {value_expr(act, 'zz', dt)}"]
     if len(chunks) == 1:
         i, k = chunks[0]
         L += [f"    w{j} = p[wo + {j}]" for j in range(k)]
