@@ -74,16 +74,15 @@ _TQ4 = np.float32(7.702656148467213e-07)
 def tanh_f32(x):
     """float32 tanh(x); plain arithmetic, vectorises in numba loops."""
     x = np.float32(x)
-    # clamp with compare+select (NaN compares false and passes through)
-    x = _TANH_BOUND if x > _TANH_BOUND else x
-    x = _TANH_NBOUND if x < _TANH_NBOUND else x
+    # Clamps as min/max: numba's min(a, b) keeps a when the comparison is false, so NaN
+    # passes through, and LLVM emits one vminps/vmaxps each (the equivalent
+    # `B if x > B else x` became compare + blend: the whole tanh ~30% slower on Zen 3).
+    x = max(min(x, _TANH_BOUND), _TANH_NBOUND)
     s = x * x
     p = (((_TP4 * s + _TP3) * s + _TP2) * s + _TP1) * s + _TP0
     q = (((_TQ4 * s + _TQ3) * s + _TQ2) * s + _TQ1) * s + _ONE
     r = (x * p) / q
-    r = _ONE if r > _ONE else r
-    r = _NONE if r < _NONE else r
-    return r
+    return max(min(r, _ONE), _NONE)
 
 
 @_jit
@@ -122,8 +121,7 @@ _EC7 = 0.00019192500253496414
 def exp_f32(x):
     """float32 exp(x) (computed in float64 internally), vectorises."""
     y = np.float64(x)
-    y = _EXP_HI if y > _EXP_HI else y
-    y = _EXP_LO if y < _EXP_LO else y
+    y = max(min(y, _EXP_HI), _EXP_LO)  # NaN passes through (see tanh_f32)
     y = y * _EXP_SCALE
     p = ((((((_EC7 * y + _EC6) * y + _EC5) * y + _EC4) * y + _EC3) * y
           + _EC2) * y + _EC1) * y + _EC0
@@ -162,7 +160,7 @@ def tanh_f64(x):
     """float64 tanh(x) to a few ulp; plain arithmetic, vectorises in numba loops."""
     x = np.float64(x)
     a = abs(x)
-    a = 20.0 if a > 20.0 else a  # NaN passes through (compares false)
+    a = min(a, 20.0)  # NaN passes through (see tanh_f32)
     y = a + a
     kf = y * _INV_LN2 + 0.5
     kf = kf if kf < 60.0 else 60.0  # NaN -> 60: keeps the int conversion defined

@@ -12,6 +12,7 @@ import numpy as np
 
 from .compiler import loops
 from .compiler.linking import Deferred
+from .compiler.runtime import aligned_zeros
 from ._validate import check_dtype, check_inputs, check_params
 from .chain import SimpleChainWithLoss, remove_loss
 from .optim import Optimizer
@@ -60,7 +61,7 @@ def alloc_threaded_grad(chain, n_threads=None, dtype=np.float32) -> np.ndarray:
     n = numba.get_num_threads() if n_threads is None else int(n_threads)
     if n < 1:
         raise ValueError(f"n_threads must be >= 1, got {n_threads}")
-    return np.zeros((n, chain.n_params), dtype=dtype)
+    return aligned_zeros((n, chain.n_params), dtype)
 
 
 def _check_G(G, p):

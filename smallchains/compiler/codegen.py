@@ -127,7 +127,8 @@ def plan_chain(input_shape, layers, B: int) -> ChainPlan:
         cur = s.out_off
         maxf = max(maxf, prod(s.out_shape))
     grad_a, grad_b = off, off + B * maxf
-    work_size = off + 2 * B * maxf
+    # a multiple of 16 elements, so each row of a (threads, work_size) array stays aligned
+    work_size = -(-(off + 2 * B * maxf) // 16) * 16
     return ChainPlan(tuple(input_shape), out_shape, slots, n_params, B, work_size, grad_a, grad_b)
 
 

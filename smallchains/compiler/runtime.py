@@ -4,9 +4,29 @@ summing the per-thread gradient rows.
 
 from __future__ import annotations
 
+import numpy as np
 from numba import njit
 
 from .._config import INLINE_OPTIONS, JIT_OPTIONS
+
+# Workspace alignment in bytes: one cache line, so no vector load of a block row is split
+# across two lines. Block offsets are multiples of 16 elements (B is), so an aligned base
+# aligns every row. Measured on a Zen 3 (matexp steps, 1 thread): a workspace 16 bytes off
+# a 32-byte boundary made the layer steps 23-30% slower than an aligned one.
+ALIGN_BYTES = 64
+
+
+def aligned_zeros(shape, dtype) -> np.ndarray:
+    """A zeroed C-contiguous array whose first element is ``ALIGN_BYTES``-aligned.
+
+    numpy only guarantees 16-byte alignment (glibc's malloc and mmap chunks start 16 bytes
+    past a page), which splits half of all 32-byte AVX loads across cache lines.
+    """
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64))
+    raw = np.zeros(n * dtype.itemsize + ALIGN_BYTES, dtype=np.uint8)
+    start = -raw.ctypes.data % ALIGN_BYTES
+    return raw[start:start + n * dtype.itemsize].view(dtype).reshape(shape)
 
 
 @njit(**JIT_OPTIONS)

@@ -21,6 +21,7 @@ import numpy as np
 from numba import njit
 
 from .._validate import check_dtype
+from ..compiler.runtime import aligned_zeros
 from . import dopri5 as _d5
 from .dopri5 import (MAX_STEPS_EXCEEDED, N_SCRATCH_ROWS, NOT_FINITE, RHS_SIG, RHS_VJP_SIG,
                      STEP_UNDERFLOW, backsolve, dopri5)
@@ -217,7 +218,7 @@ class Dopri5:
         self.adjoint_bounds = np.array(bounds, dtype=np.int64)
         m = 2 * n + n_p
         dt = self.dtype
-        self.work = np.zeros(max(1, int(f.work_size)), dtype=dt)
+        self.work = aligned_zeros(max(1, int(f.work_size)), dt)
         self._S = np.zeros((N_SCRATCH_ROWS, n), dtype=dt)
         self._S_adj = np.zeros((N_SCRATCH_ROWS, m), dtype=dt)
         self._Z2 = np.zeros((2, m), dtype=dt)
@@ -346,7 +347,7 @@ class ScipyAdapter:
             _d5.adjoint_system.disable_compile()
         self.f = f
         self.dtype = check_dtype(f.dtype)
-        self.work = np.zeros(max(1, int(f.work_size)), dtype=self.dtype)
+        self.work = aligned_zeros(max(1, int(f.work_size)), self.dtype)
 
     def fun(self, t, u, p):
         du = np.empty(self.f.n_state, dtype=self.dtype)
