@@ -289,16 +289,26 @@ GX_IN, GX_OUT = 2, 4
 def emit_input_grad(B, dt, d_off, gx_off, w_off, n_in, n_out):
     """Lines overwriting ``gx[i, s] = sum_o W[o, i] d[o, s]`` (``W (n_out, n_in)`` at
     ``p[w_off]``; ``d``, ``gx`` feature-major blocks at ``d_off``, ``gx_off``). The first
-    pass over the outputs stores, later passes add."""
+    pass over the outputs stores, later passes (a loop, so wide layers stay short source)
+    add."""
     ti = GX_IN if n_in % GX_IN == 0 else 1
+
+    def one_pass(o, to, op, pad):
+        out = [f"{pad}w{a}_{b} = p[{w_off} + ({o} + {b}) * {n_in} + i + {a}]"
+               for a in range(ti) for b in range(to)]
+        out += [f"{pad}for s in range({B}):"]
+        out += [f"{pad}    d{b} = work[{d_off} + ({o} + {b}) * {B} + s]" for b in range(to)]
+        out += [f"{pad}    work[{gx_off} + (i + {a}) * {B} + s] {op} "
+                + _sum([f"w{a}_{b} * d{b}" for b in range(to)]) for a in range(ti)]
+        return out
+
+    first = min(GX_OUT, n_out)
+    full = n_out // GX_OUT * GX_OUT
     L = [f"# dL/dx = W^T delta, {ti} input(s) x {GX_OUT} outputs per pass",
          f"for i in range(0, {n_in}, {ti}):"]
-    for o0 in range(0, n_out, GX_OUT):
-        to = min(GX_OUT, n_out - o0)
-        L += [f"    w{a}_{b} = p[{w_off + (o0 + b) * n_in} + i + {a}]" for a in range(ti) for b in range(to)]
-        L += [f"    for s in range({B}):"]
-        L += [f"        d{b} = work[{d_off + (o0 + b) * B} + s]" for b in range(to)]
-        op = "=" if o0 == 0 else "+="
-        L += [f"        work[{gx_off} + (i + {a}) * {B} + s] {op} " + _sum([f"w{a}_{b} * d{b}" for b in range(to)])
-              for a in range(ti)]
+    L += one_pass("0", first, "=", "    ")
+    if full > GX_OUT:
+        L += [f"    for o in range({GX_OUT}, {full}, {GX_OUT}):"] + one_pass("o", GX_OUT, "+=", "        ")
+    if first < n_out and full < n_out:
+        L += one_pass(str(full), n_out - full, "+=", "    ")
     return L
