@@ -228,10 +228,6 @@ from smallchains.compiler.runtime import (
     check_contiguous, load_block, load_rows, store_block, store_rows, sum_rows)
 {imports}
 
-# Integer arguments of the library's block functions go through _I (np.int64): numba
-# would otherwise compile those functions once per combination of literal constants,
-# i.e. again for every chain, instead of loading one cached version.
-_I = np.int64
 B = {B}
 N_IN = {n_in}
 N_OUT = {n_out}
@@ -249,9 +245,9 @@ _STEP_SIG = types.void(types.CPointer(types.{dtype}), types.CPointer(types.{dtyp
 def _forward_range(X, idx, lo, hi, p, work, Y):
     for s0 in range(lo, hi, B):
         nb = min(B, hi - s0)
-        load_block(X, idx, s0, nb, work, _I(0), _I(N_IN), _I(B))
+        load_block(X, idx, s0, nb, work, 0, N_IN, B)
 {forward_infer}
-        store_block(Y, idx, s0, nb, work, _I({out_off}), _I(N_OUT), _I(B))
+        store_block(Y, idx, s0, nb, work, {out_off}, N_OUT, B)
 
 '''
 
@@ -266,9 +262,9 @@ def _valgrad{x}_range_{kind}(X, T, idx, lo, hi, p, g, work, scale, gx):
     total = like(scale, 0.0)
     for s0 in range(lo, hi, B):
         nb = min(B, hi - s0)
-        load_block(X, idx, s0, nb, work, _I(0), _I(N_IN), _I(B))
+        load_block(X, idx, s0, nb, work, 0, N_IN, B)
 {forward_train}
-        total += {loss_kernel}(work, _I({out_off}), _I({grad_a}), T, idx, s0, _I(N_OUT), _I(B), nb, scale, True)
+        total += {loss_kernel}(work, {out_off}, {grad_a}, T, idx, s0, N_OUT, B, nb, scale, True)
 {pullback}{store_gx}
     return total * scale
 '''
@@ -280,9 +276,9 @@ def _loss_range_{kind}(X, T, idx, lo, hi, p, work, scale):
     total = like(scale, 0.0)
     for s0 in range(lo, hi, B):
         nb = min(B, hi - s0)
-        load_block(X, idx, s0, nb, work, _I(0), _I(N_IN), _I(B))
+        load_block(X, idx, s0, nb, work, 0, N_IN, B)
 {forward_infer}
-        total += {loss_kernel}(work, _I({out_off}), _I({grad_a}), T, idx, s0, _I(N_OUT), _I(B), nb, scale, False)
+        total += {loss_kernel}(work, {out_off}, {grad_a}, T, idx, s0, N_OUT, B, nb, scale, False)
     return total * scale
 '''
 
@@ -335,9 +331,9 @@ def _forward_batch(X, p, Y, work):
     n = X.shape[0]
     for s0 in range(0, n, B):
         nb = min(B, n - s0)
-        load_rows(X, s0, nb, work, _I(0), _I(N_IN), _I(B))
+        load_rows(X, s0, nb, work, 0, N_IN, B)
 {forward_infer}
-        store_rows(Y, s0, nb, work, _I({out_off}), _I(N_OUT), _I(B))
+        store_rows(Y, s0, nb, work, {out_off}, N_OUT, B)
 
 
 @njit(**_J)
@@ -352,13 +348,13 @@ def _valvjp_batch(X, p, Ybar, Y, Xbar, pbar, work):
     g = pbar
     for s0 in range(0, n, B):
         nb = min(B, n - s0)
-        load_rows(X, s0, nb, work, _I(0), _I(N_IN), _I(B))
+        load_rows(X, s0, nb, work, 0, N_IN, B)
 {forward_train}
         if want_y:
-            store_rows(Y, s0, nb, work, _I({out_off}), _I(N_OUT), _I(B))
-        load_rows(Ybar, s0, nb, work, _I({grad_a}), _I(N_OUT), _I(B))
+            store_rows(Y, s0, nb, work, {out_off}, N_OUT, B)
+        load_rows(Ybar, s0, nb, work, {grad_a}, N_OUT, B)
 {pullback}
-        store_rows(Xbar, s0, nb, work, _I({gx_off}), _I(N_IN), _I(B))
+        store_rows(Xbar, s0, nb, work, {gx_off}, N_IN, B)
 
 
 @njit(**_J)
@@ -432,7 +428,7 @@ def generate_source(input_shape, layers, dtype, B=None) -> tuple[str, ChainPlan]
         out_off=out_off, grad_a=plan.grad_a, gx_off=gx_off)
     valgrad_variants = (  # (name suffix, pullback, gx store, docstring line)
         ("", pull_train, "", "gx is not used (same signature as valgrad_x_range)."),
-        ("_x", pull, f"\n        store_block(gx, idx, s0, nb, work, _I({gx_off}), _I(N_IN), _I(B))",
+        ("_x", pull, f"\n        store_block(gx, idx, s0, nb, work, {gx_off}, N_IN, B)",
          "Also overwrites rows idx[lo:hi] of gx (N, N_IN) with scale * dL/dx."))
     for kind, kernel in sorted(LOSS_KERNELS.items()):
         deps[f"loss_range_{kind}"] = infer
