@@ -151,6 +151,8 @@ LOSS_KERNELS = {
 # Signature: (work, y_off, gy_off, T, idx, s0, n_out, B, nb, scale, need_grad) -> sum
 # yhat for sample s of the block (global row idx[s0 + s]) is work[y_off + j * B + s].
 # Lanes nb..B-1 of a partial block are padding: their gradient is set to zero.
+# The gradient area gy_off.. is scratch for these kernels: it is overwritten even when
+# need_grad is False (squared and absolute loss gather the targets there first).
 
 
 @njit(**JIT_OPTIONS)

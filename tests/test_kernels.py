@@ -118,3 +118,39 @@ def test_kernels_bad_block_size():
     for bad in (0, -3, 2.5, "8"):
         with pytest.raises(ValueError, match="block_size"):
             CHAIN.kernels(np.float64, block_size=bad)
+
+
+# --- aligned workspaces ---------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [7, (3, 5), [2, 16], (0,)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_aligned_zeros(shape, dtype):
+    from smallchains.compiler.runtime import ALIGN_BYTES, aligned_zeros
+    a = aligned_zeros(shape, dtype)
+    assert a.shape == np.zeros(shape).shape and a.dtype == dtype
+    assert a.flags.c_contiguous and a.flags.writeable
+    assert not a.any()
+    if a.size:
+        assert a.ctypes.data % ALIGN_BYTES == 0
+
+
+def test_aligned_zeros_rejects_negative_sizes():
+    from smallchains.compiler.runtime import aligned_zeros
+    with pytest.raises(ValueError, match="negative"):
+        aligned_zeros((2, -3), np.float32)
+
+
+def test_training_workspaces_and_gradients_are_aligned():
+    # every thread's row of the workspace starts on a cache line (work_size is padded)
+    chain = sc.SimpleChain(3, sc.TurboDense(5, "tanh"), sc.TurboDense(2))
+    X = np.random.default_rng(0).standard_normal((300, 3)).astype(np.float32)
+    p = sc.init_params(chain, seed=0)
+    model = sc.add_loss(chain, sc.SquaredLoss(np.zeros((300, 2), np.float32)))
+    G = sc.alloc_threaded_grad(chain, n_threads=2)
+    assert G.ctypes.data % 64 == 0
+    sc.train_unbatched(G, p, model, X, sc.Adam(1e-3), 1)
+    works = list(chain._tls.works.values())
+    assert works
+    for w in works:
+        assert w.shape[1] % 16 == 0
+        for row in w:
+            assert row.ctypes.data % 64 == 0

@@ -10,8 +10,9 @@ from numba import njit
 from .._config import INLINE_OPTIONS, JIT_OPTIONS
 
 # Workspace alignment in bytes: one cache line, so no vector load of a block row is split
-# across two lines. Block offsets are multiples of 16 elements (B is), so an aligned base
-# aligns every row. Measured on a Zen 3 (matexp steps, 1 thread): a workspace 16 bytes off
+# across two lines. In the training workspaces block offsets are multiples of 16 elements
+# (choose_block_size makes B one), so an aligned base aligns every row; other block sizes
+# (kernels(block_size=24), the ODE's blocks) align only the first. Measured on a Zen 3 (matexp steps, 1 thread): a workspace 16 bytes off
 # a 32-byte boundary made the layer steps 23-30% slower than an aligned one.
 ALIGN_BYTES = 64
 
@@ -23,7 +24,10 @@ def aligned_zeros(shape, dtype) -> np.ndarray:
     past a page), which splits half of all 32-byte AVX loads across cache lines.
     """
     dtype = np.dtype(dtype)
-    n = int(np.prod(shape, dtype=np.int64))
+    dims = (shape,) if np.ndim(shape) == 0 else tuple(shape)
+    if any(int(d) < 0 for d in dims):
+        raise ValueError(f"aligned_zeros: negative dimensions are not allowed, got {shape!r}")
+    n = int(np.prod(dims, dtype=np.int64))
     raw = np.zeros(n * dtype.itemsize + ALIGN_BYTES, dtype=np.uint8)
     start = -raw.ctypes.data % ALIGN_BYTES
     return raw[start:start + n * dtype.itemsize].view(dtype).reshape(shape)

@@ -168,7 +168,8 @@ def emit_affine(ctx, n_in, n_out, w_off, b_off, act, z_off):
 
 # dW register tile: TILE_O x TILE_I vector accumulators plus TILE_O + TILE_I loaded vectors
 # must fit the register file. 4 x 4 with AVX-512's 32 registers; with 16 (AVX2), 2 x 4
-# (measured on a Zen 3: the 4 x 4 tile spills and the matexp step is 16-19% slower).
+# (measured on a Zen 3: the 4 x 4 tile spills and the matexp step is 16-19% slower), or
+# 1 x 8 when n_in >= 8 (see _dw_tile).
 TILE_O = 4 if vector_registers() >= 32 else 2
 TILE_I = 4
 
@@ -269,7 +270,7 @@ def emit_affine_pullback(ctx, n_in, n_out, w_off, b_off, act, z_off):
     if b_off is not None:
         L += [f"    g[{b_off} + o] += gb"]
     # dW[o, i] = sum_s delta[o, s] x[i, s]: small blocks vectorized over i (transposed x),
-    # others in TILE_O x TILE_I register tiles vectorized over the samples
+    # others in register tiles (_dw_tile) vectorized over the samples
     if B * np.dtype(dt.removeprefix("np.")).itemsize <= DW_TRANSPOSE_MAX_BYTES and n_in >= 8:
         L += emit_outer_grad_transposed(B, dt, go_, x, n_out, n_in, w_off, gi_)
     else:
