@@ -175,15 +175,11 @@ def squared_loss_block(work, y_off, gy_off, T, idx, s0, n_out, B, nb, scale, nee
     two_scale = like(scale, 2.0) * scale
     for j in range(n_out):
         yj, gj = y_off + j * B, gy_off + j * B
-        if need_grad:
-            for s in range(nb):
-                d = work[yj + s] - work[gj + s]
-                total += d * d
+        for s in range(nb):
+            d = work[yj + s] - work[gj + s]
+            total += d * d
+            if need_grad:
                 work[gj + s] = two_scale * d
-        else:
-            for s in range(nb):
-                d = work[yj + s] - work[gj + s]
-                total += d * d
     return total
 
 

@@ -12,8 +12,9 @@ from .._config import INLINE_OPTIONS, JIT_OPTIONS
 # Workspace alignment in bytes: one cache line, so no vector load of a block row is split
 # across two lines. In the training workspaces block offsets are multiples of 16 elements
 # (choose_block_size makes B one), so an aligned base aligns every row; other block sizes
-# (kernels(block_size=24), the ODE's blocks) align only the first. Measured on a Zen 3 (matexp steps, 1 thread): a workspace 16 bytes off
-# a 32-byte boundary made the layer steps 23-30% slower than an aligned one.
+# (kernels(block_size=24), the ODE's blocks) align only the first. Measured on a Zen 3
+# (matexp steps, 1 thread): a workspace 16 bytes off a 32-byte boundary made the layer
+# steps 23-30% slower than an aligned one.
 ALIGN_BYTES = 64
 
 
