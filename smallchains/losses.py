@@ -22,7 +22,7 @@ import math
 import numpy as np
 from numba import njit
 
-from ._config import JIT_OPTIONS
+from ._config import INLINE_OPTIONS
 from ._numba_utils import like
 from .compiler.runtime import load_block
 
@@ -148,6 +148,8 @@ LOSS_KERNELS = {
 
 
 # --- block kernels ----------------------------------------------------------------------
+# Inlined into the generated kernels (numba IR inlining): the kernels pass literal offsets,
+# so separately compiled copies were per chain anyway (docs/internals.md).
 # Signature: (work, y_off, gy_off, T, idx, s0, n_out, B, nb, scale, need_grad) -> sum
 # yhat for sample s of the block (global row idx[s0 + s]) is work[y_off + j * B + s].
 # Lanes nb..B-1 of a partial block are padding: their gradient is set to zero.
@@ -155,7 +157,7 @@ LOSS_KERNELS = {
 # need_grad is False (squared and absolute loss gather the targets there first).
 
 
-@njit(**JIT_OPTIONS)
+@njit(**INLINE_OPTIONS)
 def _zero_padding(work, gy_off, n_out, B, nb):
     for j in range(n_out):
         for s in range(nb, B):
@@ -168,7 +170,7 @@ def _zero_padding(work, gy_off, n_out, B, nb):
 # matexp's loss took 51 us per epoch of 10,000 samples (Zen 3, 1 thread).
 
 
-@njit(**JIT_OPTIONS)
+@njit(**INLINE_OPTIONS)
 def squared_loss_block(work, y_off, gy_off, T, idx, s0, n_out, B, nb, scale, need_grad):
     load_block(T, idx, s0, nb, work, gy_off, n_out, B)
     total = like(scale, 0.0)
@@ -183,7 +185,7 @@ def squared_loss_block(work, y_off, gy_off, T, idx, s0, n_out, B, nb, scale, nee
     return total
 
 
-@njit(**JIT_OPTIONS)
+@njit(**INLINE_OPTIONS)
 def absolute_loss_block(work, y_off, gy_off, T, idx, s0, n_out, B, nb, scale, need_grad):
     load_block(T, idx, s0, nb, work, gy_off, n_out, B)
     total = like(scale, 0.0)
@@ -197,7 +199,7 @@ def absolute_loss_block(work, y_off, gy_off, T, idx, s0, n_out, B, nb, scale, ne
     return total
 
 
-@njit(**JIT_OPTIONS)
+@njit(**INLINE_OPTIONS)
 def logit_crossentropy_block(work, y_off, gy_off, T, idx, s0, n_out, B, nb, scale, need_grad):
     total = like(scale, 0.0)
     for s in range(nb):

@@ -34,7 +34,7 @@ def aligned_zeros(shape, dtype) -> np.ndarray:
     return raw[start:start + n * dtype.itemsize].view(dtype).reshape(shape)
 
 
-@njit(**JIT_OPTIONS)
+@njit(**INLINE_OPTIONS)
 def load_block(X, idx, s0, nb, work, off, n_feat, B):
     """Copy rows ``idx[s0:s0+nb]`` of ``X (N, n_feat)`` into a feature-major block.
 
@@ -51,7 +51,7 @@ def load_block(X, idx, s0, nb, work, off, n_feat, B):
                 work[off + f * B + s] = 0
 
 
-@njit(**JIT_OPTIONS)
+@njit(**INLINE_OPTIONS)
 def store_block(Y, idx, s0, nb, work, off, n_feat, B):
     """Copy a feature-major block back to rows ``idx[s0:s0+nb]`` of ``Y (N, n_feat)``."""
     for s in range(nb):
@@ -60,7 +60,7 @@ def store_block(Y, idx, s0, nb, work, off, n_feat, B):
             Y[r, f] = work[off + f * B + s]
 
 
-@njit(**JIT_OPTIONS)
+@njit(**INLINE_OPTIONS)
 def load_rows(X, s0, nb, work, off, n_feat, B):
     """Like :func:`load_block` for the contiguous rows ``s0:s0+nb`` of ``X (N, n_feat)``."""
     for s in range(nb):
@@ -72,7 +72,7 @@ def load_rows(X, s0, nb, work, off, n_feat, B):
                 work[off + f * B + s] = 0
 
 
-@njit(**JIT_OPTIONS)
+@njit(**INLINE_OPTIONS)
 def store_rows(Y, s0, nb, work, off, n_feat, B):
     """Copy a feature-major block back to the contiguous rows ``s0:s0+nb`` of ``Y``."""
     for s in range(nb):

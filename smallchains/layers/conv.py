@@ -22,7 +22,7 @@ import numpy as np
 
 from .._cpu import vector_registers
 from ..activations import Activation, get_activation, grad_expr, needs_z, value_expr
-from .base import EmitContext, Layer
+from .base import EmitContext, Layer, at
 from .dense import _sum
 
 
@@ -141,7 +141,7 @@ class Conv(Layer):
         w = ctx.p_off
         b_expr = f"p[{w + Co * C * K * K} + cd]" if self.bias else f"{dt}(0.0)"
         L += emit_correlate(B, dt, src, C, Hp, Wp, ctx.out_off, Co, Ho, Wo, K, b_expr,
-                            lambda cd, cs, ky, kx: f"{w} + (({cd} * {C} + {cs}) * {K} + {ky}) * {K} + {kx}",
+                            f"{w} + (cd * {C} + cs) * {K * K}", lambda ky, kx: ky * K + kx,
                             src_rows=(P, P + H) if P else None)
         n = Co * Ho * Wo * B
         act = self.activation
@@ -161,15 +161,20 @@ class Conv(Layer):
         go, w = ctx.gout_off, ctx.p_off
         n_row = Ho * Wo * B
         zo = z_off if needs_z(act) else ctx.out_off
+        deriv = grad_expr(act, "zz", "aa", dt)
         L = [f"# pullback of conv {C}x{H}x{W} -> {Co}x{Ho}x{Wo}, {K}x{K}, padding {P}",
              f"for co in range({Co}):",
+             f"    r = co * {n_row}",
              f"    gb = {dt}(0.0)",
-             f"    for j in range({n_row}):",
-             f"        zz = work[{zo} + co * {n_row} + j]",
-             f"        aa = work[{ctx.out_off} + co * {n_row} + j]",
-             f"        d = work[{go} + co * {n_row} + j] * {grad_expr(act, 'zz', 'aa', dt)}",
-             f"        work[{go} + co * {n_row} + j] = d",
-             "        gb += d"]
+             f"    for j in range({n_row}):"]
+        if act.name == "identity":  # delta = dL/da: only the bias gradient to sum
+            L += [f"        gb += work[{go} + r + j]"]
+        else:
+            L += [f"        zz = work[{zo} + r + j]"] * needs_z(act)
+            L += [f"        aa = work[{ctx.out_off} + r + j]"] * ("aa" in deriv)
+            L += [f"        d = work[{go} + r + j] * {deriv}",
+                  f"        work[{go} + r + j] = d",
+                  "        gb += d"]
         if self.bias:
             L += [f"    g[{w + Co * C * K * K} + co] += gb"]
         L += emit_conv_weight_grad(B, dt, go, Co, Ho, Wo, src, C, Hp, Wp, K, w)
@@ -181,7 +186,7 @@ class Conv(Layer):
         dst = gpin if P else ctx.gin_off
         body += emit_correlate(
             B, dt, dpad, Co, Hd, Wd, dst, C, Hp, Wp, K, f"{dt}(0.0)",
-            lambda cd, cs, ky, kx: f"{w} + (({cs} * {C} + {cd}) * {K} + {K - 1} - {ky}) * {K} + {K - 1} - {kx}",
+            f"{w} + (cs * {C} + cd) * {K * K}", lambda ky, kx: (K - 1 - ky) * K + K - 1 - kx,
             src_rows=(K - 1, K - 1 + Ho))
         if P:  # crop the padded-input gradient
             body += [f"for c in range({C}):", f"    for y in range({H}):",
@@ -204,11 +209,12 @@ def emit_pad_copy(B, src, dst, C, H, W, py, px):
             f"work[{src} + (c * {H} + y) * {W * B} + j]"]
 
 
-def emit_correlate(B, dt, src, Cs, Hs, Ws, dst, Cd, Hd, Wd, K, init_expr, w_index,
+def emit_correlate(B, dt, src, Cs, Hs, Ws, dst, Cd, Hd, Wd, K, init_expr, w_base, w_tap,
                    src_rows=None):
     """Lines for ``dst[cd, y, x] = init + sum_{cs,ky,kx} w(cd,cs,ky,kx) src[cs, y+ky, x+kx]``
-    over all lanes (a 'valid' cross-correlation). ``w_index(cd, cs, ky, kx)`` gives the
-    expression of the weight's index in ``p``; ``init_expr`` may use ``cd``. The taps of
+    over all lanes (a 'valid' cross-correlation). The weight's index in ``p`` is ``w_base``
+    (an expression in ``cd`` and ``cs``) plus the int ``w_tap(ky, kx)``; ``init_expr`` may
+    use ``cd``. The taps of
     one (cd, cs) pair are fused into expressions of about ``CORR_TAPS`` taps (whole kernel
     rows): one load/store of the output row per that many FMAs, with the weights held in
     registers across rows. ``src_rows = (lo, hi)``: only source rows ``lo <= r < hi`` can be
@@ -219,7 +225,8 @@ def emit_correlate(B, dt, src, Cs, Hs, Ws, dst, Cd, Hd, Wd, K, init_expr, w_inde
          f"    init = {init_expr}",
          f"    for j in range({Hd * Wd * B}):",
          f"        work[{dst} + cd * {Hd * Wd * B} + j] = init",
-         f"    for cs in range({Cs}):"]
+         f"    for cs in range({Cs}):",
+         f"        wb = {w_base}"]
     rows = max(1, CORR_TAPS // K)
     for g0 in range(0, K, rows):
         group = [(t, ky, kx) for t, (ky, kx) in enumerate(taps) if g0 <= ky < g0 + rows]
@@ -229,13 +236,13 @@ def emit_correlate(B, dt, src, Cs, Hs, Ws, dst, Cd, Hd, Wd, K, init_expr, w_inde
             y0, y1 = max(0, src_rows[0] - ky1), min(Hd, src_rows[1] - g0)
             if y0 >= y1:
                 continue
-        L += [f"        w{t} = p[{w_index('cd', 'cs', ky, kx)}]" for t, ky, kx in group]
+        L += [f"        w{t} = p[{at('wb', w_tap(ky, kx))}]" for t, ky, kx in group]
         L += [f"        for y in range({y0}, {y1}):",
               f"            drow = {dst} + (cd * {Hd} + y) * {Wd * B}",
               f"            srow = {src} + (cs * {Hs} + y) * {Ws * B}",
               f"            for j in range({Wd * B}):",
               "                work[drow + j] += " + _sum(
-                  [f"w{t} * work[srow + {ky * Ws * B + kx * B} + j]" for t, ky, kx in group])]
+                  [f"w{t} * work[{at('srow', ky * Ws * B + kx * B)} + j]" for t, ky, kx in group])]
     return L
 
 
@@ -263,16 +270,16 @@ def emit_conv_weight_grad(B, dt, d_off, Co, Ho, Wo, src, Ci, Hs, Ws, K, w_off):
     def tile(c0, tc, pad):
         acc = [f"a{a}_{kx}" for a in range(tc) for kx in range(K)]
         out = [f"for ci in range({Ci}):", f"    for ky in range({K}):"]
-        out += [f"        {v} = {dt}(0.0)" for v in acc]
+        out += [f"        zero = {dt}(0.0)"] + [f"        {v} = zero" for v in acc]
         out += [f"        for y in range({Ho}):",
-                f"            srow = {src} + (ci * {Hs} + y + ky) * {Ws * B}"]
-        out += [f"            drow{a} = {d_off} + (({c0} + {a}) * {Ho} + y) * {nrow}" for a in range(tc)]
-        out += [f"            for j in range({nrow}):"]
-        out += [f"                d{a} = work[drow{a} + j]" for a in range(tc)]
-        out += [f"                x{kx} = work[srow + {kx * B} + j]" for kx in range(K)]
+                f"            srow = {src} + (ci * {Hs} + y + ky) * {Ws * B}",
+                f"            drow = {d_off} + ({c0} * {Ho} + y) * {nrow}",
+                f"            for j in range({nrow}):"]
+        out += [f"                d{a} = work[{at('drow', a * Ho * nrow)} + j]" for a in range(tc)]
+        out += [f"                x{kx} = work[{at('srow', kx * B)} + j]" for kx in range(K)]
         out += [f"                a{a}_{kx} += d{a} * x{kx}" for a in range(tc) for kx in range(K)]
-        out += [f"        g[{w_off} + ((({c0} + {a}) * {Ci} + ci) * {K} + ky) * {K} + {kx}] += a{a}_{kx}"
-                for a in range(tc) for kx in range(K)]
+        out += [f"        gw = {w_off} + ({c0} * {Ci} + ci) * {K * K} + ky * {K}"]
+        out += [f"        g[{at('gw', a * Ci * K * K + kx)}] += a{a}_{kx}" for a in range(tc) for kx in range(K)]
         return [pad + ln for ln in out]
 
     if full:
@@ -347,17 +354,18 @@ class MaxPool(Layer):
         if H % k or W % k:  # elements outside every window get zero
             L += [f"    for j in range({C * H * W * B}):", f"        work[{gi} + j] = {dt}(0.0)"]
         L += ["    " + ln for ln in self._window_loop(ctx)]
-        L += [f"        ob = q * {B}",
+        L += [f"        ob = q * {B}", f"        xb = {i} + ib", f"        gb = {gi} + ib",
+              f"        one = {dt}(1.0)", f"        zero = {dt}(0.0)",
               f"        for s in range({B}):",
               f"            m = work[{o} + ob + s]",
               f"            gv = work[{go} + ob + s]",
-              f"            free = {dt}(1.0)"]
+              "            free = one"]
         for dy in range(k):
             for dx in range(k):
                 off = (dy * W + dx) * B
-                L += [f"            e = {dt}(1.0) if work[{i} + ib + {off} + s] == m else {dt}(0.0)",
-                      f"            work[{gi} + ib + {off} + s] = gv * e * free",
-                      f"            free = free * ({dt}(1.0) - e)"]
+                L += [f"            e = one if work[{at('xb', off)} + s] == m else zero",
+                      f"            work[{at('gb', off)} + s] = gv * e * free",
+                      "            free = free * (one - e)"]
         return L
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from .._cpu import vector_registers
 from ..activations import (IDENTITY, LEAKY_RELU, RELU, Activation, get_activation, grad_expr,
                            needs_z, value_expr)
-from .base import EmitContext, Layer
+from .base import EmitContext, Layer, at
 
 
 @dataclass(frozen=True, init=False)
@@ -147,7 +147,7 @@ def emit_affine(ctx, n_in, n_out, w_off, b_off, act, z_off):
         act_pass += [f"    work[{ctx.out_off} + k] = {value_expr(act, 'zz', dt)}"]
     if len(chunks) == 1:
         i, k = chunks[0]
-        L += [f"    w{j} = p[wo + {j}]" for j in range(k)]
+        L += [f"    w{j} = p[{at('wo', j)}]" for j in range(k)]
         L += ["    if True:", f"        for s in range({B}):"]
         L += act_line(_sum(["bias"] + [f"w{j} * work[{x + j * B} + s]" for j in range(k)]))
         return L + act_pass
@@ -156,10 +156,12 @@ def emit_affine(ctx, n_in, n_out, w_off, b_off, act, z_off):
     L += [f"    for s in range({B}):", "        work[ao + s] = bias"]
     if full:
         L += [f"    for i in range(0, {full * CHUNK}, {CHUNK}):"]
-        L += [f"        w{j} = p[wo + i + {j}]" for j in range(CHUNK)]
+        L += ["        wi = wo + i"] + [f"        w{j} = p[{at('wi', j)}]" for j in range(CHUNK)]
         L += [f"        xi = {x} + i * {B}", f"        for s in range({B}):"]
-        L += ["            work[ao + s] += " + _sum([f"w{j} * work[xi + {j * B} + s]" for j in range(CHUNK)])]
+        L += ["            work[ao + s] += " + _sum([f"w{j} * work[{at('xi', j * B)} + s]" for j in range(CHUNK)])]
     rem = n_in - full * CHUNK
+    if not rem and act_pass:  # z is complete; the activation pass follows
+        return L + act_pass
     L += [f"    w{j} = p[wo + {full * CHUNK + j}]" for j in range(rem)]
     L += ["    if True:", f"        for s in range({B}):"]
     L += act_line(_sum(["work[ao + s]"] + [f"w{j} * work[{x + (full * CHUNK + j) * B} + s]" for j in range(rem)]))
@@ -191,14 +193,14 @@ def emit_outer_grad(B, dt, d_off, x_off, n_out, n_in, w_off):
 
     def tile(o_expr, i_expr, to, ti, indent):
         pad = " " * indent
-        out = [f"{pad}c{a}_{b} = {dt}(0.0)" for a in range(to) for b in range(ti)]
-        out += [f"{pad}do = {d_off} + ({o_expr}) * {B}", f"{pad}xo = {x_off} + ({i_expr}) * {B}",
+        out = [f"{pad}zero = {dt}(0.0)"] + [f"{pad}c{a}_{b} = zero" for a in range(to) for b in range(ti)]
+        out += [f"{pad}do = {d_off} + {o_expr} * {B}", f"{pad}xo = {x_off} + {i_expr} * {B}",
                 f"{pad}for s in range({B}):"]
-        out += [f"{pad}    d{a} = work[do + {a * B} + s]" for a in range(to)]
-        out += [f"{pad}    x{b} = work[xo + {b * B} + s]" for b in range(ti)]
+        out += [f"{pad}    d{a} = work[{at('do', a * B)} + s]" for a in range(to)]
+        out += [f"{pad}    x{b} = work[{at('xo', b * B)} + s]" for b in range(ti)]
         out += [f"{pad}    c{a}_{b} += d{a} * x{b}" for a in range(to) for b in range(ti)]
-        out += [f"{pad}g[{w_off} + ({o_expr} + {a}) * {n_in} + {i_expr} + {b}] += c{a}_{b}"
-                for a in range(to) for b in range(ti)]
+        out += [f"{pad}gw = {w_off} + {o_expr} * {n_in} + {i_expr}"]
+        out += [f"{pad}g[{at('gw', a * n_in + b)}] += c{a}_{b}" for a in range(to) for b in range(ti)]
         return out
 
     TO, TI = _dw_tile(n_in)
@@ -257,16 +259,16 @@ def emit_affine_pullback(ctx, n_in, n_out, w_off, b_off, act, z_off):
     a_off = ctx.out_off
     L = [f"# pullback of dense {n_in} -> {n_out} ({act.name})",
          f"for o in range({n_out}):",
-         f"    go = {go_} + o * {B}",
-         f"    ao = {a_off} + o * {B}",
-         f"    zo = {z_off} + o * {B}",
-         f"    gb = {dt}(0.0)",
-         f"    for s in range({B}):",
-         "        zz = work[zo + s]",
-         "        aa = work[ao + s]",
-         f"        d = work[go + s] * {grad_expr(act, 'zz', 'aa', dt)}",
-         "        work[go + s] = d",
-         "        gb += d"]
+         f"    go = {go_} + o * {B}"]
+    deriv = grad_expr(act, "zz", "aa", dt)
+    uses_z, uses_a = needs_z(act), "aa" in deriv  # emit only the loads f' needs
+    L += [f"    zo = {z_off} + o * {B}"] * uses_z + [f"    ao = {a_off} + o * {B}"] * uses_a
+    L += [f"    gb = {dt}(0.0)", f"    for s in range({B}):"]
+    if act.code == IDENTITY:  # delta = dL/da: only the bias gradient to sum
+        L += ["        gb += work[go + s]"]
+    else:
+        L += ["        zz = work[zo + s]"] * uses_z + ["        aa = work[ao + s]"] * uses_a
+        L += [f"        d = work[go + s] * {deriv}", "        work[go + s] = d", "        gb += d"]
     if b_off is not None:
         L += [f"    g[{b_off} + o] += gb"]
     # dW[o, i] = sum_s delta[o, s] x[i, s]: small blocks vectorized over i (transposed x),
@@ -296,21 +298,26 @@ def emit_input_grad(B, dt, d_off, gx_off, w_off, n_in, n_out):
     ti = GX_IN if n_in % GX_IN == 0 else 1
 
     def one_pass(o, to, op, pad):
-        out = [f"{pad}w{a}_{b} = p[{w_off} + ({o} + {b}) * {n_in} + i + {a}]"
-               for a in range(ti) for b in range(to)]
+        # o: an int (the pass's first output) or "o" (the loop variable)
+        wo = f"wi + o * {n_in}" if o == "o" else at("wi", o * n_in)
+        do = f"{d_off} + o * {B}" if o == "o" else d_off + o * B
+        out = [f"{pad}wo = {wo}", f"{pad}do = {do}"] if o == "o" else []
+        wo, do = ("wo", "do") if o == "o" else (wo, do)
+        out += [f"{pad}w{a}_{b} = p[{at(wo, b * n_in + a)}]" for a in range(ti) for b in range(to)]
         out += [f"{pad}for s in range({B}):"]
-        out += [f"{pad}    d{b} = work[{d_off} + ({o} + {b}) * {B} + s]" for b in range(to)]
-        out += [f"{pad}    work[{gx_off} + (i + {a}) * {B} + s] {op} "
+        out += [f"{pad}    d{b} = work[{at(do, b * B)} + s]" for b in range(to)]
+        out += [f"{pad}    work[{at('gi', a * B)} + s] {op} "
                 + _sum([f"w{a}_{b} * d{b}" for b in range(to)]) for a in range(ti)]
         return out
 
     first = min(GX_OUT, n_out)
     full = n_out // GX_OUT * GX_OUT
     L = [f"# dL/dx = W^T delta, {ti} input(s) x {GX_OUT} outputs per pass",
-         f"for i in range(0, {n_in}, {ti}):"]
-    L += one_pass("0", first, "=", "    ")
+         f"for i in range(0, {n_in}, {ti}):",
+         f"    wi = {w_off} + i", f"    gi = {gx_off} + i * {B}"]
+    L += one_pass(0, first, "=", "    ")
     if full > GX_OUT:
         L += [f"    for o in range({GX_OUT}, {full}, {GX_OUT}):"] + one_pass("o", GX_OUT, "+=", "        ")
     if 0 < full < n_out:  # remainder outputs (fewer than GX_OUT in all: the first pass)
-        L += one_pass(str(full), n_out - full, "+=", "    ")
+        L += one_pass(full, n_out - full, "+=", "    ")
     return L
