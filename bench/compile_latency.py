@@ -16,6 +16,10 @@ just before ``import smallchains`` to the end of the first training step:
 
 * cold: SMALLCHAINS_CACHE_DIR = a fresh empty temp dir
 * warm: same dir, new process
+* warm, no scipy (matexp, lenet5): the same, with scipy made unimportable in the child
+  (``sys.modules["scipy"] = None``), as in an install of smallchains' own dependencies
+  (numba, numpy). numba imports scipy.linalg when it sets up its CPU target (a BLAS
+  check), whether or not anything uses it; this run shows what that costs
 * new chain (matexp, lenet5): another fresh dir, where a process first trained a
   slightly different chain (first hidden layer one unit / two channels wider), so the
   library's own kernels (training loops, optimizer, activations) are cached but none of
@@ -100,7 +104,7 @@ def child_ode():
     print(f"LATENCY {t1 - t0:.6f}")
 
 
-def run_once(cache, threads, model="matexp", data=None, variant=False):
+def run_once(cache, threads, model="matexp", data=None, variant=False, no_scipy=False):
     env = dict(os.environ)
     env["SMALLCHAINS_CACHE_DIR"] = cache
     env["NUMBA_CACHE_DIR"] = os.path.join(cache, "numba")
@@ -110,6 +114,8 @@ def run_once(cache, threads, model="matexp", data=None, variant=False):
         cmd += ["--data", data]
     if variant:
         cmd += ["--variant"]
+    if no_scipy:
+        cmd += ["--no-scipy"]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -129,8 +135,11 @@ def main():
     ap.add_argument("--model", choices=["matexp", "lenet5", "ode"], default="matexp")
     ap.add_argument("--data", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--variant", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--no-scipy", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
+        if args.no_scipy:  # before numba is imported (setup_threads imports nothing heavy)
+            sys.modules["scipy"] = None
         if args.model == "lenet5":
             child_lenet5(args.threads, args.data, args.variant)
         elif args.model == "ode":
@@ -150,7 +159,9 @@ def main():
             write_lenet5_data(data)
         cold, cold_wall = run_once(cache, args.threads, args.model, data)
         warm, warm_wall = run_once(cache, args.threads, args.model, data)
+        no_scipy = None
         if args.model != "ode":
+            no_scipy, _ = run_once(cache, args.threads, args.model, data, no_scipy=True)
             run_once(cache2, args.threads, args.model, data, variant=True)
             new, _ = run_once(cache2, args.threads, args.model, data)
     finally:
@@ -161,8 +172,9 @@ def main():
         shutil.rmtree(cache2, ignore_errors=True)
     what = "" if args.model == "matexp" else f"{args.model}, "
     new_text = "" if new is None else f", new chain {new:.2f} s"
+    no_scipy_text = "" if no_scipy is None else f" (without scipy {no_scipy:.2f} s)"
     print(f"smallchains compile latency ({what}{args.threads} threads; import -> end "
-          f"of first step): cold {cold:.2f} s, warm {warm:.2f} s{new_text} "
+          f"of first step): cold {cold:.2f} s, warm {warm:.2f} s{no_scipy_text}{new_text} "
           f"(whole process: cold {cold_wall:.2f} s, warm {warm_wall:.2f} s)")
 
 
