@@ -172,6 +172,18 @@ def grad_expr(act: Activation, z: str, a: str, dt: str) -> str:
     raise NotImplementedError(n)
 
 
+def emit_delta(act: Activation, dt: str, g: str, z: str, a: str, pad: str) -> list:
+    """Lines, for the inside of a loop, that overwrite ``work[g]`` (``dL/da``) with
+    ``delta = dL/da * f'(z)`` and add it to ``gb``. ``g``, ``z``, ``a`` are index
+    expressions of ``dL/da``, ``z`` and ``a = f(z)``; only the loads ``f'`` needs are
+    emitted, and identity only sums (``delta`` is ``dL/da``)."""
+    if act.name == "identity":
+        return [f"{pad}gb += work[{g}]"]
+    deriv = grad_expr(act, "zz", "aa", dt)
+    L = [f"{pad}zz = work[{z}]"] * needs_z(act) + [f"{pad}aa = work[{a}]"] * ("aa" in deriv)
+    return L + [f"{pad}d = work[{g}] * {deriv}", f"{pad}work[{g}] = d", f"{pad}gb += d"]
+
+
 @njit(**INLINE_OPTIONS)
 def gelu_grad(z, t, du):
     """d/dz of 0.5 z (1 + t(z)) with t = tanh(u(z)), du = u'(z)."""

@@ -21,7 +21,7 @@ from math import prod
 import numpy as np
 
 from .._cpu import vector_registers
-from ..activations import Activation, get_activation, grad_expr, needs_z, value_expr
+from ..activations import Activation, emit_delta, get_activation, needs_z, value_expr
 from .base import EmitContext, Layer, at
 from .dense import _sum
 
@@ -161,20 +161,13 @@ class Conv(Layer):
         go, w = ctx.gout_off, ctx.p_off
         n_row = Ho * Wo * B
         zo = z_off if needs_z(act) else ctx.out_off
-        deriv = grad_expr(act, "zz", "aa", dt)
         L = [f"# pullback of conv {C}x{H}x{W} -> {Co}x{Ho}x{Wo}, {K}x{K}, padding {P}",
              f"for co in range({Co}):",
              f"    r = co * {n_row}",
              f"    gb = {dt}(0.0)",
              f"    for j in range({n_row}):"]
-        if act.name == "identity":  # delta = dL/da: only the bias gradient to sum
-            L += [f"        gb += work[{go} + r + j]"]
-        else:
-            L += [f"        zz = work[{zo} + r + j]"] * needs_z(act)
-            L += [f"        aa = work[{ctx.out_off} + r + j]"] * ("aa" in deriv)
-            L += [f"        d = work[{go} + r + j] * {deriv}",
-                  f"        work[{go} + r + j] = d",
-                  "        gb += d"]
+        L += emit_delta(act, dt, f"{go} + r + j", f"{zo} + r + j", f"{ctx.out_off} + r + j",
+                        " " * 8)
         if self.bias:
             L += [f"    g[{w + Co * C * K * K} + co] += gb"]
         L += emit_conv_weight_grad(B, dt, go, Co, Ho, Wo, src, C, Hp, Wp, K, w)

@@ -16,7 +16,7 @@ from math import prod
 
 import numpy as np
 from .._cpu import vector_registers
-from ..activations import (IDENTITY, LEAKY_RELU, RELU, Activation, get_activation, grad_expr,
+from ..activations import (IDENTITY, LEAKY_RELU, RELU, Activation, emit_delta, get_activation,
                            needs_z, value_expr)
 from .base import EmitContext, Layer, at
 
@@ -259,16 +259,10 @@ def emit_affine_pullback(ctx, n_in, n_out, w_off, b_off, act, z_off):
     a_off = ctx.out_off
     L = [f"# pullback of dense {n_in} -> {n_out} ({act.name})",
          f"for o in range({n_out}):",
-         f"    go = {go_} + o * {B}"]
-    deriv = grad_expr(act, "zz", "aa", dt)
-    uses_z, uses_a = needs_z(act), "aa" in deriv  # emit only the loads f' needs
-    L += [f"    zo = {z_off} + o * {B}"] * uses_z + [f"    ao = {a_off} + o * {B}"] * uses_a
-    L += [f"    gb = {dt}(0.0)", f"    for s in range({B}):"]
-    if act.code == IDENTITY:  # delta = dL/da: only the bias gradient to sum
-        L += ["        gb += work[go + s]"]
-    else:
-        L += ["        zz = work[zo + s]"] * uses_z + ["        aa = work[ao + s]"] * uses_a
-        L += [f"        d = work[go + s] * {deriv}", "        work[go + s] = d", "        gb += d"]
+         f"    r = o * {B}",
+         f"    gb = {dt}(0.0)",
+         f"    for s in range({B}):"]
+    L += emit_delta(act, dt, f"{go_} + r + s", f"{z_off} + r + s", f"{a_off} + r + s", " " * 8)
     if b_off is not None:
         L += [f"    g[{b_off} + o] += gb"]
     # dW[o, i] = sum_s delta[o, s] x[i, s]: small blocks vectorized over i (transposed x),
@@ -298,14 +292,17 @@ def emit_input_grad(B, dt, d_off, gx_off, w_off, n_in, n_out):
     ti = GX_IN if n_in % GX_IN == 0 else 1
 
     def one_pass(o, to, op, pad):
-        # o: an int (the pass's first output) or "o" (the loop variable)
-        wo = f"wi + o * {n_in}" if o == "o" else at("wi", o * n_in)
-        do = f"{d_off} + o * {B}" if o == "o" else d_off + o * B
-        out = [f"{pad}wo = {wo}", f"{pad}do = {do}"] if o == "o" else []
-        wo, do = ("wo", "do") if o == "o" else (wo, do)
-        out += [f"{pad}w{a}_{b} = p[{at(wo, b * n_in + a)}]" for a in range(ti) for b in range(to)]
+        # o: an int (the pass's first output, folded into the indices) or "o" (the loop
+        # variable, whose bases are set first)
+        if o == "o":
+            out = [f"{pad}wo = wi + o * {n_in}", f"{pad}do = {d_off} + o * {B}"]
+            w_base, w0, d_base = "wo", 0, "do"
+        else:
+            out, w_base, w0, d_base = [], "wi", o * n_in, d_off + o * B
+        out += [f"{pad}w{a}_{b} = p[{at(w_base, w0 + b * n_in + a)}]"
+                for a in range(ti) for b in range(to)]
         out += [f"{pad}for s in range({B}):"]
-        out += [f"{pad}    d{b} = work[{at(do, b * B)} + s]" for b in range(to)]
+        out += [f"{pad}    d{b} = work[{at(d_base, b * B)} + s]" for b in range(to)]
         out += [f"{pad}    work[{at('gi', a * B)} + s] {op} "
                 + _sum([f"w{a}_{b} * d{b}" for b in range(to)]) for a in range(ti)]
         return out
