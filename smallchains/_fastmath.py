@@ -53,8 +53,7 @@ _jit = numba.njit(fastmath=set(FASTMATH), error_model="numpy", cache=True)
 # absolute-error minimax fit (exact-arithmetic error 1.85e-8).  tanh(9) is
 # 1 - 3.0e-8, which is 1.0 in float32, so |x| is clamped to 9.
 # ---------------------------------------------------------------------------
-_TANH_BOUND = np.float32(9.0)
-_TANH_NBOUND = np.float32(-9.0)
+_TANH_S_BOUND = np.float32(81.0)  # x^2 at the clamp |x| = 9
 _ONE = np.float32(1.0)
 _NONE = np.float32(-1.0)
 _HALF = np.float32(0.5)
@@ -77,8 +76,11 @@ def tanh_f32(x):
     # Clamps as min/max: numba's min(a, b) keeps a when the comparison is false, so NaN
     # passes through, and LLVM emits one vminps/vmaxps each (the equivalent
     # `B if x > B else x` became compare + blend: the whole tanh ~30% slower on Zen 3).
-    x = max(min(x, _TANH_BOUND), _TANH_NBOUND)
-    s = x * x
+    # Only s = x^2 is clamped (to 81, i.e. |x| to 9): for |x| > 9, x * P(81) / Q(81)
+    # has |r| >= 1 and the output clamp makes it exactly +-1 (checked over every float32
+    # >= 9). One op fewer than clamping x to [-9, 9]: 14 vector ops per 8 floats, and
+    # the pass is op-bound (tanh of matexp's 4 -> 32 layer: 7% faster on Zen 3).
+    s = min(x * x, _TANH_S_BOUND)
     p = (((_TP4 * s + _TP3) * s + _TP2) * s + _TP1) * s + _TP0
     q = (((_TQ4 * s + _TQ3) * s + _TQ2) * s + _TQ1) * s + _ONE
     r = (x * p) / q

@@ -172,16 +172,18 @@ def grad_expr(act: Activation, z: str, a: str, dt: str) -> str:
     raise NotImplementedError(n)
 
 
-def emit_delta(act: Activation, dt: str, g: str, z: str, a: str, pad: str) -> list:
-    """Lines, for the inside of a loop, that overwrite ``work[g]`` (``dL/da``) with
-    ``delta = dL/da * f'(z)`` and add it to ``gb``. ``g``, ``z``, ``a`` are index
-    expressions of ``dL/da``, ``z`` and ``a = f(z)``; only the loads ``f'`` needs are
-    emitted, and identity only sums (``delta`` is ``dL/da``)."""
+def emit_delta(act: Activation, dt: str, g: str, z: str, a: str, pad: str, k: str = "",
+               store: bool = True) -> list:
+    """Lines, for the inside of a loop, that compute ``d{k} = delta = dL/da * f'(z)``, add it
+    to ``gb{k}`` and, if ``store``, overwrite ``work[g]`` (``dL/da``) with it. ``g``, ``z``,
+    ``a`` are index expressions of ``dL/da``, ``z`` and ``a = f(z)``; only the loads ``f'``
+    needs are emitted, and identity only loads (``delta`` is ``dL/da``)."""
     if act.name == "identity":
-        return [f"{pad}gb += work[{g}]"]
-    deriv = grad_expr(act, "zz", "aa", dt)
-    L = [f"{pad}zz = work[{z}]"] * needs_z(act) + [f"{pad}aa = work[{a}]"] * ("aa" in deriv)
-    return L + [f"{pad}d = work[{g}] * {deriv}", f"{pad}work[{g}] = d", f"{pad}gb += d"]
+        return [f"{pad}d{k} = work[{g}]", f"{pad}gb{k} += d{k}"]
+    deriv = grad_expr(act, f"zz{k}", f"aa{k}", dt)
+    L = [f"{pad}zz{k} = work[{z}]"] * needs_z(act) + [f"{pad}aa{k} = work[{a}]"] * (f"aa{k}" in deriv)
+    L += [f"{pad}d{k} = work[{g}] * {deriv}"]
+    return L + [f"{pad}work[{g}] = d{k}"] * store + [f"{pad}gb{k} += d{k}"]
 
 
 @njit(**INLINE_OPTIONS)

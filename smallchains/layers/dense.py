@@ -17,7 +17,7 @@ from math import prod
 import numpy as np
 from .._cpu import vector_registers
 from ..activations import (IDENTITY, LEAKY_RELU, RELU, Activation, emit_delta, get_activation,
-                           needs_z, value_expr)
+                           grad_expr, needs_z, value_expr)
 from .base import EmitContext, Layer, at
 
 
@@ -186,37 +186,66 @@ def _dw_tile(n_in):
     return TILE_O, TILE_I
 
 
-def emit_outer_grad(B, dt, d_off, x_off, n_out, n_in, w_off):
+def emit_outer_grad(B, dt, d_off, x_off, n_out, n_in, w_off, delta=None):
     """Lines adding ``sum_s d[o, s] x[i, s]`` into ``g[w_off + o * n_in + i]`` for all
-    ``o < n_out``, ``i < n_in`` (``d`` and ``x`` feature-major blocks at the offsets)."""
-    L = []
+    ``o < n_out``, ``i < n_in`` (``d`` and ``x`` feature-major blocks at the offsets).
 
-    def tile(o_expr, i_expr, to, ti, indent):
-        pad = " " * indent
-        out = [f"{pad}zero = {dt}(0.0)"] + [f"{pad}c{a}_{b} = zero" for a in range(to) for b in range(ti)]
-        out += [f"{pad}do = {d_off} + {o_expr} * {B}", f"{pad}xo = {x_off} + {i_expr} * {B}",
-                f"{pad}for s in range({B}):"]
-        out += [f"{pad}    d{a} = work[{at('do', a * B)} + s]" for a in range(to)]
-        out += [f"{pad}    x{b} = work[{at('xo', b * B)} + s]" for b in range(ti)]
-        out += [f"{pad}    c{a}_{b} += d{a} * x{b}" for a in range(to) for b in range(ti)]
-        out += [f"{pad}gw = {w_off} + {o_expr} * {n_in} + {i_expr}"]
-        out += [f"{pad}g[{at('gw', a * n_in + b)}] += c{a}_{b}" for a in range(to) for b in range(ti)]
-        return out
-
+    With ``delta = (act, z_off, a_off, b_off, store)``, the block at ``d_off`` holds
+    ``dL/da`` and the first input tile of each row group computes ``d = dL/da * f'(z)``
+    itself (adding ``d`` into ``g[b_off + o]`` unless ``b_off`` is None, and writing it
+    over ``dL/da`` if ``store``): no separate pass over the block. Measured on a Zen 3
+    (matexp, in-process A/B): the 4 -> 32 pullback 62.7 -> 55.0 us per epoch, 32 -> 16
+    256.3 -> 253.6 us."""
     TO, TI = _dw_tile(n_in)
     fo, fi = n_out // TO * TO, n_in // TI * TI
-    if fo and fi:
-        L += [f"for ot in range(0, {fo}, {TO}):", f"    for it in range(0, {fi}, {TI}):"]
-        L += tile("ot", "it", TO, TI, 8)
-    if fo and fi < n_in:
-        L += [f"for ot in range(0, {fo}, {TO}):"] + tile("ot", str(fi), TO, n_in - fi, 4)
-    if fo < n_out:
-        for o in range(fo, n_out):
-            if fi:
-                L += [f"for it in range(0, {fi}, {TI}):"] + tile(str(o), "it", 1, TI, 4)
-            if fi < n_in:
-                L += tile(str(o), str(fi), 1, n_in - fi, 0)
+
+    def tile(o, i, to, ti, pad, fused):
+        # o: "ot" (the row-group loop variable) or an int; i: "it" or an int
+        def base(off, v, m):
+            return str(off + v * m) if isinstance(v, int) else f"{off} + {v} * {m}"
+        out = [f"{pad}zero = {dt}(0.0)"] + [f"{pad}c{a}_{b} = zero" for a in range(to) for b in range(ti)]
+        out += [f"{pad}do = {base(d_off, o, B)}", f"{pad}xo = {base(x_off, i, B)}"]
+        if fused:
+            act, z_off, a_off, _, store = delta
+            out += [f"{pad}gb{a} = zero" for a in range(to)]
+            out += [f"{pad}zo = {base(z_off, o, B)}"] * needs_z(act)
+            out += [f"{pad}ao = {base(a_off, o, B)}"] * ("aa" in grad_expr(act, "zz", "aa", dt))
+        out += [f"{pad}for s in range({B}):"]
+        for a in range(to):
+            if fused:
+                out += emit_delta(act, dt, f"{at('do', a * B)} + s", f"{at('zo', a * B)} + s",
+                                  f"{at('ao', a * B)} + s", pad + "    ", k=str(a), store=store)
+            else:
+                out += [f"{pad}    d{a} = work[{at('do', a * B)} + s]"]
+        out += [f"{pad}    x{b} = work[{at('xo', b * B)} + s]" for b in range(ti)]
+        out += [f"{pad}    c{a}_{b} += d{a} * x{b}" for a in range(to) for b in range(ti)]
+        gw = f"{w_off} + {o} * {n_in}" if isinstance(o, str) else str(w_off + o * n_in)
+        out += [f"{pad}gw = {gw}" + ("" if i == 0 else f" + {i}")]
+        out += [f"{pad}g[{at('gw', a * n_in + b)}] += c{a}_{b}" for a in range(to) for b in range(ti)]
+        if fused and delta[3] is not None:
+            gbo = f"{delta[3]} + {o}" if isinstance(o, str) else str(delta[3] + o)
+            out += [f"{pad}g[{at(gbo, a)}] += gb{a}" for a in range(to)]
+        return out
+
+    def rows(o, to, pad):
+        # every input tile of rows o .. o + to - 1; the first one computes delta if fused
+        out = tile(o, 0, to, TI if fi else n_in, pad, delta is not None)
+        if fi > TI:
+            out += [f"{pad}for it in range({TI}, {fi}, {TI}):"] + tile(o, "it", to, TI, pad + "    ", False)
+        if 0 < fi < n_in:
+            out += tile(o, fi, to, n_in - fi, pad, False)
+        return out
+
+    L = [f"for ot in range(0, {fo}, {TO}):"] + rows("ot", TO, "    ") if fo else []
+    for o in range(fo, n_out):
+        L += rows(o, 1, "")
     return L
+
+
+def needs_store(n_in, need_gin):
+    """Whether the fused delta of :func:`emit_outer_grad` must be written back: a later
+    input tile or ``dL/dx`` reads it."""
+    return need_gin is not False or n_in > _dw_tile(n_in)[1]
 
 
 # Blocks of at most this many bytes per feature get dW from a transposed input block (see
@@ -257,20 +286,20 @@ def emit_affine_pullback(ctx, n_in, n_out, w_off, b_off, act, z_off):
     """
     B, dt, x, go_, gi_ = ctx.B, ctx.dt, ctx.in_off, ctx.gout_off, ctx.gin_off
     a_off = ctx.out_off
-    L = [f"# pullback of dense {n_in} -> {n_out} ({act.name})",
-         f"for o in range({n_out}):",
-         f"    r = o * {B}",
-         f"    gb = {dt}(0.0)",
-         f"    for s in range({B}):"]
-    L += emit_delta(act, dt, f"{go_} + r + s", f"{z_off} + r + s", f"{a_off} + r + s", " " * 8)
-    if b_off is not None:
-        L += [f"    g[{b_off} + o] += gb"]
-    # dW[o, i] = sum_s delta[o, s] x[i, s]: small blocks vectorized over i (transposed x),
-    # others in register tiles (_dw_tile) vectorized over the samples
+    L = [f"# pullback of dense {n_in} -> {n_out} ({act.name})"]
+    # dW[o, i] = sum_s delta[o, s] x[i, s]: small blocks vectorized over i (transposed x,
+    # after a delta pass), others in register tiles (_dw_tile) vectorized over the samples,
+    # whose first input tile computes delta
     if B * np.dtype(dt.removeprefix("np.")).itemsize <= DW_TRANSPOSE_MAX_BYTES and n_in >= 8:
+        L += [f"for o in range({n_out}):", f"    r = o * {B}", f"    gb = {dt}(0.0)",
+              f"    for s in range({B}):"]
+        L += emit_delta(act, dt, f"{go_} + r + s", f"{z_off} + r + s", f"{a_off} + r + s", " " * 8)
+        if b_off is not None:
+            L += [f"    g[{b_off} + o] += gb"]
         L += emit_outer_grad_transposed(B, dt, go_, x, n_out, n_in, w_off, gi_)
     else:
-        L += emit_outer_grad(B, dt, go_, x, n_out, n_in, w_off)
+        delta = (act, z_off, a_off, b_off, needs_store(n_in, ctx.need_gin))
+        L += emit_outer_grad(B, dt, go_, x, n_out, n_in, w_off, delta)
     if ctx.need_gin is False:
         return L
     return L + [f"if {ctx.need_gin}:"] + ["    " + l for l in emit_input_grad(B, dt, go_, gi_, w_off, n_in, n_out)]
