@@ -1,0 +1,210 @@
+"""Explicit short vectors for generated kernels: a numba type for ``lanes`` packed floats
+(an LLVM ``<lanes x float>`` value, kept in one vector register) and the few operations
+the dense register tiles need.
+
+LLVM's loop vectorizer decides by itself how a scalar loop maps to vector registers. For
+a matrix-product tile that leaves two costs we cannot remove from scalar source: every
+accumulator of a reduction over the samples ends in its own horizontal sum (7 shuffles and
+adds each), and the forward sum cannot keep several outputs' accumulators in registers
+across all inputs. With these functions an emitter writes the tile itself: vectors of
+``lanes`` consecutive samples (``vload``), weights broadcast to all lanes (``vsplat``),
+fused multiply-adds (``vfma``, LLVM's ``fmuladd``: one FMA where the CPU has one), and one
+transposing reduction of 8 accumulators at a time (``vsum8``).
+
+All functions are numba intrinsics: they exist only inside ``@njit`` / ``@cfunc`` code.
+Indices are not bounds-checked (like numba's own indexing); emitters only generate
+in-range ones.
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils, errors
+from numba.extending import intrinsic, models, register_model
+
+__all__ = ["VECTOR_BYTES", "Vec", "lanes", "vload", "vstore", "vsplat", "vfma", "vadd", "vsub",
+           "vmul", "vsum", "vsum8", "vadd_into"]
+
+#: bytes per vector: 32 (AVX2 ymm registers; an AVX-512 machine runs them too)
+VECTOR_BYTES = 32
+
+
+class Vec(types.Type):
+    """``lanes`` floats of ``dtype`` (float32 or float64) in one vector value."""
+
+    def __init__(self, dtype, lanes):
+        self.dtype = dtype
+        self.lanes = lanes
+        super().__init__(name=f"Vec({dtype}, {lanes})")
+
+
+@register_model(Vec)
+class _VecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        elt = dmm.lookup(fe_type.dtype).get_value_type()
+        super().__init__(dmm, fe_type, ir.VectorType(elt, fe_type.lanes))
+
+
+def lanes(itemsize: int) -> int:
+    """Lanes of a vector of ``itemsize``-byte floats (8 float32, 4 float64)."""
+    return VECTOR_BYTES // itemsize
+
+
+def _lanes(dtype):
+    return lanes(dtype.bitwidth // 8)
+
+
+def _vec_ptr(context, builder, arrty, arr, idx, idxty, vt):
+    ary = context.make_array(arrty)(context, builder, arr)
+    i = context.cast(builder, idx, idxty, types.intp)
+    ptr = builder.gep(ary.data, [i])
+    return builder.bitcast(ptr, context.get_value_type(vt).as_pointer())
+
+
+def _check_array(arr):
+    if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.dtype in (types.float32, types.float64)):
+        raise errors.TypingError(f"expected a 1-D float32 or float64 array, got {arr}")
+
+
+@intrinsic
+def vload(typingctx, arr, idx):
+    """``arr[idx : idx + lanes]`` as a vector (no alignment needed)."""
+    _check_array(arr)
+    vt = Vec(arr.dtype, _lanes(arr.dtype))
+
+    def codegen(context, builder, sig, args):
+        vptr = _vec_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], vt)
+        return builder.load(vptr, align=arr.dtype.bitwidth // 8)
+    return vt(arr, idx), codegen
+
+
+@intrinsic
+def vstore(typingctx, arr, idx, v):
+    """``arr[idx : idx + lanes] = v``."""
+    _check_array(arr)
+    if not (isinstance(v, Vec) and v.dtype == arr.dtype):
+        raise errors.TypingError(f"vstore: expected a Vec of {arr.dtype}, got {v}")
+
+    def codegen(context, builder, sig, args):
+        vptr = _vec_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], v)
+        builder.store(args[2], vptr, align=arr.dtype.bitwidth // 8)
+        return context.get_dummy_value()
+    return types.void(arr, idx, v), codegen
+
+
+@intrinsic
+def vsplat(typingctx, x):
+    """A vector with ``x`` (a float32 or float64 scalar) in every lane."""
+    if x not in (types.float32, types.float64):
+        raise errors.TypingError(f"vsplat: expected a float32 or float64 scalar, got {x}")
+    vt = Vec(x, _lanes(x))
+
+    def codegen(context, builder, sig, args):
+        llty = context.get_value_type(vt)
+        one = builder.insert_element(ir.Constant(llty, ir.Undefined), args[0], ir.IntType(32)(0))
+        mask = ir.Constant(ir.VectorType(ir.IntType(32), vt.lanes), [0] * vt.lanes)
+        return builder.shuffle_vector(one, ir.Constant(llty, ir.Undefined), mask)
+    return vt(x), codegen
+
+
+def _same_vecs(*vs):
+    if not (isinstance(vs[0], Vec) and all(v == vs[0] for v in vs)):
+        raise errors.TypingError(f"expected vectors of one type, got {vs}")
+
+
+@intrinsic
+def vfma(typingctx, a, b, c):
+    """``a * b + c`` lane by lane (LLVM ``fmuladd``: fused where the CPU has FMA)."""
+    _same_vecs(a, b, c)
+
+    def codegen(context, builder, sig, args):
+        llty = context.get_value_type(a)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(llty, [llty] * 3), f"llvm.fmuladd.{_suffix(a)}")
+        return builder.call(fn, args)
+    return a(a, b, c), codegen
+
+
+def _binary(op, doc):
+    def impl(typingctx, a, b):
+        _same_vecs(a, b)
+
+        def codegen(context, builder, sig, args):
+            return getattr(builder, op)(args[0], args[1])
+        return a(a, b), codegen
+    impl.__doc__ = doc
+    return intrinsic(impl)
+
+
+vadd = _binary("fadd", "``a + b`` lane by lane.")
+vsub = _binary("fsub", "``a - b`` lane by lane.")
+vmul = _binary("fmul", "``a * b`` lane by lane.")
+
+
+@intrinsic
+def vsum(typingctx, v):
+    """The sum of the lanes of ``v`` (a scalar), by halving: log2(lanes) shuffle + add."""
+    if not isinstance(v, Vec):
+        raise errors.TypingError(f"vsum: expected a Vec, got {v}")
+
+    def codegen(context, builder, sig, args):
+        x, n = args[0], v.lanes
+        while n > 1:
+            n //= 2
+            x = builder.fadd(_shuffle(builder, x, x, list(range(n))),
+                             _shuffle(builder, x, x, list(range(n, 2 * n))))
+        return builder.extract_element(x, ir.IntType(32)(0))
+    return v.dtype(v), codegen
+
+
+def _suffix(v):
+    return f"v{v.lanes}f{v.dtype.bitwidth}"
+
+
+def _shuffle(builder, a, b, idx):
+    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(ir.IntType(32), len(idx)), idx))
+
+
+@intrinsic
+def vsum8(typingctx, c0, c1, c2, c3, c4, c5, c6, c7):
+    """For 8-lane vectors: the vector whose lane ``k`` is the sum of the lanes of ``ck``
+    (8 horizontal sums in one transposing tree: 7 pairwise add levels of shuffles,
+    where 8 separate horizontal sums take 7 instructions each)."""
+    _same_vecs(c0, c1, c2, c3, c4, c5, c6, c7)
+    if c0.lanes != 8:
+        raise errors.TypingError(f"vsum8 needs 8-lane vectors, got {c0}")
+
+    def codegen(context, builder, sig, args):
+        def hadd(a, b):
+            # [a0+a1, a2+a3, b0+b1, b2+b3, a4+a5, a6+a7, b4+b5, b6+b7] (vhaddps' order)
+            return builder.fadd(_shuffle(builder, a, b, [0, 2, 8, 10, 4, 6, 12, 14]),
+                                _shuffle(builder, a, b, [1, 3, 9, 11, 5, 7, 13, 15]))
+        h0 = hadd(hadd(args[0], args[1]), hadd(args[2], args[3]))  # c0..c3 halves
+        h1 = hadd(hadd(args[4], args[5]), hadd(args[6], args[7]))  # c4..c7 halves
+        lo = _shuffle(builder, h0, h1, [0, 1, 2, 3, 8, 9, 10, 11])
+        hi = _shuffle(builder, h0, h1, [4, 5, 6, 7, 12, 13, 14, 15])
+        return builder.fadd(lo, hi)
+    return c0(c0, c1, c2, c3, c4, c5, c6, c7), codegen
+
+
+@intrinsic(prefer_literal=True)
+def vadd_into(typingctx, arr, idx, v, first, count):
+    """``arr[idx + k] += v[first + k]`` for ``k < count`` (``first``, ``count`` literal
+    ints), as one vector load, add and store of ``count`` lanes."""
+    _check_array(arr)
+    if not (isinstance(v, Vec) and v.dtype == arr.dtype):
+        raise errors.TypingError(f"vadd_into: expected a Vec of {arr.dtype}, got {v}")
+    if not (isinstance(first, types.IntegerLiteral) and isinstance(count, types.IntegerLiteral)):
+        raise errors.TypingError("vadd_into: first and count must be literal ints")
+    f, n = first.literal_value, count.literal_value
+    if not (0 <= f and 0 < n and f + n <= v.lanes):
+        raise errors.TypingError(f"vadd_into: lanes {f}..{f + n - 1} not in a {v.lanes}-lane vector")
+
+    def codegen(context, builder, sig, args):
+        part = Vec(arr.dtype, n)
+        vptr = _vec_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], part)
+        piece = _shuffle(builder, args[2], args[2], list(range(f, f + n)))
+        old = builder.load(vptr, align=arr.dtype.bitwidth // 8)
+        builder.store(builder.fadd(old, piece), vptr, align=arr.dtype.bitwidth // 8)
+        return context.get_dummy_value()
+    return types.void(arr, idx, v, first, count), codegen
