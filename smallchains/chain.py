@@ -73,6 +73,7 @@ class SimpleChain:
         self.n_params = n_params
         self._shapes = shapes
         self._tls = threading.local()  # per-thread workspace cache (thread safety)
+        self._kernel_memo = {}  # dtype -> (module, plan)
 
     # --- description -----------------------------------------------------------------
     def __repr__(self) -> str:
@@ -112,7 +113,11 @@ class SimpleChain:
 
     # --- compiled kernels ----------------------------------------------------------------
     def _kernels(self, dtype):
-        return get_kernels(self.input_shape, self.layers, dtype)
+        # memoized per chain (get_kernels' own key hashes every layer's spec on each call)
+        hit = self._kernel_memo.get(dtype)
+        if hit is None:
+            hit = self._kernel_memo[dtype] = get_kernels(self.input_shape, self.layers, dtype)
+        return hit
 
     def kernels(self, dtype=np.float32, block_size=None) -> "ChainKernels":
         """Numba kernels for embedding: callable from Python and from users' ``@njit`` code

@@ -24,6 +24,8 @@ import threading
 
 import numpy as np
 from numba import njit, prange, typeof, types
+from numba.experimental.function_type import WrapperAddressProtocol
+from numba.extending import typeof_impl
 
 from .._config import JIT_OPTIONS
 from .._numba_utils import like
@@ -138,28 +140,106 @@ def _row(dt):
     return types.Array(dt, 1, "C")
 
 
+def _argkey(a):
+    """What numba's type of ``a`` depends on, cheap to compute and hash."""
+    if isinstance(a, np.ndarray):
+        f = a.flags
+        return (a.dtype, a.ndim, f.c_contiguous, f.f_contiguous, f.writeable, f.aligned)
+    if isinstance(a, np.generic) or type(a) is float:
+        return type(a)
+    if type(a) is int:  # int64, or uint64 past its range
+        return (int, a < 2 ** 63)
+    return (type(a), typeof(a))
+
+
+_typeofs: dict = {}
+
+
+def _typeof(a):
+    """``numba.typeof(a)``, memoized on :func:`_argkey`: numba's Python-level typeof of an
+    array costs several microseconds, and one call of a loop needs about 15 of them."""
+    key = _argkey(a)
+    t = _typeofs.get(key)
+    if t is None:
+        t = _typeofs[key] = typeof(a)
+    return t
+
+
+def _memo_sig(fn):
+    """Memoize a signature builder on the :func:`_argkey` of its arguments."""
+    cache = {}
+
+    def wrapper(*args):
+        key = tuple(_argkey(a) for a in args)
+        sig = cache.get(key)
+        if sig is None:
+            sig = cache[key] = fn(*args)
+        return sig
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    return wrapper
+
+
+@_memo_sig
 def forward_sig(X, idx, p, Y):
     """Signature of a chain's ``forward_range(X, idx, lo, hi, p, work, Y)``."""
-    dt = typeof(p).dtype
-    return types.void(typeof(X), typeof(idx), types.int64, types.int64, typeof(p), _row(dt), typeof(Y))
+    dt = _typeof(p).dtype
+    return types.void(_typeof(X), _typeof(idx), types.int64, types.int64, _typeof(p), _row(dt), _typeof(Y))
 
 
+@_memo_sig
 def loss_sig(X, T, idx, p):
     """Signature of ``loss_range_<loss>(X, T, idx, lo, hi, p, work, scale) -> loss``."""
-    dt = typeof(p).dtype
-    return dt(typeof(X), typeof(T), typeof(idx), types.int64, types.int64, typeof(p), _row(dt), dt)
+    dt = _typeof(p).dtype
+    return dt(_typeof(X), _typeof(T), _typeof(idx), types.int64, types.int64, _typeof(p), _row(dt), dt)
 
 
+@_memo_sig
 def valgrad_sig(X, T, idx, p, gx):
     """Signature of ``valgrad_range_<loss>(X, T, idx, lo, hi, p, g, work, scale, gx)``."""
-    dt = typeof(p).dtype
-    return dt(typeof(X), typeof(T), typeof(idx), types.int64, types.int64, typeof(p), _row(dt),
-              _row(dt), dt, typeof(gx))
+    dt = _typeof(p).dtype
+    return dt(_typeof(X), _typeof(T), _typeof(idx), types.int64, types.int64, _typeof(p), _row(dt),
+              _row(dt), dt, _typeof(gx))
 
 
+@_memo_sig
 def update_sig(p, state, hyper):
     """Signature of an optimizer's ``update(p, g, state, hyper, t)``."""
-    return types.void(typeof(p), typeof(p), typeof(state), typeof(hyper), types.int64)
+    return types.void(_typeof(p), _typeof(p), _typeof(state), _typeof(hyper), types.int64)
+
+
+class _Address(WrapperAddressProtocol):
+    """A compiled kernel passed to a loop as a first-class function by its address. numba
+    unboxes a jitted dispatcher argument by looking up its compile result and machine
+    code address on every call (tens of microseconds); this object keeps both."""
+
+    def __init__(self, dispatcher, sig):
+        cres = dispatcher.get_compile_result(sig)
+        self._addr = cres.library.get_pointer_to_function(cres.fndesc.llvm_cfunc_wrapper_name)
+        self._sig = sig
+        self.numba_type = types.FunctionType(sig)
+        self._keep = dispatcher  # the machine code lives as long as the dispatcher
+
+    def __wrapper_address__(self):
+        return self._addr
+
+    def signature(self):
+        return self._sig
+
+
+@typeof_impl.register(_Address)
+def _typeof_address(val, c):
+    return val.numba_type
+
+
+def _kernel_key(kernel):
+    if isinstance(kernel, Deferred):
+        return (kernel.module.__name__, kernel.name)
+    return id(kernel)
+
+
+# (loop, kernels, argument keys) -> the kernels as _Address objects: a repeated call with
+# arguments of the same types skips compilation checks and typing in Python
+_resolved: dict = {}
 
 
 def call(loop, kernels, args):
@@ -169,13 +249,26 @@ def call(loop, kernels, args):
     its signature and passed as a first-class function of that type. A kernel may be a
     :class:`~smallchains.compiler.linking.Deferred` generated kernel: a helper process then
     compiles its layer steps while this one compiles the loop and the kernel; the steps
-    are bound (the rest compiled here, the helper's loaded) before anything runs."""
+    are bound (the rest compiled here, the helper's loaded) before anything runs.
+
+    The first call for given loop, kernels and argument types compiles; later ones reuse
+    the result (about 10 us of Python per call instead of a few hundred)."""
+    key = (loop, tuple(_kernel_key(k) for k, _ in kernels), tuple(_argkey(a) for a in args))
+    funcs = _resolved.get(key)
+    if funcs is None:
+        funcs = _resolve(loop, kernels, args)
+        with _lock:
+            _resolved[key] = funcs
+    return loop(*funcs, *args)
+
+
+def _resolve(loop, kernels, args):
     deferred = [kernel for kernel, _ in kernels if isinstance(kernel, Deferred)]
     for kernel in deferred:
         kernel.start()
     try:
         _compile(loop, (*[types.FunctionType(sig) for _, sig in kernels],
-                        *[typeof(a) for a in args]))
+                        *[_typeof(a) for a in args]))
         for kernel, sig in kernels:
             _compile(kernel.unbound() if isinstance(kernel, Deferred) else kernel, sig)
         funcs = [kernel.get() if isinstance(kernel, Deferred) else kernel for kernel, _ in kernels]
@@ -183,4 +276,4 @@ def call(loop, kernels, args):
         for kernel in deferred:
             kernel.cancel()
         raise
-    return loop(*funcs, *args)
+    return [_Address(f, sig) for f, (_, sig) in zip(funcs, kernels)]
