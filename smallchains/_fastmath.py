@@ -51,7 +51,7 @@ _jit = numba.njit(fastmath=set(FASTMATH), error_model="numpy", cache=True)
 # ---------------------------------------------------------------------------
 # tanh: odd rational  x * P(x^2) / Q(x^2)  on |x| <= 9 (degree 4/4 in x^2),
 # absolute-error minimax fit (exact-arithmetic error 1.85e-8).  tanh(9) is
-# 1 - 3.0e-8, which is 1.0 in float32, so |x| is clamped to 9.
+# 1 - 3.0e-8, which is 1.0 in float32, so |x| is clamped to 9 (as s = x^2 <= 81).
 # ---------------------------------------------------------------------------
 _TANH_S_BOUND = np.float32(81.0)  # x^2 at the clamp |x| = 9
 _ONE = np.float32(1.0)

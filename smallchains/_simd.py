@@ -61,15 +61,20 @@ def _vec_ptr(context, builder, arrty, arr, idx, idxty, vt):
     return builder.bitcast(ptr, context.get_value_type(vt).as_pointer())
 
 
-def _check_array(arr):
-    if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.dtype in (types.float32, types.float64)):
-        raise errors.TypingError(f"expected a 1-D float32 or float64 array, got {arr}")
+def _check_array(arr, idx, write=False):
+    if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C"
+            and arr.dtype in (types.float32, types.float64)):
+        raise errors.TypingError(f"expected a C-contiguous 1-D float32 or float64 array, got {arr}")
+    if write and not arr.mutable:
+        raise errors.TypingError(f"expected a writeable array, got {arr}")
+    if not isinstance(idx, types.Integer):
+        raise errors.TypingError(f"expected an integer index, got {idx}")
 
 
 @intrinsic
 def vload(typingctx, arr, idx):
     """``arr[idx : idx + lanes]`` as a vector (no alignment needed)."""
-    _check_array(arr)
+    _check_array(arr, idx)
     vt = Vec(arr.dtype, _lanes(arr.dtype))
 
     def codegen(context, builder, sig, args):
@@ -81,7 +86,7 @@ def vload(typingctx, arr, idx):
 @intrinsic
 def vstore(typingctx, arr, idx, v):
     """``arr[idx : idx + lanes] = v``."""
-    _check_array(arr)
+    _check_array(arr, idx, write=True)
     if not (isinstance(v, Vec) and v.dtype == arr.dtype):
         raise errors.TypingError(f"vstore: expected a Vec of {arr.dtype}, got {v}")
 
@@ -168,8 +173,8 @@ def _shuffle(builder, a, b, idx):
 @intrinsic
 def vsum8(typingctx, c0, c1, c2, c3, c4, c5, c6, c7):
     """For 8-lane vectors: the vector whose lane ``k`` is the sum of the lanes of ``ck``
-    (8 horizontal sums in one transposing tree: 7 pairwise add levels of shuffles,
-    where 8 separate horizontal sums take 7 instructions each)."""
+    (8 horizontal sums in one transposing tree of 7 adds and 14 shuffles, 3 levels deep;
+    8 separate horizontal sums take 7 instructions each)."""
     _same_vecs(c0, c1, c2, c3, c4, c5, c6, c7)
     if c0.lanes != 8:
         raise errors.TypingError(f"vsum8 needs 8-lane vectors, got {c0}")
@@ -191,7 +196,7 @@ def vsum8(typingctx, c0, c1, c2, c3, c4, c5, c6, c7):
 def vadd_into(typingctx, arr, idx, v, first, count):
     """``arr[idx + k] += v[first + k]`` for ``k < count`` (``first``, ``count`` literal
     ints), as one vector load, add and store of ``count`` lanes."""
-    _check_array(arr)
+    _check_array(arr, idx, write=True)
     if not (isinstance(v, Vec) and v.dtype == arr.dtype):
         raise errors.TypingError(f"vadd_into: expected a Vec of {arr.dtype}, got {v}")
     if not (isinstance(first, types.IntegerLiteral) and isinstance(count, types.IntegerLiteral)):

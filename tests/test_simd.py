@@ -67,7 +67,7 @@ def test_typing_errors_name_what_was_expected():
     def int_array(a):
         return vsum(vload(a, 0))
 
-    with pytest.raises(TypingError, match="1-D float32 or float64 array"):
+    with pytest.raises(TypingError, match="C-contiguous 1-D float32 or float64 array"):
         int_array(np.zeros(8, np.int64))
 
     @njit
@@ -91,3 +91,25 @@ def test_typing_errors_name_what_was_expected():
 
     with pytest.raises(TypingError, match="not in a 8-lane vector"):
         lanes_out_of_range(np.zeros(16, np.float32))
+
+
+def test_layout_writeability_and_index_are_checked():
+    @njit
+    def load_sum(a, i):
+        return vsum(vload(a, i))
+
+    a = np.arange(16, dtype=np.float32)
+    with pytest.raises(TypingError, match="C-contiguous"):
+        load_sum(a[::2], 0)
+    with pytest.raises(TypingError, match="integer index"):
+        load_sum(a, 1.5)
+
+    @njit
+    def store(a):
+        vstore(a, 0, vsplat(np.float32(1.0)))
+
+    ro = np.zeros(8, np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(TypingError, match="writeable"):
+        store(ro)
+    assert np.all(ro == 0)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import threading
 
+import numba
 import numpy as np
 from numba import njit, prange, typeof, types
 from numba.experimental.function_type import WrapperAddressProtocol
@@ -210,7 +211,13 @@ def update_sig(p, state, hyper):
 class _Address(WrapperAddressProtocol):
     """A compiled kernel passed to a loop as a first-class function by its address. numba
     unboxes a jitted dispatcher argument by looking up its compile result and machine
-    code address on every call (tens of microseconds); this object keeps both."""
+    code address on every call (tens of microseconds); this object keeps both.
+
+    The loop then calls the kernel's C wrapper, which cannot pass an exception on (it
+    would print "Exception ignored" and return garbage). The kernels passed here (the
+    generated range kernels, the optimizer updates) have no raise statements and no
+    checks; with ``NUMBA_BOUNDSCHECK=1`` they would have index checks, so :func:`call`
+    passes the dispatchers themselves then."""
 
     def __init__(self, dispatcher, sig):
         cres = dispatcher.get_compile_result(sig)
@@ -276,4 +283,6 @@ def _resolve(loop, kernels, args):
         for kernel in deferred:
             kernel.cancel()
         raise
+    if numba.config.BOUNDSCHECK:  # index errors must propagate: see _Address
+        return funcs
     return [_Address(f, sig) for f, (_, sig) in zip(funcs, kernels)]

@@ -344,8 +344,9 @@ def _vector_delta(act, dt, pad, store):
              "sigmoid": f"vmul(aa0, vsub({one}, aa0))"}
     if act.name not in deriv:
         return None
-    L = ([f"{pad}d0 = {g}"] if deriv[act.name] is None else
-         [f"{pad}aa0 = vload(work, ao + s)", f"{pad}d0 = vmul({g}, {deriv[act.name]})"])
+    if deriv[act.name] is None:  # identity: delta is dL/da, already in place
+        return [f"{pad}d0 = {g}", f"{pad}gb0 = vadd(gb0, d0)"]
+    L = [f"{pad}aa0 = vload(work, ao + s)", f"{pad}d0 = vmul({g}, {deriv[act.name]})"]
     return L + [f"{pad}vstore(work, do + s, d0)"] * store + [f"{pad}gb0 = vadd(gb0, d0)"]
 
 
@@ -432,16 +433,20 @@ def emit_outer_grad_transposed(B, dt, d_off, x_off, n_out, n_in, w_off, scratch)
 def emit_affine_pullback(ctx, n_in, n_out, w_off, b_off, act, z_off):
     """Lines of the pullback of :func:`emit_affine` for one block.
 
-    Reads ``dL/da`` at ``ctx.gout_off`` and overwrites it with ``delta = dL/dz``; adds
-    ``dL/dW``, ``dL/db`` into ``g``; overwrites ``dL/dx = W^T delta`` at ``ctx.gin_off`` if
-    ``ctx.need_gin`` (a literal bool, or the name of a runtime flag).
+    Reads ``dL/da`` at ``ctx.gout_off`` (and may overwrite it with ``delta = dL/dz``:
+    only where a later dW tile or ``dL/dx`` reads delta back); adds ``dL/dW``, ``dL/db``
+    into ``g``; overwrites ``dL/dx = W^T delta`` at ``ctx.gin_off`` if ``ctx.need_gin`` (a
+    literal bool, or the name of a runtime flag). dW comes from
+    :func:`emit_outer_grad_transposed` for blocks of at most 64 bytes per feature, from
+    :func:`emit_outer_grad_vector` for other float32 blocks of whole vectors with
+    ``n_in >= 8``, else from :func:`emit_outer_grad`.
     """
     B, dt, x, go_, gi_ = ctx.B, ctx.dt, ctx.in_off, ctx.gout_off, ctx.gin_off
     a_off = ctx.out_off
     L = [f"# pullback of dense {n_in} -> {n_out} ({act.name})"]
     # dW[o, i] = sum_s delta[o, s] x[i, s]: small blocks vectorized over i (transposed x,
-    # after a delta pass), others in register tiles (_dw_tile) vectorized over the samples,
-    # whose first input tile computes delta
+    # after a delta pass), others in register tiles vectorized over the samples, whose first
+    # input tile computes delta
     if B * np.dtype(dt.removeprefix("np.")).itemsize <= DW_TRANSPOSE_MAX_BYTES and n_in >= 8:
         L += [f"for o in range({n_out}):", f"    r = o * {B}", f"    gb = {dt}(0.0)",
               f"    for s in range({B}):"]
@@ -469,9 +474,10 @@ GX_IN, GX_OUT = 2, 4
 
 def emit_input_grad(B, dt, d_off, gx_off, w_off, n_in, n_out):
     """Lines overwriting ``gx[i, s] = sum_o W[o, i] d[o, s]`` (``W (n_out, n_in)`` at
-    ``p[w_off]``; ``d``, ``gx`` feature-major blocks at ``d_off``, ``gx_off``). The first
-    pass over the outputs stores, later passes (a loop, so wide layers stay short source)
-    add."""
+    ``p[w_off]``; ``d``, ``gx`` feature-major blocks at ``d_off``, ``gx_off``). Blocks of
+    whole vectors use :func:`emit_gemm_vector` (``W`` read transposed); otherwise the
+    first pass over the outputs stores and later passes (a loop, so wide layers stay short
+    source) add."""
     if vector_blocks(B, dt):
         return [f"# dL/dx = W^T delta, register tiles of {GEMM_TILE_O} inputs x 2 vectors of samples"] + \
             emit_gemm_vector(B, dt, w_off, 1, n_in, n_in, n_out, d_off, gx_off)
