@@ -23,7 +23,7 @@ from numba.core import cgutils, errors
 from numba.extending import intrinsic, models, register_model
 
 __all__ = ["VECTOR_BYTES", "Vec", "lanes", "vload", "vstore", "vsplat", "vfma", "vadd", "vsub",
-           "vmul", "vsum", "vsum8", "vadd_into"]
+           "vmul", "vsum", "vsum4", "vsum8", "vadd_into"]
 
 #: bytes per vector: 32 (AVX2 ymm registers; an AVX-512 machine runs them too)
 VECTOR_BYTES = 32
@@ -190,6 +190,25 @@ def vsum8(typingctx, c0, c1, c2, c3, c4, c5, c6, c7):
         hi = _shuffle(builder, h0, h1, [4, 5, 6, 7, 12, 13, 14, 15])
         return builder.fadd(lo, hi)
     return c0(c0, c1, c2, c3, c4, c5, c6, c7), codegen
+
+
+@intrinsic
+def vsum4(typingctx, c0, c1, c2, c3):
+    """For 4-lane vectors (float64): the vector whose lane ``k`` is the sum of the lanes of
+    ``ck`` (one transposing tree: 3 adds and 6 shuffles)."""
+    _same_vecs(c0, c1, c2, c3)
+    if c0.lanes != 4:
+        raise errors.TypingError(f"vsum4 needs 4-lane vectors, got {c0}")
+
+    def codegen(context, builder, sig, args):
+        def hadd(a, b):
+            # [a0+a1, b0+b1, a2+a3, b2+b3] (vhaddpd's order)
+            return builder.fadd(_shuffle(builder, a, b, [0, 4, 2, 6]),
+                                _shuffle(builder, a, b, [1, 5, 3, 7]))
+        h0, h1 = hadd(args[0], args[1]), hadd(args[2], args[3])
+        return builder.fadd(_shuffle(builder, h0, h1, [0, 1, 4, 5]),
+                            _shuffle(builder, h0, h1, [2, 3, 6, 7]))
+    return c0(c0, c1, c2, c3), codegen
 
 
 @intrinsic(prefer_literal=True)

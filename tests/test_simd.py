@@ -9,7 +9,7 @@ from numba import njit
 from numba.core.errors import TypingError
 
 from smallchains._simd import (lanes, vadd, vadd_into, vfma, vload, vmul, vsplat, vstore, vsub,
-                               vsum, vsum8)
+                               vsum, vsum4, vsum8)
 
 
 @njit
@@ -60,6 +60,21 @@ def test_vsum8_and_vadd_into():
     expect[12:15] += sums[2:5]
     expect[20] += sums[7]
     np.testing.assert_allclose(g, expect, rtol=1e-6, atol=1e-6)
+
+
+@njit
+def _sum4_into(x, g):
+    r = vsum4(vload(x, 0), vload(x, 4), vload(x, 8), vload(x, 12))
+    vadd_into(g, 2, r, 0, 4)
+
+
+def test_vsum4_float64():
+    x = np.random.default_rng(2).standard_normal(16)
+    g = np.ones(8)
+    _sum4_into(x, g)
+    expect = np.ones(8)
+    expect[2:6] += x.reshape(4, 4).sum(axis=1)
+    np.testing.assert_allclose(g, expect, rtol=1e-14, atol=1e-14)
 
 
 def test_typing_errors_name_what_was_expected():

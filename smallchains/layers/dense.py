@@ -45,7 +45,7 @@ class TurboDense(Layer):
     activation: Activation
     bias: bool
     kernel_imports = {"smallchains._simd": ("vadd", "vadd_into", "vfma", "vload", "vmul", "vsplat",
-                                            "vstore", "vsub", "vsum", "vsum8")}
+                                            "vstore", "vsub", "vsum", "vsum4", "vsum8")}
 
     def __init__(self, out: int, activation="identity", bias: bool = True):
         if not isinstance(out, (int, np.integer)) or isinstance(out, bool) or out < 1:
@@ -351,15 +351,17 @@ def _vector_delta(act, dt, pad, store):
 
 
 def emit_outer_grad_vector(ctx, n_in, n_out, w_off, b_off, act, z_off):
-    """The dW and db part of :func:`emit_affine_pullback` with explicit 8-lane vectors
-    (float32, ``n_in >= 8``): per output row, tiles of 8 inputs accumulate 8 vectors over
-    the block, then :func:`smallchains._simd.vsum8` reduces them to the 8 sums at once and
-    they are added to ``g`` as one vector (the scalar tiles of :func:`emit_outer_grad` end
-    in 8 separate horizontal sums). The first tile computes delta for identity, tanh and
+    """The dW and db part of :func:`emit_affine_pullback` with explicit vectors
+    (``n_in >= 8``): per output row, tiles of 8 inputs accumulate 8 vectors over the block,
+    then :func:`smallchains._simd.vsum8` (float32; two :func:`~smallchains._simd.vsum4`
+    for float64's 4 lanes) reduces them to the 8 sums at once and they are added to ``g``
+    as vectors (the scalar tiles of :func:`emit_outer_grad` end in 8 separate horizontal
+    sums). The first tile computes delta for identity, tanh and
     sigmoid; other activations get a delta pass first. Inputs past the last multiple of 8
     use a scalar tile. Measured on a Zen 3 (matexp, in-process A/B): the 32 -> 16 tanh
     pullback 252.0 -> 243.1 us per epoch without the fused delta."""
     B, dt, go_, x = ctx.B, ctx.dt, ctx.gout_off, ctx.in_off
+    V = lanes(_itemsize(dt))
     fi = n_in // 8 * 8
     store = ctx.need_gin is not False or n_in > 8
     fused = _vector_delta(act, dt, " " * 8, store)
@@ -375,11 +377,15 @@ def emit_outer_grad_vector(ctx, n_in, n_out, w_off, b_off, act, z_off):
         xo = str(x + i * B) if isinstance(i, int) else f"{x} + {i} * {B}"
         out = [f"{pad}c{b} = vz" for b in range(8)] + [f"{pad}xo = {xo}"]
         out += [f"{pad}gb0 = vz"] * first
-        out += [f"{pad}for s in range(0, {B}, 8):"]
+        out += [f"{pad}for s in range(0, {B}, {V}):"]
         out += fused if first else [f"{pad}    d0 = vload(work, do + s)"]
         out += [f"{pad}    c{b} = vfma(d0, vload(work, {at('xo', b * B)} + s), c{b})" for b in range(8)]
-        out += [f"{pad}vadd_into(g, {w_off} + o * {n_in}{'' if i == 0 else f' + {i}'}, vsum8("
-                + ", ".join(f"c{b}" for b in range(8)) + "), 0, 8)"]
+        gw = f"{w_off} + o * {n_in}{'' if i == 0 else f' + {i}'}"
+        if V == 8:
+            out += [f"{pad}vadd_into(g, {gw}, vsum8({', '.join(f'c{b}' for b in range(8))}), 0, 8)"]
+        else:
+            out += [f"{pad}vadd_into(g, {gw}, vsum4(c0, c1, c2, c3), 0, 4)",
+                    f"{pad}vadd_into(g, {gw} + 4, vsum4(c4, c5, c6, c7), 0, 4)"]
         if first and b_off is not None:
             out += [f"{pad}g[{b_off} + o] += vsum(gb0)"]
         return out
@@ -454,7 +460,7 @@ def emit_affine_pullback(ctx, n_in, n_out, w_off, b_off, act, z_off):
         if b_off is not None:
             L += [f"    g[{b_off} + o] += gb"]
         L += emit_outer_grad_transposed(B, dt, go_, x, n_out, n_in, w_off, gi_)
-    elif vector_blocks(B, dt) and lanes(_itemsize(dt)) == 8 and n_in >= 8:
+    elif vector_blocks(B, dt) and n_in >= 8:
         L += emit_outer_grad_vector(ctx, n_in, n_out, w_off, b_off, act, z_off)
     else:
         delta = (act, z_off, a_off, b_off, needs_store(n_in, ctx.need_gin))
