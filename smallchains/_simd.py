@@ -23,7 +23,7 @@ from numba.core import cgutils, errors
 from numba.extending import intrinsic, models, register_model
 
 __all__ = ["VECTOR_BYTES", "Vec", "lanes", "vload", "vstore", "vsplat", "vfma", "vadd", "vsub",
-           "vmul", "vsum", "vsum4", "vsum8", "vadd_into"]
+           "vmul", "vrelu", "vsum", "vsum4", "vsum8", "vadd_into"]
 
 #: bytes per vector: 32 (AVX2 ymm registers; an AVX-512 machine runs them too)
 VECTOR_BYTES = 32
@@ -144,6 +144,19 @@ def _binary(op, doc):
 vadd = _binary("fadd", "``a + b`` lane by lane.")
 vsub = _binary("fsub", "``a - b`` lane by lane.")
 vmul = _binary("fmul", "``a * b`` lane by lane.")
+
+
+@intrinsic
+def vrelu(typingctx, v):
+    """``max(v, 0)`` lane by lane with numba's scalar ``max(z, 0.0)`` semantics: NaN and
+    -0.0 pass through (``0 if v < 0 else v``)."""
+    if not isinstance(v, Vec):
+        raise errors.TypingError(f"vrelu: expected a Vec, got {v}")
+
+    def codegen(context, builder, sig, args):
+        zero = ir.Constant(context.get_value_type(v), None)
+        return builder.select(builder.fcmp_ordered("<", args[0], zero), zero, args[0])
+    return v(v), codegen
 
 
 @intrinsic

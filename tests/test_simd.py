@@ -8,8 +8,8 @@ import pytest
 from numba import njit
 from numba.core.errors import TypingError
 
-from smallchains._simd import (lanes, vadd, vadd_into, vfma, vload, vmul, vsplat, vstore, vsub,
-                               vsum, vsum4, vsum8)
+from smallchains._simd import (lanes, vadd, vadd_into, vfma, vload, vmul, vrelu, vsplat, vstore,
+                               vsub, vsum, vsum4, vsum8)
 
 
 @njit
@@ -75,6 +75,28 @@ def test_vsum4_float64():
     expect = np.ones(8)
     expect[2:6] += x.reshape(4, 4).sum(axis=1)
     np.testing.assert_allclose(g, expect, rtol=1e-14, atol=1e-14)
+
+
+@njit
+def _relu(a, out):
+    vstore(out, 0, vrelu(vload(a, 0)))
+
+
+@njit
+def _relu_scalar(a, out):
+    for i in range(a.size):
+        out[i] = max(a[i], a.dtype.type(0.0))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_vrelu_matches_scalar_max_including_nan_and_signed_zero(dtype):
+    V = lanes(np.dtype(dtype).itemsize)
+    a = np.array([np.nan, -0.0, 0.0, -1.5, 2.0, np.inf, -np.inf, 3.0][:V], dtype)
+    got, ref = np.empty_like(a), np.empty_like(a)
+    _relu(a, got)
+    _relu_scalar(a, ref)
+    np.testing.assert_array_equal(got, ref)
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(ref))
 
 
 def test_typing_errors_name_what_was_expected():

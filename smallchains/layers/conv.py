@@ -6,8 +6,10 @@ lane ``s`` is at ``work[off + ((c * H + y) * W + x) * B + s]``. One image row of
 convolution is a sum of shifted contiguous runs: every inner loop is long, unit-stride and
 vectorized, whatever the image width.
 
-* :class:`Conv` -- forward and input-gradient code by :func:`emit_correlate`, weight
-  gradient by :func:`emit_conv_weight_grad` (SimpleChains.jl: ``Conv``, src/conv.jl).
+* :class:`Conv` -- forward by :func:`emit_correlate_vector` (explicit-vector register
+  tiles, relu applied in registers; :func:`emit_correlate` for blocks that are not whole
+  vectors), input gradient by :func:`emit_correlate`, weight gradient by
+  :func:`emit_conv_weight_grad` (SimpleChains.jl: ``Conv``, src/conv.jl).
 * :class:`MaxPool` -- :func:`MaxPool.emit_forward` / :func:`MaxPool.emit_pullback`
   (SimpleChains.jl: ``MaxPool``).
 * :class:`Flatten` -- no code: its output is its input.
@@ -23,7 +25,8 @@ import numpy as np
 from .._cpu import vector_registers
 from ..activations import Activation, emit_delta, get_activation, needs_z, value_expr
 from .base import EmitContext, Layer, at
-from .dense import _sum
+from .dense import _sum, vector_blocks
+from .._simd import lanes
 
 
 def _pos_int(name, v):
@@ -64,6 +67,7 @@ class Conv(Layer):
     activation: Activation
     padding: int
     bias: bool
+    kernel_imports = {"smallchains._simd": ("vfma", "vload", "vrelu", "vsplat", "vstore")}
 
     def __init__(self, out_channels, kernel_size, activation="identity", padding="valid", bias=True):
         object.__setattr__(self, "out_channels", _pos_int("Conv: out_channels", out_channels))
@@ -140,12 +144,17 @@ class Conv(Layer):
             src = pin
         w = ctx.p_off
         b_expr = f"p[{w + Co * C * K * K} + cd]" if self.bias else f"{dt}(0.0)"
-        L += emit_correlate(B, dt, src, C, Hp, Wp, ctx.out_off, Co, Ho, Wo, K, b_expr,
-                            f"{w} + (cd * {C} + cs) * {K * K}", lambda ky, kx: ky * K + kx,
-                            src_rows=(P, P + H) if P else None)
-        n = Co * Ho * Wo * B
         act = self.activation
-        if act.name != "identity":
+        args = (B, dt, src, C, Hp, Wp, ctx.out_off, Co, Ho, Wo, K, b_expr,
+                f"{w} + (cd * {C} + cs) * {K * K}", lambda ky, kx: ky * K + kx)
+        rows = (P, P + H) if P else None
+        fused = vector_blocks(B, dt) and act.name in ("identity", "relu")
+        if vector_blocks(B, dt):
+            L += emit_correlate_vector(*args, src_rows=rows, relu=act.name == "relu")
+        else:
+            L += emit_correlate(*args, src_rows=rows)
+        n = Co * Ho * Wo * B
+        if act.name != "identity" and not fused:
             L += [f"for j in range({n}):", f"    zz = work[{ctx.out_off} + j]"]
             if z_off is not None and needs_z(act):
                 L += [f"    work[{z_off} + j] = zz"]
@@ -177,6 +186,8 @@ class Conv(Layer):
         Hd, Wd = Ho + 2 * (K - 1), Wo + 2 * (K - 1)
         body = emit_pad_copy(B, go, dpad, Co, Ho, Wo, K - 1, K - 1)
         dst = gpin if P else ctx.gin_off
+        # (the scalar form here: emit_correlate_vector measured 21.2 -> 24.8 ms for LeNet5's
+        # 16 -> 6 channel input gradient per 2,048 images)
         body += emit_correlate(
             B, dt, dpad, Co, Hd, Wd, dst, C, Hp, Wp, K, f"{dt}(0.0)",
             f"{w} + (cs * {C} + cd) * {K * K}", lambda ky, kx: (K - 1 - ky) * K + K - 1 - kx,
@@ -237,6 +248,68 @@ def emit_correlate(B, dt, src, Cs, Hs, Ws, dst, Cd, Hd, Wd, K, init_expr, w_base
               "                work[drow + j] += " + _sum(
                   [f"w{t} * work[{at('srow', ky * Ws * B + kx * B)} + j]" for t, ky, kx in group])]
     return L
+
+
+def emit_correlate_vector(B, dt, src, Cs, Hs, Ws, dst, Cd, Hd, Wd, K, init_expr, w_base, w_tap,
+                          src_rows=None, relu=False):
+    """:func:`emit_correlate` with explicit vectors (:mod:`smallchains._simd`), for blocks of
+    whole vectors: tiles of :data:`CORR_TILE_O` output channels by two vectors of the lanes
+    of one output pixel keep their accumulators in registers over all ``Cs * K * K`` taps
+    (per tap: 2 source loads, 4 weight broadcasts, 8 FMAs) and store once; the scalar code
+    adds every group of taps into the output in memory. With ``src_rows = (lo, hi)`` each
+    output row runs only the kernel rows that read source rows in ``[lo, hi)``. With
+    ``relu``, ``max(., 0)`` is applied before the store (no activation pass). Falls back to
+    :func:`emit_correlate` (then ``relu`` must be False) if ``w_tap`` is not linear in
+    ``ky`` (both callers' are)."""
+    V = lanes(np.dtype(dt.removeprefix("np.")).itemsize)
+    slope = w_tap(1, 0) - w_tap(0, 0) if K > 1 else 0
+    base = [w_tap(0, kx) for kx in range(K)]
+    if B % (2 * V) or any(w_tap(ky, kx) != base[kx] + ky * slope for ky in range(K) for kx in range(K)):
+        assert not relu
+        return emit_correlate(B, dt, src, Cs, Hs, Ws, dst, Cd, Hd, Wd, K, init_expr, w_base, w_tap,
+                              src_rows)
+    kys = (f"range(max(0, {src_rows[0]} - y), min({K}, {src_rows[1]} - y))"
+           if src_rows is not None else f"range({K})")
+
+    def tile(c0, tc, pad):
+        out = []
+        for a in range(tc):
+            out += [f"{pad}cd = {c0} + {a}", f"{pad}i{a} = vsplat({init_expr})"]
+        out += [f"{pad}for q in range({Hd * Wd}):", f"{pad}    y = q // {Wd}", f"{pad}    x = q - y * {Wd}",
+                f"{pad}    for h in range(0, {B}, {2 * V}):"]
+        out += [f"{pad}        t{a}_{hh} = i{a}" for a in range(tc) for hh in range(2)]
+        out += [f"{pad}        for cs in range({Cs}):"]
+        for a in range(tc):
+            out += [f"{pad}            cd = {c0} + {a}", f"{pad}            wb{a} = {w_base}"]
+        out += [f"{pad}            for ky in {kys}:",
+                f"{pad}                sr = {src} + ((cs * {Hs} + y + ky) * {Ws} + x) * {B} + h"]
+        out += [f"{pad}                wk{a} = wb{a} + ky * {slope}" for a in range(tc)]
+        for kx in range(K):
+            out += [f"{pad}                v0 = vload(work, {at('sr', kx * B)})",
+                    f"{pad}                v1 = vload(work, {at('sr', kx * B + V)})"]
+            out += [f"{pad}                m{a} = vsplat(p[{at(f'wk{a}', base[kx])}])" for a in range(tc)]
+            out += [f"{pad}                t{a}_{hh} = vfma(m{a}, v{hh}, t{a}_{hh})"
+                    for a in range(tc) for hh in range(2)]
+        orow = f"{dst} + {c0} * {Hd * Wd * B}" if c0 == "c0" else str(dst + c0 * Hd * Wd * B)
+        out += [f"{pad}        ob = {orow} + q * {B} + h"]
+        f = "vrelu({})" if relu else "{}"
+        out += [f"{pad}        vstore(work, {at('ob', a * Hd * Wd * B + hh * V)}, {f.format(f't{a}_{hh}')})"
+                for a in range(tc) for hh in range(2)]
+        return out
+
+    # balanced tiles (6 channels as 3 + 3, not 4 + 2: a 2-channel tile loads as many
+    # vectors as it does FMAs)
+    ts = -(-Cd // -(-Cd // CORR_TILE_O))
+    full = Cd // ts * ts
+    L = [f"for c0 in range(0, {full}, {ts}):"] + tile("c0", ts, "    ")
+    if full < Cd:
+        L += tile(full, Cd - full, "")
+    return L
+
+
+# Output channels per register tile of emit_correlate_vector (4 x 2 accumulators, 2 source
+# vectors and 4 weights: 14 of AVX2's 16 registers).
+CORR_TILE_O = 4
 
 
 # Output channels per weight-gradient register tile (CO_TILE * K accumulators): 4 with

@@ -44,8 +44,8 @@ class TurboDense(Layer):
     out: int
     activation: Activation
     bias: bool
-    kernel_imports = {"smallchains._simd": ("vadd", "vadd_into", "vfma", "vload", "vmul", "vsplat",
-                                            "vstore", "vsub", "vsum", "vsum4", "vsum8")}
+    kernel_imports = {"smallchains._simd": ("vadd", "vadd_into", "vfma", "vload", "vmul", "vrelu",
+                                            "vsplat", "vstore", "vsub", "vsum", "vsum4", "vsum8")}
 
     def __init__(self, out: int, activation="identity", bias: bool = True):
         if not isinstance(out, (int, np.integer)) or isinstance(out, bool) or out < 1:
@@ -201,10 +201,11 @@ def _act_pass(ctx, n, act, z_off):
 
 
 def emit_gemm_vector(B, dt, m_off, row_stride, col_stride, n_rows, n_cols, v_off, out_off,
-                     b_off=None):
+                     b_off=None, relu=False):
     """Lines overwriting ``out[r, s] = b[r] + sum_k M[r, k] v[k, s]`` for ``r < n_rows``
     (``M[r, k]`` at ``p[m_off + r * row_stride + k * col_stride]``, ``b`` at ``p[b_off]``
     or zero; ``v``, ``out`` feature-major blocks of ``B`` samples at the work offsets).
+    With ``relu``, ``out = max(., 0)`` (applied in registers before the store).
 
     Explicit vectors (:mod:`smallchains._simd`): tiles of :data:`GEMM_TILE_O` rows by two
     vectors of samples keep their accumulators in registers over all ``n_cols`` terms (per
@@ -232,7 +233,8 @@ def emit_gemm_vector(B, dt, m_off, row_stride, col_stride, n_rows, n_cols, v_off
                 f"{pad}        mk = mr + {k}"]
         out += [f"{pad}        m{a} = vsplat(p[{at('mk', a * row_stride)}])" for a in range(tr)]
         out += [f"{pad}        t{a}_{h} = vfma(m{a}, v{h}, t{a}_{h})" for a in range(tr) for h in range(2)]
-        out += [f"{pad}    vstore(work, {at('orow', a * B + h * V)} + s, t{a}_{h})"
+        f = "vrelu({})" if relu else "{}"
+        out += [f"{pad}    vstore(work, {at('orow', a * B + h * V)} + s, {f.format(f't{a}_{h}')})"
                 for a in range(tr) for h in range(2)]
         return out
 
@@ -250,8 +252,10 @@ def emit_affine_vector(ctx, n_in, n_out, w_off, b_off, act, z_off):
     :func:`emit_gemm_vector`, then one activation pass."""
     L = [f"# dense {n_in} -> {n_out} ({act.name}): z = W x + b, register tiles of "
          f"{GEMM_TILE_O} outputs x 2 vectors of samples"]
-    L += emit_gemm_vector(ctx.B, ctx.dt, w_off, n_in, 1, n_out, n_in, ctx.in_off, ctx.out_off, b_off)
-    return L + _act_pass(ctx, n_out, act, z_off)
+    relu = act.code == RELU  # applied in registers; other activations get a pass
+    L += emit_gemm_vector(ctx.B, ctx.dt, w_off, n_in, 1, n_out, n_in, ctx.in_off, ctx.out_off, b_off,
+                          relu=relu)
+    return L if relu else L + _act_pass(ctx, n_out, act, z_off)
 
 
 # dW register tile: TILE_O x TILE_I vector accumulators plus TILE_O + TILE_I loaded vectors
