@@ -9,7 +9,8 @@ vectorized, whatever the image width.
 * :class:`Conv` -- forward by :func:`emit_correlate_vector` (explicit-vector register
   tiles, relu applied in registers; :func:`emit_correlate` for blocks that are not whole
   vectors), input gradient by :func:`emit_correlate`, weight gradient by
-  :func:`emit_conv_weight_grad` (SimpleChains.jl: ``Conv``, src/conv.jl).
+  :func:`emit_conv_weight_grad_vector` / :func:`emit_conv_weight_grad` (SimpleChains.jl:
+  ``Conv``, src/conv.jl).
 * :class:`MaxPool` -- :func:`MaxPool.emit_forward` / :func:`MaxPool.emit_pullback`
   (SimpleChains.jl: ``MaxPool``).
 * :class:`Flatten` -- no code: its output is its input.
@@ -67,7 +68,7 @@ class Conv(Layer):
     activation: Activation
     padding: int
     bias: bool
-    kernel_imports = {"smallchains._simd": ("vfma", "vload", "vrelu", "vsplat", "vstore")}
+    kernel_imports = {"smallchains._simd": ("vfma", "vload", "vrelu", "vsplat", "vstore", "vsum")}
 
     def __init__(self, out_channels, kernel_size, activation="identity", padding="valid", bias=True):
         object.__setattr__(self, "out_channels", _pos_int("Conv: out_channels", out_channels))
@@ -179,7 +180,8 @@ class Conv(Layer):
                         " " * 8)
         if self.bias:
             L += [f"    g[{w + Co * C * K * K} + co] += gb"]
-        L += emit_conv_weight_grad(B, dt, go, Co, Ho, Wo, src, C, Hp, Wp, K, w)
+        wgrad = emit_conv_weight_grad_vector if vector_blocks(B, dt) else emit_conv_weight_grad
+        L += wgrad(B, dt, go, Co, Ho, Wo, src, C, Hp, Wp, K, w)
         if ctx.need_gin is False:
             return L
         # dL/d(input): full correlation of the zero-padded delta with the flipped kernel
@@ -348,6 +350,40 @@ def emit_conv_weight_grad(B, dt, d_off, Co, Ho, Wo, src, Ci, Hs, Ws, K, w_off):
         out += [f"        g[{at('gw', a * Ci * K * K + kx)}] += a{a}_{kx}" for a in range(tc) for kx in range(K)]
         return [pad + ln for ln in out]
 
+    if full:
+        L += [f"for c0 in range(0, {full}, {CO_TILE}):"] + tile("c0", CO_TILE, "    ")
+    if full < Co:
+        L += tile(str(full), Co - full, "")
+    return L
+
+
+def emit_conv_weight_grad_vector(B, dt, d_off, Co, Ho, Wo, src, Ci, Hs, Ws, K, w_off):
+    """:func:`emit_conv_weight_grad` with explicit vectors (blocks of whole vectors): the
+    same tiles, accumulated as vectors and reduced once per tile. Measured on LeNet5 (per
+    2,048 images, in-process): the 6 -> 16 pullback 21.7 -> 19.7 ms, the 1 -> 6 one 6.24 ->
+    5.26 ms."""
+    V = lanes(np.dtype(dt.removeprefix("np.")).itemsize)
+    nrow = Wo * B
+    CO_TILE = WGRAD_CO_TILE
+    full = Co // CO_TILE * CO_TILE
+
+    def tile(c0, tc, pad):
+        acc = [f"a{a}_{kx}" for a in range(tc) for kx in range(K)]
+        out = [f"vz = vsplat({dt}(0.0))", f"for ci in range({Ci}):", f"    for ky in range({K}):"]
+        out += [f"        {v} = vz" for v in acc]
+        out += [f"        for y in range({Ho}):",
+                f"            srow = {src} + (ci * {Hs} + y + ky) * {Ws * B}",
+                f"            drow = {d_off} + ({c0} * {Ho} + y) * {nrow}",
+                f"            for j in range(0, {nrow}, {V}):"]
+        out += [f"                d{a} = vload(work, {at('drow', a * Ho * nrow)} + j)" for a in range(tc)]
+        for kx in range(K):
+            out += [f"                xx = vload(work, {at('srow', kx * B)} + j)"]
+            out += [f"                a{a}_{kx} = vfma(d{a}, xx, a{a}_{kx})" for a in range(tc)]
+        out += [f"        gw = {w_off} + ({c0} * {Ci} + ci) * {K * K} + ky * {K}"]
+        out += [f"        g[{at('gw', a * Ci * K * K + kx)}] += vsum(a{a}_{kx})" for a in range(tc) for kx in range(K)]
+        return [pad + ln for ln in out]
+
+    L = []
     if full:
         L += [f"for c0 in range(0, {full}, {CO_TILE}):"] + tile("c0", CO_TILE, "    ")
     if full < Co:
