@@ -125,11 +125,16 @@ def _itemsize(dt):
     return np.dtype(dt.removeprefix("np.")).itemsize
 
 
+def vector_lanes(dt):
+    """Lanes of an explicit vector of the kernel dtype ``dt`` (``"np.float32"``: 8)."""
+    return lanes(_itemsize(dt))
+
+
 def vector_blocks(B, dt):
     """Whether blocks of ``B`` samples of ``dt`` get the explicit-vector tiles
     (:mod:`smallchains._simd`): ``B`` a multiple of two vectors. The single-sample
     (``B = 1``) kernels keep the scalar code."""
-    return B % (2 * lanes(_itemsize(dt))) == 0
+    return B % (2 * vector_lanes(dt)) == 0
 
 
 # Forward tile: GEMM_TILE_O outputs x 2 vectors of samples, accumulated over all inputs in
@@ -162,10 +167,7 @@ def emit_affine(ctx, n_in, n_out, w_off, b_off, act, z_off):
     else:  # the affine loops write z into the output block, then one pass applies f
         def act_line(zexpr):
             return [f"            work[ao + s] = {zexpr}"]
-        act_pass = [f"# {act.name}, one pass over the block", f"for k in range({n_out * B}):",
-                    f"    zz = work[{ctx.out_off} + k]"]
-        act_pass += [f"    work[{z_off} + k] = zz"] if z_off is not None else []
-        act_pass += [f"    work[{ctx.out_off} + k] = {value_expr(act, 'zz', dt)}"]
+        act_pass = emit_activation_pass(ctx, n_out, act, z_off)
     if len(chunks) == 1:
         i, k = chunks[0]
         L += [f"    w{j} = p[{at('wo', j)}]" for j in range(k)]
@@ -189,9 +191,9 @@ def emit_affine(ctx, n_in, n_out, w_off, b_off, act, z_off):
     return L + act_pass
 
 
-def _act_pass(ctx, n, act, z_off):
+def emit_activation_pass(ctx, n, act, z_off):
     """One pass applying ``f`` over the ``n`` features of the output block (keeping ``z`` at
-    ``z_off`` if given); nothing for identity."""
+    ``z_off`` if given); nothing for identity. Used by dense and conv layers."""
     if act.code == IDENTITY:
         return []
     L = [f"# {act.name}, one pass over the block", f"for k in range({n * ctx.B}):",
@@ -213,7 +215,7 @@ def emit_gemm_vector(B, dt, m_off, row_stride, col_stride, n_rows, n_cols, v_off
     3 (matexp forward, in-process A/B against the scalar CHUNK loops, which add into
     ``out`` in memory): 32 -> 16 167.6 -> 145.7 us per epoch (tanh pass included), 16 -> 4
     16.5 -> 14.1, 4 -> 32 114.5 -> 112.3."""
-    V = lanes(_itemsize(dt))
+    V = vector_lanes(dt)
 
     def tile(r, tr, pad):
         # r: the loop variable "r" or an int (the remainder rows)
@@ -255,7 +257,7 @@ def emit_affine_vector(ctx, n_in, n_out, w_off, b_off, act, z_off):
     relu = act.code == RELU  # applied in registers; other activations get a pass
     L += emit_gemm_vector(ctx.B, ctx.dt, w_off, n_in, 1, n_out, n_in, ctx.in_off, ctx.out_off, b_off,
                           relu=relu)
-    return L if relu else L + _act_pass(ctx, n_out, act, z_off)
+    return L if relu else L + emit_activation_pass(ctx, n_out, act, z_off)
 
 
 # dW register tile: TILE_O x TILE_I vector accumulators plus TILE_O + TILE_I loaded vectors
@@ -354,6 +356,16 @@ def _vector_delta(act, dt, pad, store):
     return L + [f"{pad}vstore(work, do + s, d0)"] * store + [f"{pad}gb0 = vadd(gb0, d0)"]
 
 
+def emit_delta_pass(row, dt, g_off, z_off, a_off, n, b_off, act):
+    """One pass over ``n`` rows of ``row`` elements (a feature's ``B`` lanes; a conv
+    channel's pixels x lanes): ``delta = dL/da * f'`` written over ``dL/da`` at ``g_off``
+    and, unless ``b_off`` is None, each row's sum added to ``g[b_off + o]`` (the bias
+    gradient). For the dW paths that cannot compute delta in their first tile."""
+    L = [f"for o in range({n}):", f"    r = o * {row}", f"    gb = {dt}(0.0)", f"    for s in range({row}):"]
+    L += emit_delta(act, dt, f"{g_off} + r + s", f"{z_off} + r + s", f"{a_off} + r + s", " " * 8)
+    return L + ([f"    g[{b_off} + o] += gb"] if b_off is not None else [])
+
+
 def emit_outer_grad_vector(ctx, n_in, n_out, w_off, b_off, act, z_off):
     """The dW and db part of :func:`emit_affine_pullback` with explicit vectors
     (``n_in >= 8``): per output row, tiles of 8 inputs accumulate 8 vectors over the block,
@@ -365,16 +377,11 @@ def emit_outer_grad_vector(ctx, n_in, n_out, w_off, b_off, act, z_off):
     use a scalar tile. Measured on a Zen 3 (matexp, in-process A/B): the 32 -> 16 tanh
     pullback 252.0 -> 243.1 us per epoch without the fused delta."""
     B, dt, go_, x = ctx.B, ctx.dt, ctx.gout_off, ctx.in_off
-    V = lanes(_itemsize(dt))
+    V = vector_lanes(dt)
     fi = n_in // 8 * 8
     store = ctx.need_gin is not False or n_in > 8
     fused = _vector_delta(act, dt, " " * 8, store)
-    L = []
-    if fused is None:
-        L += [f"for o in range({n_out}):", f"    r = o * {B}", f"    gb = {dt}(0.0)",
-              f"    for s in range({B}):"]
-        L += emit_delta(act, dt, f"{go_} + r + s", f"{z_off} + r + s", f"{ctx.out_off} + r + s", " " * 8)
-        L += [f"    g[{b_off} + o] += gb"] if b_off is not None else []
+    L = emit_delta_pass(B, dt, go_, z_off, ctx.out_off, n_out, b_off, act) if fused is None else []
 
     def vtile(i, first):
         pad = "    " if first else "        "
@@ -457,12 +464,8 @@ def emit_affine_pullback(ctx, n_in, n_out, w_off, b_off, act, z_off):
     # dW[o, i] = sum_s delta[o, s] x[i, s]: small blocks vectorized over i (transposed x,
     # after a delta pass), others in register tiles vectorized over the samples, whose first
     # input tile computes delta
-    if B * np.dtype(dt.removeprefix("np.")).itemsize <= DW_TRANSPOSE_MAX_BYTES and n_in >= 8:
-        L += [f"for o in range({n_out}):", f"    r = o * {B}", f"    gb = {dt}(0.0)",
-              f"    for s in range({B}):"]
-        L += emit_delta(act, dt, f"{go_} + r + s", f"{z_off} + r + s", f"{a_off} + r + s", " " * 8)
-        if b_off is not None:
-            L += [f"    g[{b_off} + o] += gb"]
+    if B * _itemsize(dt) <= DW_TRANSPOSE_MAX_BYTES and n_in >= 8:
+        L += emit_delta_pass(B, dt, go_, z_off, a_off, n_out, b_off, act)
         L += emit_outer_grad_transposed(B, dt, go_, x, n_out, n_in, w_off, gi_)
     elif vector_blocks(B, dt) and n_in >= 8:
         L += emit_outer_grad_vector(ctx, n_in, n_out, w_off, b_off, act, z_off)
