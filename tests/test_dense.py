@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import smallchains as sc
 from conftest import (ARCH_LOSS, ARCHS, TORCH_ACT, assert_close, central_fd, get_chain, make_data,
                       make_model, make_targets, np_activation, numpy_forward, random_params,
-                      torch_loss, torch_model)
+                      torch_flat, torch_loss, torch_model)
 
 # (architecture, loss) pairs differentiated below: every architecture with its own loss,
 # plus "deep" with the other two losses (so all three losses are checked on one chain).
@@ -217,3 +217,30 @@ def test_init_params_default_dtype_seed_and_float32():
     for v in chain.param_views(p):
         np.testing.assert_array_equal(v["b"], 0.0)
         assert np.all(v["W"] != 0)
+
+
+# --------------------------------------------------------------------------------------
+# regression: issue 13's reproduction (gelu / silu gradients wrong at widths that are not
+# a multiple of 8: numba's dead-code elimination deleted the last store of the pullback
+# step after inlining gelu_grad / silu_grad; see smallchains.compiler.linking.keep_alive)
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("act", ["gelu", "silu"])
+def test_gelu_silu_gradients_against_torch_every_width(torch, act, dtype):
+    n = 20
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((n, 6))
+    Y = rng.standard_normal((n, 2))
+    for w in (7, 8, 9, 16, 17, 25, 33):
+        chain = sc.SimpleChain(6, sc.TurboDense(w, act), sc.TurboDense(2))
+        p = random_params(chain, seed=w, dtype=dtype)
+        model = sc.add_loss(chain, sc.SquaredLoss(Y.astype(dtype)))
+        loss, g = sc.valgrad(model, X.astype(dtype), p)
+        net, linears = torch_model(torch, chain, p.astype(np.float64))
+        L = torch_loss(torch, "squared", net(torch.from_numpy(X)), Y)
+        L.backward()
+        expected = torch_flat(linears, grad=True)
+        tol = 1e-12 if dtype == np.float64 else 2e-5
+        err = np.abs(g - expected).max() / np.abs(expected).max()
+        assert err <= tol, f"{act} width {w} {np.dtype(dtype).name}: relative gradient error {err:.3g}"
+        assert abs(loss - L.item()) <= tol * max(1.0, abs(L.item()))

@@ -160,7 +160,10 @@ class _Functions:
         views = ["p = carray(p_, (N_PARAMS,))"]
         views += ["g = carray(g_, (N_PARAMS,))"] if uses_g else []
         views += ["work = carray(work_, (WORK_SIZE,))"]
-        self.defs.append(f"def _py_{name}(p_, g_, work_):\n" + _indent(views + lines) + "\n")
+        # keep_alive: numba's dead-code elimination must not drop the last stores into the
+        # views (see smallchains.compiler.linking.keep_alive)
+        end = [f"keep_alive(p, {'g' if uses_g else 'p'}, work)"]
+        self.defs.append(f"def _py_{name}(p_, g_, work_):\n" + _indent(views + lines + end) + "\n")
         self.calls[name] = (f'call_step(@TABLE@, {len(self.names)}, p, {"g" if uses_g else "p"}, '
                             f'work)  # {name}')
         self._seen[key] = name
@@ -220,7 +223,7 @@ import math
 import numpy as np
 from numba import carray, njit, types
 from smallchains._config import JIT_OPTIONS as _J
-from smallchains.compiler.linking import StepTable, call_step, resolve as _resolve
+from smallchains.compiler.linking import StepTable, call_step, keep_alive, resolve as _resolve
 from smallchains._fastmath import tanh_f32, tanh_f64
 from smallchains._numba_utils import like
 from smallchains.activations import gelu_grad, silu_grad

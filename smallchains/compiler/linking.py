@@ -127,6 +127,24 @@ def call_step(typingctx, table, index, p, g, work):
     return types.void(table, index, p, g, work), codegen
 
 
+@intrinsic
+def keep_alive(typingctx, p, g, work):
+    """``keep_alive(p, g, work)``: the last statement of every layer step. Emits no code;
+    it only keeps the three array views live to the end of the step.
+
+    The views are ``carray``s over raw pointers, which numba's alias analysis does not tie
+    to the step's arguments. Whenever numba runs its dead-code elimination on a step (it
+    does after inlining an ``inline="always"`` function, e.g. ``gelu_grad``), a store into
+    a view that is not read afterwards counts as dead and is deleted: the last
+    ``g[...] += ...`` of a gelu or silu pullback vanished, and dL/dW of the last weight of
+    every remainder row was lost. A call of unknown effect that reads the views keeps
+    every store before it."""
+    def codegen(context, builder, sig, args):
+        return context.get_dummy_value()
+
+    return types.void(p, g, work), codegen
+
+
 def bind(namespace: dict, step: str) -> None:
     """Compile layer step ``step`` of a generated module (or load it from numba's cache) and
     put its address in the module's step table, once per process."""
