@@ -16,6 +16,7 @@ import numpy as np
 from ._validate import check_dtype, check_inputs, check_params
 from .compiler import get_kernels, loops
 from .compiler.linking import Deferred
+from .compiler.options import kernel_options
 from .compiler.runtime import aligned_zeros
 from .layers.base import Layer
 from .losses import Loss
@@ -31,13 +32,24 @@ class SimpleChain:
         (channels first, NCHW batches).
     *layers : Layer
         Layers in order, e.g. ``TurboDense(32, "tanh")``.
+    kernels : ``"tuned"`` or ``"reference"``, keyword-only, default ``"tuned"``
+        ``"reference"`` compiles every layer from its plain reference code (one scalar loop
+        nest per layer and pass, :mod:`smallchains.layers.reference`): the same results to
+        rounding, several times slower. The debugging fallback when a tuned kernel is
+        suspected; the tests use it as the oracle of every tuned variant.
+    registers : 16, 32 or None, keyword-only
+        Vector register budget the tuned tiles are sized for. Default
+        ``$SMALLCHAINS_VECTOR_REGISTERS`` if set, else the host's (32 with AVX-512, else
+        16). Only tile shapes change, so either budget is correct on any CPU (a budget
+        above the CPU's spills registers and runs slower); for tests and tuning.
 
     Raises
     ------
     TypeError
         A layer is not a smallchains layer.
     ValueError
-        A layer cannot take the shape produced by the previous one (the message names it).
+        A layer cannot take the shape produced by the previous one (the message names it);
+        an unknown ``kernels`` or ``registers``.
 
     Examples
     --------
@@ -46,7 +58,8 @@ class SimpleChain:
     >>> Yhat = chain(X, p)        # X (N, 4) -> (N, 4)
     """
 
-    def __init__(self, input_shape, *layers):
+    def __init__(self, input_shape, *layers, kernels="tuned", registers=None):
+        self.options = kernel_options(kernels, registers)
         if isinstance(input_shape, (int, np.integer)):
             input_shape = (int(input_shape),)
         input_shape = tuple(int(d) for d in input_shape)
@@ -79,7 +92,8 @@ class SimpleChain:
     def __repr__(self) -> str:
         inner = ", ".join(repr(l) for l in self.layers)
         shape = self.input_shape[0] if len(self.input_shape) == 1 else self.input_shape
-        return f"SimpleChain({shape}, {inner})"
+        extra = "" if self.options.kernels == "tuned" else f", kernels={self.options.kernels!r}"
+        return f"SimpleChain({shape}, {inner}{extra})"
 
     def summary(self) -> str:
         """A table of layers, output shapes and parameter counts."""
@@ -116,7 +130,8 @@ class SimpleChain:
         # memoized per chain (get_kernels' own key hashes every layer's spec on each call)
         hit = self._kernel_memo.get(dtype)
         if hit is None:
-            hit = self._kernel_memo[dtype] = get_kernels(self.input_shape, self.layers, dtype)
+            hit = self._kernel_memo[dtype] = get_kernels(self.input_shape, self.layers, dtype,
+                                                         options=self.options)
         return hit
 
     def kernels(self, dtype=np.float32, block_size=None) -> "ChainKernels":
@@ -143,10 +158,14 @@ class SimpleChain:
         Outputs are overwritten, never accumulated. ``p, pbar (n_params,)``; ``work
         (work_size,)`` is caller-owned scratch, reusable by every kernel (one per thread).
         All arrays are C-contiguous of ``dtype``. Outputs never alias ``work``; nothing is
-        allocated per call; ``p`` is an argument, so new parameters never recompile. Kernels
-        check only that ``p``, ``pbar`` and ``work`` are C-contiguous (ValueError: the layer
-        code reads them through raw pointers); wrong sizes are undefined behaviour (check
-        them once in your own code). To call from your own ``@njit`` function, bind the
+        allocated per call; ``p`` is an argument, so new parameters never recompile. Every
+        kernel checks, at a few comparisons per call, that ``p``, ``pbar`` and ``work`` are
+        C-contiguous (the layer code reads them through raw pointers) and that every array
+        has the sizes above (``work`` at least ``work_size``), and raises ValueError naming
+        the expected shapes otherwise, from Python and from numba code alike; dtypes are
+        checked when a kernel is compiled for the arguments' types (a numba TypingError).
+        The kernels rely on nothing left in ``work`` by an earlier call: one ``work`` serves
+        the single-sample and the batch kernels. To call from your own ``@njit`` function, bind the
         functions to module-level names first (``fwd = k.forward``) and call those globals.
 
         Parameters
@@ -163,8 +182,9 @@ class SimpleChain:
             block_size = 32
         if not isinstance(block_size, (int, np.integer)) or not 1 <= block_size <= 1024:
             raise ValueError(f"block_size must be an int in [1, 1024], got {block_size!r}")
-        single, plan1 = get_kernels(self.input_shape, self.layers, dtype, B=1)
-        batch, planb = get_kernels(self.input_shape, self.layers, dtype, B=int(block_size))
+        single, plan1 = get_kernels(self.input_shape, self.layers, dtype, B=1, options=self.options)
+        batch, planb = get_kernels(self.input_shape, self.layers, dtype, B=int(block_size),
+                                   options=self.options)
         return ChainKernels(
             prod(self.input_shape), prod(self.output_shape), self.n_params,
             max(plan1.work_size, planb.work_size), np.dtype(dtype), int(block_size),

@@ -40,6 +40,10 @@ CONV_ARCHS = {
     # (3,7,6) -k1-> (5,7,6) -k3 valid, no bias-> (2,5,4) -pool2-> (2,2,2) -> 8 logits
     "c": ((3, 7, 6), lambda: [sc.Conv(5, 1, "identity"), sc.Conv(2, 3, "relu", bias=False),
                               sc.MaxPool(2), sc.Flatten()]),
+    # rectangular kernels, paddings and pooling windows (torch's tuple forms):
+    # (2,7,9) -k(3,5), pad(2,1)-> (3,9,7) -pool(2,3)-> (3,4,2) -k(1,2), pad(0,1)-> (2,4,3) -> 24 -> 3
+    "d": ((2, 7, 9), lambda: [sc.Conv(3, (3, 5), "silu", padding=(2, 1)), sc.MaxPool((2, 3)),
+                              sc.Conv(2, (1, 2), "elu", padding=(0, 1)), sc.Flatten(), sc.TurboDense(3)]),
 }
 ARCH_NAMES = sorted(CONV_ARCHS)
 N_GRAD = 4
@@ -128,18 +132,20 @@ def assert_valgrad_matches_torch(torch, chain, X, y, p):
 def test_archs_cover_requested_combinations():
     """The three architectures cover every padding/channel/kernel/activation/pool case."""
     convs = [l for n in ARCH_NAMES for l in conv_chain(n).layers if isinstance(l, sc.Conv)]
-    assert {c.padding for c in convs} >= {0, 1, 2}
-    assert any(c.padding == (c.kernel_size - 1) // 2 and c.kernel_size == 3 for c in convs)  # same
+    assert {c.padding for c in convs} >= {(0, 0), (1, 1), (2, 2)}
+    assert any(c.padding == (1, 1) and c.kernel_size == (3, 3) for c in convs)  # same
     assert {c.out_channels for c in convs} >= {1, 2, 5}
-    assert {c.kernel_size for c in convs} >= {1, 2, 3, 5}
+    assert {c.kernel_size[0] for c in convs} >= {1, 2, 3, 5}
     assert {c.activation.name for c in convs} >= {"relu", "tanh", "identity", "gelu"}
     in_ch = {ins[0] for n in ARCH_NAMES for l, (ins, _) in zip(conv_chain(n).layers, conv_chain(n)._shapes)
              if isinstance(l, sc.Conv)}
     assert in_ch >= {1, 3}
     pools = [(l.k, ins) for n in ARCH_NAMES for l, (ins, _) in zip(conv_chain(n).layers, conv_chain(n)._shapes)
              if isinstance(l, sc.MaxPool)]
-    assert {k for k, _ in pools} == {2, 3}
-    assert all(ins[1] % k or ins[2] % k for k, ins in pools)
+    assert {k for k, _ in pools} >= {(2, 2), (3, 3), (2, 3)}
+    assert any(c.kernel_size[0] != c.kernel_size[1] for c in convs)
+    assert any(c.padding[0] != c.padding[1] for c in convs)
+    assert all(ins[1] % k[0] or ins[2] % k[1] for k, ins in pools)
 
 
 # --------------------------------------------------------------------------------------
@@ -322,8 +328,15 @@ def test_shape_variants():
     c = sc.SimpleChain((1, 3, 3), sc.Conv(1, 5, padding=1))  # fits once padded
     assert c.output_shape == (1, 1, 1)
     assert sc.SimpleChain((1, 7, 6), sc.MaxPool(3)).output_shape == (1, 2, 2)
-    assert sc.Conv(2, 3, padding="valid").padding == 0
-    assert sc.Conv(2, 5, padding="same").padding == 2
+    assert sc.Conv(2, 3, padding="valid").padding == (0, 0)
+    assert sc.Conv(2, 5, padding="same").padding == (2, 2)
+    assert sc.Conv(2, (3, 5), padding="same").padding == (1, 2)
+    assert sc.Conv(2, 3, padding=(0, 2)).padding == (0, 2)
+    assert sc.Conv(6, (5, 5), "relu") == sc.Conv(6, 5, "relu")
+    assert sc.MaxPool((2, 2)) == sc.MaxPool(2)
+    c = sc.SimpleChain((1, 7, 9), sc.Conv(2, (3, 5), padding=(1, 0)), sc.MaxPool((2, 3)))
+    assert c.output_shape == (2, 3, 1)
+    assert c.param_views(sc.init_params(c))[0]["W"].shape == (2, 1, 3, 5)
 
 
 def test_wrong_image_shape_raises_naming_expected():
@@ -371,7 +384,7 @@ def test_same_padding_even_kernel_raises(k):
         sc.Conv(2, k, padding="same")
 
 
-@pytest.mark.parametrize("padding", [-1, "full", "SAME", 1.5, None, True, [1]])
+@pytest.mark.parametrize("padding", [-1, "full", "SAME", 1.5, None, True, [1], (1, 2, 3), (1, -1), (1.0, 1)])
 def test_invalid_padding_raises(padding):
     with pytest.raises(ValueError, match="padding"):
         sc.Conv(2, 3, padding=padding)
@@ -384,7 +397,13 @@ def test_invalid_conv_sizes_raise(kw):
         sc.Conv(**kw)
 
 
-@pytest.mark.parametrize("k", [0, -2, 1.5])
+@pytest.mark.parametrize("kernel_size", [(3,), (3, 0), (2, 2, 2), (1.5, 2), "3"])
+def test_invalid_conv_kernel_tuple_raises(kernel_size):
+    with pytest.raises(ValueError, match="kernel_size"):
+        sc.Conv(2, kernel_size)
+
+
+@pytest.mark.parametrize("k", [0, -2, 1.5, (2,), (2, 0), (2, 2.0)])
 def test_invalid_maxpool_raises(k):
     with pytest.raises(ValueError):
         sc.MaxPool(k)

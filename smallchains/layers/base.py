@@ -9,7 +9,10 @@ A layer is a small immutable description (sizes, activation). It knows
   (beyond its own output, which the compiler always keeps);
 * ``emit_forward(ctx)`` / ``emit_pullback(ctx)``: the lines of Python (loops over one
   block of samples) that the compiler pastes into the generated chain kernels; each
-  layer's forward and pullback code lives next to the layer class.
+  layer's forward and pullback code lives next to the layer class;
+* ``emit_forward_reference(ctx)`` / ``emit_pullback_reference(ctx)``: the same
+  computation as plain scalar loop nests (no tiles, no fusion; :mod:`.reference`), used
+  for ``SimpleChain(..., kernels="reference")`` and as the oracle of the variant tests.
 
 Kernels work on *blocks* of samples stored feature-major: feature ``f`` of sample ``s``
 of a block lives at ``work[off + f * B + s]``, so every inner loop runs over the block's
@@ -57,6 +60,7 @@ class EmitContext:
     training: bool = True
     B: int = 1
     dt: str = "np.float32"  # constant constructor for the kernel dtype
+    registers: int = 16  # vector register budget the tuned tiles are sized for (16 or 32)
 
 
 class Layer:
@@ -92,6 +96,17 @@ class Layer:
         the parameter gradient into ``g[ctx.p_off:]`` and, if ``ctx.need_gin``, write
         ``dL/d(input)`` at ``ctx.gin_off``."""
         raise NotImplementedError
+
+    def emit_forward_reference(self, ctx: EmitContext) -> list:
+        """:meth:`emit_forward` as the plainest correct code (the debugging fallback and the
+        variant tests' oracle). A layer without one cannot be used with
+        ``kernels="reference"``."""
+        raise NotImplementedError(f"{type(self).__name__} has no reference kernels")
+
+    def emit_pullback_reference(self, ctx: EmitContext) -> list:
+        """:meth:`emit_pullback` as the plainest correct code (see
+        :meth:`emit_forward_reference`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no reference kernels")
 
     def spec(self) -> str:
         """Stable text identifying the layer's compiled behaviour (part of the cache key)."""

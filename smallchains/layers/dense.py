@@ -6,7 +6,9 @@ Follows SimpleChains.jl's ``TurboDense`` (src/dense.jl); that stores ``W`` colum
 as ``(n_out, n_in)`` with the bias as an extra column, we keep ``b`` separate.
 
 The forward code is emitted by :func:`emit_affine`, the pullback by
-:func:`emit_affine_pullback` (both also used by other affine layers).
+:func:`emit_affine_pullback` (both also used by other affine layers); which tuned variant
+each part gets is :func:`dense_variants`. The plain reference (``kernels="reference"``)
+is :func:`smallchains.layers.reference.dense_forward` / ``dense_pullback``.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from dataclasses import dataclass
 from math import prod
 
 import numpy as np
-from .._cpu import vector_registers
 from .._simd import lanes
 from ..activations import (IDENTITY, LEAKY_RELU, RELU, Activation, emit_delta, get_activation,
                            grad_expr, needs_z, value_expr)
+from . import reference
 from .base import EmitContext, Layer, at
 
 
@@ -102,6 +104,18 @@ class TurboDense(Layer):
             ctx, n_in, self.out, w_off=ctx.p_off, b_off=ctx.p_off + n_in * self.out if self.bias else None,
             act=self.activation, z_off=z_off,
         )
+
+    def emit_forward_reference(self, ctx: EmitContext) -> list:
+        n_in = prod(ctx.in_shape)
+        return reference.dense_forward(
+            ctx, n_in, self.out, ctx.p_off, ctx.p_off + n_in * self.out if self.bias else None,
+            self.activation, ctx.saved_off)
+
+    def emit_pullback_reference(self, ctx: EmitContext) -> list:
+        n_in = prod(ctx.in_shape)
+        return reference.dense_pullback(
+            ctx, n_in, self.out, ctx.p_off, ctx.p_off + n_in * self.out if self.bias else None,
+            self.activation, ctx.saved_off if needs_z(self.activation) else ctx.out_off)
 
 
 Dense = TurboDense
@@ -263,22 +277,55 @@ def emit_affine_vector(ctx, n_in, n_out, w_off, b_off, act, z_off):
 # dW register tile: TILE_O x TILE_I vector accumulators plus TILE_O + TILE_I loaded vectors
 # must fit the register file. 4 x 4 with AVX-512's 32 registers; with 16 (AVX2), 2 x 4
 # (measured on a Zen 3: the 4 x 4 tile spills and the matexp step is 16-19% slower), or
-# 1 x 8 when n_in >= 8 (see _dw_tile).
-TILE_O = 4 if vector_registers() >= 32 else 2
+# 1 x 8 when n_in >= 8 (see dw_tile).
 TILE_I = 4
 
 
-def _dw_tile(n_in):
-    """(outputs, inputs) of the dW register tile. With 16 vector registers and n_in >= 8,
-    one output row by 8 inputs (9 loads per 8 FMAs, but fewer reductions per FMA):
-    measured on a Zen 3, dW of 32 -> 16 took 135 instead of 151 us per matexp epoch, equal
-    for 16 -> 4; for 4 -> 32 the 2 x 4 tile is faster (48 vs 53 us)."""
-    if vector_registers() < 32 and n_in >= 8:
+def dw_tile(n_in, registers):
+    """(outputs, inputs) of the dW register tile of :func:`emit_outer_grad` for a register
+    budget of ``registers`` vector registers (16 or 32). With 16 and n_in >= 8, one output
+    row by 8 inputs (9 loads per 8 FMAs, but fewer reductions per FMA): measured on a Zen
+    3, dW of 32 -> 16 took 135 instead of 151 us per matexp epoch, equal for 16 -> 4; for
+    4 -> 32 the 2 x 4 tile is faster (48 vs 53 us). With 32, 4 x 4."""
+    if registers < 32 and n_in >= 8:
         return 1, 8
-    return TILE_O, TILE_I
+    return (4 if registers >= 32 else 2), TILE_I
 
 
-def emit_outer_grad(B, dt, d_off, x_off, n_out, n_in, w_off, delta=None):
+@dataclass(frozen=True)
+class DenseVariants:
+    """Which tuned code a dense layer gets (see :func:`dense_variants`).
+
+    ``forward``: ``"vector"`` (:func:`emit_gemm_vector` register tiles) or ``"scalar"``
+    (CHUNK-input loops that LLVM vectorizes over the samples). ``dw``: ``"transposed"``
+    (:func:`emit_outer_grad_transposed`), ``"vector"`` (:func:`emit_outer_grad_vector`)
+    or ``"tiles"`` (:func:`emit_outer_grad`, register tile ``dw_tile``). ``dx``:
+    ``"vector"`` (:func:`emit_gemm_vector` over ``W^T``) or ``"scalar"``
+    (:func:`emit_input_grad`'s passes)."""
+
+    forward: str
+    dw: str
+    dw_tile: tuple
+    dx: str
+
+
+def dense_variants(n_in, n_out, B, dt, registers) -> DenseVariants:
+    """The dispatch rule of the dense emitters: the variant of each part of a ``n_in ->
+    n_out`` layer for blocks of ``B`` samples of ``dt`` (``"np.float32"`` /
+    ``"np.float64"``) and a budget of ``registers`` vector registers. Every input can be
+    set, so a test can reach each variant on any CPU."""
+    vec = vector_blocks(B, dt)
+    if B * _itemsize(dt) <= DW_TRANSPOSE_MAX_BYTES and n_in >= 8:
+        dw = "transposed"
+    elif vec and n_in >= 8:
+        dw = "vector"
+    else:
+        dw = "tiles"
+    return DenseVariants("vector" if vec else "scalar", dw, dw_tile(n_in, registers),
+                         "vector" if vec else "scalar")
+
+
+def emit_outer_grad(B, dt, d_off, x_off, n_out, n_in, w_off, delta=None, registers=16):
     """Lines adding ``sum_s d[o, s] x[i, s]`` into ``g[w_off + o * n_in + i]`` for all
     ``o < n_out``, ``i < n_in`` (``d`` and ``x`` feature-major blocks at the offsets).
 
@@ -287,8 +334,8 @@ def emit_outer_grad(B, dt, d_off, x_off, n_out, n_in, w_off, delta=None):
     itself (adding ``d`` into ``g[b_off + o]`` unless ``b_off`` is None, and writing it
     over ``dL/da`` if ``store``): no separate pass over the block. Measured on a Zen 3
     (matexp, in-process A/B): the 4 -> 32 pullback 62.7 -> 55.0 us per epoch, 32 -> 16
-    256.3 -> 253.6 us."""
-    TO, TI = _dw_tile(n_in)
+    256.3 -> 253.6 us. The tile is :func:`dw_tile` for ``registers``."""
+    TO, TI = dw_tile(n_in, registers)
     fo, fi = n_out // TO * TO, n_in // TI * TI
 
     def tile(o, i, to, ti, pad, fused):
@@ -334,10 +381,10 @@ def emit_outer_grad(B, dt, d_off, x_off, n_out, n_in, w_off, delta=None):
     return L
 
 
-def needs_store(n_in, need_gin):
+def needs_store(n_in, need_gin, registers):
     """Whether the fused delta of :func:`emit_outer_grad` must be written back: a later
     input tile or ``dL/dx`` reads it."""
-    return need_gin is not False or n_in > _dw_tile(n_in)[1]
+    return need_gin is not False or n_in > dw_tile(n_in, registers)[1]
 
 
 def _vector_delta(act, dt, pad, store):
@@ -464,14 +511,15 @@ def emit_affine_pullback(ctx, n_in, n_out, w_off, b_off, act, z_off):
     # dW[o, i] = sum_s delta[o, s] x[i, s]: small blocks vectorized over i (transposed x,
     # after a delta pass), others in register tiles vectorized over the samples, whose first
     # input tile computes delta
-    if B * _itemsize(dt) <= DW_TRANSPOSE_MAX_BYTES and n_in >= 8:
+    dw = dense_variants(n_in, n_out, B, dt, ctx.registers).dw
+    if dw == "transposed":
         L += emit_delta_pass(B, dt, go_, z_off, a_off, n_out, b_off, act)
         L += emit_outer_grad_transposed(B, dt, go_, x, n_out, n_in, w_off, gi_)
-    elif vector_blocks(B, dt) and n_in >= 8:
+    elif dw == "vector":
         L += emit_outer_grad_vector(ctx, n_in, n_out, w_off, b_off, act, z_off)
     else:
-        delta = (act, z_off, a_off, b_off, needs_store(n_in, ctx.need_gin))
-        L += emit_outer_grad(B, dt, go_, x, n_out, n_in, w_off, delta)
+        delta = (act, z_off, a_off, b_off, needs_store(n_in, ctx.need_gin, ctx.registers))
+        L += emit_outer_grad(B, dt, go_, x, n_out, n_in, w_off, delta, ctx.registers)
     if ctx.need_gin is False:
         return L
     return L + [f"if {ctx.need_gin}:"] + ["    " + l for l in emit_input_grad(B, dt, go_, gi_, w_off, n_in, n_out)]

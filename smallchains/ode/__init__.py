@@ -96,7 +96,8 @@ def chain_rhs(chain, n_samples: int, dtype=np.float64, input_map=None) -> ODEFun
     # one block for small batches (zero-padded lanes are wasted work); >= 24 lanes so the
     # block loops vectorize (see SimpleChain.kernels)
     block = min(128, max(24, -(-int(n_samples) // 8) * 8))
-    kmod, plan = get_kernels(chain.input_shape, chain.layers, np.float64, B=block)
+    kmod, plan = get_kernels(chain.input_shape, chain.layers, np.float64, B=block,
+                             options=chain.options)
     n, kw = int(n_samples) * n_in, plan.work_size
     extra = 0 if input_map is None else n
     if input_map is None or all(isinstance(e, str) for e in input_map):
