@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from . import _cpu  # noqa: F401  (must run before numba is imported)
 from .activations import Activation, available_activations, get_activation
+from .compiler.cache import cache_info, clear_cache
 from .chain import ChainKernels, SimpleChain, SimpleChainWithLoss, add_loss, init_params, numparam, remove_loss
 from .layers import Conv, Dense, Flatten, MaxPool, TurboDense
 from .losses import AbsoluteLoss, LogitCrossEntropyLoss, Loss, SquaredLoss
@@ -27,7 +28,7 @@ from .train import (
 __all__ = [
     "AbsoluteLoss", "Activation", "Adam", "ChainKernels", "Conv", "Dense", "Flatten", "MaxPool", "LogitCrossEntropyLoss", "Loss",
     "Optimizer", "RMSProp", "SGD", "SimpleChain", "SimpleChainWithLoss", "SquaredLoss",
-    "TurboDense", "accuracy_and_loss", "add_loss", "alloc_threaded_grad", "default_batch_size", "available_activations", "datasets", "ode",
+    "TurboDense", "accuracy_and_loss", "add_loss", "alloc_threaded_grad", "cache_info", "clear_cache", "default_batch_size", "available_activations", "datasets", "ode",
     "get_activation", "init_params", "numparam", "remove_loss", "train_batched",
     "train_unbatched", "valgrad", "valgrad_with_input",
 ]

@@ -6,7 +6,9 @@ generated kernel (the generated module's source embeds them, so the cache key ch
 
 from __future__ import annotations
 
+import getpass
 import os
+import tempfile
 from pathlib import Path
 
 # LLVM fast-math flags for every kernel. Deliberately WITHOUT ``nnan`` and ``ninf``:
@@ -23,11 +25,13 @@ INLINE_OPTIONS = dict(JIT_OPTIONS, inline="always")
 CFUNC_OPTIONS = dict(nopython=True, fastmath=FASTMATH, error_model="numpy", cache=True)
 
 
-def cache_dir() -> Path:
-    """Directory of the on-disk kernel cache.
+def cache_dir(create: bool = True) -> Path:
+    """Directory of the on-disk kernel cache, as configured.
 
     ``$SMALLCHAINS_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/smallchains/kernels``
-    (``~/.cache/smallchains/kernels``). Created on first use.
+    (``~/.cache/smallchains/kernels``). Created on first use (``create=True``; raises
+    ``OSError`` if that fails). When it cannot be written, new kernel modules go to
+    :func:`fallback_cache_dir` instead (see :mod:`smallchains.compiler.cache`).
     """
     env = os.environ.get("SMALLCHAINS_CACHE_DIR")
     if env:
@@ -35,5 +39,13 @@ def cache_dir() -> Path:
     else:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         path = Path(base) / "smallchains" / "kernels"
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def fallback_cache_dir() -> Path:
+    """The per-user temporary kernel cache used when :func:`cache_dir` cannot be written:
+    ``<tempfile.gettempdir()>/smallchains-<uid>/kernels`` (not created here)."""
+    user = os.getuid() if hasattr(os, "getuid") else getpass.getuser()
+    return Path(tempfile.gettempdir()) / f"smallchains-{user}" / "kernels"
