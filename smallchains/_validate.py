@@ -3,6 +3,8 @@ before anything is written, so a rejected call leaves the caller's arrays untouc
 
 from __future__ import annotations
 
+import math
+import numbers
 from math import prod
 
 import numpy as np
@@ -81,3 +83,45 @@ def check_inputs(input_shape: tuple, X, dtype, *, allow_single: bool = True, nam
         # arrays of smallchains.datasets); one copy keeps a single compiled kernel
         X2 = X2.copy()
     return X2, single
+
+
+def check_count(value, name: str, minimum: int = 0) -> int:
+    """``value`` as an ``int``: a Python or numpy integer (not a bool) ``>= minimum``.
+
+    Raises
+    ------
+    TypeError
+        Not an integer: floats (``3.0`` too: nothing is truncated), bools, strings, ...
+    ValueError
+        Below ``minimum``.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_real(owner: str, name: str, value, low: float, high: float = math.inf, *,
+               low_open: bool = False) -> float:
+    """A hyperparameter as a ``float`` in ``[low, high)`` (``(low, high)`` if ``low_open``).
+    ``high`` is always excluded, so NaN and infinities never pass.
+
+    Raises
+    ------
+    TypeError
+        Not a real number (bools and strings included).
+    ValueError
+        Outside the range; the message names ``owner``, ``name`` and the range.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {name} must be a real number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if not ((low < v) if low_open else (low <= v)) or not v < high:
+        if high == math.inf:
+            valid = f"{'>' if low_open else '>='} {low:g} and finite"
+        else:
+            valid = f"in {'(' if low_open else '['}{low:g}, {high:g})"
+        raise ValueError(f"{owner}: {name} must be {valid}, got {value!r}")
+    return v

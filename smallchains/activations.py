@@ -32,11 +32,35 @@ class Activation:
     name : str
         Canonical name (``"tanh"``, ``"relu"``, ...).
     code : int
-        Small integer id.
+        Small integer id, the one :data:`Activation.CODES` gives for ``name``.
+
+    Raises
+    ------
+    TypeError
+        ``name`` is not a str or ``code`` not an int.
+    ValueError
+        ``name`` and ``code`` are not one of the built-in pairs (the message lists them).
+        Use :func:`get_activation` to get an activation by name.
     """
 
     name: str
     code: int
+
+    #: the valid ``(name, code)`` pairs (not annotated: a class attribute, not a field)
+    CODES = {"identity": IDENTITY, "tanh": TANH, "relu": RELU, "sigmoid": SIGMOID,
+             "softplus": SOFTPLUS, "gelu": GELU, "silu": SILU, "elu": ELU,
+             "leaky_relu": LEAKY_RELU}
+
+    def __post_init__(self):
+        if not isinstance(self.name, str):
+            raise TypeError(f"Activation: name must be a str, got {type(self.name).__name__}")
+        if isinstance(self.code, bool) or not isinstance(self.code, int):
+            raise TypeError(f"Activation: code must be an int, got {type(self.code).__name__}")
+        if self.CODES.get(self.name) != self.code:
+            pairs = ", ".join(f"({n!r}, {c})" for n, c in self.CODES.items())
+            raise ValueError(f"Activation({self.name!r}, {self.code!r}): name and code do not "
+                             f"match; valid (name, code) pairs are {pairs} "
+                             "(or use get_activation(name))")
 
     def __repr__(self) -> str:
         return self.name

@@ -14,6 +14,7 @@ import numpy as np
 from numba import njit
 
 from ._config import JIT_OPTIONS
+from ._validate import check_real
 from ._numba_utils import like
 
 #: optimizer kind -> (module, update kernel name); the generated training loops call these.
@@ -35,6 +36,10 @@ class Optimizer:
         self.t = 0  # number of steps taken
 
     def _hyper(self) -> list:
+        """The hyperparameters as floats, in the order the update kernel reads them.
+        Validates them (called by ``__init__`` and by :meth:`prepare`, so values assigned
+        to the attributes later are checked too); raises TypeError / ValueError naming the
+        parameter and its valid range."""
         raise NotImplementedError
 
     def reset(self) -> None:
@@ -49,8 +54,10 @@ class Optimizer:
         ------
         ValueError
             The optimizer already holds state for a parameter vector of another length or
-            dtype (call :meth:`reset` or use a new optimizer).
+            dtype (call :meth:`reset` or use a new optimizer), or a hyperparameter is out
+            of range.
         """
+        hyper = self._hyper()
         shape = (self.n_state, p.shape[0])
         if self.state is None:
             self.state = np.zeros(shape, dtype=p.dtype)
@@ -59,7 +66,7 @@ class Optimizer:
                 f"{type(self).__name__} holds state for {self.state.shape[1]} {self.state.dtype} "
                 f"parameters, got p of length {p.shape[0]} and dtype {p.dtype}; call opt.reset()"
             )
-        return self.state, np.asarray(self._hyper(), dtype=p.dtype)
+        return self.state, np.asarray(hyper, dtype=p.dtype)
 
     def update_kernel(self):
         """The numba update kernel ``update(p, g, state, hyper, t)`` of this optimizer."""
@@ -83,9 +90,14 @@ class Adam(Optimizer):
 
     Parameters
     ----------
-    lr : float, default 1e-3
-    betas : (float, float), default (0.9, 0.999)
-    eps : float, default 1e-8
+    lr : float, default 1e-3 -- finite, > 0.
+    betas : (float, float), default (0.9, 0.999) -- each in [0, 1).
+    eps : float, default 1e-8 -- finite, > 0.
+
+    Raises
+    ------
+    TypeError, ValueError
+        A hyperparameter that is not a real number or lies outside its range (NaN too).
 
     State: ``opt.state`` of shape ``(2, n_params)`` (first and second moments), ``opt.t``.
     SimpleChains.jl: ``ADAM(η)`` in src/optimize.jl.
@@ -96,37 +108,59 @@ class Adam(Optimizer):
 
     def __init__(self, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
         super().__init__()
-        if not lr > 0:
-            raise ValueError(f"Adam: lr must be > 0, got {lr}")
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"Adam: betas must lie in [0, 1), got {betas}")
-        self.lr, self.betas, self.eps = float(lr), (float(betas[0]), float(betas[1])), float(eps)
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.lr, b1, b2, self.eps = self._hyper()
+        self.betas = (b1, b2)
 
     def __repr__(self):
         return f"Adam(lr={self.lr}, betas={self.betas}, eps={self.eps})"
 
     def _hyper(self):
-        return [self.lr, self.betas[0], self.betas[1], self.eps]
+        betas = self.betas
+        try:
+            betas = tuple(betas)
+        except TypeError:
+            betas = ()
+        if len(betas) != 2:
+            raise TypeError(f"Adam: betas must be a pair (beta1, beta2), got {self.betas!r}")
+        for i, b in enumerate(betas):
+            try:
+                check_real("Adam", f"betas[{i}]", b, 0.0, 1.0)
+            except ValueError:
+                raise ValueError(f"Adam: betas must lie in [0, 1), got betas[{i}] = {b!r}") from None
+        return [check_real("Adam", "lr", self.lr, 0.0, low_open=True), float(betas[0]),
+                float(betas[1]), check_real("Adam", "eps", self.eps, 0.0, low_open=True)]
 
 
 class SGD(Optimizer):
     """Plain gradient descent with optional momentum (``torch.optim.SGD`` semantics,
-    dampening 0, no Nesterov): ``b = mu b + g`` (``b = g`` at step 1); ``p -= lr b``."""
+    dampening 0, no Nesterov): ``b = mu b + g`` (``b = g`` at step 1); ``p -= lr b``.
+
+    Parameters
+    ----------
+    lr : float, default 1e-2 -- finite, > 0.
+    momentum : float, default 0.0 -- finite, >= 0.
+
+    Raises
+    ------
+    TypeError, ValueError
+        A hyperparameter that is not a real number or lies outside its range (NaN too).
+    """
 
     kind = "sgd"
     n_state = 1
 
     def __init__(self, lr: float = 1e-2, momentum: float = 0.0):
         super().__init__()
-        if not lr > 0:
-            raise ValueError(f"SGD: lr must be > 0, got {lr}")
-        self.lr, self.momentum = float(lr), float(momentum)
+        self.lr, self.momentum = lr, momentum
+        self.lr, self.momentum = self._hyper()
 
     def __repr__(self):
         return f"SGD(lr={self.lr}, momentum={self.momentum})"
 
     def _hyper(self):
-        return [self.lr, self.momentum]
+        return [check_real("SGD", "lr", self.lr, 0.0, low_open=True),
+                check_real("SGD", "momentum", self.momentum, 0.0)]
 
 
 class RMSProp(Optimizer):
@@ -135,9 +169,14 @@ class RMSProp(Optimizer):
 
     Parameters
     ----------
-    lr : float, default 1e-2
-    alpha : float, default 0.99
-    eps : float, default 1e-8
+    lr : float, default 1e-2 -- finite, > 0.
+    alpha : float, default 0.99 -- in [0, 1).
+    eps : float, default 1e-8 -- finite, > 0.
+
+    Raises
+    ------
+    TypeError, ValueError
+        A hyperparameter that is not a real number or lies outside its range (NaN too).
     """
 
     kind = "rmsprop"
@@ -145,15 +184,16 @@ class RMSProp(Optimizer):
 
     def __init__(self, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8):
         super().__init__()
-        if not lr > 0:
-            raise ValueError(f"RMSProp: lr must be > 0, got {lr}")
-        self.lr, self.alpha, self.eps = float(lr), float(alpha), float(eps)
+        self.lr, self.alpha, self.eps = lr, alpha, eps
+        self.lr, self.alpha, self.eps = self._hyper()
 
     def __repr__(self):
         return f"RMSProp(lr={self.lr}, alpha={self.alpha}, eps={self.eps})"
 
     def _hyper(self):
-        return [self.lr, self.alpha, self.eps]
+        return [check_real("RMSProp", "lr", self.lr, 0.0, low_open=True),
+                check_real("RMSProp", "alpha", self.alpha, 0.0, 1.0),
+                check_real("RMSProp", "eps", self.eps, 0.0, low_open=True)]
 
 
 @njit(**JIT_OPTIONS)

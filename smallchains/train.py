@@ -7,13 +7,15 @@ fixed order, so results are deterministic for a fixed thread count.
 
 from __future__ import annotations
 
+import time
+
 import numba
 import numpy as np
 
 from .compiler import loops
 from .compiler.linking import Deferred
 from .compiler.runtime import aligned_zeros
-from ._validate import check_dtype, check_inputs, check_params
+from ._validate import check_count, check_dtype, check_inputs, check_params
 from .chain import SimpleChainWithLoss, remove_loss
 from .optim import Optimizer
 
@@ -55,19 +57,24 @@ def alloc_threaded_grad(chain, n_threads=None, dtype=np.float32) -> np.ndarray:
     ndarray, shape ``(n_threads, n_params)``, ``dtype``, zeros. ``n_threads`` defaults to
     ``numba.get_num_threads()``. Row ``t`` is thread ``t``'s gradient; training overwrites
     all rows every step. Use the dtype of ``p``.
+
+    Raises
+    ------
+    TypeError
+        ``n_threads`` is not an int (Python or numpy integer), or ``dtype`` not a float dtype.
+    ValueError
+        ``n_threads < 1``.
     """
     chain = remove_loss(chain)
     dtype = check_dtype(dtype)
-    n = numba.get_num_threads() if n_threads is None else int(n_threads)
-    if n < 1:
-        raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+    n = numba.get_num_threads() if n_threads is None else check_count(n_threads, "n_threads", 1)
     return aligned_zeros((n, chain.n_params), dtype)
 
 
 def _check_G(G, p):
-    if not isinstance(G, np.ndarray) or G.ndim != 2 or G.shape[1] != p.shape[0]:
-        raise ValueError(f"G must have shape (n_threads, {p.shape[0]}) (alloc_threaded_grad), "
-                         f"got {getattr(G, 'shape', type(G).__name__)}")
+    if not isinstance(G, np.ndarray) or G.ndim != 2 or G.shape[1] != p.shape[0] or G.shape[0] < 1:
+        raise ValueError(f"G must have shape (n_threads, {p.shape[0]}) with n_threads >= 1 "
+                         f"(alloc_threaded_grad), got {getattr(G, 'shape', type(G).__name__)}")
     if G.dtype != p.dtype:
         raise TypeError(f"G has dtype {G.dtype} but p has {p.dtype}; they must match")
     if not G.flags.c_contiguous or not G.flags.writeable:
@@ -184,25 +191,84 @@ def _train_setup(G, p, model, X, opt):
     return p, G, X2, T, mod, plan, state, hyper, works, gx, losses, g
 
 
+#: Target duration, in seconds, of one call of a compiled training loop. The drivers run
+#: a training in calls ("chunks") of as many steps as take about this long, measured as
+#: they go, and Python handles Ctrl-C (KeyboardInterrupt) between two calls, so this is
+#: about how long training takes to stop. ``None``: one call for the whole run.
+CHUNK_SECONDS = 0.15
+
+# (loop, chain module, loss, optimizer, rows per step, threads) -> seconds per step, last
+# measured: a later run with the same key sizes its first chunk from it
+_step_seconds: dict = {}
+
+
+class _Chunks:
+    """Step counts for successive calls of a compiled training loop (see CHUNK_SECONDS).
+    Without an earlier measurement the first call is one step; each call's duration
+    then sizes the next."""
+
+    def __init__(self, key):
+        self.key = key
+        seconds = _step_seconds.get(key)
+        self.size = 1 if seconds is None and CHUNK_SECONDS is not None else self._fit(seconds)
+
+    @staticmethod
+    def _fit(seconds_per_step):
+        if CHUNK_SECONDS is None:
+            return 2 ** 62
+        return max(1, int(CHUNK_SECONDS / max(seconds_per_step, 1e-9)))
+
+    def run(self, fn, steps_before, info):
+        """``fn()`` (one call of the loop), timed; ``info[0]`` counts the steps done."""
+        start = time.perf_counter()
+        fn()
+        steps = int(info[0]) - steps_before
+        if steps > 0:
+            seconds = (time.perf_counter() - start) / steps
+            _step_seconds[self.key] = seconds
+            self.size = self._fit(seconds)
+
+
+def _nonfinite_error(info, loss, where, state_note, history, **extra):
+    """The FloatingPointError of a training loop stopped by a non-finite loss or gradient
+    (``info[1]``); ``history`` (and ``extra``) become attributes."""
+    if info[1] == loops.GRAD_NOT_FINITE:
+        kind, what = "gradient", f"the gradient is not finite (the loss is {loss})"
+    else:
+        kind, what = "loss", f"loss is {loss}"
+    err = FloatingPointError(f"{what} {where}; {state_note}. Lower the learning rate or "
+                             "check the data.")
+    err.history, err.nonfinite = history, kind
+    for k, v in extra.items():
+        setattr(err, k, v)
+    return err
+
+
 def train_unbatched(G, p, model, X, opt, iters, *, callback=None, report_every=None,
                     progress=False):
     """Full-batch training: ``iters`` optimizer steps on all of ``X``, ``p`` in place.
 
     Each step computes the loss and gradient on every sample (split over ``G.shape[0]``
     threads, one gradient row each), sums the rows in fixed order and applies ``opt``.
-    The loop runs in compiled code; with ``callback`` or ``progress`` it returns to Python
+    The steps run in compiled code, in calls of about :data:`CHUNK_SECONDS` each (the step
+    count per call is measured and adapted as training goes); the result is bitwise the
+    same as one call for all steps. With ``callback`` or ``progress`` a call also ends
     every ``report_every`` steps (default ``max(1, iters // 100)``).
 
     Parameters
     ----------
-    G : ndarray, shape ``(n_threads, n_params)``, dtype of ``p`` -- scratch, overwritten.
+    G : ndarray, shape ``(n_threads, n_params)``, ``n_threads >= 1``, dtype of ``p``
+        Scratch, overwritten.
     p : ndarray, shape ``(n_params,)`` -- updated in place.
     model : SimpleChainWithLoss
     X : ndarray, shape ``(N, *input_shape)`` -- copied once if not C-contiguous or of
-        another float dtype than ``p``.
-    opt : Optimizer -- its state advances.
-    iters : int
+        another float dtype than ``p``; never modified.
+    opt : Optimizer -- its state (``opt.state``, ``opt.t``) advances by one per step.
+    iters : int (Python or numpy integer; floats are rejected, not truncated), ``>= 0``
     callback : callable ``(step, loss, p) -> None``, optional
+        Called every ``report_every`` steps and after the last, with the number of steps
+        done and the loss before the last of them.
+    report_every : int, optional
     progress : bool -- show a tqdm bar.
 
     Returns
@@ -213,40 +279,68 @@ def train_unbatched(G, p, model, X, opt, iters, *, callback=None, report_every=N
     Raises
     ------
     FloatingPointError
-        The loss became NaN or Inf; the message names the iteration. ``p`` holds the
-        parameters of that iteration (the non-finite step is not applied).
+        The loss or the gradient of a step is NaN or Inf; the message says which and names
+        the iteration. That step is not applied: ``p``, ``opt.state`` and ``opt.t`` hold
+        the values after the last good step. Attributes: ``history`` (losses of the steps
+        applied, shape ``(k,)``), ``nonfinite`` (``"loss"`` or ``"gradient"``).
+    KeyboardInterrupt
+        Ctrl-C stops training within about :data:`CHUNK_SECONDS`: ``p``, ``opt.state``
+        and ``opt.t`` hold the values after the last completed step, and the exception's
+        ``history`` attribute holds the losses of the completed steps (``opt.t`` grew by
+        ``len(history)``).
     TypeError, ValueError
-        Bad input, raised before anything is modified.
+        Bad input (e.g. ``G`` with zero rows, a float ``iters``), raised before anything
+        is modified.
+
+    Notes
+    -----
+    Calls from several Python threads at once are safe if they share no ``G``, ``p`` or
+    ``opt`` (see :func:`smallchains.compiler.loops.call` for the threading layers).
 
     SimpleChains.jl: ``train_unbatched!(G, p, model, X, opt, iters)``.
     """
-    iters = int(iters)
-    if iters < 0:
-        raise ValueError(f"iters must be >= 0, got {iters}")
+    iters = check_count(iters, "iters")
+    if report_every is not None:
+        report_every = check_count(report_every, "report_every", 1)
     p, G, X2, T, mod, plan, state, hyper, works, gx, losses, g = _train_setup(G, p, model, X, opt)
     hist = np.zeros(iters, dtype=p.dtype)
     idx = np.arange(X2.shape[0])
     kernels = _train_kernels(model, mod, opt, X2, T, idx, p, gx, state, hyper)
-    chunk = iters if (callback is None and not progress) else (report_every or max(1, iters // 100))
+    every = iters if (callback is None and not progress) else (report_every or max(1, iters // 100))
+    info = np.zeros(2, dtype=np.int64)  # steps applied, status (set by the compiled loop)
+    t0 = opt.t
+    loop = loops.train_unbatched_loop
+
+    def args(k):
+        return (X2, T, idx, p, G, works, losses, g, state, hyper, t0, k, hist, gx, info)
+
+    if iters:
+        loops.prepare(loop, kernels, args(1))  # compile first: chunks are timed
+    chunks = _Chunks((loop, mod.__name__, model.loss.kind, opt.kind, X2.shape[0], G.shape[0]))
     bar = _Progress(iters, progress, "train_unbatched")
+    shown = 0
     try:
-        done = 0
-        while done < iters:
-            k = min(chunk, iters - done)
-            bad = loops.call(loops.train_unbatched_loop, kernels,
-                             (X2, T, idx, p, G, works, losses, g, state, hyper, opt.t, k,
-                              hist[done:done + k], gx))
-            if bad >= 0:
-                opt.t += bad
-                raise FloatingPointError(
-                    f"loss is {hist[done + bad]} at iteration {done + bad} (0-based) of train_unbatched; "
-                    "p holds the parameters of that iteration. Lower the learning rate or check the data.")
-            opt.t += k
-            done += k
-            bar.update(k, float(hist[done - 1]))
-            if callback is not None:
-                callback(done, float(hist[done - 1]), p)
+        while info[0] < iters:
+            done = int(info[0])
+            k = min(chunks.size, iters - done, every - done % every)
+            chunks.run(lambda: loops.call(loop, kernels, args(k)), done, info)
+            opt.t = t0 + int(info[0])
+            done = int(info[0])
+            if info[1] != loops.OK:
+                raise _nonfinite_error(
+                    info, hist[done], f"at iteration {done} (0-based) of train_unbatched",
+                    "p and the optimizer state hold the values of that iteration (the step is "
+                    "not applied)", hist[:done].copy())
+            if done % every == 0 or done == iters:
+                bar.update(done - shown, float(hist[done - 1]))
+                shown = done
+                if callback is not None:
+                    callback(done, float(hist[done - 1]), p)
+    except KeyboardInterrupt as e:
+        e.history = hist[:int(info[0])].copy()
+        raise
     finally:
+        opt.t = t0 + int(info[0])
         bar.close()
     return hist
 
@@ -289,6 +383,15 @@ def accuracy_and_loss(model, X, *args):
     return float(np.mean(np.argmax(logits, axis=1) == T)), loss
 
 
+def _epoch_history(out, hist, done, nbatch):
+    """Mean losses of the epochs completed after ``done`` steps (``out[e]`` may not be
+    written yet for the last of them; ``hist`` then still holds its minibatch losses)."""
+    ne = done // nbatch
+    if ne and done % nbatch == 0:
+        out[ne - 1] = hist.mean()
+    return out[:ne].copy()
+
+
 def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True, seed=None,
                   callback=None, progress=False):
     """Minibatch training for ``epochs`` passes over ``X``, ``p`` in place.
@@ -297,17 +400,20 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
     ``numpy.random.default_rng(seed)``) in minibatches of ``batch_size``; each minibatch is
     split over the ``G.shape[0]`` threads. When ``N`` is not a multiple of ``batch_size``
     the last minibatch of each epoch is smaller and still taken (its loss is its own mean).
+    The steps run in compiled code, in calls of about :data:`CHUNK_SECONDS` each (never
+    across an epoch's end); the result is bitwise the same as one call per epoch.
 
     Parameters
     ----------
-    G : ndarray, shape ``(n_threads, n_params)``, dtype of ``p`` -- scratch, overwritten.
+    G : ndarray, shape ``(n_threads, n_params)``, ``n_threads >= 1``, dtype of ``p``
+        Scratch, overwritten.
     p : ndarray, shape ``(n_params,)`` -- updated in place.
     model : SimpleChainWithLoss
     X : ndarray, shape ``(N, *input_shape)`` -- copied once if not C-contiguous or of
         another float dtype than ``p``; never modified.
     opt : Optimizer -- its state advances by one step per minibatch.
-    epochs : int
-    batch_size : int, optional
+    epochs : int (Python or numpy integer; floats are rejected, not truncated), ``>= 0``
+    batch_size : int, optional, ``>= 1``
         Default :func:`default_batch_size`: ``min(N, max(64, 4 * B * n_threads))`` where
         ``B`` is the chain's block size (16 for LeNet5, so 128 at 2 threads).
     shuffle : bool, default True
@@ -325,46 +431,76 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
     Raises
     ------
     FloatingPointError
-        NaN/Inf loss; the message names the epoch and minibatch.
+        The loss or the gradient of a minibatch is NaN or Inf; the message says which and
+        names the epoch and minibatch. That step is not applied: ``p``, ``opt.state`` and
+        ``opt.t`` hold the values after the last good step. Attributes: ``history`` (mean
+        losses of the completed epochs), ``batch_losses`` (losses of the minibatches
+        applied in the failing epoch), ``nonfinite`` (``"loss"`` or ``"gradient"``).
+    KeyboardInterrupt
+        Ctrl-C stops training within about :data:`CHUNK_SECONDS`; ``p``, ``opt.state``
+        and ``opt.t`` hold the values after the last completed step. Attributes
+        ``history`` and ``batch_losses`` as above.
     TypeError, ValueError
-        Bad input, raised before anything is modified.
+        Bad input (e.g. ``G`` with zero rows, a float ``epochs`` or ``batch_size``),
+        raised before anything is modified.
+
+    Notes
+    -----
+    Calls from several Python threads at once are safe if they share no ``G``, ``p`` or
+    ``opt`` (see :func:`smallchains.compiler.loops.call` for the threading layers).
 
     SimpleChains.jl: ``train_batched!(G, p, model, X, opt, iters; batchsize)``.
     """
-    epochs = int(epochs)
-    if epochs < 0:
-        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    epochs = check_count(epochs, "epochs")
+    if batch_size is not None:
+        batch_size = check_count(batch_size, "batch_size", 1)
     p, G, X2, T, mod, plan, state, hyper, works, gx, losses, g = _train_setup(G, p, model, X, opt)
     n = X2.shape[0]
     if batch_size is None:
         batch_size = default_batch_size(plan.B, G.shape[0], n)
-    batch_size = int(batch_size)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     rng = np.random.default_rng(seed)
     perm = np.arange(n)
     kernels = _train_kernels(model, mod, opt, X2, T, perm, p, gx, state, hyper)
     nbatch = -(-n // batch_size)
-    hist = np.zeros(nbatch, dtype=p.dtype)
+    hist = np.zeros(nbatch, dtype=p.dtype)  # minibatch losses of the current epoch
     out = np.zeros(epochs, dtype=p.dtype)
+    info = np.zeros(2, dtype=np.int64)  # steps applied, status (set by the compiled loop)
+    t0 = opt.t
+    loop = loops.train_batched_loop
+
+    def args(k):
+        return (X2, T, perm, batch_size, k, p, G, works, losses, g, state, hyper, t0, hist, gx,
+                info)
+
+    if epochs:
+        loops.prepare(loop, kernels, args(1))  # compile first: chunks are timed
+    chunks = _Chunks((loop, mod.__name__, model.loss.kind, opt.kind, batch_size, G.shape[0]))
     bar = _Progress(epochs, progress, "train_batched")
     try:
         for e in range(epochs):
             if shuffle:
                 rng.shuffle(perm)
-            bad = loops.call(loops.train_batched_loop, kernels,
-                             (X2, T, perm, batch_size, p, G, works, losses, g, state, hyper,
-                              opt.t, hist, gx))
-            if bad >= 0:
-                opt.t += bad
-                raise FloatingPointError(
-                    f"loss is {hist[bad]} in epoch {e + 1}, minibatch {bad} (0-based) of train_batched; "
-                    "p holds the parameters before that step.")
-            opt.t += nbatch
+            while info[0] < (e + 1) * nbatch:
+                done = int(info[0])
+                k = min(chunks.size, (e + 1) * nbatch - done)
+                chunks.run(lambda: loops.call(loop, kernels, args(k)), done, info)
+                opt.t = t0 + int(info[0])
+                if info[1] != loops.OK:
+                    b = int(info[0]) - e * nbatch
+                    raise _nonfinite_error(
+                        info, hist[b], f"in epoch {e + 1}, minibatch {b} (0-based) of train_batched",
+                        "p and the optimizer state hold the values before that step", out[:e].copy(),
+                        batch_losses=hist[:b].copy())
             out[e] = hist.mean()
             bar.update(1, float(out[e]))
             if callback is not None:
                 callback(e + 1, float(out[e]), p)
+    except KeyboardInterrupt as exc:
+        done = int(info[0])
+        exc.history = _epoch_history(out, hist, done, nbatch)
+        exc.batch_losses = hist[:done % nbatch].copy()
+        raise
     finally:
+        opt.t = t0 + int(info[0])
         bar.close()
     return out

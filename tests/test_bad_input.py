@@ -217,6 +217,53 @@ def test_loss_nan_after_diverging(reg):
     assert opt.t == 1
     assert np.isfinite(p).all() and not np.array_equal(p, p0)
     assert not np.isfinite(model(X, p))
+    assert e.value.nonfinite == "loss"
+    assert e.value.history.shape == (1,)
+    assert_close(e.value.history[0], model(X, p0), np.float64)
+
+
+# SGD at this learning rate diverges so that after 3 steps the loss is still finite but its
+# gradient overflows (lr 1e10 .. 1e16 all do; smaller ones overflow the loss first)
+DIVERGING = dict(lr=1e13, momentum=0.9)
+
+
+def test_nonfinite_gradient_with_finite_loss_is_not_applied(reg):
+    model, X, Y, p, G = reg
+    p0 = p.copy()
+    opt = sc.SGD(**DIVERGING)
+    with pytest.raises(FloatingPointError, match=r"the gradient is not finite \(the loss is .*\) "
+                       r"at iteration 3 \(0-based\) of train_unbatched") as e:
+        sc.train_unbatched(G, p, model, X, opt, 10)
+    assert e.value.nonfinite == "gradient"
+    # a real case: at the p we are left with the loss is finite, its gradient is not
+    loss, g = sc.valgrad(model, X, p)
+    assert np.isfinite(loss) and not np.isfinite(g).all()
+    # p, opt.t and the momentum buffer are those after the 3 good steps
+    ref, q = sc.SGD(**DIVERGING), p0.copy()
+    hist = sc.train_unbatched(G, q, model, X, ref, 3)
+    assert opt.t == ref.t == 3
+    np.testing.assert_array_equal(p, q)
+    np.testing.assert_array_equal(opt.state, ref.state)
+    assert np.isfinite(opt.state).all()
+    np.testing.assert_array_equal(e.value.history, hist)
+
+
+def test_nonfinite_gradient_in_train_batched_is_not_applied(reg):
+    """Full batches, no shuffling: epoch e is step e of the unbatched run above."""
+    model, X, Y, p, G = reg
+    p0 = p.copy()
+    opt = sc.SGD(**DIVERGING)
+    with pytest.raises(FloatingPointError, match=r"the gradient is not finite .* in epoch 4, "
+                       r"minibatch 0 \(0-based\) of train_batched") as e:
+        sc.train_batched(G, p, model, X, opt, 10, batch_size=N, shuffle=False)
+    assert e.value.nonfinite == "gradient"
+    ref, q = sc.SGD(**DIVERGING), p0.copy()
+    hist = sc.train_batched(G, q, model, X, ref, 3, batch_size=N, shuffle=False)
+    assert opt.t == ref.t == 3
+    np.testing.assert_array_equal(p, q)
+    np.testing.assert_array_equal(opt.state, ref.state)
+    np.testing.assert_array_equal(e.value.history, hist)
+    assert e.value.batch_losses.shape == (0,)
 
 
 def test_loss_nan_in_train_batched_names_epoch_and_minibatch(reg):
@@ -278,6 +325,21 @@ def test_unknown_activation():
         sc.TurboDense(3, 3)
 
 
+def test_activation_name_and_code_must_match():
+    with pytest.raises(ValueError, match=r"Activation\('tanh', 2\): name and code do not match; "
+                       r"valid \(name, code\) pairs are \('identity', 0\), \('tanh', 1\), \('relu', 2\)"):
+        sc.Activation("tanh", 2)
+    with pytest.raises(ValueError, match=r"Activation\('tanhh', 1\)"):
+        sc.Activation("tanhh", 1)
+    with pytest.raises(TypeError, match=r"code must be an int, got bool"):
+        sc.Activation("tanh", True)
+    with pytest.raises(TypeError, match=r"name must be a str"):
+        sc.Activation(1, 1)
+    for name in sc.available_activations():  # the built-ins stay constructible
+        act = sc.get_activation(name)
+        assert sc.Activation(name, act.code) == act
+
+
 @pytest.mark.parametrize("out", [0, -2, 2.5, True, "4", None])
 def test_bad_dense_width(out):
     with pytest.raises(ValueError, match=r"TurboDense: out must be a positive int"):
@@ -305,6 +367,15 @@ def test_G_wrong_shape(reg, call):
     for bad in (np.zeros((2, n + 1)), np.zeros(n), np.zeros((n, 2))):
         _rejects(call, model, X, p, bad, ValueError, rf"G must have shape \(n_threads, {n}\)")
     _rejects(call, model, X, p, [[0.0] * n], ValueError, r"G must have shape")
+
+
+@pytest.mark.parametrize("call", TRAIN_CALLS)
+def test_G_with_zero_rows_rejected(reg, call):
+    """np.zeros((0, n)) has the right width but no thread row: nothing to sum."""
+    model, X, Y, p, G = reg
+    n = model.chain.n_params
+    _rejects(call, model, X, p, np.zeros((0, n)), ValueError,
+             rf"G must have shape \(n_threads, {n}\) with n_threads >= 1 .*got \(0, {n}\)")
 
 
 @pytest.mark.parametrize("call", TRAIN_CALLS)
@@ -377,6 +448,98 @@ def test_bad_counts(reg):
         sc.alloc_threaded_grad(model.chain, dtype=np.int32)
     with pytest.raises(TypeError, match=r"dtype must be float32 or float64"):
         sc.init_params(model.chain, seed=0, dtype=np.float16)
+
+
+@pytest.mark.parametrize("bad", [3.5, 3.0, np.float64(3.0), True, np.True_, "3"], ids=repr)
+def test_non_integer_counts_rejected(reg, bad):
+    """No silent int() truncation: floats (even 3.0), bools and strings are TypeErrors."""
+    model, X, Y, p, G = reg
+    name = type(bad).__name__
+    for call, what in ((lambda o: sc.train_unbatched(G, p, model, X, o, bad), "iters"),
+                       (lambda o: sc.train_batched(G, p, model, X, o, bad), "epochs"),
+                       (lambda o: sc.train_batched(G, p, model, X, o, 1, batch_size=bad), "batch_size"),
+                       (lambda o: sc.train_unbatched(G, p, model, X, o, 2, report_every=bad,
+                                                     callback=lambda *a: None), "report_every")):
+        opt = sc.Adam(1e-2)
+        with unchanged(p, G, X), pytest.raises(TypeError, match=rf"{what} must be an int, got {name}"):
+            call(opt)
+        assert opt.t == 0 and opt.state is None
+    with pytest.raises(TypeError, match=rf"n_threads must be an int, got {name}"):
+        sc.alloc_threaded_grad(model.chain, n_threads=bad)
+
+
+def test_numpy_integer_counts_accepted(reg):
+    model, X, Y, p, G = reg
+    ref = p.copy()
+    h = sc.train_unbatched(G, ref, model, X, sc.Adam(1e-2), 3)
+    hb = sc.train_batched(G, ref, model, X, sc.Adam(1e-2), 2, batch_size=2, seed=0)
+    for i in (np.int64(3), np.int32(3), np.uint8(3)):
+        q = p.copy()
+        np.testing.assert_array_equal(sc.train_unbatched(G, q, model, X, sc.Adam(1e-2), i), h)
+        j, b = type(i)(2), type(i)(2)
+        np.testing.assert_array_equal(sc.train_batched(G, q, model, X, sc.Adam(1e-2), j, batch_size=b, seed=0), hb)
+        np.testing.assert_array_equal(q, ref)
+    assert sc.alloc_threaded_grad(model.chain, n_threads=np.int64(3)).shape == (3, model.chain.n_params)
+
+
+NAN, INF = float("nan"), float("inf")
+BAD_HYPER = {
+    "adam_lr_nan": (lambda: sc.Adam(NAN), ValueError, r"Adam: lr must be > 0 and finite, got nan"),
+    "adam_lr_inf": (lambda: sc.Adam(INF), ValueError, r"Adam: lr must be > 0 and finite, got inf"),
+    "adam_lr_str": (lambda: sc.Adam("0.1"), TypeError, r"Adam: lr must be a real number, got str"),
+    "adam_beta1_neg": (lambda: sc.Adam(1e-3, betas=(-0.1, 0.9)), ValueError,
+                       r"Adam: betas must lie in \[0, 1\), got betas\[0\] = -0.1"),
+    "adam_beta2_nan": (lambda: sc.Adam(1e-3, betas=(0.9, NAN)), ValueError,
+                       r"Adam: betas must lie in \[0, 1\), got betas\[1\] = nan"),
+    "adam_betas_scalar": (lambda: sc.Adam(1e-3, betas=0.9), TypeError, r"Adam: betas must be a pair"),
+    "adam_betas_three": (lambda: sc.Adam(1e-3, betas=(0.9, 0.9, 0.9)), TypeError, r"Adam: betas must be a pair"),
+    "adam_eps_zero": (lambda: sc.Adam(1e-3, eps=0.0), ValueError, r"Adam: eps must be > 0 and finite, got 0.0"),
+    "adam_eps_neg": (lambda: sc.Adam(1e-3, eps=-1e-8), ValueError, r"Adam: eps must be > 0"),
+    "adam_eps_nan": (lambda: sc.Adam(1e-3, eps=NAN), ValueError, r"Adam: eps must be > 0"),
+    "sgd_lr_nan": (lambda: sc.SGD(NAN), ValueError, r"SGD: lr must be > 0 and finite, got nan"),
+    "sgd_lr_bool": (lambda: sc.SGD(True), TypeError, r"SGD: lr must be a real number, got bool"),
+    "sgd_momentum_neg": (lambda: sc.SGD(0.1, momentum=-0.5), ValueError,
+                         r"SGD: momentum must be >= 0 and finite, got -0.5"),
+    "sgd_momentum_nan": (lambda: sc.SGD(0.1, momentum=NAN), ValueError, r"SGD: momentum must be >= 0"),
+    "sgd_momentum_inf": (lambda: sc.SGD(0.1, momentum=INF), ValueError, r"SGD: momentum must be >= 0"),
+    "rmsprop_lr_nan": (lambda: sc.RMSProp(NAN), ValueError, r"RMSProp: lr must be > 0 and finite"),
+    "rmsprop_alpha_one": (lambda: sc.RMSProp(1e-2, alpha=1.0), ValueError,
+                          r"RMSProp: alpha must be in \[0, 1\), got 1.0"),
+    "rmsprop_alpha_neg": (lambda: sc.RMSProp(1e-2, alpha=-0.1), ValueError, r"RMSProp: alpha must be in \[0, 1\)"),
+    "rmsprop_alpha_nan": (lambda: sc.RMSProp(1e-2, alpha=NAN), ValueError, r"RMSProp: alpha must be in \[0, 1\)"),
+    "rmsprop_eps_zero": (lambda: sc.RMSProp(1e-2, eps=0.0), ValueError, r"RMSProp: eps must be > 0 and finite"),
+    "rmsprop_eps_inf": (lambda: sc.RMSProp(1e-2, eps=INF), ValueError, r"RMSProp: eps must be > 0 and finite"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_HYPER))
+def test_bad_optimizer_hyperparameters(bad):
+    make, exc, match = BAD_HYPER[bad]
+    with pytest.raises(exc, match=match):
+        make()
+
+
+def test_hyperparameters_checked_again_when_training(reg):
+    """A value assigned after construction is caught before anything is touched."""
+    model, X, Y, p, G = reg
+    for opt, attr, value in ((sc.Adam(), "lr", NAN), (sc.SGD(), "momentum", -1.0),
+                             (sc.RMSProp(), "alpha", 2.0)):
+        setattr(opt, attr, value)
+        with unchanged(p, G), pytest.raises(ValueError, match=rf"{attr} must be"):
+            sc.train_unbatched(G, p, model, X, opt, 2)
+        assert opt.t == 0 and opt.state is None
+        with unchanged(p), pytest.raises(ValueError, match=rf"{attr} must be"):
+            opt.step(p, np.ones_like(p))
+
+
+def test_good_optimizer_hyperparameters_accepted():
+    a = sc.Adam(np.float32(1e-3), betas=np.array([0.0, 0.5]), eps=1)
+    assert a.lr == np.float32(1e-3) and a.betas == (0.0, 0.5) and a.eps == 1.0
+    assert type(a.lr) is float
+    s = sc.SGD(1, momentum=np.float64(0.9))
+    assert (s.lr, s.momentum) == (1.0, 0.9)
+    r = sc.RMSProp(alpha=0, eps=np.float32(1e-6))
+    assert r.alpha == 0.0
 
 
 def test_bad_optimizer_settings_and_state(reg):

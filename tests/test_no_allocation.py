@@ -13,6 +13,7 @@ SCRIPT = r"""
 import json
 import numpy as np
 import smallchains as sc
+sc.train.CHUNK_SECONDS = None  # one compiled call per run (the allocation count is per call)
 from numba.core.runtime import rtsys
 
 X = np.random.default_rng(1).standard_normal((3000, 4)).astype(np.float32)

@@ -3,11 +3,16 @@ torch loop, train_batched (partial batches, shuffling, equivalence to unbatched)
 
 from __future__ import annotations
 
+import _thread
+import threading
+
 import numba
 import numpy as np
 import pytest
 
 import smallchains as sc
+import smallchains.train as sctrain
+from smallchains.compiler import loops
 from conftest import (assert_close, get_chain, make_data, make_model, random_params, torch_flat,
                       torch_loss, torch_model)
 
@@ -188,6 +193,98 @@ def test_callback_chunks_and_continuation_equal_one_run():
     assert opt.t == 30
     np.testing.assert_array_equal(np.concatenate([h1, h2]), h_ref)
     np.testing.assert_array_equal(p, p_ref)
+
+
+# --------------------------------------------------------------------------------------
+# chunks of compiled steps, Ctrl-C
+
+def test_chunked_training_is_bitwise_one_call(monkeypatch):
+    """The drivers call the compiled loop in chunks (sctrain.CHUNK_SECONDS): one step per
+    call gives exactly what one call for the whole run (one per epoch) gives."""
+    model, X, Y, p0 = _setup(n=40, seed=3)
+    G = sc.alloc_threaded_grad(model.chain, n_threads=2, dtype=np.float64)
+    calls = []
+    real = loops.call
+
+    def counting(loop, kernels, args):
+        calls.append(loop)
+        return real(loop, kernels, args)
+
+    monkeypatch.setattr(loops, "call", counting)
+    runs = {}
+    for seconds in (None, 0.0):  # one call per run; one call per step
+        monkeypatch.setattr(sctrain, "CHUNK_SECONDS", seconds)
+        calls.clear()
+        p, opt = p0.copy(), sc.Adam(1e-2)
+        h = sc.train_unbatched(G, p, model, X, opt, 25)
+        n_unbatched = calls.count(loops.train_unbatched_loop)
+        q, opt_b = p0.copy(), sc.RMSProp(1e-3)
+        hb = sc.train_batched(G, q, model, X, opt_b, 3, batch_size=7, seed=5)  # 6 batches
+        runs[seconds] = dict(p=p, h=h, state=opt.state, t=opt.t, q=q, hb=hb, state_b=opt_b.state,
+                             t_b=opt_b.t, calls=(n_unbatched, calls.count(loops.train_batched_loop)))
+    one, many = runs[None], runs[0.0]
+    assert one["calls"] == (1, 3) and many["calls"] == (25, 18)
+    assert one["t"] == 25 and one["t_b"] == 18
+    for key in ("p", "h", "state", "t", "q", "hb", "state_b", "t_b"):
+        np.testing.assert_array_equal(many[key], one[key], err_msg=key)
+    assert not np.array_equal(one["p"], p0)
+
+
+def _interrupt_during(fn, delay=0.3):
+    """Run ``fn()`` while a timer thread raises KeyboardInterrupt in this (the main) thread
+    after ``delay`` seconds; returns the KeyboardInterrupt (None if ``fn`` returned)."""
+    timer = threading.Timer(delay, _thread.interrupt_main)
+    timer.start()
+    try:
+        fn()
+    except KeyboardInterrupt as e:
+        return e
+    finally:
+        timer.cancel()
+    return None
+
+
+def test_keyboard_interrupt_stops_train_unbatched_after_a_completed_step():
+    model, X, Y, p0 = _setup(n=50, seed=5)
+    G = sc.alloc_threaded_grad(model.chain, n_threads=2, dtype=np.float64)
+    sc.train_unbatched(G, p0.copy(), model, X, sc.Adam(1e-3), 2)  # compiled before the timer
+    iters = 10 ** 6  # many seconds: the interrupt comes long before the end
+    p, opt = p0.copy(), sc.Adam(1e-3)
+    err = _interrupt_during(lambda: sc.train_unbatched(G, p, model, X, opt, iters))
+    assert err is not None
+    k = opt.t
+    assert 0 < k < iters
+    assert err.history.shape == (k,)
+    # p and the optimizer state are exactly those after k steps from the same start
+    q, ref = p0.copy(), sc.Adam(1e-3)
+    h = sc.train_unbatched(G, q, model, X, ref, k)
+    np.testing.assert_array_equal(p, q)
+    np.testing.assert_array_equal(opt.state, ref.state)
+    np.testing.assert_array_equal(err.history, h)
+    # training goes on from there
+    sc.train_unbatched(G, p, model, X, opt, 3)
+    sc.train_unbatched(G, q, model, X, ref, 3)
+    np.testing.assert_array_equal(p, q)
+
+
+def test_keyboard_interrupt_stops_train_batched_after_a_completed_step():
+    """One full batch per epoch, no shuffling: the interrupt lands between two epochs."""
+    model, X, Y, p0 = _setup(n=50, seed=6)
+    G = sc.alloc_threaded_grad(model.chain, n_threads=2, dtype=np.float64)
+    sc.train_batched(G, p0.copy(), model, X, sc.SGD(1e-3), 2, batch_size=50, shuffle=False)
+    epochs = 10 ** 6
+    p, opt = p0.copy(), sc.SGD(1e-3, momentum=0.9)
+    err = _interrupt_during(lambda: sc.train_batched(G, p, model, X, opt, epochs, batch_size=50,
+                                                     shuffle=False))
+    assert err is not None
+    k = opt.t
+    assert 0 < k < epochs
+    assert err.history.shape == (k,) and err.batch_losses.shape == (0,)
+    q, ref = p0.copy(), sc.SGD(1e-3, momentum=0.9)
+    h = sc.train_batched(G, q, model, X, ref, k, batch_size=50, shuffle=False)
+    np.testing.assert_array_equal(p, q)
+    np.testing.assert_array_equal(opt.state, ref.state)
+    np.testing.assert_array_equal(err.history, h)
 
 
 # --------------------------------------------------------------------------------------

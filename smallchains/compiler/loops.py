@@ -10,12 +10,19 @@ cost 4-8 s per chain, about a third of a cold start.
 * :data:`forward_threads`, :data:`loss_threads`, :data:`valgrad_threads`: one call of a
   range kernel per thread over contiguous slices of the rows (``chain(X, p)``,
   ``model(X, p)``, :func:`smallchains.valgrad`);
-* :data:`train_unbatched_loop`, :data:`train_batched_loop`: whole training runs.
+* :data:`train_unbatched_loop`, :data:`train_batched_loop`: a number of training steps
+  (the drivers in :mod:`smallchains.train` call them in chunks of about 0.15 s, so that
+  Ctrl-C is handled between chunks). Each step checks that the loss and the summed
+  gradient are finite before it updates ``p`` and the optimizer state.
 
 Each dispatcher is compiled only through :func:`call`, which compiles (or loads from
 numba's cache) the exact signature needed, with the kernels' types as
 ``types.FunctionType``; numba then passes jitted functions as pointers instead of
 specializing on them.
+
+Thread safety: :func:`call` serializes launches with a process-wide lock
+(:data:`launch_lock`) unless numba's threading layer allows concurrent launches (``omp``,
+``tbb``); the ``workqueue`` layer would abort the process.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from numba import njit, prange, typeof, types
 from numba.experimental.function_type import WrapperAddressProtocol
 from numba.extending import typeof_impl
 
-from .._config import JIT_OPTIONS
+from .._config import INLINE_OPTIONS, JIT_OPTIONS
 from .._numba_utils import like
 from .linking import Deferred
 from .runtime import sum_rows
@@ -59,10 +66,25 @@ def _valgrad_threads(valgrad, X, T, idx, lo, m, p, G, works, losses, scale, gx):
                             works[k], scale, gx)
 
 
+@njit(**INLINE_OPTIONS)
+def _all_finite(g):
+    """Whether every element of the 1-D array ``g`` is finite (no early exit: vectorizes)."""
+    ok = True
+    for j in range(g.shape[0]):
+        ok &= np.isfinite(g[j])
+    return ok
+
+
+#: status codes of :func:`_step` and of ``info[1]`` of the training loops
+OK, LOSS_NOT_FINITE, GRAD_NOT_FINITE = 0, 1, 2
+
+
 def _step(valgrad, update, X, T, idx, lo, m, p, G, works, losses, g, state, hyper, t, gx):
     """One optimizer step on rows ``idx[lo:lo+m]``, split over the ``G.shape[0]`` threads
-    (thread ``k`` overwrites ``G[k]`` and ``losses[k]``); returns the loss. A non-finite
-    loss is returned without updating ``p``."""
+    (thread ``k`` overwrites ``G[k]`` and ``losses[k]``; ``g`` is overwritten with their
+    sum). Returns ``(loss, status)``: ``status`` is :data:`OK` after the update, else
+    :data:`LOSS_NOT_FINITE` or :data:`GRAD_NOT_FINITE`, and then ``p`` and ``state`` are
+    not touched."""
     nt = G.shape[0]
     scale = like(p[0], 1.0 / m)
     for k in prange(nt):  # valgrad_threads, inlined: saves a parallel compile (~0.7 s)
@@ -71,36 +93,59 @@ def _step(valgrad, update, X, T, idx, lo, m, p, G, works, losses, g, state, hype
     total = like(p[0], 0.0)
     for k in range(nt):
         total += losses[k]
-    if np.isfinite(total):
-        sum_rows(G, g)
-        update(p, g, state, hyper, t)
-    return total
+    if not np.isfinite(total):
+        return total, LOSS_NOT_FINITE
+    sum_rows(G, g)
+    if not _all_finite(g):
+        return total, GRAD_NOT_FINITE
+    update(p, g, state, hyper, t)
+    return total, OK
 
 
 def _train_unbatched(valgrad, update, X, T, idx, p, G, works, losses, g, state, hyper, step0,
-                     iters, hist, gx):
-    """Full-batch steps; returns -1, or the first iteration whose loss was not finite."""
+                     iters, hist, gx, info):
+    """Up to ``iters`` full-batch steps, continuing after the ``info[0]`` steps done so far.
+
+    Step ``i = info[0]`` (0-based within the run) writes its loss to ``hist[i]``, uses
+    optimizer step count ``step0 + i + 1`` and, once applied, sets ``info[0] = i + 1``. A
+    non-finite loss or gradient stops the loop before the update with ``info[1]`` set to
+    the status (:data:`LOSS_NOT_FINITE`, :data:`GRAD_NOT_FINITE`). The counter lives in
+    ``info`` (not a return value) so the caller knows the steps done whenever it is
+    interrupted."""
     n = idx.shape[0]
-    for it in range(iters):
-        hist[it] = _step(valgrad, update, X, T, idx, 0, n, p, G, works, losses, g, state, hyper,
-                           step0 + it + 1, gx)
-        if not np.isfinite(hist[it]):
-            return it
-    return -1
+    for _ in range(iters):
+        i = info[0]
+        loss, status = _step(valgrad, update, X, T, idx, 0, n, p, G, works, losses, g, state,
+                             hyper, step0 + i + 1, gx)
+        hist[i] = loss
+        if status != OK:
+            info[1] = status
+            return
+        info[0] = i + 1
 
 
-def _train_batched(valgrad, update, X, T, perm, batch_size, p, G, works, losses, g, state, hyper,
-                   step0, hist, gx):
-    """One epoch of minibatch steps over ``perm``; a last partial batch is a (smaller) step.
-    Returns -1, or the first batch whose loss was not finite."""
+def _train_batched(valgrad, update, X, T, perm, batch_size, nsteps, p, G, works, losses, g,
+                   state, hyper, step0, hist, gx, info):
+    """Up to ``nsteps`` minibatch steps over ``perm`` (``b = info[0] % nbatch`` is the next
+    minibatch of the epoch; a last partial batch is a smaller step), stopping at the end of
+    the epoch. Step ``i = info[0]`` writes its loss to ``hist[b]``, uses optimizer step
+    count ``step0 + i + 1`` and sets ``info[0] = i + 1``; non-finite loss or gradient: as
+    in :func:`_train_unbatched`."""
     n = perm.shape[0]
-    for b in range((n + batch_size - 1) // batch_size):
+    nbatch = (n + batch_size - 1) // batch_size
+    for _ in range(nsteps):
+        i = info[0]
+        b = i % nbatch
         lo = b * batch_size
-        hist[b] = _step(valgrad, update, X, T, perm, lo, min(n, lo + batch_size) - lo, p, G,
-                          works, losses, g, state, hyper, step0 + b + 1, gx)
-        if not np.isfinite(hist[b]):
-            return b
-    return -1
+        loss, status = _step(valgrad, update, X, T, perm, lo, min(n, lo + batch_size) - lo, p,
+                             G, works, losses, g, state, hyper, step0 + i + 1, gx)
+        hist[b] = loss
+        if status != OK:
+            info[1] = status
+            return
+        info[0] = i + 1
+        if b == nbatch - 1:
+            return
 
 
 forward_threads = njit(parallel=True, **JIT_OPTIONS)(_forward_threads)
@@ -249,6 +294,19 @@ def _kernel_key(kernel):
 _resolved: dict = {}
 
 
+def prepare(loop, kernels, args):
+    """Compile (or load) what ``call(loop, kernels, args)`` runs, without running it;
+    returns the kernels as passed to ``loop``. A later :func:`call` with arguments of the
+    same types compiles nothing."""
+    key = (loop, tuple(_kernel_key(k) for k, _ in kernels), tuple(_argkey(a) for a in args))
+    funcs = _resolved.get(key)
+    if funcs is None:
+        funcs = _resolve(loop, kernels, args)
+        with _lock:
+            _resolved[key] = funcs
+    return funcs
+
+
 def call(loop, kernels, args):
     """``loop(*kernels, *args)`` after compiling (or loading) the exact signatures.
 
@@ -259,14 +317,38 @@ def call(loop, kernels, args):
     are bound (the rest compiled here, the helper's loaded) before anything runs.
 
     The first call for given loop, kernels and argument types compiles; later ones reuse
-    the result (about 10 us of Python per call instead of a few hundred)."""
-    key = (loop, tuple(_kernel_key(k) for k, _ in kernels), tuple(_argkey(a) for a in args))
-    funcs = _resolved.get(key)
-    if funcs is None:
-        funcs = _resolve(loop, kernels, args)
-        with _lock:
-            _resolved[key] = funcs
-    return loop(*funcs, *args)
+    the result (about 10 us of Python per call instead of a few hundred).
+
+    Thread safety: every loop here launches numba parallel regions. The ``tbb`` and ``omp``
+    threading layers accept launches from several Python threads at once; ``workqueue``
+    does not (it aborts the process). So unless :func:`numba.threading_layer` is one of
+    :data:`THREADSAFE_LAYERS`, launches are serialized by a process-wide lock
+    (:data:`launch_lock`): concurrent calls are then correct, but run one at a time. The
+    layer is only known after the first parallel launch, which therefore takes the lock
+    too."""
+    funcs = prepare(loop, kernels, args)
+    if _serialize is False:
+        return loop(*funcs, *args)
+    return _call_serialized(loop, funcs, args)
+
+
+#: numba threading layers that allow parallel launches from several Python threads
+THREADSAFE_LAYERS = frozenset({"tbb", "omp"})
+#: held around every launch when the threading layer is not in THREADSAFE_LAYERS
+launch_lock = threading.RLock()
+_serialize = None  # whether launches take launch_lock; None until the layer is known
+
+
+def _call_serialized(loop, funcs, args):
+    global _serialize
+    with launch_lock:
+        result = loop(*funcs, *args)
+        if _serialize is None:
+            try:
+                _serialize = numba.threading_layer() not in THREADSAFE_LAYERS
+            except ValueError:  # nothing launched yet (e.g. a loop of zero steps)
+                pass
+    return result
 
 
 def _resolve(loop, kernels, args):
