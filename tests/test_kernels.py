@@ -154,3 +154,88 @@ def test_training_workspaces_and_gradients_are_aligned():
         assert w.shape[1] % 16 == 0
         for row in w:
             assert row.ctypes.data % 64 == 0
+
+
+# --------------------------------------------------------------------------------------
+# one workspace for every kernel; sizes checked
+
+PADDED = sc.SimpleChain((2, 6, 5), sc.Conv(3, 3, "tanh", padding=1), sc.MaxPool(2),
+                        sc.Conv(2, (2, 3), padding=(1, 2)), sc.Flatten(), sc.TurboDense(3))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_single_and_batch_kernels_share_one_workspace(dtype):
+    """A batch call leaves other data where the single-sample kernel's padded copies have
+    their borders; the single-sample result must not depend on it (before: it read the
+    batch call's values as padding)."""
+    k = PADDED.kernels(dtype, block_size=16)
+    rng = np.random.default_rng(0)
+    p = sc.init_params(PADDED, seed=0, dtype=dtype)
+    X = rng.standard_normal((40, k.n_in)).astype(dtype)
+    x, ybar = X[3].copy(), rng.standard_normal(k.n_out).astype(dtype)
+
+    def single(work):
+        y, xbar, pbar = np.empty(k.n_out, dtype), np.empty(k.n_in, dtype), np.empty_like(p)
+        k.valvjp(x, p, ybar, y, xbar, pbar, work)
+        return y, xbar, pbar
+
+    fresh = single(k.alloc_work())
+    work = k.alloc_work()
+    Yb = rng.standard_normal((40, k.n_out)).astype(dtype)
+    k.valvjp_batch(X, p, Yb, np.empty((40, k.n_out), dtype), np.empty_like(X), np.empty_like(p), work)
+    for a, b in zip(single(work), fresh):
+        np.testing.assert_array_equal(a, b)
+    work[:] = np.nan  # nothing may be read before it is written
+    for a, b in zip(single(work), fresh):
+        np.testing.assert_array_equal(a, b)
+    Y1 = np.empty((40, k.n_out), dtype)
+    k.forward_batch(X, p, Y1, work)
+    np.testing.assert_allclose(Y1, PADDED(X.reshape((40,) + PADDED.input_shape), p).reshape(40, -1),
+                               rtol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+def _bad_calls(k, dtype):
+    """(name, kernel, args) with exactly one array of a wrong size."""
+    z = lambda *s: np.zeros(s, dtype)  # noqa: E731
+    n, ni, no, npar, ws = 5, k.n_in, k.n_out, k.n_params, k.work_size
+    good = dict(x=z(ni), p=z(npar), y=z(no), ybar=z(no), xbar=z(ni), pbar=z(npar), work=z(ws),
+                X=z(n, ni), Y=z(n, no), Ybar=z(n, no), Xbar=z(n, ni))
+    sigs = {"forward": "x p y work", "vjp": "x p ybar xbar pbar work",
+            "valvjp": "x p ybar y xbar pbar work", "forward_batch": "X p Y work",
+            "vjp_batch": "X p Ybar Xbar pbar work", "valvjp_batch": "X p Ybar Y Xbar pbar work"}
+    for name, sig in sigs.items():
+        names = sig.split()
+        for bad in names:
+            a = good[bad]
+            wrong = z(1) if bad == "work" else z(*((a.shape[0] + 1,) if a.ndim == 1 else (a.shape[0], a.shape[1] + 1)))
+            args = [wrong if nm == bad else good[nm].copy() for nm in names]
+            yield f"{name}({bad} wrong)", getattr(k, name), args
+        if name.endswith("_batch"):  # rows of the outputs must match X
+            args = [z(n + 1, *good[nm].shape[1:]) if nm in ("Y", "Ybar", "Xbar") and nm == names[2]
+                    else good[nm].copy() for nm in names]
+            yield f"{name}(rows wrong)", getattr(k, name), args
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_embedding_kernels_check_sizes(dtype):
+    k = CHAIN.kernels(dtype)
+    count = 0
+    for what, kernel, args in _bad_calls(k, dtype):
+        before = [a.copy() for a in args]
+        with pytest.raises(ValueError, match="expect"):
+            kernel(*args)
+        for a, b in zip(args, before):  # nothing written
+            np.testing.assert_array_equal(a, b, err_msg=what)
+        count += 1
+    assert count == (4 + 6 + 7) + (4 + 6 + 7) + 3  # every array of every kernel, a row mismatch per batch kernel
+
+
+@njit
+def _user_bad_call(x, p, y, work):
+    _fwd(x, p, y, work)
+
+
+def test_size_check_raises_from_numba_code_too():
+    p = _params()
+    with pytest.raises(ValueError, match="forward"):
+        _user_bad_call(np.zeros(3), p, np.zeros(2), K.alloc_work())

@@ -1,0 +1,291 @@
+"""Every tuned kernel variant against the reference kernels, at every remainder size.
+
+The model is XNNPACK's micro-kernel testers: one test per variant family, every remainder
+of every tile dimension, both dtypes, both register budgets (16 = AVX2, 32 = AVX-512,
+forced through ``SimpleChain(..., registers=)``, so each CPU also checks the other's
+tiles). The oracle is ``kernels="reference"`` (smallchains/layers/reference.py), itself
+checked against torch autograd below and by the finite-difference tests elsewhere.
+
+Two halves (see variant_harness.py):
+
+* **interpreted sweep** -- the generated step code of tuned and reference kernels run in
+  Python for every shape of the sweep: forward, dL/dx and dL/dp of the pullback with and
+  without the input gradient (valvjp and the training path);
+* **compiled** -- the same comparison with the numba-compiled tuned kernels
+  (``chain.kernels(block_size=B)``: batch and single-sample kernels, and the training
+  kernel ``valgrad_range_squared``) on chains that meet every variant, for both dtypes
+  and register budgets.
+
+Tolerances: float64 1e-12 norm-wise relative, float32 from the reduction lengths
+(variant_harness.tolerance). ``SMALLCHAINS_TEST_PROFILE=thorough`` runs the sweeps on more
+shapes and block sizes (about ten times longer).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+
+import smallchains as sc
+from variant_harness import (InterpretedChain, all_variants, block_sizes, rel_err, tolerance,
+                             variants)
+
+THOROUGH = os.environ.get("SMALLCHAINS_TEST_PROFILE", "ci") == "thorough"
+ACTS = sc.available_activations()
+DTYPES = [np.float64, np.float32]
+DT_IDS = ["f64", "f32"]
+REGISTERS = [16, 32]
+#: widths 1 .. 2 x tile + 1 for the largest dense tile (8 inputs: CHUNK, the 1x8 dW tile,
+#: the vector dW tile; 4 outputs: the GEMM and dL/dx tiles)
+WIDTHS = range(1, 18)
+
+
+def _block_sizes(dtype):
+    return block_sizes(dtype, default=1)  # the default B is covered by the compiled tests
+
+
+def _data(chain, dtype, n, seed):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n,) + chain.input_shape).astype(dtype)
+    Ybar = rng.standard_normal((n,) + chain.output_shape).astype(dtype)
+    p = sc.init_params(chain, seed=seed, dtype=np.float64)
+    for v in chain.param_views(p):  # non-zero biases, so bias paths matter
+        if "b" in v:
+            v["b"][...] = 0.3 * rng.standard_normal(v["b"].shape)
+    return X, p.astype(dtype), Ybar
+
+
+def _compare(tuned, ref, chain, dtype, n, what):
+    tol = tolerance(chain, dtype, n)
+    for name, a, b in zip(("forward", "dL/dx", "dL/dp"), tuned, ref):
+        if b is None:
+            continue
+        err = rel_err(a, b)
+        assert err <= tol, f"{what}: {name} relative error {err:.3g} > {tol:.3g}"
+
+
+def _check_interpreted(layers, input_shape, dtype, B, registers, seed, seen):
+    """Tuned (``registers``) vs reference, both interpreted; skipped (returns False) if the
+    tuned step code equals that of a shape already checked under another budget."""
+    tuned = sc.SimpleChain(input_shape, *layers, registers=registers)
+    it = InterpretedChain(tuned, dtype, B)
+    key = (tuple(sorted(it.steps_source.items())), np.dtype(dtype).name, B)
+    if key in seen:
+        return False
+    seen.add(key)
+    ref = sc.SimpleChain(input_shape, *layers, kernels="reference")
+    ir = InterpretedChain(ref, dtype, B)
+    n = B + 1  # one full block and one partial block
+    X, p, Ybar = _data(tuned, dtype, n, seed)
+    what = f"{tuned!r} registers={registers} {np.dtype(dtype).name} B={B}"
+    for with_gx in (True, False):
+        _compare(it.valvjp(X, p, Ybar, with_gx), ir.valvjp(X, p, Ybar, with_gx), tuned, dtype, n,
+                 f"{what} with_gx={with_gx}")
+    return True
+
+
+# --------------------------------------------------------------------------------------
+# interpreted sweeps
+
+def dense_cases():
+    """Every (n_in, n_out) in WIDTHS x WIDTHS, activations rotating so that each meets
+    every remainder class; bias off for one shape in five."""
+    for k, (n_in, n_out) in enumerate(itertools.product(WIDTHS, WIDTHS)):
+        act = ACTS[(n_in + 3 * n_out) % len(ACTS)]
+        yield n_in, [sc.TurboDense(n_out, act, bias=k % 5 != 4)]
+
+
+def conv_cases():
+    """Every (in, out) channel pair in 1..9 x 1..9; kernel (KH, KW) in 1..5 x 1..5,
+    padding (valid, same, int, (PH, PW)), image sizes and activations rotating so that each
+    kernel size meets several channel remainders and output sizes 1..5 in each direction."""
+    pads = ["valid", "same", 1, (2, 0), (0, 1)]
+    kernels = list(itertools.product(range(1, 6), range(1, 6)))
+    for k, (ci, co) in enumerate(itertools.product(range(1, 10), range(1, 10))):
+        kh, kw = kernels[(k * 7) % len(kernels)]
+        pad = pads[k % len(pads)]
+        if pad == "same" and (kh % 2 == 0 or kw % 2 == 0):
+            pad = (kh // 2, 0)
+        ph, pw = ((kh - 1) // 2, (kw - 1) // 2) if pad == "same" else (0, 0) if pad == "valid" else \
+            (pad, pad) if isinstance(pad, int) else pad
+        ho, wo = 1 + k % 4, 1 + (k // 4) % 5  # output size
+        H, W = ho + kh - 1 - 2 * ph, wo + kw - 1 - 2 * pw
+        if H < 1 or W < 1:
+            H, W, pad = ho + kh - 1, wo + kw - 1, "valid"
+        act = ACTS[k % len(ACTS)]
+        yield (ci, H, W), [sc.Conv(co, (kh, kw), act, padding=pad, bias=k % 3 != 2)]
+
+
+def pool_cases():
+    """Windows (KH, KW) in 1..3 x 1..3 over images whose sides leave every remainder."""
+    for kh, kw in itertools.product(range(1, 4), range(1, 4)):
+        for extra in range(3):
+            yield (1 + extra % 2, 2 * kh + extra, kw + 2 * extra), [sc.MaxPool((kh, kw))]
+
+
+def _sweep(cases, dtype, every_block):
+    """Run the interpreted comparison for all cases; returns (cases run, variants met)."""
+    seen, met, count = set(), set(), 0
+    blocks = _block_sizes(dtype)
+    for k, (shape, layers) in enumerate(cases):
+        bs = blocks if every_block else [blocks[k % len(blocks)]]
+        for B, regs in itertools.product(bs, REGISTERS):
+            if _check_interpreted(layers, shape, dtype, B, regs, seed=k, seen=seen):
+                count += 1
+                met |= variants(sc.SimpleChain(shape, *layers, registers=regs), dtype, B)
+    return count, met
+
+
+SWEEP_LOG = {}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_dense_variants_every_width_and_block(dtype):
+    count, met = _sweep(dense_cases(), dtype, every_block=True)
+    SWEEP_LOG[("dense", np.dtype(dtype).name)] = (count, met)
+    assert count >= 17 * 17 * len(_block_sizes(dtype))  # every shape at every block, at least once
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_conv_variants_every_channel_pair(dtype):
+    count, met = _sweep(conv_cases(), dtype, every_block=THOROUGH)
+    SWEEP_LOG[("conv", np.dtype(dtype).name)] = (count, met)
+    assert count >= 81
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_maxpool_every_window(dtype):
+    count, _ = _sweep(pool_cases(), dtype, every_block=True)
+    assert count >= 27 * len(_block_sizes(dtype))
+
+
+def test_sweeps_meet_every_variant():
+    """The cases above reach every variant the dispatch rules can choose (computed from the
+    case lists, so this holds however the tests are selected)."""
+    met = set()
+    for dtype in DTYPES:
+        blocks = _block_sizes(dtype)
+        for k, (shape, layers) in enumerate(itertools.chain(dense_cases(), conv_cases())):
+            for B, regs in itertools.product(blocks, REGISTERS):
+                met |= variants(sc.SimpleChain(shape, *layers, registers=regs), dtype, B)
+    missing = all_variants() - met
+    assert not missing, f"variants no sweep reaches: {sorted(missing)}"
+
+
+# --------------------------------------------------------------------------------------
+# compiled kernels
+
+#: chains whose layers meet every dense and conv variant and remainder class: dense widths
+#: with every n_out mod 4 and n_in below and above 8; conv with rectangular kernels,
+#: padding, several channel remainders, relu (in registers) and a z-saving activation
+def compiled_chains(k):
+    acts = ACTS[k % len(ACTS):] + ACTS[:k % len(ACTS)]
+    dense = (3, [sc.TurboDense(17, acts[0]), sc.TurboDense(11, acts[1]), sc.TurboDense(8, acts[2]),
+                 sc.TurboDense(6, acts[3], bias=False), sc.TurboDense(2, acts[4])])
+    conv = ((2, 9, 8), [sc.Conv(5, (3, 2), "relu", padding=(1, 0)), sc.MaxPool((2, 3)),
+                        sc.Conv(3, 2, acts[5], padding=1, bias=False), sc.Flatten(),
+                        sc.TurboDense(4, acts[6])])
+    return [dense, conv]
+
+
+#: every activation on a layer with fewer than 8 inputs and remainder output rows, so its
+#: delta is fused into the register-tiled dW and the step ends in straight-line code after
+#: the row loop: where numba's dead-code elimination dropped gelu's and silu's last store
+EVERY_ACTIVATION = (3, [sc.TurboDense(w, act) for w, act in zip([7, 5, 3] * 3, ACTS)] + [sc.TurboDense(2)])
+
+
+def _compiled_configs():
+    """(dtype, registers, block size). Per dtype: two vectors (explicit-vector tiles, dW
+    transposed) and four (vector dW) under one budget each, lanes - 1 (scalar, transposed)
+    and three vectors + 1 (scalar, register-tiled dW); together they meet every variant
+    (test_compiled_configs_meet_every_variant). The thorough profile adds lanes + 1 and the
+    other budget of each."""
+    out = []
+    for dtype in DTYPES:
+        V = 32 // np.dtype(dtype).itemsize
+        sizes = [(16, 2 * V), (32, V - 1), (16, 3 * V + 1), (32, 4 * V)]
+        if THOROUGH:
+            sizes += [(32, 2 * V), (16, V - 1), (32, 3 * V + 1), (16, 4 * V), (16, V + 1), (32, V + 1)]
+        out += [(dtype, r, b) for r, b in sizes]
+    return out
+
+
+COMPILED = _compiled_configs()
+
+
+@pytest.mark.parametrize("dtype,registers,B", COMPILED,
+                         ids=[f"{np.dtype(d).name}-r{r}-B{b}" for d, r, b in COMPILED])
+def test_compiled_variants_match_reference(dtype, registers, B):
+    # activations rotate with the budget (the B = 1 modules are shared by a budget's configs)
+    chains = compiled_chains(registers // 8)
+    if B <= 2 * (32 // np.dtype(dtype).itemsize):  # the budgets' first configs per dtype
+        chains.append(EVERY_ACTIVATION)
+    for k, (shape, layers) in enumerate(chains):
+        chain = sc.SimpleChain(shape, *layers, registers=registers)
+        ref = InterpretedChain(sc.SimpleChain(shape, *layers, kernels="reference"), dtype, B)
+        n = 2 * B + 3
+        X, p, Ybar = _data(chain, dtype, n, seed=k)
+        what = f"compiled {chain!r} registers={registers} {np.dtype(dtype).name} B={B}"
+        expected = ref.valvjp(X.reshape(n, -1), p, Ybar.reshape(n, -1))
+        kern = chain.kernels(dtype, block_size=B)
+        work = np.full(kern.work_size, np.nan, dtype)  # the kernels must not rely on its contents
+        Y, Xbar, pbar = np.empty_like(Ybar.reshape(n, -1)), np.empty_like(X.reshape(n, -1)), np.empty_like(p)
+        kern.valvjp_batch(X.reshape(n, -1), p, Ybar.reshape(n, -1), Y, Xbar, pbar, work)
+        _compare((Y, Xbar, pbar), expected, chain, dtype, n, what + " valvjp_batch")
+        # the single-sample kernels (B = 1 module) on the same, now used, workspace
+        y1, x1, g1 = np.empty(kern.n_out, dtype), np.empty(kern.n_in, dtype), np.empty_like(p)
+        kern.valvjp(X[0].reshape(-1), p, Ybar[0].reshape(-1), y1, x1, g1, work)
+        ref1 = InterpretedChain(sc.SimpleChain(shape, *layers, kernels="reference"), dtype, 1)
+        expected1 = ref1.valvjp(X[:1].reshape(1, -1), p, Ybar[:1].reshape(1, -1))
+        _compare((y1[None], x1[None], g1), expected1, chain, dtype, 1, what + " valvjp (one sample)")
+        # the training kernel (first layer without dL/dx) at the same block size
+        from smallchains.compiler.codegen import get_kernels
+        mod, plan = get_kernels(chain.input_shape, chain.layers, dtype, B=B, options=chain.options)
+        T = (Ybar.reshape(n, -1) / 2).astype(dtype)  # SquaredLoss: d/dy sum (y - t)^2 = 2 (y - t)
+        g = np.empty_like(p)
+        scale = np.dtype(dtype).type(1.0)
+        mod.valgrad_range_squared(X.reshape(n, -1), T, np.arange(n), 0, n, p, g, work, scale,
+                                  np.empty((0, plan.n_in), dtype))
+        Yr = expected[0]
+        _, _, g_exp = ref.valvjp(X.reshape(n, -1), p, (2 * (Yr - T)).astype(dtype), with_gx=False)
+        _compare((g,), (g_exp,), chain, dtype, n, what + " valgrad_range_squared")
+
+
+def test_compiled_configs_meet_every_variant():
+    met = set()
+    for dtype, registers, B in COMPILED:
+        for shape, layers in compiled_chains(registers // 8):
+            met |= variants(sc.SimpleChain(shape, *layers, registers=registers), dtype, B)
+    missing = all_variants() - met
+    assert not missing, f"variants the compiled tests do not reach: {sorted(missing)}"
+
+
+# --------------------------------------------------------------------------------------
+# the reference itself, compiled, against torch autograd
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_reference_kernels_match_torch(torch, dtype):
+    F = torch.nn.functional
+    chain = sc.SimpleChain((2, 7, 6), sc.Conv(3, (3, 2), "relu", padding=(1, 2)), sc.MaxPool((2, 3)),
+                           sc.Conv(2, 3, "gelu", padding="same"), sc.Flatten(),
+                           sc.TurboDense(5, "silu"), sc.TurboDense(4, "elu"), sc.TurboDense(3),
+                           kernels="reference")
+    X, p, _ = _data(chain, dtype, 21, seed=5)
+    y = np.random.default_rng(5).integers(0, 3, 21)
+    loss, g, gx = sc.valgrad_with_input(sc.add_loss(chain, sc.LogitCrossEntropyLoss(y)), X, p)
+    v = chain.param_views(p.astype(np.float64))
+    T = [torch.tensor(np.array(a, np.float64), requires_grad=True)
+         for layer in v for a in layer.values()]
+    xt = torch.tensor(X.astype(np.float64), requires_grad=True)
+    h = F.max_pool2d(F.relu(F.conv2d(xt, T[0], T[1], padding=(1, 2))), (2, 3))
+    h = F.gelu(F.conv2d(h, T[2], T[3], padding=1), approximate="tanh").flatten(1)
+    h = F.elu(F.silu(h @ T[4].T + T[5]) @ T[6].T + T[7]) @ T[8].T + T[9]
+    L = F.cross_entropy(h, torch.from_numpy(y))
+    L.backward()
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    assert abs(loss - L.item()) <= tol * abs(L.item())
+    assert rel_err(g, np.concatenate([t.grad.numpy().ravel() for t in T])) <= tol
+    assert rel_err(gx, xt.grad.numpy()) <= tol * 10

@@ -1,0 +1,236 @@
+"""Runs a chain's generated layer steps in plain Python, and lists the variants they use.
+
+The variant tests (test_variants.py) compare every tuned emitter variant with the
+reference emitters (smallchains/layers/reference.py) at every remainder size. Compiling
+each of those thousands of shapes would take hours, so the sweep runs the *generated
+source* of both in the Python interpreter: the step functions the compiler would hand to
+numba, with the explicit-vector intrinsics of smallchains._simd replaced by numpy slices
+of the same width. That checks the emitters' index arithmetic, tiling and remainder logic
+exactly as written. What only the compiler can break (the dead-store bug behind the wrong
+gelu/silu gradients was one) is checked by the compiled half of the tests, on a smaller
+set of shapes that still meets every variant.
+
+The workspace is filled with NaN before every call, so a step that reads something it
+did not write in the same call (a zero border assumed from allocation, scratch from an
+earlier block) shows up as NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+import smallchains as sc
+from smallchains._fastmath import tanh_f32, tanh_f64
+from smallchains._numba_utils import like
+from smallchains._simd import VECTOR_BYTES
+from smallchains.activations import gelu_grad, silu_grad
+from smallchains.compiler.codegen import _forward_lines, _Functions, _pullback_lines, plan_chain
+from smallchains.layers.conv import Conv, conv_variants
+from smallchains.layers.dense import TurboDense, dense_variants
+
+
+# --- numpy stand-ins for smallchains._simd (same lane counts: 32-byte vectors) ----------
+
+def _lanes(dtype):
+    return VECTOR_BYTES // np.dtype(dtype).itemsize
+
+
+def vload(arr, i):
+    return arr[i:i + _lanes(arr.dtype)].copy()
+
+
+def vstore(arr, i, v):
+    assert i >= 0 and i + v.size <= arr.size, "vstore out of bounds"
+    arr[i:i + v.size] = v
+
+
+def vsplat(x):
+    return np.full(_lanes(x.dtype), x, dtype=x.dtype)
+
+
+def vfma(a, b, c):
+    return a * b + c
+
+
+def vadd(a, b):
+    return a + b
+
+
+def vsub(a, b):
+    return a - b
+
+
+def vmul(a, b):
+    return a * b
+
+
+def vrelu(v):
+    return np.where(v < 0, v.dtype.type(0), v)
+
+
+def vsum(v):
+    return v.sum(dtype=v.dtype)
+
+
+def vsum4(*c):
+    return np.array([x.sum(dtype=x.dtype) for x in c], dtype=c[0].dtype)
+
+
+vsum8 = vsum4
+
+
+def vadd_into(arr, i, v, first, count):
+    assert i >= 0 and i + count <= arr.size, "vadd_into out of bounds"
+    arr[i:i + count] += v[first:first + count]
+
+
+def _carray(ptr, shape):
+    assert ptr.shape == shape, f"step view {shape} over an array of shape {ptr.shape}"
+    return ptr
+
+
+_NAMESPACE = dict(np=np, math=math, tanh_f32=tanh_f32, tanh_f64=tanh_f64, like=like,
+                  gelu_grad=gelu_grad, silu_grad=silu_grad, carray=_carray,
+                  keep_alive=lambda p, g, work: None, vload=vload, vstore=vstore, vsplat=vsplat,
+                  vfma=vfma, vadd=vadd, vsub=vsub, vmul=vmul, vrelu=vrelu, vsum=vsum,
+                  vsum4=vsum4, vsum8=vsum8, vadd_into=vadd_into)
+
+
+class InterpretedChain:
+    """The layer steps of ``chain`` (tuned or reference per ``chain.options``) for blocks of
+    ``B`` samples of ``dtype``, run in Python. Same plan, offsets and step code as the
+    compiled kernels; the block loop mirrors the generated ``valvjp_batch``."""
+
+    def __init__(self, chain, dtype, B):
+        self.chain, self.dtype, self.B = chain, np.dtype(dtype), B
+        self.plan = plan_chain(chain.input_shape, chain.layers, B)
+        funcs = _Functions()
+        self.forward = _forward_lines(self.plan, self.dtype, True, funcs, chain.options)
+        self.pull_x, self.gx_off = _pullback_lines(self.plan, self.dtype, True, funcs, chain.options)
+        self.pull_train, _ = _pullback_lines(self.plan, self.dtype, False, funcs, chain.options)
+        ns = dict(_NAMESPACE, N_PARAMS=self.plan.n_params, WORK_SIZE=self.plan.work_size)
+        for d in funcs.defs:
+            exec(d, ns)  # noqa: S102 - our own generated code
+        self.steps = {name: ns[f"_py_{name}"] for name in funcs.names}
+        self.steps_source = dict(zip(funcs.names, funcs.defs))
+
+    def valvjp(self, X, p, Ybar, with_gx=True):
+        """``(Y, Xbar, pbar)`` for rows of ``X (n, n_in)`` and ``Ybar (n, n_out)``; ``Xbar`` is
+        None unless ``with_gx`` (then the first layer's pullback runs as in training,
+        without dL/dx)."""
+        plan, B, dt = self.plan, self.B, self.dtype
+        n = X.shape[0]
+        X, Ybar = X.reshape(n, -1), Ybar.reshape(n, -1)
+        out_off = plan.slots[-1].out_off
+        Y = np.empty((n, plan.n_out), dt)
+        Xbar = np.empty((n, plan.n_in), dt) if with_gx else None
+        pbar = np.zeros(plan.n_params, dt)
+        work = np.full(plan.work_size, np.nan, dt)
+        pull = self.pull_x if with_gx else self.pull_train
+        for s0 in range(0, n, B):
+            nb = min(B, n - s0)
+            work[:] = np.nan
+            _load(work, 0, X[s0:s0 + nb], B)
+            for step in self.forward:
+                self.steps[step](p, p, work)
+            Y[s0:s0 + nb] = _store(work, out_off, plan.n_out, nb, B)
+            _load(work, plan.grad_a, Ybar[s0:s0 + nb], B)
+            for step in pull:
+                self.steps[step](p, pbar, work)
+            if with_gx:
+                Xbar[s0:s0 + nb] = _store(work, self.gx_off, plan.n_in, nb, B)
+        return Y, Xbar, pbar
+
+
+def _load(work, off, rows, B):
+    """Feature-major block of ``rows`` with zeroed padding lanes (runtime.load_rows)."""
+    nb, nf = rows.shape
+    block = np.zeros((nf, B), work.dtype)
+    block[:, :nb] = rows.T
+    work[off:off + nf * B] = block.reshape(-1)
+
+
+def _store(work, off, nf, nb, B):
+    return work[off:off + nf * B].reshape(nf, B)[:, :nb].T
+
+
+# --- which variants a chain uses -----------------------------------------------------
+
+def variants(chain, dtype, B) -> set:
+    """Labels of the tuned variants ``chain``'s layers get for blocks of ``B`` samples of
+    ``dtype`` with the chain's register budget, e.g. ``("dense.dw", "tiles 2x4")``."""
+    dt = f"np.{np.dtype(dtype).name}"
+    regs = chain.options.registers
+    out = set()
+    for layer, (ins, _) in zip(chain.layers, chain._shapes):
+        if isinstance(layer, TurboDense):
+            v = dense_variants(ins[0], layer.out, B, dt, regs)
+            out |= {("dense.forward", v.forward), ("dense.dx", v.dx),
+                    ("dense.dw", v.dw if v.dw != "tiles" else f"tiles {v.dw_tile[0]}x{v.dw_tile[1]}")}
+        elif isinstance(layer, Conv):
+            v = conv_variants(B, dt, regs, layer.activation)
+            out |= {("conv.forward", v.forward + (" relu-in-registers" if v.relu_in_registers else "")),
+                    ("conv.weight_grad", f"{v.weight_grad} co-tile {v.wgrad_co_tile}"),
+                    ("conv.input_grad", f"scalar taps {min(v.corr_taps, 1024)}")}
+    return out
+
+
+def all_variants() -> set:
+    """Every label :func:`variants` can produce (for both register budgets and dtypes)."""
+    out = {("dense.forward", "vector"), ("dense.forward", "scalar"), ("dense.dx", "vector"),
+           ("dense.dx", "scalar"), ("dense.dw", "transposed"), ("dense.dw", "vector")}
+    for regs in (16, 32):
+        for n_in in (1, 8):
+            to, ti = sc.layers.dense.dw_tile(n_in, regs)
+            out.add(("dense.dw", f"tiles {to}x{ti}"))
+        v = conv_variants(1, "np.float32", regs, sc.get_activation("relu"))
+        out |= {("conv.weight_grad", f"vector co-tile {v.wgrad_co_tile}"),
+                ("conv.weight_grad", f"scalar co-tile {v.wgrad_co_tile}"),
+                ("conv.input_grad", f"scalar taps {v.corr_taps}")}
+    out |= {("conv.forward", "scalar"), ("conv.forward", "vector"),
+            ("conv.forward", "vector relu-in-registers")}
+    return out
+
+
+def block_sizes(dtype, default) -> list:
+    """The block sizes that reach each remainder and variant: 1, lanes - 1, lanes,
+    lanes + 1, two vectors (the explicit-vector tiles; dW transposed, 64 bytes per
+    feature), three vectors + 1 (scalar code with register-tiled dW), four vectors (vector
+    dW), and the chain's default."""
+    V = _lanes(dtype)
+    return sorted({1, V - 1, V, V + 1, 2 * V, 3 * V + 1, 4 * V, default})
+
+
+def rel_err(a, b) -> float:
+    """Norm-wise relative error ``max|a - b| / max|b|`` (0 for two zero arrays); NaN
+    anywhere counts as infinite."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        raise AssertionError(f"shape {a.shape} != {b.shape}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return math.inf
+    scale = np.abs(b).max(initial=0.0)
+    diff = np.abs(a - b).max(initial=0.0)
+    return diff / scale if scale > 0 else diff
+
+
+def tolerance(chain, dtype, n) -> float:
+    """Norm-wise relative tolerance for comparing two evaluations of ``chain`` that differ
+    in summation order: float64 1e-12 (as the issue asks); float32 ``8 eps K`` with ``K``
+    the sum over layers of the longest reduction each computes (inputs per output, outputs
+    per input gradient, ``n`` samples times output pixels per weight gradient), the usual
+    ``K eps`` bound of a length-``K`` sum with a safety factor for the chain's conditioning."""
+    if np.dtype(dtype) == np.float64:
+        return 1e-12
+    K = 0
+    for layer, (ins, outs) in zip(chain.layers, chain._shapes):
+        if isinstance(layer, TurboDense):
+            K += max(ins[0], layer.out, n)
+        elif isinstance(layer, Conv):
+            kh, kw = layer.kernel_size
+            K += max(ins[0] * kh * kw, outs[0] * kh * kw, n * outs[1] * outs[2])
+        else:
+            K += int(np.prod(ins))
+    return 8 * float(np.finfo(np.float32).eps) * K
