@@ -228,3 +228,66 @@ def data_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"datasets folder {path} not found (set SMALLCHAINS_DATA)")
     return path
+
+
+# --------------------------------------------------------------------------------------
+# hypothesis profiles (tests/test_properties.py and every other @given test)
+#
+# "ci" (the default): few examples, derandomized, so a CI run is reproducible and bounded
+# (derandomize=True implies no example database, so nothing is written to .hypothesis/);
+# no shrinking, because every shrink step of an architecture property compiles a new chain
+# (1-15 s each): a failure reports the example as drawn. "thorough": many more examples,
+# random, with shrinking and the default database (.hypothesis/, git-ignored) so a failure
+# found once replays on the next run. Select with HYPOTHESIS_PROFILE=thorough (or pytest's
+# --hypothesis-profile=thorough). Tests that pass an explicit max_examples keep it.
+
+try:
+    from hypothesis import HealthCheck as _HealthCheck
+    from hypothesis import Phase as _Phase
+    from hypothesis import settings as _hyp_settings
+except ImportError:  # hypothesis is a test extra; the files that use it import it anyway
+    _hyp_settings = None
+
+if _hyp_settings is not None:
+    _hyp_settings.register_profile(
+        "ci", max_examples=10, deadline=None, derandomize=True, print_blob=True,
+        phases=(_Phase.explicit, _Phase.generate),
+        suppress_health_check=[_HealthCheck.too_slow])
+    _hyp_settings.register_profile(
+        "thorough", max_examples=200, deadline=None, print_blob=True,
+        suppress_health_check=[_HealthCheck.too_slow])
+    _hyp_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# --------------------------------------------------------------------------------------
+# torch equivalent of any chain (TurboDense, Conv, MaxPool, Flatten), in any torch dtype
+
+def torch_chain_model(torch, chain, p, dtype=None):
+    """``(net, pmods)``: an ``nn.Sequential`` equal to ``chain`` at parameters ``p``, in torch
+    ``dtype`` (default float64; ``p`` is cast to it), and its parametrized modules
+    (``Linear`` / ``Conv2d``) in chain order, so ``torch_flat(pmods, grad=True)`` is
+    ``dL/dp`` in smallchains' layout. Each layer with an activation is followed by its
+    module from :data:`TORCH_ACT` (identity included)."""
+    nn = torch.nn
+    dtype = torch.float64 if dtype is None else dtype
+    mods, pmods = [], []
+    for layer, views in zip(chain.layers, chain.param_views(p)):
+        if isinstance(layer, sc.MaxPool):
+            mods.append(nn.MaxPool2d(layer.k))
+            continue
+        if isinstance(layer, sc.Flatten):
+            mods.append(nn.Flatten())
+            continue
+        W = np.asarray(views["W"])
+        if isinstance(layer, sc.Conv):
+            m = nn.Conv2d(W.shape[1], W.shape[0], layer.kernel_size, padding=layer.padding,
+                          bias="b" in views, dtype=dtype)
+        else:
+            m = nn.Linear(W.shape[1], W.shape[0], bias="b" in views, dtype=dtype)
+        with torch.no_grad():
+            m.weight.copy_(torch.from_numpy(np.array(W, dtype=np.float64)).to(dtype))
+            if "b" in views:
+                m.bias.copy_(torch.from_numpy(np.array(views["b"], dtype=np.float64)).to(dtype))
+        mods += [m, TORCH_ACT[layer.activation.name](nn)]
+        pmods.append(m)
+    return nn.Sequential(*mods), pmods
