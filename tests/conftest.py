@@ -291,3 +291,17 @@ def torch_chain_model(torch, chain, p, dtype=None):
         mods += [m, TORCH_ACT[layer.activation.name](nn)]
         pmods.append(m)
     return nn.Sequential(*mods), pmods
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Which kernel variants the variant sweeps ran (tests/test_variants.py), and on how
+    many shape / block size / register budget cases."""
+    import sys
+
+    tv = sys.modules.get("test_variants")
+    if tv is None or not tv.SWEEP_LOG:
+        return
+    terminalreporter.section("kernel variants checked against the reference")
+    for (family, dtype), (count, met) in sorted(tv.SWEEP_LOG.items()):
+        names = ", ".join(f"{part} {variant}" for part, variant in sorted(met))
+        terminalreporter.write_line(f"{family} {dtype}: {count} cases" + (f"; {names}" if names else ""))

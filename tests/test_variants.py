@@ -139,6 +139,8 @@ def _sweep(cases, dtype, every_block):
     return count, met
 
 
+#: (layer family, dtype) -> (cases run, variants met); printed at the end of the session
+#: by conftest's pytest_terminal_summary
 SWEEP_LOG = {}
 
 
@@ -159,6 +161,7 @@ def test_conv_variants_every_channel_pair(dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 def test_maxpool_every_window(dtype):
     count, _ = _sweep(pool_cases(), dtype, every_block=True)
+    SWEEP_LOG[("maxpool", np.dtype(dtype).name)] = (count, set())
     assert count >= 27 * len(_block_sizes(dtype))
 
 
