@@ -15,6 +15,7 @@ from .chain import ChainKernels, SimpleChain, SimpleChainWithLoss, add_loss, ini
 from .layers import Conv, Dense, Flatten, MaxPool, TurboDense
 from .losses import AbsoluteLoss, LogitCrossEntropyLoss, Loss, SquaredLoss
 from .optim import SGD, Adam, Optimizer, RMSProp
+from .predict import log_softmax, predict_proba, softmax
 from .train import (
     accuracy_and_loss,
     alloc_threaded_grad,
@@ -31,6 +32,7 @@ __all__ = [
     "TurboDense", "accuracy_and_loss", "add_loss", "alloc_threaded_grad", "cache_info", "clear_cache", "default_batch_size", "available_activations", "datasets", "ode",
     "get_activation", "init_params", "numparam", "remove_loss", "train_batched",
     "train_unbatched", "valgrad", "valgrad_with_input",
+    "log_softmax", "predict_proba", "softmax",
 ]
 
 

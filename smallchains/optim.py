@@ -133,34 +133,65 @@ class Adam(Optimizer):
 
 
 class SGD(Optimizer):
-    """Plain gradient descent with optional momentum (``torch.optim.SGD`` semantics,
-    dampening 0, no Nesterov): ``b = mu b + g`` (``b = g`` at step 1); ``p -= lr b``.
+    """Stochastic gradient descent with optional (Nesterov) momentum and dampening: the
+    update of ``torch.optim.SGD`` (no weight decay, not ``maximize``).
+
+    With ``momentum == 0``: ``p -= lr g``. Otherwise a buffer ``b`` (``opt.state[0]``) is
+    ``b = g`` at step 1 and ``b = momentum b + (1 - dampening) g`` after; the update is
+    ``u = b``, or ``u = g + momentum b`` with ``nesterov=True``; ``p -= lr u``.
 
     Parameters
     ----------
     lr : float, default 1e-2 -- finite, > 0.
     momentum : float, default 0.0 -- finite, >= 0.
+    dampening : float, default 0.0 -- in [0, 1]. Ignored when ``momentum == 0``.
+    nesterov : bool, default False -- needs ``momentum > 0`` and ``dampening == 0``.
 
     Raises
     ------
-    TypeError, ValueError
-        A hyperparameter that is not a real number or lies outside its range (NaN too).
+    TypeError
+        A hyperparameter that is not a real number (``nesterov``: not a bool).
+    ValueError
+        A hyperparameter outside its range (NaN too), or ``nesterov=True`` with
+        ``momentum == 0`` or ``dampening != 0`` (``torch.optim.SGD`` raises then too).
+        Checked at construction and again whenever the optimizer is used, so values
+        assigned to the attributes later are checked as well.
+
+    State: ``opt.state`` of shape ``(1, n_params)`` (the momentum buffer, unused without
+    momentum), ``opt.t``. The update allocates nothing.
     """
 
     kind = "sgd"
     n_state = 1
 
-    def __init__(self, lr: float = 1e-2, momentum: float = 0.0):
+    def __init__(self, lr: float = 1e-2, momentum: float = 0.0, dampening: float = 0.0,
+                 nesterov: bool = False):
         super().__init__()
-        self.lr, self.momentum = lr, momentum
-        self.lr, self.momentum = self._hyper()
+        self.lr, self.momentum, self.dampening, self.nesterov = lr, momentum, dampening, nesterov
+        self.lr, self.momentum, self.dampening, nest = self._hyper()
+        self.nesterov = bool(nest)
 
     def __repr__(self):
-        return f"SGD(lr={self.lr}, momentum={self.momentum})"
+        return (f"SGD(lr={self.lr}, momentum={self.momentum}, dampening={self.dampening}, "
+                f"nesterov={self.nesterov})")
 
     def _hyper(self):
-        return [check_real("SGD", "lr", self.lr, 0.0, low_open=True),
-                check_real("SGD", "momentum", self.momentum, 0.0)]
+        lr = check_real("SGD", "lr", self.lr, 0.0, low_open=True)
+        mu = check_real("SGD", "momentum", self.momentum, 0.0)
+        try:
+            damp = check_real("SGD", "dampening", self.dampening, 0.0)
+            if damp > 1.0:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"SGD: dampening must be in [0, 1], got {self.dampening!r}") from None
+        if not isinstance(self.nesterov, (bool, np.bool_)):
+            raise TypeError(f"SGD: nesterov must be a bool, got {type(self.nesterov).__name__} "
+                            f"{self.nesterov!r}")
+        if self.nesterov and (mu == 0.0 or damp != 0.0):
+            raise ValueError(
+                "SGD: Nesterov momentum requires a momentum > 0 and zero dampening (as "
+                f"torch.optim.SGD), got momentum={self.momentum!r}, dampening={self.dampening!r}")
+        return [lr, mu, damp, 1.0 if self.nesterov else 0.0]
 
 
 class RMSProp(Optimizer):
@@ -216,14 +247,27 @@ def adam_update(p, g, state, hyper, t):
 
 @njit(**JIT_OPTIONS)
 def sgd_update(p, g, state, hyper, t):
-    lr, mu = hyper[0], hyper[1]
+    # hyper: lr, momentum, dampening, nesterov (0 or 1); the branches are hoisted out of
+    # the loops so each loop is a plain vectorizable stream
+    lr, mu, damp, nesterov = hyper[0], hyper[1], hyper[2], hyper[3]
     buf = state[0]
+    n = p.shape[0]
     if mu == 0:
-        for j in range(p.shape[0]):
+        for j in range(n):
             p[j] -= lr * g[j]
+        return
+    keep = like(lr, 1.0) - damp
+    if t == 1:  # torch: the buffer starts as a copy of the first gradient (no dampening)
+        for j in range(n):
+            buf[j] = g[j]
     else:
-        for j in range(p.shape[0]):
-            buf[j] = g[j] if t == 1 else mu * buf[j] + g[j]
+        for j in range(n):
+            buf[j] = mu * buf[j] + keep * g[j]
+    if nesterov != 0:
+        for j in range(n):
+            p[j] -= lr * (g[j] + mu * buf[j])
+    else:
+        for j in range(n):
             p[j] -= lr * buf[j]
 
 

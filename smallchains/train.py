@@ -354,20 +354,39 @@ def accuracy_and_loss(model, X, *args):
     """Classification accuracy and mean loss: ``accuracy_and_loss(model, X, labels, p)``
     or ``accuracy_and_loss(model, X, p)`` (the model's own labels).
 
+    One forward pass: the chain's logits are computed once (compiled, threaded) and both
+    numbers come from them in numpy, in the dtype of ``p``: the loss is the mean of
+    ``logsumexp(logits[n]) - logits[n, label[n]]`` (stable log-softmax), which is the
+    model's compiled :class:`~smallchains.LogitCrossEntropyLoss` (``model(X, p, labels)``)
+    and ``torch.nn.functional.cross_entropy`` to rounding.
+
     Parameters
     ----------
     model : SimpleChainWithLoss with a :class:`~smallchains.LogitCrossEntropyLoss`
-    X : ndarray, shape ``(N, *input_shape)``
-    labels : array of int, shape ``(N,)``, optional -- 0-based classes.
-    p : ndarray, shape ``(n_params,)``
+    X : ndarray, shape ``(N, *input_shape)``, float (a single sample is rejected)
+    labels : array of int, shape ``(N,)``, optional -- 0-based classes in
+        ``[0, n_classes)``; default the model's own labels.
+    p : ndarray, shape ``(n_params,)``, float32 or float64
 
     Returns
     -------
     (float, float)
-        Fraction of samples whose largest logit is the label, and the mean loss.
+        Fraction of samples whose largest logit (the first, on ties) is the label, and
+        the mean loss.
+
+    Raises
+    ------
+    TypeError
+        ``model`` has no loss or a regression loss; a wrong number of arguments; float
+        labels; bad dtypes of ``X`` or ``p``.
+    ValueError
+        Labels of the wrong shape or out of range; bad shapes, NaN or Inf in ``X``; a
+        chain output that is not 1-D logits. Checked before the forward pass.
 
     SimpleChains.jl: ``accuracy_and_loss(model, X, Y, p)``.
     """
+    from .predict import log_softmax
+
     _check_model(model)
     if len(args) == 1:
         labels, p = None, args[0]
@@ -377,10 +396,16 @@ def accuracy_and_loss(model, X, *args):
         raise TypeError("use accuracy_and_loss(model, X, labels, p) or accuracy_and_loss(model, X, p)")
     if not getattr(model.loss, "labels", False):
         raise TypeError(f"accuracy needs a classification loss, got {type(model.loss).__name__}")
-    loss = model(X, p, labels)  # validates everything
-    T = np.asarray(model.loss.targets if labels is None else labels)
-    logits = model.chain(X, p)
-    return float(np.mean(np.argmax(logits, axis=1) == T)), loss
+    chain = model.chain
+    p = check_params(chain.n_params, p)
+    X2, T, _, _ = _prepare(model, X, p, labels)  # validates X, the labels and the output shape
+    n = X2.shape[0]
+    logits = chain(X2.reshape((n,) + chain.input_shape), p)  # (N, n_classes), p.dtype
+    rows = np.arange(n)
+    per_sample = -log_softmax(logits, axis=1)[rows, T]
+    loss = per_sample.sum(dtype=p.dtype) * p.dtype.type(1.0 / n)
+    acc = np.count_nonzero(np.argmax(logits, axis=1) == T) / n
+    return float(acc), float(loss)
 
 
 def _epoch_history(out, hist, done, nbatch):

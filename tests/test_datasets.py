@@ -421,3 +421,174 @@ def test_matrix_exponential_bad_args():
 def test_expm2x2_layout():
     a = np.array([[0.0, 2.0], [0.0, 0.0]])  # exp = [[1, 2], [0, 1]]
     np.testing.assert_array_equal(datasets.expm2x2(a), [[1.0, 2.0], [0.0, 1.0]])
+
+
+# --------------------------------------------------------------------------
+# CIFAR-10: grayscale, the partial test set, bad files (small fake batches)
+
+def _write_cifar(path, n, seed, labels=None):
+    """n random records (1 label byte + 3072 pixel bytes) -> (records uint8 (n, 3073))."""
+    rng = np.random.default_rng(seed)
+    rec = rng.integers(0, 256, size=(n, 3073), dtype=np.uint8)
+    rec[:, 0] = (np.arange(n) + seed) % 10 if labels is None else labels
+    Path(path).write_bytes(rec.tobytes())
+    return rec
+
+
+def _patch_checksum(monkeypatch, path):
+    monkeypatch.setitem(_cifar10.FILES, Path(path).name, ("sha256", sha256(path)))
+
+
+@pytest.fixture
+def fake_cifar(tmp_path, monkeypatch):
+    """Five 4-record training batches and a 3-record test_batch_first1000.bin in
+    tmp_path/cifar, their checksums patched in; returns (dir, train records, test records)."""
+    d = tmp_path / "cifar"
+    d.mkdir()
+    train = []
+    for i, name in enumerate(_cifar10._TRAIN):
+        rec = _write_cifar(d / name, 4, seed=i)
+        train.append(rec)
+        _patch_checksum(monkeypatch, d / name)
+    train = np.concatenate(train)
+    # exact extremes: an all-black and an all-white pixel
+    test = np.zeros((3, 3073), dtype=np.uint8)
+    test[:, 1:] = np.random.default_rng(9).integers(0, 256, size=(3, 3072), dtype=np.uint8)
+    test[:, 0] = [7, 0, 9]
+    test[0, 1::1024] = 0
+    test[1, 1::1024] = 255
+    (d / "test_batch_first1000.bin").write_bytes(test.tobytes())
+    _patch_checksum(monkeypatch, d / "test_batch_first1000.bin")
+    return d, train, test
+
+
+def _gray_reference(rec):
+    rgb = rec[:, 1:].reshape(-1, 3, 32, 32).astype(np.float64)
+    return rgb.sum(axis=1, keepdims=True) / 765.0
+
+
+def test_cifar10_fake_train_rgb_and_grayscale(fake_cifar):
+    d, train, _ = fake_cifar
+    x, y = datasets.cifar10("train", data_dir=d)
+    assert x.shape == (20, 3, 32, 32) and x.dtype == np.float32
+    np.testing.assert_array_equal(y, train[:, 0])
+    np.testing.assert_allclose(x.reshape(20, -1), train[:, 1:] / 255.0, rtol=1e-6)
+    g, yg = datasets.cifar10("train", data_dir=d, grayscale=True)
+    assert g.shape == (20, 1, 32, 32) and g.dtype == np.float32 and yg.dtype == np.int64
+    assert g.flags.c_contiguous and not g.flags.writeable and not yg.flags.writeable
+    np.testing.assert_array_equal(yg, y)
+    # (R + G + B) / 765, rounded once to float32
+    np.testing.assert_allclose(g, _gray_reference(train), rtol=6e-8, atol=0)
+    np.testing.assert_allclose(g, x.mean(axis=1, keepdims=True), rtol=1e-6, atol=1e-7)
+    assert 0.0 <= g.min() and g.max() <= 1.0
+    # RGB and grayscale are cached separately, each served again from the cache
+    assert datasets.cifar10("train", data_dir=d, grayscale=True)[0] is g
+    assert datasets.cifar10("train", data_dir=d)[0] is x
+
+
+def test_cifar10_partial_test_set_is_announced(fake_cifar):
+    d, _, test = fake_cifar
+    with pytest.warns(datasets.PartialDatasetWarning) as rec:
+        g, y = datasets.cifar10("test", data_dir=d, grayscale=True)
+    msg = str(rec[0].message)
+    for part in ("PARTIAL", "no test_batch.bin", "first 1000 of the 10000", str(d),
+                 "allow_partial=False"):
+        assert part in msg, part
+    assert g.shape == (3, 1, 32, 32)
+    np.testing.assert_array_equal(y, [7, 0, 9])
+    assert (g[0, 0, 0, 0], g[1, 0, 0, 0]) == (0.0, 1.0)  # black and white pixels exact
+    np.testing.assert_allclose(g, _gray_reference(test), rtol=6e-8, atol=0)
+    # allow_partial=False: an error naming the missing full file, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(FileNotFoundError) as ei:
+            datasets.cifar10("test", data_dir=d, allow_partial=False)
+    msg = str(ei.value)
+    assert "Missing: test_batch.bin" in msg and str(d) in msg
+    assert "cifar-10-binary.tar.gz" in msg
+
+
+def test_cifar10_no_test_file_names_the_full_test_batch(tmp_path):
+    with pytest.raises(FileNotFoundError) as ei:
+        datasets.cifar10("test", data_dir=tmp_path)
+    msg = str(ei.value)
+    assert "Missing: test_batch.bin." in msg and str(tmp_path) in msg
+    assert "test_batch_first1000.bin" in msg and "PartialDatasetWarning" in msg  # the fallback
+    assert "cifar-10-binary.tar.gz" in msg
+
+
+def test_cifar10_missing_train_batch(fake_cifar):
+    d, _, _ = fake_cifar
+    (d / "data_batch_3.bin").unlink()
+    with pytest.raises(FileNotFoundError) as ei:
+        datasets.cifar10("train", data_dir=d)
+    msg = str(ei.value)
+    assert "Missing: data_batch_3.bin." in msg and str(d) in msg
+    assert "data_batch_2.bin" not in msg
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("truncated", r"size 12192 bytes is not a multiple of the 3073-byte CIFAR-10 record "
+                  r"\(3 whole records and 2973 bytes left over\): the file is truncated"),
+    ("extra", r"size 12297 bytes is not a multiple of the 3073-byte"),
+    ("empty", r"the file is empty; expected records of 3073 bytes"),
+    ("label", r"label 12 of record 2 is out of range 0\.\.9"),
+])
+def test_cifar10_malformed_batch(fake_cifar, monkeypatch, bad, match):
+    """Files whose checksum matches (patched here) but whose content is malformed: the
+    size and label checks name the file and say what is wrong."""
+    d, train, _ = fake_cifar
+    p = d / "data_batch_2.bin"
+    data = p.read_bytes()
+    if bad == "truncated":
+        data = data[:-100]
+    elif bad == "extra":
+        data = data + b"\x00" * 5
+    elif bad == "empty":
+        data = b""
+    else:
+        rec = train[4:8].copy()
+        rec[2, 0] = 12
+        data = rec.tobytes()
+    p.write_bytes(data)
+    _patch_checksum(monkeypatch, p)
+    with pytest.raises(ValueError, match=match) as ei:
+        datasets.cifar10("train", data_dir=d)
+    assert str(p) in str(ei.value)
+    assert not isinstance(ei.value, datasets.ChecksumError)
+
+
+def test_cifar10_truncated_file_fails_its_checksum(fake_cifar):
+    """Without a patched checksum a truncated batch is caught by the checksum first."""
+    d, _, _ = fake_cifar
+    p = d / "data_batch_5.bin"
+    expected = _cifar10.FILES[p.name][1]
+    p.write_bytes(p.read_bytes()[:3073 * 2])
+    with pytest.raises(datasets.ChecksumError) as ei:
+        datasets.cifar10("train", data_dir=d)
+    assert str(p) in str(ei.value) and expected in str(ei.value)
+
+
+def test_cifar10_bad_flags(fake_cifar):
+    d, _, _ = fake_cifar
+    with pytest.raises(TypeError, match="grayscale must be a bool, got str"):
+        datasets.cifar10("train", data_dir=d, grayscale="yes")
+    with pytest.raises(TypeError, match="allow_partial must be a bool, got int"):
+        datasets.cifar10("test", data_dir=d, allow_partial=0)
+    with pytest.raises(TypeError):
+        datasets.cifar10("train", d, True)  # grayscale is keyword-only
+
+
+@needs_cifar
+def test_cifar10_real_test_grayscale():
+    d = SHARED / "cifar10"
+    with pytest.warns(datasets.PartialDatasetWarning, match="no test_batch.bin"):
+        x, y = datasets.cifar10("test", d)  # data_dir stays the second positional argument
+    with pytest.warns(datasets.PartialDatasetWarning):
+        g, yg = datasets.cifar10("test", data_dir=d, grayscale=True)
+    assert g.shape == (1000, 1, 32, 32) and g.dtype == np.float32
+    np.testing.assert_array_equal(yg, y)
+    np.testing.assert_allclose(g, x.mean(axis=1, keepdims=True), rtol=1e-6, atol=1e-7)
+    assert 0.0 <= g.min() and g.max() <= 1.0
+    with pytest.raises(FileNotFoundError, match="Missing: test_batch.bin"):
+        datasets.cifar10("test", data_dir=d, allow_partial=False)
