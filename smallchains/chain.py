@@ -16,7 +16,7 @@ import numpy as np
 from ._validate import check_dtype, check_inputs, check_params
 from .compiler import get_kernels, loops
 from .compiler.linking import Deferred
-from .compiler.options import kernel_options
+from .compiler.options import default_registers, kernel_options
 from .compiler.runtime import aligned_zeros
 from .layers.base import Layer
 from .losses import Loss
@@ -93,6 +93,8 @@ class SimpleChain:
         inner = ", ".join(repr(l) for l in self.layers)
         shape = self.input_shape[0] if len(self.input_shape) == 1 else self.input_shape
         extra = "" if self.options.kernels == "tuned" else f", kernels={self.options.kernels!r}"
+        if self.options.kernels == "tuned" and self.options.registers != default_registers():
+            extra += f", registers={self.options.registers}"
         return f"SimpleChain({shape}, {inner}{extra})"
 
     def summary(self) -> str:

@@ -196,7 +196,7 @@ def test_single_and_batch_kernels_share_one_workspace(dtype):
 
 def _bad_calls(k, dtype):
     """(name, kernel, args) with exactly one array of a wrong size."""
-    z = lambda *s: np.zeros(s, dtype)  # noqa: E731
+    z = lambda *s: np.full(s, 7.0, dtype)  # noqa: E731  (not zeros: a write of 0 must show)
     n, ni, no, npar, ws = 5, k.n_in, k.n_out, k.n_params, k.work_size
     good = dict(x=z(ni), p=z(npar), y=z(no), ybar=z(no), xbar=z(ni), pbar=z(npar), work=z(ws),
                 X=z(n, ni), Y=z(n, no), Ybar=z(n, no), Xbar=z(n, ni))

@@ -383,23 +383,33 @@ def dense_chains(draw):
 
 @st.composite
 def conv_layers(draw, shape):
-    """A Conv (padding valid / same / int, K 1..5, 1..9 channels) that fits ``shape``."""
+    """A Conv that fits ``shape``: kernel (KH, KW) in 1..5 each (square half of the time),
+    padding valid / same / int / (PH, PW), 1..9 channels."""
     _, h, w = shape
-    m = min(h, w)
-    K = draw(st.integers(1, 5))
-    mode = draw(st.sampled_from(["valid", "same", "int"]))
-    if mode == "same" and K % 2 == 0:
-        mode = "int"
-    if mode == "valid":
-        K = min(K, m)
+    KH = draw(st.integers(1, 5))
+    KW = KH if draw(st.booleans()) else draw(st.integers(1, 5))
+    mode = draw(st.sampled_from(["valid", "same", "int", "pair"]))
+    if mode == "same" and (KH % 2 == 0 or KW % 2 == 0):
+        mode = "pair"
+
+    def pad(K, m):  # 0 <= P <= K - 1 (no output window entirely in the padding), K <= m + 2P
+        return draw(st.integers(max(0, -(-(K - m) // 2)), K - 1))
+
+    if mode == "valid" or (mode == "int" and KH != KW):
+        KH, KW = min(KH, h), min(KW, w)
         padding = "valid"
+        mode = "valid"
     elif mode == "same":
         padding = "same"
-    else:  # 0 <= P <= K - 1 (so no output window lies entirely in the padding) and K <= m + 2P
-        padding = draw(st.integers(max(0, -(-(K - m) // 2)), K - 1))
+    elif mode == "int":
+        lo = max(0, -(-(KH - min(h, w)) // 2))
+        padding = draw(st.integers(lo, KH - 1))
+    else:
+        padding = (pad(KH, h), pad(KW, w))
     event(f"conv padding {mode}")
-    event(f"conv kernel {K}")
-    return sc.Conv(draw(st.integers(1, 9)), K, draw(activations()), padding=padding,
+    event(f"conv kernel {KH}x{KW}")
+    kernel = KH if KH == KW else (KH, KW)
+    return sc.Conv(draw(st.integers(1, 9)), kernel, draw(activations()), padding=padding,
                    bias=draw(st.booleans()))
 
 

@@ -99,14 +99,13 @@ def dense_cases():
 
 
 def conv_cases():
-    """Every (in, out) channel pair in 1..9 x 1..9; kernel (KH, KW) in 1..5 x 1..5,
-    padding (valid, same, int, (PH, PW)), image sizes and activations rotating so that each
-    kernel size meets several channel remainders and output sizes 1..5 in each direction."""
+    """Every kernel (KH, KW) in 1..5 x 1..5 with every padding form (valid, same, int,
+    (PH, 0), (0, PW)): 125 cases; the (in, out) channel pairs 1..9 x 1..9 rotate through
+    them (each pair at least once), output sizes 1..4 x 1..5, activations and bias too."""
     pads = ["valid", "same", 1, (2, 0), (0, 1)]
     kernels = list(itertools.product(range(1, 6), range(1, 6)))
-    for k, (ci, co) in enumerate(itertools.product(range(1, 10), range(1, 10))):
-        kh, kw = kernels[(k * 7) % len(kernels)]
-        pad = pads[k % len(pads)]
+    for k, ((kh, kw), pad) in enumerate(itertools.product(kernels, pads)):
+        ci, co = 1 + k % 9, 1 + (k // 9) % 9
         if pad == "same" and (kh % 2 == 0 or kw % 2 == 0):
             pad = (kh // 2, 0)
         ph, pw = ((kh - 1) // 2, (kw - 1) // 2) if pad == "same" else (0, 0) if pad == "valid" else \
@@ -116,7 +115,7 @@ def conv_cases():
         if H < 1 or W < 1:
             H, W, pad = ho + kh - 1, wo + kw - 1, "valid"
         act = ACTS[k % len(ACTS)]
-        yield (ci, H, W), [sc.Conv(co, (kh, kw), act, padding=pad, bias=k % 3 != 2)]
+        yield (ci, H, W), [sc.Conv(co, (kh, kw), act, padding=pad, bias=(k // 9) % 2 == 0)]
 
 
 def pool_cases():
@@ -126,16 +125,23 @@ def pool_cases():
             yield (1 + extra % 2, 2 * kh + extra, kw + 2 * extra), [sc.MaxPool((kh, kw))]
 
 
-def _sweep(cases, dtype, every_block):
-    """Run the interpreted comparison for all cases; returns (cases run, variants met)."""
-    seen, met, count = set(), set(), 0
+def _schedule(cases, dtype, every_block):
+    """``(k, shape, layers, B, registers)`` of a sweep: every case at every block size, or
+    (``every_block=False``) at one block size rotating over the cases."""
     blocks = _block_sizes(dtype)
     for k, (shape, layers) in enumerate(cases):
         bs = blocks if every_block else [blocks[k % len(blocks)]]
         for B, regs in itertools.product(bs, REGISTERS):
-            if _check_interpreted(layers, shape, dtype, B, regs, seed=k, seen=seen):
-                count += 1
-                met |= variants(sc.SimpleChain(shape, *layers, registers=regs), dtype, B)
+            yield k, shape, layers, B, regs
+
+
+def _sweep(cases, dtype, every_block):
+    """Run the interpreted comparison for all cases; returns (cases run, variants met)."""
+    seen, met, count = set(), set(), 0
+    for k, shape, layers, B, regs in _schedule(cases, dtype, every_block):
+        if _check_interpreted(layers, shape, dtype, B, regs, seed=k, seen=seen):
+            count += 1
+            met |= variants(sc.SimpleChain(shape, *layers, registers=regs), dtype, B)
     return count, met
 
 
@@ -155,7 +161,7 @@ def test_dense_variants_every_width_and_block(dtype):
 def test_conv_variants_every_channel_pair(dtype):
     count, met = _sweep(conv_cases(), dtype, every_block=THOROUGH)
     SWEEP_LOG[("conv", np.dtype(dtype).name)] = (count, met)
-    assert count >= 81
+    assert count >= 125
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
@@ -170,9 +176,8 @@ def test_sweeps_meet_every_variant():
     case lists, so this holds however the tests are selected)."""
     met = set()
     for dtype in DTYPES:
-        blocks = _block_sizes(dtype)
-        for k, (shape, layers) in enumerate(itertools.chain(dense_cases(), conv_cases())):
-            for B, regs in itertools.product(blocks, REGISTERS):
+        for cases, every in ((dense_cases(), True), (conv_cases(), THOROUGH)):
+            for _, shape, layers, B, regs in _schedule(cases, dtype, every):
                 met |= variants(sc.SimpleChain(shape, *layers, registers=regs), dtype, B)
     missing = all_variants() - met
     assert not missing, f"variants no sweep reaches: {sorted(missing)}"

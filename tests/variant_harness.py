@@ -38,6 +38,7 @@ def _lanes(dtype):
 
 
 def vload(arr, i):
+    assert i >= 0 and i + _lanes(arr.dtype) <= arr.size, "vload out of bounds"
     return arr[i:i + _lanes(arr.dtype)].copy()
 
 
@@ -117,9 +118,9 @@ class InterpretedChain:
         self.steps_source = dict(zip(funcs.names, funcs.defs))
 
     def valvjp(self, X, p, Ybar, with_gx=True):
-        """``(Y, Xbar, pbar)`` for rows of ``X (n, n_in)`` and ``Ybar (n, n_out)``; ``Xbar`` is
-        None unless ``with_gx`` (then the first layer's pullback runs as in training,
-        without dL/dx)."""
+        """``(Y, Xbar, pbar)`` for rows of ``X (n, n_in)`` and ``Ybar (n, n_out)``. Without
+        ``with_gx`` the first layer's pullback runs as in training (no dL/dx) and ``Xbar``
+        is None."""
         plan, B, dt = self.plan, self.B, self.dtype
         n = X.shape[0]
         X, Ybar = X.reshape(n, -1), Ybar.reshape(n, -1)
@@ -231,6 +232,5 @@ def tolerance(chain, dtype, n) -> float:
         elif isinstance(layer, Conv):
             kh, kw = layer.kernel_size
             K += max(ins[0] * kh * kw, outs[0] * kh * kw, n * outs[1] * outs[2])
-        else:
-            K += int(np.prod(ins))
+        # MaxPool and Flatten reduce nothing: their results must match exactly
     return 8 * float(np.finfo(np.float32).eps) * K

@@ -81,8 +81,8 @@ OK, LOSS_NOT_FINITE, GRAD_NOT_FINITE = 0, 1, 2
 
 def _step(valgrad, update, X, T, idx, lo, m, p, G, works, losses, g, state, hyper, t, gx):
     """One optimizer step on rows ``idx[lo:lo+m]``, split over the ``G.shape[0]`` threads
-    (thread ``k`` overwrites ``G[k]`` and ``losses[k]``; ``g`` is overwritten with their
-    sum). Returns ``(loss, status)``: ``status`` is :data:`OK` after the update, else
+    (thread ``k`` overwrites ``G[k]`` and ``losses[k]``; unless the loss is not finite,
+    ``g`` is overwritten with their sum). Returns ``(loss, status)``: ``status`` is :data:`OK` after the update, else
     :data:`LOSS_NOT_FINITE` or :data:`GRAD_NOT_FINITE`, and then ``p`` and ``state`` are
     not touched."""
     nt = G.shape[0]

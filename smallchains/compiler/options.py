@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
+
 from .._cpu import vector_registers
 
 #: ``kernels=`` choices of :class:`smallchains.SimpleChain`
@@ -60,7 +62,10 @@ def kernel_options(kernels="tuned", registers=None) -> KernelOptions:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     if registers is None:
         registers = default_registers()
-    elif isinstance(registers, bool) or registers not in REGISTER_BUDGETS:
-        raise ValueError(f"registers must be one of {REGISTER_BUDGETS} (vector registers the "
-                         f"tiles are sized for), got {registers!r}")
+    elif (isinstance(registers, bool) or not isinstance(registers, (int, np.integer))
+          or registers not in REGISTER_BUDGETS):
+        raise ValueError(f"registers must be one of the ints {REGISTER_BUDGETS} (vector "
+                         f"registers the tiles are sized for), got {registers!r}")
+    if kernels == "reference":  # the reference code has no tiles: one module for any budget
+        registers = REGISTER_BUDGETS[0]
     return KernelOptions(kernels, int(registers))

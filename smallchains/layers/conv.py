@@ -327,17 +327,15 @@ def emit_correlate_vector(B, dt, src, Cs, Hs, Ws, dst, Cd, Hd, Wd, K, init_expr,
     taps (per tap: 2 source loads, 4 weight broadcasts, 8 FMAs) and store once; the scalar
     code adds every group of taps into the output in memory. With ``src_rows = (lo, hi)``
     each output row runs only the kernel rows that read source rows in ``[lo, hi)``. With
-    ``relu``, ``max(., 0)`` is applied before the store (no activation pass). Falls back to
-    :func:`emit_correlate` (then ``relu`` must be False) if ``w_tap`` is not linear in
-    ``ky`` (both callers' are)."""
+    ``relu``, ``max(., 0)`` is applied before the store (no activation pass). Needs ``B`` a
+    multiple of two vectors and ``w_tap`` linear in ``ky``."""
     KH, KW = K
     V = vector_lanes(dt)
     slope = w_tap(1, 0) - w_tap(0, 0) if KH > 1 else 0
     base = [w_tap(0, kx) for kx in range(KW)]
     if B % (2 * V) or any(w_tap(ky, kx) != base[kx] + ky * slope for ky in range(KH) for kx in range(KW)):
-        assert not relu
-        return emit_correlate(B, dt, src, Cs, Hs, Ws, dst, Cd, Hd, Wd, K, init_expr, w_base, w_tap,
-                              src_rows)
+        raise ValueError("emit_correlate_vector needs blocks of whole vector pairs and a tap "
+                         "index linear in ky")
     kys = (f"range(max(0, {src_rows[0]} - y), min({KH}, {src_rows[1]} - y))"
            if src_rows is not None else f"range({KH})")
 

@@ -159,7 +159,7 @@ GEMM_TILE_O = 4
 def emit_affine(ctx, n_in, n_out, w_off, b_off, act, z_off):
     """Lines computing ``a = f(W x + b)`` for one block (``W (n_out, n_in)`` row-major at
     ``p[w_off]``, ``b`` at ``p[b_off]`` or none). ``z`` is stored at ``z_off`` if given."""
-    if vector_blocks(ctx.B, ctx.dt):
+    if dense_variants(n_in, n_out, ctx.B, ctx.dt, ctx.registers).forward == "vector":
         return emit_affine_vector(ctx, n_in, n_out, w_off, b_off, act, z_off)
     B, dt, x = ctx.B, ctx.dt, ctx.in_off
     L = [f"# dense {n_in} -> {n_out} ({act.name}): a = f(W x + b)",
@@ -522,7 +522,9 @@ def emit_affine_pullback(ctx, n_in, n_out, w_off, b_off, act, z_off):
         L += emit_outer_grad(B, dt, go_, x, n_out, n_in, w_off, delta, ctx.registers)
     if ctx.need_gin is False:
         return L
-    return L + [f"if {ctx.need_gin}:"] + ["    " + l for l in emit_input_grad(B, dt, go_, gi_, w_off, n_in, n_out)]
+    vector_dx = dense_variants(n_in, n_out, B, dt, ctx.registers).dx == "vector"
+    return L + [f"if {ctx.need_gin}:"] + ["    " + l for l in emit_input_grad(B, dt, go_, gi_, w_off, n_in, n_out,
+                                                                               vector_dx)]
 
 
 # dL/dx tile: GX_IN inputs share each loaded delta vector, GX_OUT outputs per pass (their
@@ -533,13 +535,13 @@ def emit_affine_pullback(ctx, n_in, n_out, w_off, b_off, act, z_off):
 GX_IN, GX_OUT = 2, 4
 
 
-def emit_input_grad(B, dt, d_off, gx_off, w_off, n_in, n_out):
+def emit_input_grad(B, dt, d_off, gx_off, w_off, n_in, n_out, vector):
     """Lines overwriting ``gx[i, s] = sum_o W[o, i] d[o, s]`` (``W (n_out, n_in)`` at
-    ``p[w_off]``; ``d``, ``gx`` feature-major blocks at ``d_off``, ``gx_off``). Blocks of
-    whole vectors use :func:`emit_gemm_vector` (``W`` read transposed); otherwise the
-    first pass over the outputs stores and later passes (a loop, so wide layers stay short
-    source) add."""
-    if vector_blocks(B, dt):
+    ``p[w_off]``; ``d``, ``gx`` feature-major blocks at ``d_off``, ``gx_off``). With
+    ``vector`` (blocks of whole vectors: :func:`dense_variants`) :func:`emit_gemm_vector`
+    (``W`` read transposed); otherwise the first pass over the outputs stores and later
+    passes (a loop, so wide layers stay short source) add."""
+    if vector:
         return [f"# dL/dx = W^T delta, register tiles of {GEMM_TILE_O} inputs x 2 vectors of samples"] + \
             emit_gemm_vector(B, dt, w_off, 1, n_in, n_in, n_out, d_off, gx_off)
     ti = GX_IN if n_in % GX_IN == 0 else 1
