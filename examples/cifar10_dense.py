@@ -1,0 +1,136 @@
+"""The Numerical Elixir (Nx) CIFAR-10 benchmark network, a dense net on grayscale images.
+
+    input 1024 (grayscale: mean of R, G, B scaled to [0, 1]) -> Dense 64 sigmoid
+    -> Dense 32 sigmoid -> Dense 10, softmax (logit) cross-entropy, Adam 1e-3,
+    batch 300, 5 epochs over the 50,000 training images
+
+Prints the benchmark's three figures: dataset load time, time to build the batched input
+(here: one contiguous (N, 1024) float32 array), mean epoch time; then the accuracy on the
+test images available (the shared data holds only the first 1,000 of CIFAR-10's 10,000
+test images, and says so). ``--compare-torch`` trains the same network in torch eager from
+the same initial parameters, same minibatch order, same thread count.
+
+    python examples/cifar10_dense.py
+    python examples/cifar10_dense.py --epochs 1 --limit 6000 --compare-torch
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=300)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--limit", type=int, default=None, help="use only the first LIMIT training images")
+    ap.add_argument("--threads", type=int, default=None, help="NUMBA_NUM_THREADS (set before import)")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compare-torch", action="store_true")
+    return ap.parse_args(argv)
+
+
+def network():
+    import smallchains as sc
+
+    return sc.SimpleChain(1024, sc.TurboDense(64, "sigmoid"), sc.TurboDense(32, "sigmoid"),
+                          sc.TurboDense(10))
+
+
+def main(argv=None):
+    args = parse(argv)
+    if args.threads is not None and "numba" not in sys.modules:
+        os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
+    import numba
+    import numpy as np
+
+    import smallchains as sc
+
+    t = time.perf_counter()
+    Xtr, ytr = sc.datasets.cifar10("train", grayscale=True, data_dir=args.data_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", sc.datasets.PartialDatasetWarning)
+        Xte, yte = sc.datasets.cifar10("test", grayscale=True, data_dir=args.data_dir)
+    t_load = time.perf_counter() - t
+    if args.limit:
+        Xtr, ytr = Xtr[: args.limit], ytr[: args.limit]
+    t = time.perf_counter()
+    # one writeable contiguous copy (the loader's arrays are read-only and cached)
+    Xtr = np.array(Xtr.reshape(len(Xtr), 1024))
+    Xte = np.array(Xte.reshape(len(Xte), 1024))
+    ytr, yte = np.array(ytr), np.array(yte)
+    t_build = time.perf_counter() - t
+
+    chain = network()
+    model = sc.add_loss(chain, sc.LogitCrossEntropyLoss(ytr))
+    p = sc.init_params(chain, seed=args.seed)
+    p0 = p.copy()
+    G = sc.alloc_threaded_grad(chain)
+    opt = sc.Adam(args.lr)
+    threads = numba.get_num_threads()
+    t = time.perf_counter()  # compile (or load from the kernel cache) on a tiny copy
+    sc.train_batched(G, p.copy(), sc.add_loss(chain, sc.LogitCrossEntropyLoss(ytr[:64])), Xtr[:64],
+                     sc.Adam(args.lr), 1)
+    sc.accuracy_and_loss(model, Xte[:64], yte[:64], p)
+    t_compile = time.perf_counter() - t
+
+    times, orders = [], []
+    for e in range(args.epochs):
+        t = time.perf_counter()
+        sc.train_batched(G, p, model, Xtr, opt, 1, batch_size=args.batch_size, seed=args.seed + e)
+        times.append(time.perf_counter() - t)
+        order = np.arange(len(Xtr))  # the order train_batched visited (for the torch peer)
+        np.random.default_rng(args.seed + e).shuffle(order)
+        orders.append(order)
+    acc, loss = sc.accuracy_and_loss(model, Xte, yte, p)
+    partial = " (the first 1,000 test images only: the full test batch is absent)" if caught else ""
+    print(f"threads {threads}, {len(Xtr)} training images, batch {args.batch_size}, {args.epochs} epochs")
+    print(f"dataset load {t_load:.2f} s; batched input {t_build:.3f} s; compile / cache load {t_compile:.2f} s")
+    print(f"smallchains: mean epoch {np.mean(times):.3f} s (epochs: {', '.join(f'{x:.3f}' for x in times)}); "
+          f"test accuracy {acc:.4f}, loss {loss:.4f} on {len(Xte)} images{partial}")
+    out = dict(load=t_load, build=t_build, epoch_times=times, test_acc=acc, p=p)
+    if args.compare_torch:
+        out["torch"] = tt = train_torch(p0, chain, Xtr, ytr, Xte, yte, orders, args, threads)
+        print(f"torch eager / smallchains mean epoch time: {np.mean(tt['epoch_times']) / np.mean(times):.2f}x")
+    return out
+
+
+def train_torch(p0, chain, Xtr, ytr, Xte, yte, orders, args, threads):
+    """The same network in torch eager from the same parameters and minibatch order."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    net = torch.nn.Sequential(torch.nn.Linear(1024, 64), torch.nn.Sigmoid(), torch.nn.Linear(64, 32),
+                              torch.nn.Sigmoid(), torch.nn.Linear(32, 10))
+    with torch.no_grad():
+        for lin, views in zip(net[::2], chain.param_views(p0)):
+            lin.weight.copy_(torch.from_numpy(np.array(views["W"])))
+            lin.bias.copy_(torch.from_numpy(np.array(views["b"])))
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    X, y = torch.from_numpy(Xtr), torch.from_numpy(ytr)
+    times = []
+    for order in orders:
+        t = time.perf_counter()
+        for lo in range(0, len(order), args.batch_size):
+            rows = torch.from_numpy(order[lo:lo + args.batch_size])
+            opt.zero_grad()
+            F.cross_entropy(net(X[rows]), y[rows]).backward()
+            opt.step()
+        times.append(time.perf_counter() - t)
+    with torch.no_grad():
+        acc = float((net(torch.from_numpy(Xte)).argmax(1).numpy() == yte).mean())
+    print(f"torch eager: mean epoch {np.mean(times):.3f} s (epochs: {', '.join(f'{x:.3f}' for x in times)}); "
+          f"test accuracy {acc:.4f}")
+    return dict(epoch_times=times, test_acc=acc)
+
+
+if __name__ == "__main__":
+    main()
