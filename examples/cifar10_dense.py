@@ -8,7 +8,8 @@ Prints the benchmark's three figures: dataset load time, time to build the batch
 (here: one contiguous (N, 1024) float32 array), mean epoch time; then the accuracy on the
 test images available (the shared data holds only the first 1,000 of CIFAR-10's 10,000
 test images, and says so). ``--compare-torch`` trains the same network in torch eager from
-the same initial parameters, same minibatch order, same thread count.
+the same initial parameters, same minibatch order, same thread count, to compare accuracy
+(its times share the process with numba's thread pool: use bench/cifar_dense.py for speed).
 
     python examples/cifar10_dense.py
     python examples/cifar10_dense.py --epochs 1 --limit 6000 --compare-torch
@@ -97,7 +98,9 @@ def main(argv=None):
     out = dict(load=t_load, build=t_build, epoch_times=times, test_acc=acc, p=p)
     if args.compare_torch:
         out["torch"] = tt = train_torch(p0, chain, Xtr, ytr, Xte, yte, orders, args, threads)
-        print(f"torch eager / smallchains mean epoch time: {np.mean(tt['epoch_times']) / np.mean(times):.2f}x")
+        print(f"torch eager / smallchains mean epoch time: {np.mean(tt['epoch_times']) / np.mean(times):.2f}x "
+              "(same process, after smallchains' threads ran: a correctness check, not a speed "
+              "measurement; measure speed with bench/cifar_dense.py)")
     return out
 
 

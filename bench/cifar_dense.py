@@ -1,0 +1,122 @@
+"""Training benchmark of the Nx CIFAR-10 dense network (issue 14's network 1).
+
+    python bench/cifar_dense.py --impl {smallchains,torch} --threads N [pyperf options]
+
+Model: grayscale 1024 -> Dense 64 sigmoid -> Dense 32 sigmoid -> Dense 10, logit
+cross-entropy (mean over the minibatch), Adam(1e-3), batch 300. Data: the 50,000 real
+CIFAR-10 training images, grayscale ((R+G+B)/765, ``sc.datasets.cifar10("train",
+grayscale=True)``, from ``$SMALLCHAINS_DATA/cifar10``). Metric: seconds per epoch (one
+pyperf value = one shuffled epoch, the last smaller minibatch included). About 20.4 GFLOP
+per epoch (forward, input gradient of the hidden layers and weight gradients).
+
+pyperf defaults: ``--processes 2 --values 3 --warmups 1 --loops 1``. Threads are set and
+the process pinned to the first N cores before numba or torch is imported (as
+bench/lenet5.py). torch: eager nn.Sequential, fused Adam, minibatches gathered by index
+(``x[perm[i:i+bs]]``), inside the timing like smallchains' gather.
+"""
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+IMPL = C.peek_arg("--impl", "torch")
+THREADS = int(C.peek_arg("--threads", "1"))
+C.setup_threads(THREADS, IMPL, pin="--no-pin" not in sys.argv)
+C.ensure_data_env()
+
+import pyperf  # noqa: E402
+
+BATCH, LR = 300, 1e-3
+FLOPS_PER_EPOCH = 50_000 * 6 * (1024 * 64 + 64 * 32 + 32 * 10)
+
+
+def load():
+    import numpy as np
+
+    import smallchains as sc
+    X, y = sc.datasets.cifar10("train", grayscale=True)
+    return np.array(X.reshape(len(X), 1024)), np.array(y)
+
+
+def build_smallchains(X, y):
+    import smallchains as sc
+    chain = sc.SimpleChain(1024, sc.TurboDense(64, "sigmoid"), sc.TurboDense(32, "sigmoid"),
+                           sc.TurboDense(10))
+    model = sc.add_loss(chain, sc.LogitCrossEntropyLoss(y))
+    p = sc.init_params(chain, seed=0)
+    G = sc.alloc_threaded_grad(chain)
+    opt = sc.Adam(LR)
+    warm = sc.add_loss(chain, sc.LogitCrossEntropyLoss(y[:3 * BATCH]))
+    sc.train_batched(G, p.copy(), warm, X[:3 * BATCH], sc.Adam(LR), 1, batch_size=BATCH)
+    epoch = [0]
+
+    def bench(loops):
+        t0 = time.perf_counter()
+        for _ in range(loops):
+            epoch[0] += 1
+            sc.train_batched(G, p, model, X, opt, 1, batch_size=BATCH, seed=epoch[0])
+        return time.perf_counter() - t0
+    return bench
+
+
+def build_torch(X, y):
+    import torch
+    import torch.nn.functional as F
+    C.torch_threads(THREADS)
+    torch.manual_seed(0)
+    nn = torch.nn
+    net = nn.Sequential(nn.Linear(1024, 64), nn.Sigmoid(), nn.Linear(64, 32), nn.Sigmoid(),
+                        nn.Linear(32, 10))
+    opt = torch.optim.Adam(net.parameters(), lr=LR, fused=True)
+    x, t = torch.from_numpy(X), torch.from_numpy(y)
+    gen = torch.Generator().manual_seed(0)
+
+    def run_epoch(limit=None):
+        perm = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x) if limit is None else limit, BATCH):
+            idx = perm[i:i + BATCH]
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(net(x[idx]), t[idx]).backward()
+            opt.step()
+
+    run_epoch(limit=3 * BATCH)
+
+    def bench(loops):
+        t0 = time.perf_counter()
+        for _ in range(loops):
+            run_epoch()
+        return time.perf_counter() - t0
+    return bench
+
+
+BUILDERS = {"smallchains": build_smallchains, "torch": build_torch}
+
+
+def add_cmdline_args(cmd, args):
+    cmd.extend(["--impl", args.impl, "--threads", str(args.threads)])
+    if args.no_pin:
+        cmd.append("--no-pin")
+
+
+def main():
+    runner = pyperf.Runner(processes=2, values=3, warmups=1, loops=1, add_cmdline_args=add_cmdline_args)
+    ap = runner.argparser
+    ap.add_argument("--impl", choices=sorted(BUILDERS), default="torch")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-pin", action="store_true")
+    args = runner.parse_args()
+    runner.metadata.update(impl=args.impl, threads=str(args.threads), batch_size=str(BATCH),
+                           flops_per_epoch=str(FLOPS_PER_EPOCH))
+    if args.worker:
+        X, y = load()
+        bench = BUILDERS[args.impl](X, y)
+    else:
+        def bench(loops):
+            raise RuntimeError("unreachable")
+    runner.bench_time_func(f"cifar_dense-{args.impl}-t{args.threads}", bench)
+
+
+if __name__ == "__main__":
+    main()
