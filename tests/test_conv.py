@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import smallchains as sc
-from conftest import TORCH_ACT, assert_close, central_fd
+from conftest import TORCH_ACT, assert_close, central_fd, torch_chain_model
 from conftest import random_params as conv_params
 
 # --------------------------------------------------------------------------------------
@@ -73,33 +73,8 @@ def conv_case(name, n=N_GRAD, seed=0):
 
 def torch_conv_model(torch, chain, p):
     """An nn.Sequential (float64) equal to ``chain`` at ``p``, and its parametrized modules
-    in chain order."""
-    nn = torch.nn
-    mods, pmods = [], []
-    shapes = chain._shapes
-    for layer, views, (ins, _) in zip(chain.layers, chain.param_views(p), shapes):
-        if isinstance(layer, sc.Conv):
-            W = views["W"]
-            m = nn.Conv2d(W.shape[1], W.shape[0], layer.kernel_size, padding=layer.padding,
-                          bias="b" in views, dtype=torch.float64)
-            act = layer.activation.name
-        elif isinstance(layer, sc.MaxPool):
-            mods.append(nn.MaxPool2d(layer.k))
-            continue
-        elif isinstance(layer, sc.Flatten):
-            mods.append(nn.Flatten())
-            continue
-        else:
-            W = views["W"]
-            m = nn.Linear(W.shape[1], W.shape[0], bias="b" in views, dtype=torch.float64)
-            act = layer.activation.name
-        with torch.no_grad():
-            m.weight.copy_(torch.from_numpy(np.array(W, dtype=np.float64)))
-            if "b" in views:
-                m.bias.copy_(torch.from_numpy(np.array(views["b"], dtype=np.float64)))
-        mods += [m, TORCH_ACT[act](nn)]
-        pmods.append(m)
-    return nn.Sequential(*mods), pmods
+    in chain order (conftest.torch_chain_model)."""
+    return torch_chain_model(torch, chain, p)
 
 
 def torch_valgrad(torch, chain, X, y, p):

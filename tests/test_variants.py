@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 
 import smallchains as sc
+from smallchains.compiler.codegen import get_kernels
 from variant_harness import (InterpretedChain, all_variants, block_sizes, rel_err, tolerance,
                              variants)
 
@@ -250,7 +251,6 @@ def test_compiled_variants_match_reference(dtype, registers, B):
         expected1 = ref1.valvjp(X[:1].reshape(1, -1), p, Ybar[:1].reshape(1, -1))
         _compare((y1[None], x1[None], g1), expected1, chain, dtype, 1, what + " valvjp (one sample)")
         # the training kernel (first layer without dL/dx) at the same block size
-        from smallchains.compiler.codegen import get_kernels
         mod, plan = get_kernels(chain.input_shape, chain.layers, dtype, B=B, options=chain.options)
         T = (Ybar.reshape(n, -1) / 2).astype(dtype)  # SquaredLoss: d/dy sum (y - t)^2 = 2 (y - t)
         g = np.empty_like(p)

@@ -27,6 +27,7 @@ from smallchains._numba_utils import like
 from smallchains._simd import VECTOR_BYTES
 from smallchains.activations import gelu_grad, silu_grad
 from smallchains.compiler.codegen import _forward_lines, _Functions, _pullback_lines, plan_chain
+from smallchains.compiler.runtime import load_rows, store_rows
 from smallchains.layers.conv import Conv, conv_variants
 from smallchains.layers.dense import TurboDense, dense_variants
 
@@ -102,7 +103,8 @@ _NAMESPACE = dict(np=np, math=math, tanh_f32=tanh_f32, tanh_f64=tanh_f64, like=l
 class InterpretedChain:
     """The layer steps of ``chain`` (tuned or reference per ``chain.options``) for blocks of
     ``B`` samples of ``dtype``, run in Python. Same plan, offsets and step code as the
-    compiled kernels; the block loop mirrors the generated ``valvjp_batch``."""
+    compiled kernels; the block loop mirrors the generated ``valvjp_batch`` and moves rows
+    with the library's own ``load_rows`` / ``store_rows``."""
 
     def __init__(self, chain, dtype, B):
         self.chain, self.dtype, self.B = chain, np.dtype(dtype), B
@@ -133,28 +135,16 @@ class InterpretedChain:
         for s0 in range(0, n, B):
             nb = min(B, n - s0)
             work[:] = np.nan
-            _load(work, 0, X[s0:s0 + nb], B)
+            load_rows(X, s0, nb, work, 0, plan.n_in, B)
             for step in self.forward:
                 self.steps[step](p, p, work)
-            Y[s0:s0 + nb] = _store(work, out_off, plan.n_out, nb, B)
-            _load(work, plan.grad_a, Ybar[s0:s0 + nb], B)
+            store_rows(Y, s0, nb, work, out_off, plan.n_out, B)
+            load_rows(Ybar, s0, nb, work, plan.grad_a, plan.n_out, B)
             for step in pull:
                 self.steps[step](p, pbar, work)
             if with_gx:
-                Xbar[s0:s0 + nb] = _store(work, self.gx_off, plan.n_in, nb, B)
+                store_rows(Xbar, s0, nb, work, self.gx_off, plan.n_in, B)
         return Y, Xbar, pbar
-
-
-def _load(work, off, rows, B):
-    """Feature-major block of ``rows`` with zeroed padding lanes (runtime.load_rows)."""
-    nb, nf = rows.shape
-    block = np.zeros((nf, B), work.dtype)
-    block[:, :nb] = rows.T
-    work[off:off + nf * B] = block.reshape(-1)
-
-
-def _store(work, off, nf, nb, B):
-    return work[off:off + nf * B].reshape(nf, B)[:, :nb].T
 
 
 # --- which variants a chain uses -----------------------------------------------------
