@@ -125,3 +125,28 @@ def check_real(owner: str, name: str, value, low: float, high: float = math.inf,
             valid = f"in {'(' if low_open else '['}{low:g}, {high:g})"
         raise ValueError(f"{owner}: {name} must be {valid}, got {value!r}")
     return v
+
+
+def check_random(seed, step=0):
+    """``(key, step)`` of the counter-based generator of random layers (Dropout).
+
+    ``seed``: a Python or numpy integer in ``[0, 2**64)`` is the key itself; ``None`` draws
+    a fresh key from the operating system's entropy (numpy ``SeedSequence``). ``step``: an
+    integer ``>= 0`` (the optimizer step count in training).
+
+    Raises
+    ------
+    TypeError
+        Not an integer (floats, bools, strings).
+    ValueError
+        Out of range.
+    """
+    if seed is None:
+        seed = int(np.random.SeedSequence().generate_state(1, np.uint64)[0])
+    seed = check_count(seed, "seed")
+    if seed >= 2 ** 64:
+        raise ValueError(f"seed must be < 2**64, got {seed}")
+    step = check_count(step, "step")
+    if step >= 2 ** 63:
+        raise ValueError(f"step must be < 2**63, got {step}")
+    return seed, step

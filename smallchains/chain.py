@@ -13,7 +13,7 @@ from math import prod
 import numba
 import numpy as np
 
-from ._validate import check_dtype, check_inputs, check_params
+from ._validate import check_dtype, check_inputs, check_params, check_random
 from .compiler import get_kernels, loops
 from .compiler.linking import Deferred
 from .compiler.options import default_registers, kernel_options
@@ -194,18 +194,25 @@ class SimpleChain:
             forward_batch=batch.forward_batch, vjp_batch=batch.vjp_batch,
             valvjp_batch=batch.valvjp_batch)
 
-    def _works(self, plan, n_threads: int, dtype) -> np.ndarray:
-        """Per-thread workspaces, allocated once per (Python thread, dtype, block, count)."""
+    def _workspace(self, plan, n_threads: int, dtype, key=0, step=0):
+        """``(works, metas, state)``: per-thread workspaces ``(n_threads, work_size)`` and
+        step metadata ``(n_threads, meta_size)`` int64 with ``metas[:, 0] = key`` and
+        ``metas[:, 1] = step``, allocated once per (Python thread, dtype, block, count),
+        and the (for now always empty) layer state."""
         cache = getattr(self._tls, "works", None)
         if cache is None:
             cache = self._tls.works = {}
-        key = (np.dtype(dtype).name, plan.B, plan.work_size, n_threads)
-        w = cache.get(key)
-        if w is None:
-            w = cache[key] = aligned_zeros((n_threads, plan.work_size), dtype)
-        return w
+        ck = (np.dtype(dtype).name, plan.B, plan.work_size, n_threads)
+        hit = cache.get(ck)
+        if hit is None:
+            hit = cache[ck] = (aligned_zeros((n_threads, plan.work_size), dtype),
+                               np.zeros((n_threads, plan.meta_size), np.int64),
+                               np.zeros(max(plan.n_state, 1), dtype))
+        hit[1][:, 0] = np.uint64(key).astype(np.int64)
+        hit[1][:, 1] = step
+        return hit
 
-    def __call__(self, X, p):
+    def __call__(self, X, p, *, training=False, seed=0, step=0):
         """Evaluate the chain.
 
         Parameters
@@ -213,6 +220,12 @@ class SimpleChain:
         X : ndarray, shape ``(N, *input_shape)`` or ``input_shape``, float32/float64
             Batch-first inputs (or one sample). Converted to ``p.dtype`` (a copy) if needed.
         p : ndarray, shape ``(n_params,)``, float32 or float64
+        training : bool, keyword-only, default False
+            Inference (Dropout is the identity) or training mode (Dropout draws its mask
+            from ``seed``, ``step`` and the row's index in ``X``; see docs/api.md, "Modes
+            and random numbers").
+        seed, step : int, keyword-only
+            The random key and the step counter of training mode (unused in inference).
 
         Returns
         -------
@@ -220,17 +233,31 @@ class SimpleChain:
         A new array every call.
         """
         p = check_params(self.n_params, p)
+        key, step = check_random(seed, step)
         X2, single = check_inputs(self.input_shape, X, p.dtype)
         mod, plan = self._kernels(p.dtype)
         n = X2.shape[0]
         nt = max(1, min(numba.get_num_threads(), -(-n // plan.B)))
         Y = np.empty((n, plan.n_out), dtype=p.dtype)
         idx = np.arange(n)
-        kernel = Deferred(mod, "forward_range")
+        kernel = kernel_for(mod, plan, "forward_range", training, default=False)
+        works, metas, state = self._workspace(plan, nt, p.dtype, key, step)
         loops.call(loops.forward_threads, [(kernel, loops.forward_sig(X2, idx, p, Y))],
-                   (X2, idx, p, self._works(plan, nt, p.dtype), Y))
+                   (X2, idx, p, state, works, metas, Y))
         Y = Y.reshape((n,) + self.output_shape)
         return Y[0] if single else Y
+
+
+def kernel_for(mod, plan, name, training, default):
+    """The range kernel ``name`` of a chain module in the requested mode: ``name`` itself
+    if ``training`` is its default mode or the chain computes the same in both, else its
+    other-mode variant (``_train`` / ``_infer`` suffix, see
+    :mod:`smallchains.compiler.codegen`)."""
+    if not isinstance(training, (bool, np.bool_)):
+        raise TypeError(f"training must be True or False, got {training!r}")
+    if bool(training) != default and plan.mode_dependent:
+        name += "_train" if training else "_infer"
+    return Deferred(mod, name)
 
 
 class ChainKernels:
@@ -271,19 +298,23 @@ class SimpleChainWithLoss:
     def n_params(self) -> int:
         return self.chain.n_params
 
-    def __call__(self, X, p, targets=None) -> float:
-        """Mean loss over the samples of ``X`` (``targets`` defaults to the loss's own)."""
+    def __call__(self, X, p, targets=None, *, training=False, seed=0, step=0) -> float:
+        """Mean loss over the samples of ``X`` (``targets`` defaults to the loss's own).
+        ``training``, ``seed``, ``step``: as for :meth:`SimpleChain.__call__` (default
+        inference)."""
         from .train import _prepare
 
         p = check_params(self.chain.n_params, p)
+        key, step = check_random(seed, step)
         X2, T, mod, plan = _prepare(self, X, p, targets)
         n = X2.shape[0]
         nt = max(1, min(numba.get_num_threads(), -(-n // plan.B)))
         losses = np.zeros(nt, dtype=p.dtype)
         idx = np.arange(n)
-        kernel = Deferred(mod, f"loss_range_{self.loss.kind}")
+        kernel = kernel_for(mod, plan, f"loss_range_{self.loss.kind}", training, default=False)
+        works, metas, state = self.chain._workspace(plan, nt, p.dtype, key, step)
         loops.call(loops.loss_threads, [(kernel, loops.loss_sig(X2, T, idx, p))],
-                   (X2, T, idx, p, self.chain._works(plan, nt, p.dtype), losses, p.dtype.type(1.0 / n)))
+                   (X2, T, idx, p, state, works, metas, losses, p.dtype.type(1.0 / n)))
         return float(losses.sum())
 
 

@@ -13,10 +13,9 @@ import numba
 import numpy as np
 
 from .compiler import loops
-from .compiler.linking import Deferred
 from .compiler.runtime import aligned_zeros
-from ._validate import check_count, check_dtype, check_inputs, check_params
-from .chain import SimpleChainWithLoss, remove_loss
+from ._validate import check_count, check_dtype, check_inputs, check_params, check_random
+from .chain import SimpleChainWithLoss, kernel_for, remove_loss
 from .optim import Optimizer
 
 
@@ -43,9 +42,10 @@ def _check_out(out, p, name="out"):
     return out
 
 
-def _train_kernels(model, mod, opt, X2, T, idx, p, gx, state, hyper):
+def _train_kernels(model, mod, plan, opt, X2, T, idx, p, gx, state, hyper, training):
     """The chain's valgrad kernel and the optimizer's update, with their signatures."""
-    return [(Deferred(mod, f"valgrad_range_{model.loss.kind}"), loops.valgrad_sig(X2, T, idx, p, gx)),
+    valgrad = kernel_for(mod, plan, f"valgrad_range_{model.loss.kind}", training, default=True)
+    return [(valgrad, loops.valgrad_sig(X2, T, idx, p, gx)),
             (opt.update_kernel(), loops.update_sig(p, state, hyper))]
 
 
@@ -82,9 +82,10 @@ def _check_G(G, p):
     return G
 
 
-def _valgrad(model, X, p, out, x_out, want_x):
+def _valgrad(model, X, p, out, x_out, want_x, training, seed, step):
     _check_model(model)
     p = check_params(model.chain.n_params, p)
+    key, step = check_random(seed, step)
     out = _check_out(out, p)
     X2, T, mod, plan = _prepare(model, X, p)
     n = X2.shape[0]
@@ -101,18 +102,19 @@ def _valgrad(model, X, p, out, x_out, want_x):
         gx = x_out.reshape(n, -1)
     else:
         gx = np.empty((0, plan.n_in), dtype=p.dtype)
-    works = model.chain._works(plan, nt, p.dtype)
-    kernel = Deferred(mod, f"valgrad_{'x_' if want_x else ''}range_{model.loss.kind}")
+    works, metas, state = model.chain._workspace(plan, nt, p.dtype, key, step)
+    kernel = kernel_for(mod, plan, f"valgrad_{'x_' if want_x else ''}range_{model.loss.kind}",
+                        training, default=True)
     idx = np.arange(n)
     loops.call(loops.valgrad_threads, [(kernel, loops.valgrad_sig(X2, T, idx, p, gx))],
-               (X2, T, idx, 0, n, p, G, works, losses, p.dtype.type(1.0 / n), gx))
+               (X2, T, idx, 0, n, p, G, state, works, metas, losses, p.dtype.type(1.0 / n), gx))
     from .compiler.runtime import sum_rows
 
     sum_rows(G, out)
     return float(losses.sum()), out, x_out
 
 
-def valgrad(model, X, p, *, out=None):
+def valgrad(model, X, p, *, out=None, training=True, seed=0, step=0):
     """Loss and its gradient with respect to the parameters.
 
     Parameters
@@ -125,6 +127,13 @@ def valgrad(model, X, p, *, out=None):
         Overwritten with the gradient and returned. (Each call still allocates small
         per-thread scratch, ``n_threads x n_params``; the training loops allocate nothing
         per step.)
+    training : bool, default True
+        Training mode (Dropout active) or inference (Dropout is the identity); see
+        docs/api.md, "Modes and random numbers".
+    seed, step : int, default 0
+        Key and step counter of the random layers in training mode: the Dropout mask of
+        row ``i`` of ``X`` is a function of ``(seed, step, i)``; :func:`train_batched` at
+        optimizer step ``t`` uses ``step = t``.
 
     Returns
     -------
@@ -138,22 +147,23 @@ def valgrad(model, X, p, *, out=None):
 
     SimpleChains.jl: ``valgrad!(g, model, x, p)``.
     """
-    loss, g, _ = _valgrad(model, X, p, out, None, False)
+    loss, g, _ = _valgrad(model, X, p, out, None, False, training, seed, step)
     return loss, g
 
 
-def valgrad_with_input(model, X, p, *, out=None, x_out=None):
+def valgrad_with_input(model, X, p, *, out=None, x_out=None, training=True, seed=0, step=0):
     """Loss and its gradients with respect to ``p`` and to the input ``X``.
 
-    Like :func:`valgrad`, plus ``dL/dX`` of shape ``(N, *input_shape)`` (written into
-    ``x_out`` if given). SimpleChains.jl: ``valgrad!((gx, gp), model, x, p)``.
+    Like :func:`valgrad` (same ``training``, ``seed``, ``step``), plus ``dL/dX`` of shape
+    ``(N, *input_shape)`` (written into ``x_out`` if given). SimpleChains.jl:
+    ``valgrad!((gx, gp), model, x, p)``.
 
     Returns
     -------
     (float, ndarray, ndarray)
         loss, ``dL/dp``, ``dL/dX``.
     """
-    return _valgrad(model, X, p, out, x_out, True)
+    return _valgrad(model, X, p, out, x_out, True, training, seed, step)
 
 
 class _Progress:
@@ -176,19 +186,20 @@ class _Progress:
             self.bar.close()
 
 
-def _train_setup(G, p, model, X, opt):
+def _train_setup(G, p, model, X, opt, seed):
     _check_model(model)
     if not isinstance(opt, Optimizer):
         raise TypeError(f"opt must be a smallchains optimizer (e.g. sc.Adam(1e-3)), got {type(opt).__name__}")
     p = check_params(model.chain.n_params, p, writable=True)
     G = _check_G(G, p)
     X2, T, mod, plan = _prepare(model, X, p)
+    key, _ = check_random(seed)
     state, hyper = opt.prepare(p)
-    works = model.chain._works(plan, G.shape[0], p.dtype)
+    works, metas, lstate = model.chain._workspace(plan, G.shape[0], p.dtype, key)
     gx = np.empty((0, plan.n_in), dtype=p.dtype)
     losses = np.zeros(G.shape[0], dtype=p.dtype)
     g = np.zeros_like(p)
-    return p, G, X2, T, mod, plan, state, hyper, works, gx, losses, g
+    return p, G, X2, T, mod, plan, state, hyper, (lstate, works, metas), gx, losses, g
 
 
 #: Target duration, in seconds, of one call of a compiled training loop. The drivers run
@@ -245,7 +256,7 @@ def _nonfinite_error(info, loss, where, state_note, history, **extra):
 
 
 def train_unbatched(G, p, model, X, opt, iters, *, callback=None, report_every=None,
-                    progress=False):
+                    progress=False, training=True, seed=None):
     """Full-batch training: ``iters`` optimizer steps on all of ``X``, ``p`` in place.
 
     Each step computes the loss and gradient on every sample (split over ``G.shape[0]``
@@ -270,6 +281,9 @@ def train_unbatched(G, p, model, X, opt, iters, *, callback=None, report_every=N
         done and the loss before the last of them.
     report_every : int, optional
     progress : bool -- show a tqdm bar.
+    training : bool, default True -- training mode (Dropout active) or inference.
+    seed : int, optional -- key of the random layers (Dropout masks of step ``t`` depend
+        on ``(seed, t, row)``, see docs/api.md); default a fresh key.
 
     Returns
     -------
@@ -302,17 +316,17 @@ def train_unbatched(G, p, model, X, opt, iters, *, callback=None, report_every=N
     iters = check_count(iters, "iters")
     if report_every is not None:
         report_every = check_count(report_every, "report_every", 1)
-    p, G, X2, T, mod, plan, state, hyper, works, gx, losses, g = _train_setup(G, p, model, X, opt)
+    p, G, X2, T, mod, plan, state, hyper, ws, gx, losses, g = _train_setup(G, p, model, X, opt, seed)
     hist = np.zeros(iters, dtype=p.dtype)
     idx = np.arange(X2.shape[0])
-    kernels = _train_kernels(model, mod, opt, X2, T, idx, p, gx, state, hyper)
+    kernels = _train_kernels(model, mod, plan, opt, X2, T, idx, p, gx, state, hyper, training)
     every = iters if (callback is None and not progress) else (report_every or max(1, iters // 100))
     info = np.zeros(2, dtype=np.int64)  # steps applied, status (set by the compiled loop)
     t0 = opt.t
     loop = loops.train_unbatched_loop
 
     def args(k):
-        return (X2, T, idx, p, G, works, losses, g, state, hyper, t0, k, hist, gx, info)
+        return (X2, T, idx, p, G, *ws, losses, g, state, hyper, t0, k, hist, gx, info)
 
     if iters:
         loops.prepare(loop, kernels, args(1))  # compile first: chunks are timed
@@ -418,7 +432,7 @@ def _epoch_history(out, hist, done, nbatch):
 
 
 def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True, seed=None,
-                  callback=None, progress=False):
+                  callback=None, progress=False, training=True):
     """Minibatch training for ``epochs`` passes over ``X``, ``p`` in place.
 
     Every epoch visits the samples in a new random order (``shuffle=True``, from
@@ -442,11 +456,15 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
         Default :func:`default_batch_size`: ``min(N, max(64, 4 * B * n_threads))`` where
         ``B`` is the chain's block size (16 for LeNet5, so 128 at 2 threads).
     shuffle : bool, default True
-    seed : int, optional -- seed of the shuffling generator.
+    seed : int, optional
+        Seed of the shuffling generator and key of the random layers (the Dropout mask
+        of a row at optimizer step ``t`` depends only on ``(seed, t, row)``, see
+        docs/api.md); default fresh entropy for both.
     callback : callable ``(epoch, mean_loss, p) -> None``, optional
         Called after every epoch (1-based epoch number).
     progress : bool
         A tqdm bar over epochs.
+    training : bool, default True -- training mode (Dropout active) or inference.
 
     Returns
     -------
@@ -479,13 +497,13 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
     epochs = check_count(epochs, "epochs")
     if batch_size is not None:
         batch_size = check_count(batch_size, "batch_size", 1)
-    p, G, X2, T, mod, plan, state, hyper, works, gx, losses, g = _train_setup(G, p, model, X, opt)
+    p, G, X2, T, mod, plan, state, hyper, ws, gx, losses, g = _train_setup(G, p, model, X, opt, seed)
     n = X2.shape[0]
     if batch_size is None:
         batch_size = default_batch_size(plan.B, G.shape[0], n)
     rng = np.random.default_rng(seed)
     perm = np.arange(n)
-    kernels = _train_kernels(model, mod, opt, X2, T, perm, p, gx, state, hyper)
+    kernels = _train_kernels(model, mod, plan, opt, X2, T, perm, p, gx, state, hyper, training)
     nbatch = -(-n // batch_size)
     hist = np.zeros(nbatch, dtype=p.dtype)  # minibatch losses of the current epoch
     out = np.zeros(epochs, dtype=p.dtype)
@@ -494,7 +512,7 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
     loop = loops.train_batched_loop
 
     def args(k):
-        return (X2, T, perm, batch_size, k, p, G, works, losses, g, state, hyper, t0, hist, gx,
+        return (X2, T, perm, batch_size, k, p, G, *ws, losses, g, state, hyper, t0, hist, gx,
                 info)
 
     if epochs:

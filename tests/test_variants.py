@@ -255,8 +255,9 @@ def test_compiled_variants_match_reference(dtype, registers, B):
         T = (Ybar.reshape(n, -1) / 2).astype(dtype)  # SquaredLoss: d/dy sum (y - t)^2 = 2 (y - t)
         g = np.empty_like(p)
         scale = np.dtype(dtype).type(1.0)
-        mod.valgrad_range_squared(X.reshape(n, -1), T, np.arange(n), 0, n, p, g, work, scale,
-                                  np.empty((0, plan.n_in), dtype))
+        state, meta = np.zeros(1, dtype), np.zeros(plan.meta_size, np.int64)
+        mod.valgrad_range_squared(X.reshape(n, -1), T, np.arange(n), 0, n, p, g, state, work,
+                                  meta, scale, np.empty((0, plan.n_in), dtype))
         Yr = expected[0]
         _, _, g_exp = ref.valvjp(X.reshape(n, -1), p, (2 * (Yr - T)).astype(dtype), with_gx=False)
         _compare((g,), (g_exp,), chain, dtype, n, what + " valgrad_range_squared")

@@ -113,7 +113,8 @@ class InterpretedChain:
         self.forward = _forward_lines(self.plan, self.dtype, True, funcs, chain.options)
         self.pull_x, self.gx_off = _pullback_lines(self.plan, self.dtype, True, funcs, chain.options)
         self.pull_train, _ = _pullback_lines(self.plan, self.dtype, False, funcs, chain.options)
-        ns = dict(_NAMESPACE, N_PARAMS=self.plan.n_params, WORK_SIZE=self.plan.work_size)
+        ns = dict(_NAMESPACE, N_PARAMS=self.plan.n_params, WORK_SIZE=self.plan.work_size,
+                  N_STATE=max(self.plan.n_state, 1), META_SIZE=self.plan.meta_size)
         for d in funcs.defs:
             exec(d, ns)  # noqa: S102 - our own generated code
         self.steps = {name: ns[f"_py_{name}"] for name in funcs.names}
@@ -131,17 +132,19 @@ class InterpretedChain:
         Xbar = np.empty((n, plan.n_in), dt) if with_gx else None
         pbar = np.zeros(plan.n_params, dt)
         work = np.full(plan.work_size, np.nan, dt)
+        state = np.full(max(plan.n_state, 1), np.nan, dt)  # no layer here reads them
+        meta = np.full(plan.meta_size, -7, np.int64)
         pull = self.pull_x if with_gx else self.pull_train
         for s0 in range(0, n, B):
             nb = min(B, n - s0)
             work[:] = np.nan
             load_rows(X, s0, nb, work, 0, plan.n_in, B)
             for step in self.forward:
-                self.steps[step](p, p, work)
+                self.steps[step](p, p, work, state, meta)
             store_rows(Y, s0, nb, work, out_off, plan.n_out, B)
             load_rows(Ybar, s0, nb, work, plan.grad_a, plan.n_out, B)
             for step in pull:
-                self.steps[step](p, pbar, work)
+                self.steps[step](p, pbar, work, state, meta)
             if with_gx:
                 store_rows(Xbar, s0, nb, work, self.gx_off, plan.n_in, B)
         return Y, Xbar, pbar

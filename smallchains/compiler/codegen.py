@@ -10,19 +10,33 @@ cannot cache code built with ``exec``; a real file can, see numba issue #3501).
 
 Generated functions (all take ``p`` as an argument; nothing chain-specific is a closure):
 
-``forward_range(X, idx, lo, hi, p, work, Y)``
-    rows ``idx[lo:hi]`` of ``X`` -> the same rows of ``Y``, block by block.
-``valgrad_range_<loss>(X, T, idx, lo, hi, p, g, work, scale, gx) -> float``
-    overwrites ``g`` with ``scale * dL/dp`` of rows ``idx[lo:hi]``; returns
-    ``scale * loss sum``. ``gx`` is unused: the first layer's input gradient is not
-    even compiled (training never needs it).
+``forward_range(X, idx, lo, hi, p, state, work, meta, Y)``
+    rows ``idx[lo:hi]`` of ``X`` -> the same rows of ``Y``, block by block (inference).
+``valgrad_range_<loss>(X, T, idx, lo, hi, p, g, state, work, meta, scale, gx) -> float``
+    overwrites ``g`` with ``scale * dL/dp`` of rows ``idx[lo:hi]`` (training mode);
+    returns ``scale * loss sum``. ``gx`` is unused: the first layer's input gradient is
+    not even compiled (training never needs it).
 ``valgrad_x_range_<loss>(...)``
     the same, and also overwrites rows ``idx[lo:hi]`` of ``gx`` with ``scale * dL/dx``.
-``loss_range_<loss>(X, T, idx, lo, hi, p, work, scale) -> float``
-    loss only.
+``loss_range_<loss>(X, T, idx, lo, hi, p, state, work, meta, scale) -> float``
+    loss only (inference).
 ``forward_batch``, ``vjp_batch``, ``valvjp_batch`` (and in the ``B = 1`` module
 ``forward_single``, ``vjp_single``, ``valvjp_single``)
-    the embedding kernels of :meth:`SimpleChain.kernels`.
+    the embedding kernels of :meth:`SimpleChain.kernels` (inference mode).
+
+Mode: if some layer computes differently in training and inference (Dropout), the
+module also has the other mode of each range kernel, named with the suffix ``_train``
+(``forward_range_train``, ``loss_range_<loss>_train``) or ``_infer``
+(``valgrad_range_<loss>_infer``, ``valgrad_x_range_<loss>_infer``), and
+``plan.mode_dependent`` is True. For all other chains both modes are the same code and
+only the names above exist.
+
+``state`` is the chain's layer state outside ``p`` (``plan.n_state`` elements; a dummy
+when it has none). ``meta`` is the calling thread's int64 row of ``plan.meta_size``
+elements: ``meta[0]`` the random key (seed), ``meta[1]`` the optimizer step, set by the
+caller; the range kernels write ``meta[2 + s]``, the dataset row of lane ``s`` of the
+current block (-1 for a padding lane). Random layers read them
+(:mod:`smallchains.layers.dropout`).
 
 Nothing parallel is generated: :mod:`smallchains.compiler.loops` holds the threaded
 drivers and training loops once for all chains and receives these range kernels as
@@ -37,6 +51,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import sys
 import threading
 from dataclasses import dataclass
@@ -65,6 +80,8 @@ class LayerSlot:
     in_off: int = 0
     out_off: int = 0
     saved_off: int = 0
+    state_off: int = 0
+    n_state: int = 0
 
 
 @dataclass
@@ -79,6 +96,15 @@ class ChainPlan:
     work_size: int = 0
     grad_a: int = 0
     grad_b: int = 0
+    n_state: int = 0
+    #: True if some layer computes differently in training and inference (set by
+    #: generate_source): the module then has both modes of its range kernels
+    mode_dependent: bool = False
+
+    @property
+    def meta_size(self) -> int:
+        """Elements of a thread's ``meta`` row: key, step, then one row index per lane."""
+        return 2 + self.B
 
     @property
     def n_in(self) -> int:
@@ -90,12 +116,13 @@ class ChainPlan:
 
 
 def _shapes(input_shape, layers):
-    slots, shape, off = [], tuple(input_shape), 0
+    slots, shape, off, soff = [], tuple(input_shape), 0, 0
     for layer in layers:
         out = tuple(layer.output_shape(shape))
         n = layer.n_params(shape)
-        slots.append(LayerSlot(layer, shape, out, off, n))
-        shape, off = out, off + n
+        ns = layer.n_state(shape)
+        slots.append(LayerSlot(layer, shape, out, off, n, state_off=soff, n_state=ns))
+        shape, off, soff = out, off + n, soff + ns
     return slots, shape, off
 
 
@@ -130,7 +157,9 @@ def plan_chain(input_shape, layers, B: int) -> ChainPlan:
     grad_a, grad_b = off, off + B * maxf
     # a multiple of 16 elements, so each row of a (threads, work_size) array stays aligned
     work_size = -(-(off + 2 * B * maxf) // 16) * 16
-    return ChainPlan(tuple(input_shape), out_shape, slots, n_params, B, work_size, grad_a, grad_b)
+    n_state = sum(s.n_state for s in slots)
+    return ChainPlan(tuple(input_shape), out_shape, slots, n_params, B, work_size, grad_a, grad_b,
+                     n_state)
 
 
 def _ctx(plan: ChainPlan, i: int, dtype, options: KernelOptions, **kw) -> EmitContext:
@@ -138,6 +167,7 @@ def _ctx(plan: ChainPlan, i: int, dtype, options: KernelOptions, **kw) -> EmitCo
     return EmitContext(
         in_shape=s.in_shape, out_shape=s.out_shape, p_off=s.p_off,
         in_off=s.in_off, out_off=s.out_off, saved_off=s.saved_off, B=plan.B,
+        layer_index=i, state_off=s.state_off,
         dt=f"np.{np.dtype(dtype).name}", registers=options.registers, **kw,
     )
 
@@ -163,20 +193,24 @@ class _Functions:
         self.defs, self._seen, self.names, self.calls = [], {}, [], {}
 
     def add(self, name, uses_g, lines):
-        """Define step ``name`` (``lines`` use the arrays ``p``, ``work`` and, if ``uses_g``,
-        ``g``) and return its name (that of an identical earlier step if there is one)."""
+        """Define step ``name`` (``lines`` use the arrays ``p``, ``work``, if ``uses_g``
+        ``g``, and if they name them ``state`` and ``meta``) and return its name (that of
+        an identical earlier step if there is one)."""
         key = "\n".join(lines)
         if key in self._seen:  # identical code (e.g. train/infer forward): reuse
             return self._seen[key]
         views = ["p = carray(p_, (N_PARAMS,))"]
         views += ["g = carray(g_, (N_PARAMS,))"] if uses_g else []
         views += ["work = carray(work_, (WORK_SIZE,))"]
+        views += ["state = carray(state_, (N_STATE,))"] if re.search(r"\bstate\b", key) else []
+        views += ["meta = carray(meta_, (META_SIZE,))"] if re.search(r"\bmeta\b", key) else []
         # keep_alive: numba's dead-code elimination must not drop the last stores into the
-        # views (see smallchains.compiler.linking.keep_alive)
+        # views (see smallchains.compiler.linking.keep_alive); steps never write state or meta
         end = [f"keep_alive(p, {'g' if uses_g else 'p'}, work)"]
-        self.defs.append(f"def _py_{name}(p_, g_, work_):\n" + _indent(views + lines + end) + "\n")
+        self.defs.append(f"def _py_{name}(p_, g_, work_, state_, meta_):\n"
+                         + _indent(views + lines + end) + "\n")
         self.calls[name] = (f'call_step(@TABLE@, {len(self.names)}, p, {"g" if uses_g else "p"}, '
-                            f'work)  # {name}')
+                            f'work, state, meta)  # {name}')
         self._seen[key] = name
         self.names.append(name)
         return name
@@ -205,7 +239,7 @@ def _forward_lines(plan, dtype, training, funcs, options):
     return steps
 
 
-def _pullback_lines(plan, dtype, first_need_gin, funcs, options):
+def _pullback_lines(plan, dtype, first_need_gin, funcs, options, training=True):
     """Pullback steps in reverse order; returns (step names, offset of dL/dx). The first layer
     computes dL/dx only if ``first_need_gin``: training never needs it, and leaving it out
     saves its compile (a convolution's input gradient is its costliest part)."""
@@ -215,10 +249,12 @@ def _pullback_lines(plan, dtype, first_need_gin, funcs, options):
         need = first_need_gin if i == 0 else True
         if getattr(s.layer, "aliases_input", False):
             continue  # output is the input: dL/dx = dL/dy, nothing to do
-        ctx = _ctx(plan, i, dtype, options, gout_off=gout, gin_off=gin, need_gin=need)
+        ctx = _ctx(plan, i, dtype, options, gout_off=gout, gin_off=gin, need_gin=need,
+                   training=training)
         lines = emit_layer_pullback(s.layer, ctx, options)
         if lines:
-            steps.append(funcs.add(f"layer{i}_pullback{'_gx' if i == 0 and need else ''}", True, lines))
+            name = f"layer{i}_pullback{'_gx' if i == 0 and need else ''}{'' if training else '_infer'}"
+            steps.append(funcs.add(name, True, lines))
         gout, gin = gin, gout
     return steps, gout
 
@@ -241,7 +277,7 @@ from smallchains._fastmath import tanh_f32, tanh_f64
 from smallchains._numba_utils import like
 from smallchains.activations import gelu_grad, silu_grad
 from smallchains.compiler.runtime import (
-    check_contiguous, load_block, load_rows, store_block, store_rows, sum_rows)
+    check_contiguous, load_block, load_rows, set_lane_rows, store_block, store_rows, sum_rows)
 {imports}
 
 B = {B}
@@ -249,28 +285,33 @@ N_IN = {n_in}
 N_OUT = {n_out}
 N_PARAMS = {n_params}
 WORK_SIZE = {work_size}
+N_STATE = {n_state}
+META_SIZE = {meta_size}
 
-# Layer steps: C functions over raw pointers (p, g, work), called through the step table
-# _TABLE, which is filled on first use of a kernel that calls them
+# Layer steps: C functions over raw pointers (p, g, work, state, meta), called through the
+# step table _TABLE, which is filled on first use of a kernel that calls them
 # (module __getattr__ -> smallchains.compiler.linking.resolve).
 _STEP_SIG = types.void(types.CPointer(types.{dtype}), types.CPointer(types.{dtype}),
-                       types.CPointer(types.{dtype}))
+                       types.CPointer(types.{dtype}), types.CPointer(types.{dtype}),
+                       types.CPointer(types.int64))
+'''
 
+_FORWARD_TEMPLATE = '''
 
 @njit(**_J)
-def _forward_range(X, idx, lo, hi, p, work, Y):
+def _forward_range{mode}(X, idx, lo, hi, p, state, work, meta, Y):
     for s0 in range(lo, hi, B):
         nb = min(B, hi - s0)
         load_block(X, idx, s0, nb, work, 0, N_IN, B)
-{forward_infer}
+        set_lane_rows(meta, idx, s0, nb, B)
+{forward}
         store_block(Y, idx, s0, nb, work, {out_off}, N_OUT, B)
-
 '''
 
 _LOSS_TEMPLATE = '''
 
 @njit(**_J)
-def _valgrad{x}_range_{kind}(X, T, idx, lo, hi, p, g, work, scale, gx):
+def _valgrad{x}_range_{kind}{mode}(X, T, idx, lo, hi, p, g, state, work, meta, scale, gx):
     \"\"\"Overwrite g with scale * dL/dp over rows idx[lo:hi]; return scale * loss sum.
     {gx_doc}\"\"\"
     for j in range(g.shape[0]):
@@ -279,7 +320,8 @@ def _valgrad{x}_range_{kind}(X, T, idx, lo, hi, p, g, work, scale, gx):
     for s0 in range(lo, hi, B):
         nb = min(B, hi - s0)
         load_block(X, idx, s0, nb, work, 0, N_IN, B)
-{forward_train}
+        set_lane_rows(meta, idx, s0, nb, B)
+{forward}
         total += {loss_kernel}(work, {out_off}, {grad_a}, T, idx, s0, N_OUT, B, nb, scale, True)
 {pullback}{store_gx}
     return total * scale
@@ -288,12 +330,13 @@ def _valgrad{x}_range_{kind}(X, T, idx, lo, hi, p, g, work, scale, gx):
 _LOSS_ONLY_TEMPLATE = '''
 
 @njit(**_J)
-def _loss_range_{kind}(X, T, idx, lo, hi, p, work, scale):
+def _loss_range_{kind}{mode}(X, T, idx, lo, hi, p, state, work, meta, scale):
     total = like(scale, 0.0)
     for s0 in range(lo, hi, B):
         nb = min(B, hi - s0)
         load_block(X, idx, s0, nb, work, 0, N_IN, B)
-{forward_infer}
+        set_lane_rows(meta, idx, s0, nb, B)
+{forward}
         total += {loss_kernel}(work, {out_off}, {grad_a}, T, idx, s0, N_OUT, B, nb, scale, False)
     return total * scale
 '''
@@ -307,6 +350,7 @@ def _forward_single(x, p, y, work):
     if x.shape[0] != N_IN or y.shape[0] != N_OUT or p.shape[0] != N_PARAMS or work.shape[0] < WORK_SIZE:
         raise ValueError("forward(x, p, y, work) expects x ({n_in},), p ({n_params},), y ({n_out},) "
                          "and work of at least {work_size} elements")
+    state = meta = None  # inference steps of embeddable chains read neither
     for f in range(N_IN):
         work[f] = x[f]
 {forward_single}
@@ -324,9 +368,10 @@ def _valvjp_single(x, p, ybar, y, xbar, pbar, work):
             or work.shape[0] < WORK_SIZE):
         raise ValueError("vjp / valvjp expect x, xbar ({n_in},), ybar, y ({n_out},), p, pbar "
                          "({n_params},) and work of at least {work_size} elements")
+    state = meta = None
     for f in range(N_IN):
         work[f] = x[f]
-{forward_train_single}
+{forward_single}
     if y.shape[0] > 0:
         for f in range(N_OUT):
             y[f] = work[{out_off} + f]
@@ -357,10 +402,11 @@ def _forward_batch(X, p, Y, work):
             or work.shape[0] < WORK_SIZE):
         raise ValueError("forward_batch(X, p, Y, work) expects X (n, {n_in}), Y (n, {n_out}), "
                          "p ({n_params},) and work of at least {work_size} elements")
+    state = meta = None  # inference steps of embeddable chains read neither
     for s0 in range(0, n, B):
         nb = min(B, n - s0)
         load_rows(X, s0, nb, work, 0, N_IN, B)
-{forward_infer}
+{forward}
         store_rows(Y, s0, nb, work, {out_off}, N_OUT, B)
 
 
@@ -378,13 +424,14 @@ def _valvjp_batch(X, p, Ybar, Y, Xbar, pbar, work):
         raise ValueError("vjp_batch / valvjp_batch expect X, Xbar (n, {n_in}), Ybar and Y (n, {n_out}) "
                          "(Y may have 0 rows), p, pbar ({n_params},) and work of at least "
                          "{work_size} elements")
+    state = meta = None
     for j in range(pbar.shape[0]):
         pbar[j] = 0
     g = pbar
     for s0 in range(0, n, B):
         nb = min(B, n - s0)
         load_rows(X, s0, nb, work, 0, N_IN, B)
-{forward_train}
+{forward}
         if want_y:
             store_rows(Y, s0, nb, work, {out_off}, N_OUT, B)
         load_rows(Ybar, s0, nb, work, {grad_a}, N_OUT, B)
@@ -397,7 +444,6 @@ def _vjp_batch(X, p, Ybar, Xbar, pbar, work):
     """Xbar = Ybar^T dY/dX row-wise, pbar = sum over rows of Ybar^T dY/dp (overwritten)."""
     _valvjp_batch(X, p, Ybar, Xbar[:0], Xbar, pbar, work)
 '''
-
 
 
 _kernel_hash_value = None
@@ -445,41 +491,59 @@ def generate_source(input_shape, layers, dtype, B=None, options=None) -> tuple[s
         version=__version__, spec=spec, dtype=dtype.name, loss="all", B=B,
         kernel_hash=kernel_source_hash(), imports=import_lines, n_in=plan.n_in,
         n_out=plan.n_out, n_params=plan.n_params, work_size=plan.work_size, out_off=out_off,
-        kernels=options.kernels, registers=options.registers,
+        kernels=options.kernels, registers=options.registers, n_state=max(plan.n_state, 1),
+        meta_size=plan.meta_size,
     )
     funcs = _Functions()
-    infer = _forward_lines(plan, dtype, False, funcs, options)
-    train = _forward_lines(plan, dtype, True, funcs, options)
-    pull, gx_off = _pullback_lines(plan, dtype, True, funcs, options)
-    pull_train, _ = _pullback_lines(plan, dtype, False, funcs, options)
-    with_gx = train + pull
-    deps = {"forward_range": infer, "forward_batch": infer, "valvjp_batch": with_gx,
-            "vjp_batch": with_gx}
-    fmt["forward_infer"] = funcs.run(infer, 8)
+    steps = {}  # (pass, training) -> step names; "pull_x": with dL/dx of the first layer
+    for training in (False, True):
+        steps["forward", training] = _forward_lines(plan, dtype, training, funcs, options)
+    for training in (True, False):  # identical steps keep the first name: the training one
+        for kind, need in (("pull_x", True), ("pull", False)):
+            steps[kind, training], gx_off = _pullback_lines(plan, dtype, need, funcs, options,
+                                                            training)
+    plan.mode_dependent = any(steps[k, False] != steps[k, True] for k in ("forward", "pull", "pull_x"))
+    # default mode of each kernel, and (if the chain is mode dependent) the other one
+    modes = [(False, True, "")]  # (training of forward kernels, of valgrad kernels, suffix)
+    if plan.mode_dependent:
+        modes.append((True, False, None))
+    infer = steps["forward", False]
+    with_gx = infer + steps["pull_x", False]  # embedding kernels: inference mode
+    deps = {"forward_batch": infer, "valvjp_batch": with_gx, "vjp_batch": with_gx}
     body = _TEMPLATE.format(**fmt)
-    fwd_train = funcs.run(train, 8)
     if B == 1:
         deps.update(forward_single=infer, valvjp_single=with_gx, vjp_single=with_gx)
         body += _SINGLE_TEMPLATE.format(
-            forward_single=funcs.run(infer), forward_train_single=funcs.run(train),
-            pullback_single=funcs.run(pull), out_off=out_off, grad_a=plan.grad_a, gx_off=gx_off,
-            n_in=plan.n_in, n_out=plan.n_out, n_params=plan.n_params, work_size=plan.work_size)
+            forward_single=funcs.run(infer), pullback_single=funcs.run(steps["pull_x", False]),
+            out_off=out_off, grad_a=plan.grad_a, gx_off=gx_off, n_in=plan.n_in, n_out=plan.n_out,
+            n_params=plan.n_params, work_size=plan.work_size)
     body += _BATCH_TEMPLATE.format(
-        forward_infer=fmt["forward_infer"], forward_train=fwd_train, pullback=funcs.run(pull, 8),
+        forward=funcs.run(infer, 8), pullback=funcs.run(steps["pull_x", False], 8),
         out_off=out_off, grad_a=plan.grad_a, gx_off=gx_off, n_in=plan.n_in, n_out=plan.n_out,
         n_params=plan.n_params, work_size=plan.work_size)
-    valgrad_variants = (  # (name suffix, pullback, gx store, docstring line)
-        ("", pull_train, "", "gx is not used (same signature as valgrad_x_range)."),
-        ("_x", pull, f"\n        store_block(gx, idx, s0, nb, work, {gx_off}, N_IN, B)",
-         "Also overwrites rows idx[lo:hi] of gx (N, N_IN) with scale * dL/dx."))
-    for kind, kernel in sorted(LOSS_KERNELS.items()):
-        deps[f"loss_range_{kind}"] = infer
-        for x, pullback, store_gx, gx_doc in valgrad_variants:
-            deps[f"valgrad{x}_range_{kind}"] = train + pullback
-            body += _LOSS_TEMPLATE.format(
-                **fmt, kind=kind, forward_train=fwd_train, loss_kernel=kernel, grad_a=plan.grad_a,
-                pullback=funcs.run(pullback, 8), x=x, store_gx=store_gx, gx_doc=gx_doc)
-        body += _LOSS_ONLY_TEMPLATE.format(**fmt, kind=kind, loss_kernel=kernel, grad_a=plan.grad_a)
+    for f_train, v_train, suffix in modes:
+        f_mode = suffix if suffix is not None else "_train"
+        v_mode = suffix if suffix is not None else "_infer"
+        fwd = steps["forward", f_train]
+        deps["forward_range" + f_mode] = fwd
+        body += _FORWARD_TEMPLATE.format(mode=f_mode, forward=funcs.run(fwd, 8), out_off=out_off)
+        vfwd = steps["forward", v_train]
+        valgrad_variants = (  # (name suffix, pullback, gx store, docstring line)
+            ("", steps["pull", v_train], "", "gx is not used (same signature as valgrad_x_range)."),
+            ("_x", steps["pull_x", v_train],
+             f"\n        store_block(gx, idx, s0, nb, work, {gx_off}, N_IN, B)",
+             "Also overwrites rows idx[lo:hi] of gx (N, N_IN) with scale * dL/dx."))
+        for kind, kernel in sorted(LOSS_KERNELS.items()):
+            deps[f"loss_range_{kind}{f_mode}"] = fwd
+            for x, pullback, store_gx, gx_doc in valgrad_variants:
+                deps[f"valgrad{x}_range_{kind}{v_mode}"] = vfwd + pullback
+                body += _LOSS_TEMPLATE.format(
+                    kind=kind, mode=v_mode, forward=funcs.run(vfwd, 8), loss_kernel=kernel,
+                    out_off=out_off, grad_a=plan.grad_a, pullback=funcs.run(pullback, 8), x=x,
+                    store_gx=store_gx, gx_doc=gx_doc)
+            body += _LOSS_ONLY_TEMPLATE.format(kind=kind, mode=f_mode, forward=funcs.run(fwd, 8),
+                                               loss_kernel=kernel, out_off=out_off,
+                                               grad_a=plan.grad_a)
     # layer functions go between the header (imports, constants) and the range kernels
     head, sep, rest = body.partition("\n\n@njit")
     src = head + "\n\n\n" + funcs.source(deps) + "\n" + sep + rest

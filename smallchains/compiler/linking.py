@@ -1,9 +1,12 @@
 """Layer steps compiled once, as C functions that the chain's kernels call through a table.
 
 Each layer step of a generated chain module (``layer3_pullback`` ...) is a numba
-``cfunc`` over the raw data pointers ``(p, g, work)`` (forward steps ignore ``g``). The
-module's kernels (``valgrad_range_<loss>``, ``forward_batch`` ...) call step ``i`` as
-``call_step("<module>_steps_<dtype>", i, p, g, work)``: an indirect call through slot
+``cfunc`` over the raw data pointers ``(p, g, work, state, meta)``: parameters, gradient
+(forward steps ignore it), the thread's workspace, the layer state outside ``p`` and the
+thread's int64 step metadata (seed, optimizer step, dataset row of each lane; see
+:mod:`smallchains.compiler.codegen`). The module's kernels (``valgrad_range_<loss>``,
+``forward_batch`` ...) call step ``i`` as
+``call_step("<module>_steps_<dtype>", i, p, g, work, state, meta)``: an indirect call through slot
 ``i`` of a per-module table of function addresses (a ctypes array made at import,
 exported to LLVM as a data symbol with ``llvmlite.binding.add_symbol``). :func:`bind`
 compiles a step and fills its slot. Arrays of another dtype are a typing error.
@@ -68,7 +71,7 @@ MIN_PARALLEL_LINES = 60
 HELPER_TIMEOUT = 600
 
 
-_STEP_PROTO = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+_STEP_PROTO = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 5)
 
 
 class StepTable:
@@ -91,10 +94,10 @@ class StepTable:
         llvm.add_symbol(symbol, ctypes.addressof(self.slots))
 
 
-def _trampoline(namespace, step, table, slot, p, g, work):
+def _trampoline(namespace, step, table, slot, p, g, work, state, meta):
     try:
         bind(namespace, step)
-        _STEP_PROTO(table.slots[slot])(p, g, work)
+        _STEP_PROTO(table.slots[slot])(p, g, work, state, meta)
     except BaseException:  # an exception cannot cross into the compiled caller
         traceback.print_exc()
         sys.stderr.write(f"smallchains: could not bind layer step {step!r}; aborting\n")
@@ -102,29 +105,38 @@ def _trampoline(namespace, step, table, slot, p, g, work):
 
 
 @intrinsic(prefer_literal=True)
-def call_step(typingctx, table, index, p, g, work):
-    """``call_step("<symbol>", i, p, g, work)``: call the C function in slot ``i`` of the
-    step table ``symbol`` (both literals; the symbol ends in the steps' dtype name) with
-    the data pointers of the arrays."""
+def call_step(typingctx, table, index, p, g, work, state, meta):
+    """``call_step("<symbol>", i, p, g, work, state, meta)``: call the C function in slot
+    ``i`` of the step table ``symbol`` (both literals; the symbol ends in the steps' dtype
+    name) with the data pointers of the arrays. ``state`` (the chain's dtype) and ``meta``
+    (int64) may be ``None`` where no step reads them (then a null pointer is passed)."""
     if not isinstance(table, types.StringLiteral) or not isinstance(index, types.IntegerLiteral):
         return None
     symbol, slot = table.literal_value, index.literal_value
     dtype = symbol.rsplit("_", 1)[1]
-    for name, arr in (("p", p), ("g", g), ("work", work)):
-        if not isinstance(arr, types.Array) or arr.ndim != 1 or str(arr.dtype) != dtype:
+    for name, arr, dt in (("p", p, dtype), ("g", g, dtype), ("work", work, dtype),
+                          ("state", state, dtype), ("meta", meta, "int64")):
+        if name in ("state", "meta") and isinstance(arr, types.NoneType):
+            continue
+        if not isinstance(arr, types.Array) or arr.ndim != 1 or str(arr.dtype) != dt:
             raise TypingError(f"this chain's kernels were generated for {dtype}: {name} must "
-                              f"be a 1-D {dtype} array, got {arr}")
+                              f"be a 1-D {dt} array, got {arr}")
 
     def codegen(context, builder, sig, args):
-        ptrs = [context.make_array(t)(context, builder, v).data
-                for t, v in zip(sig.args[2:], args[2:])]
-        fnty = ir.FunctionType(ir.VoidType(), [ptr.type for ptr in ptrs])
+        ptrs = []
+        for t, v in zip(sig.args[2:], args[2:]):
+            if isinstance(t, types.NoneType):
+                ptrs.append(cgutils.voidptr_t(None))
+            else:
+                ptrs.append(builder.bitcast(context.make_array(t)(context, builder, v).data,
+                                            cgutils.voidptr_t))
+        fnty = ir.FunctionType(ir.VoidType(), [cgutils.voidptr_t] * len(ptrs))
         slots = context.get_c_value(builder, ir.ArrayType(cgutils.voidptr_t, 0), symbol)
         addr = builder.load(builder.gep(slots, [cgutils.int32_t(0), cgutils.int32_t(slot)]))
         builder.call(builder.bitcast(addr, fnty.as_pointer()), ptrs)
         return context.get_dummy_value()
 
-    return types.void(table, index, p, g, work), codegen
+    return types.void(table, index, p, g, work, state, meta), codegen
 
 
 @intrinsic

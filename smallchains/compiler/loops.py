@@ -41,29 +41,32 @@ from .linking import Deferred
 from .runtime import sum_rows
 
 
-def _forward_threads(forward, X, idx, p, works, Y):
-    """Rows ``idx`` of ``X`` -> the same rows of ``Y``, split over ``works.shape[0]`` threads."""
+def _forward_threads(forward, X, idx, p, state, works, metas, Y):
+    """Rows ``idx`` of ``X`` -> the same rows of ``Y``, split over ``works.shape[0]`` threads.
+    ``state``: the layer state; ``metas[k]``: thread ``k``'s step metadata (key and step
+    set by the caller, lane rows written by the kernel)."""
     nt = works.shape[0]
     n = idx.shape[0]
     for k in prange(nt):
-        forward(X, idx, n * k // nt, n * (k + 1) // nt, p, works[k], Y)
+        forward(X, idx, n * k // nt, n * (k + 1) // nt, p, state, works[k], metas[k], Y)
 
 
-def _loss_threads(loss, X, T, idx, p, works, losses, scale):
+def _loss_threads(loss, X, T, idx, p, state, works, metas, losses, scale):
     """Thread ``k`` overwrites ``losses[k]`` with ``scale *`` the loss sum of its rows."""
     nt = works.shape[0]
     n = idx.shape[0]
     for k in prange(nt):
-        losses[k] = loss(X, T, idx, n * k // nt, n * (k + 1) // nt, p, works[k], scale)
+        losses[k] = loss(X, T, idx, n * k // nt, n * (k + 1) // nt, p, state, works[k],
+                         metas[k], scale)
 
 
-def _valgrad_threads(valgrad, X, T, idx, lo, m, p, G, works, losses, scale, gx):
+def _valgrad_threads(valgrad, X, T, idx, lo, m, p, G, state, works, metas, losses, scale, gx):
     """Rows ``idx[lo:lo+m]`` split over the ``G.shape[0]`` threads: thread ``k`` overwrites
     ``G[k]`` with ``scale * dL/dp`` of its rows and ``losses[k]`` with their scaled loss."""
     nt = G.shape[0]
     for k in prange(nt):
         losses[k] = valgrad(X, T, idx, lo + m * k // nt, lo + m * (k + 1) // nt, p, G[k],
-                            works[k], scale, gx)
+                            state, works[k], metas[k], scale, gx)
 
 
 @njit(**INLINE_OPTIONS)
@@ -79,17 +82,22 @@ def _all_finite(g):
 OK, LOSS_NOT_FINITE, GRAD_NOT_FINITE = 0, 1, 2
 
 
-def _step(valgrad, update, X, T, idx, lo, m, p, G, works, losses, g, state, hyper, t, gx):
+def _step(valgrad, update, X, T, idx, lo, m, p, G, lstate, works, metas, losses, g, state,
+          hyper, t, gx):
     """One optimizer step on rows ``idx[lo:lo+m]``, split over the ``G.shape[0]`` threads
     (thread ``k`` overwrites ``G[k]`` and ``losses[k]``; unless the loss is not finite,
-    ``g`` is overwritten with their sum). Returns ``(loss, status)``: ``status`` is :data:`OK` after the update, else
-    :data:`LOSS_NOT_FINITE` or :data:`GRAD_NOT_FINITE`, and then ``p`` and ``state`` are
-    not touched."""
+    ``g`` is overwritten with their sum). ``lstate`` is the layer state, ``state`` the
+    optimizer's; ``metas[:, 1]`` is set to the step count ``t`` (random layers' masks
+    depend on it). Returns ``(loss, status)``: ``status`` is :data:`OK` after the update,
+    else :data:`LOSS_NOT_FINITE` or :data:`GRAD_NOT_FINITE`, and then ``p`` and ``state``
+    are not touched."""
     nt = G.shape[0]
     scale = like(p[0], 1.0 / m)
+    for k in range(nt):
+        metas[k, 1] = t
     for k in prange(nt):  # valgrad_threads, inlined: saves a parallel compile (~0.7 s)
         losses[k] = valgrad(X, T, idx, lo + m * k // nt, lo + m * (k + 1) // nt, p, G[k],
-                            works[k], scale, gx)
+                            lstate, works[k], metas[k], scale, gx)
     total = like(p[0], 0.0)
     for k in range(nt):
         total += losses[k]
@@ -102,8 +110,8 @@ def _step(valgrad, update, X, T, idx, lo, m, p, G, works, losses, g, state, hype
     return total, OK
 
 
-def _train_unbatched(valgrad, update, X, T, idx, p, G, works, losses, g, state, hyper, step0,
-                     iters, hist, gx, info):
+def _train_unbatched(valgrad, update, X, T, idx, p, G, lstate, works, metas, losses, g, state,
+                     hyper, step0, iters, hist, gx, info):
     """Up to ``iters`` full-batch steps, continuing after the ``info[0]`` steps done so far.
 
     Step ``i = info[0]`` (0-based within the run) writes its loss to ``hist[i]``, uses
@@ -115,8 +123,8 @@ def _train_unbatched(valgrad, update, X, T, idx, p, G, works, losses, g, state, 
     n = idx.shape[0]
     for _ in range(iters):
         i = info[0]
-        loss, status = _step(valgrad, update, X, T, idx, 0, n, p, G, works, losses, g, state,
-                             hyper, step0 + i + 1, gx)
+        loss, status = _step(valgrad, update, X, T, idx, 0, n, p, G, lstate, works, metas,
+                             losses, g, state, hyper, step0 + i + 1, gx)
         hist[i] = loss
         if status != OK:
             info[1] = status
@@ -124,8 +132,8 @@ def _train_unbatched(valgrad, update, X, T, idx, p, G, works, losses, g, state, 
         info[0] = i + 1
 
 
-def _train_batched(valgrad, update, X, T, perm, batch_size, nsteps, p, G, works, losses, g,
-                   state, hyper, step0, hist, gx, info):
+def _train_batched(valgrad, update, X, T, perm, batch_size, nsteps, p, G, lstate, works, metas,
+                   losses, g, state, hyper, step0, hist, gx, info):
     """Up to ``nsteps`` minibatch steps over ``perm`` (``b = info[0] % nbatch`` is the next
     minibatch of the epoch; a last partial batch is a smaller step), stopping at the end of
     the epoch. Step ``i = info[0]`` writes its loss to ``hist[b]``, uses optimizer step
@@ -138,7 +146,7 @@ def _train_batched(valgrad, update, X, T, perm, batch_size, nsteps, p, G, works,
         b = i % nbatch
         lo = b * batch_size
         loss, status = _step(valgrad, update, X, T, perm, lo, min(n, lo + batch_size) - lo, p,
-                             G, works, losses, g, state, hyper, step0 + i + 1, gx)
+                             G, lstate, works, metas, losses, g, state, hyper, step0 + i + 1, gx)
         hist[b] = loss
         if status != OK:
             info[1] = status
@@ -225,26 +233,32 @@ def _memo_sig(fn):
     return wrapper
 
 
+_META = types.Array(types.int64, 1, "C")
+
+
 @_memo_sig
 def forward_sig(X, idx, p, Y):
-    """Signature of a chain's ``forward_range(X, idx, lo, hi, p, work, Y)``."""
+    """Signature of a chain's ``forward_range(X, idx, lo, hi, p, state, work, meta, Y)``."""
     dt = _typeof(p).dtype
-    return types.void(_typeof(X), _typeof(idx), types.int64, types.int64, _typeof(p), _row(dt), _typeof(Y))
+    return types.void(_typeof(X), _typeof(idx), types.int64, types.int64, _typeof(p), _row(dt),
+                      _row(dt), _META, _typeof(Y))
 
 
 @_memo_sig
 def loss_sig(X, T, idx, p):
-    """Signature of ``loss_range_<loss>(X, T, idx, lo, hi, p, work, scale) -> loss``."""
+    """Signature of ``loss_range_<loss>(X, T, idx, lo, hi, p, state, work, meta, scale)``."""
     dt = _typeof(p).dtype
-    return dt(_typeof(X), _typeof(T), _typeof(idx), types.int64, types.int64, _typeof(p), _row(dt), dt)
+    return dt(_typeof(X), _typeof(T), _typeof(idx), types.int64, types.int64, _typeof(p), _row(dt),
+              _row(dt), _META, dt)
 
 
 @_memo_sig
 def valgrad_sig(X, T, idx, p, gx):
-    """Signature of ``valgrad_range_<loss>(X, T, idx, lo, hi, p, g, work, scale, gx)``."""
+    """Signature of ``valgrad_range_<loss>(X, T, idx, lo, hi, p, g, state, work, meta, scale,
+    gx)``."""
     dt = _typeof(p).dtype
     return dt(_typeof(X), _typeof(T), _typeof(idx), types.int64, types.int64, _typeof(p), _row(dt),
-              _row(dt), dt, _typeof(gx))
+              _row(dt), _row(dt), _META, dt, _typeof(gx))
 
 
 @_memo_sig

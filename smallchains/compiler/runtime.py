@@ -52,6 +52,16 @@ def load_block(X, idx, s0, nb, work, off, n_feat, B):
 
 
 @njit(**INLINE_OPTIONS)
+def set_lane_rows(meta, idx, s0, nb, B):
+    """``meta[2 + s] = idx[s0 + s]`` for the ``nb`` lanes of a block, -1 for padding lanes:
+    the dataset row of every lane, which random layers key their numbers on."""
+    for s in range(nb):
+        meta[2 + s] = idx[s0 + s]
+    for s in range(nb, B):
+        meta[2 + s] = -1
+
+
+@njit(**INLINE_OPTIONS)
 def store_block(Y, idx, s0, nb, work, off, n_feat, B):
     """Copy a feature-major block back to rows ``idx[s0:s0+nb]`` of ``Y (N, n_feat)``."""
     for s in range(nb):

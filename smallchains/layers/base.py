@@ -7,6 +7,8 @@ A layer is a small immutable description (sizes, activation). It knows
 * ``init_params(views, input_shape, rng)``: how to fill them;
 * ``saved_size(input_shape)``: per-sample scratch it keeps from forward to pullback
   (beyond its own output, which the compiler always keeps);
+* ``state_shapes(input_shape)``: named arrays of layer state outside ``p`` (none so far:
+  the slot for BatchNorm's running statistics, see docs/design-core-extension.md);
 * ``emit_forward(ctx)`` / ``emit_pullback(ctx)``: the lines of Python (loops over one
   block of samples) that the compiler pastes into the generated chain kernels; each
   layer's forward and pullback code lives next to the layer class;
@@ -57,10 +59,12 @@ class EmitContext:
     gout_off: int = -1   # dL/d(output), may be overwritten by the pullback
     gin_off: int = -1    # dL/d(input), written by the pullback when need_gin
     need_gin: bool = False
-    training: bool = True
+    training: bool = True  # training mode (Dropout masks) or inference
     B: int = 1
     dt: str = "np.float32"  # constant constructor for the kernel dtype
     registers: int = 16  # vector register budget the tuned tiles are sized for (16 or 32)
+    layer_index: int = 0  # position in the chain (part of a random layer's counter)
+    state_off: int = 0  # offset of the layer's slice of the state array
 
 
 class Layer:
@@ -86,6 +90,13 @@ class Layer:
 
     def saved_size(self, input_shape: tuple) -> int:
         return 0
+
+    def state_shapes(self, input_shape: tuple) -> dict:
+        """Ordered ``{name: shape}`` of layer state outside ``p`` (may be empty)."""
+        return {}
+
+    def n_state(self, input_shape: tuple) -> int:
+        return sum(prod(s) for s in self.state_shapes(input_shape).values())
 
     def emit_forward(self, ctx: EmitContext) -> list:
         """Lines computing the layer's output block from its input block."""

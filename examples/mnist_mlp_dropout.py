@@ -1,0 +1,142 @@
+"""The Axon / Keras MNIST MLP: a dense net with Dropout, trained with plain SGD.
+
+    input 784 (pixels scaled to [0, 1]) -> Dense 128 relu -> Dropout 0.5 -> Dense 10,
+    softmax (logit) cross-entropy, SGD lr 0.01, batch 32, 3 epochs over the 60,000
+    training images; accuracy on the 10,000 test images
+
+Prints the total training time (compilation excluded, measured separately) and the test
+accuracy. ``--optimizer adam`` trains with Adam(1e-3) instead, to show what the same
+layers reach with a better optimizer. ``--compare-torch`` trains the same network in torch
+eager from the same initial parameters, same minibatch order and thread count (torch
+draws its own Dropout masks), to compare accuracy; its time shares the process with
+numba's thread pool, so it is a check, not a speed measurement: use bench/mnist_mlp.py.
+
+    python examples/mnist_mlp_dropout.py
+    python examples/mnist_mlp_dropout.py --epochs 1 --limit 6000 --compare-torch
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    ap.add_argument("--lr", type=float, default=None, help="default 0.01 (sgd), 1e-3 (adam)")
+    ap.add_argument("--limit", type=int, default=None, help="use only the first LIMIT training images")
+    ap.add_argument("--threads", type=int, default=None, help="NUMBA_NUM_THREADS (set before import)")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compare-torch", action="store_true")
+    return ap.parse_args(argv)
+
+
+def network():
+    import smallchains as sc
+
+    return sc.SimpleChain(784, sc.TurboDense(128, "relu"), sc.Dropout(0.5), sc.TurboDense(10))
+
+
+def optimizer(args):
+    import smallchains as sc
+
+    if args.optimizer == "adam":
+        return sc.Adam(args.lr or 1e-3)
+    return sc.SGD(args.lr or 0.01)
+
+
+def main(argv=None):
+    args = parse(argv)
+    if args.threads is not None and "numba" not in sys.modules:
+        os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
+    import numba
+    import numpy as np
+
+    import smallchains as sc
+
+    Xtr, ytr = sc.datasets.mnist("train", data_dir=args.data_dir)
+    Xte, yte = sc.datasets.mnist("test", data_dir=args.data_dir)
+    if args.limit:
+        Xtr, ytr = Xtr[: args.limit], ytr[: args.limit]
+    Xtr, Xte = np.array(Xtr.reshape(len(Xtr), 784)), np.array(Xte.reshape(len(Xte), 784))
+    ytr, yte = np.array(ytr), np.array(yte)
+
+    chain = network()
+    model = sc.add_loss(chain, sc.LogitCrossEntropyLoss(ytr))
+    p = sc.init_params(chain, seed=args.seed)
+    p0 = p.copy()
+    G = sc.alloc_threaded_grad(chain)
+    threads = numba.get_num_threads()
+    t = time.perf_counter()  # compile (or load from the kernel cache) on a tiny copy
+    sc.train_batched(G, p.copy(), sc.add_loss(chain, sc.LogitCrossEntropyLoss(ytr[:64])), Xtr[:64],
+                     optimizer(args), 1, batch_size=args.batch_size)
+    sc.accuracy_and_loss(model, Xte[:64], yte[:64], p)
+    t_compile = time.perf_counter() - t
+
+    opt = optimizer(args)
+    orders = []
+    t = time.perf_counter()
+    for e in range(args.epochs):
+        sc.train_batched(G, p, model, Xtr, opt, 1, batch_size=args.batch_size, seed=args.seed + e)
+    t_train = time.perf_counter() - t
+    for e in range(args.epochs):
+        order = np.arange(len(Xtr))  # the order train_batched visited (for the torch peer)
+        np.random.default_rng(args.seed + e).shuffle(order)
+        orders.append(order)
+    acc, loss = sc.accuracy_and_loss(model, Xte, yte, p)
+    print(f"threads {threads}, {len(Xtr)} training images, batch {args.batch_size}, "
+          f"{args.epochs} epochs, {type(opt).__name__}(lr={opt.lr:g})")
+    print(f"smallchains: training {t_train:.2f} s (compile / cache load {t_compile:.2f} s, "
+          f"not included); test accuracy {acc:.4f}, loss {loss:.4f} on {len(Xte)} images")
+    out = dict(train_time=t_train, test_acc=acc, p=p)
+    if args.compare_torch:
+        out["torch"] = tt = train_torch(p0, chain, Xtr, ytr, Xte, yte, orders, args, threads)
+        print(f"torch eager / smallchains training time: {tt['train_time'] / t_train:.2f}x "
+              "(same process, after smallchains' threads ran: a correctness check, not a speed "
+              "measurement; measure speed with bench/mnist_mlp.py)")
+    return out
+
+
+def train_torch(p0, chain, Xtr, ytr, Xte, yte, orders, args, threads):
+    """The same network in torch eager from the same parameters and minibatch order."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(args.seed)
+    nn = torch.nn
+    net = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 10))
+    with torch.no_grad():
+        for lin, views in zip((net[0], net[3]), [v for v in chain.param_views(p0) if v]):
+            lin.weight.copy_(torch.from_numpy(np.array(views["W"])))
+            lin.bias.copy_(torch.from_numpy(np.array(views["b"])))
+    if args.optimizer == "adam":
+        opt = torch.optim.Adam(net.parameters(), lr=args.lr or 1e-3)
+    else:
+        opt = torch.optim.SGD(net.parameters(), lr=args.lr or 0.01)
+    X, y = torch.from_numpy(Xtr), torch.from_numpy(ytr)
+    net.train()
+    t = time.perf_counter()
+    for order in orders:
+        for lo in range(0, len(order), args.batch_size):
+            rows = torch.from_numpy(order[lo:lo + args.batch_size])
+            opt.zero_grad()
+            F.cross_entropy(net(X[rows]), y[rows]).backward()
+            opt.step()
+    t_train = time.perf_counter() - t
+    net.eval()
+    with torch.no_grad():
+        acc = float((net(torch.from_numpy(Xte)).argmax(1).numpy() == yte).mean())
+    print(f"torch eager: training {t_train:.2f} s; test accuracy {acc:.4f}")
+    return dict(train_time=t_train, test_acc=acc)
+
+
+if __name__ == "__main__":
+    main()
