@@ -1,0 +1,122 @@
+"""Training benchmark of the Axon / Keras MNIST MLP with Dropout (issue 14's network 2).
+
+    python bench/mnist_mlp.py --impl {smallchains,torch} --threads N [pyperf options]
+
+Model: 784 -> Dense 128 relu -> Dropout 0.5 -> Dense 10, logit cross-entropy (mean over
+the minibatch), SGD(0.01) without momentum, batch 32. Data: the 60,000 real MNIST
+training images (``sc.datasets.mnist("train")``, pixels in [0, 1], from
+``$SMALLCHAINS_DATA/mnist``). Metric: seconds per epoch (one pyperf value = one shuffled
+epoch of 1,875 minibatches); the issue's figure, total time of 3 epochs, is 3x that.
+About 24.5 GFLOP per epoch (forward, weight gradients, input gradient of the last layer).
+
+pyperf defaults: ``--processes 2 --values 3 --warmups 1 --loops 1``. Threads are set and
+the process pinned to the first N cores before numba or torch is imported (as
+bench/lenet5.py). torch: eager nn.Sequential in train mode (its own Dropout masks),
+foreach SGD, minibatches gathered by index (``x[perm[i:i+bs]]``), inside the timing like
+smallchains' gather.
+"""
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+IMPL = C.peek_arg("--impl", "torch")
+THREADS = int(C.peek_arg("--threads", "1"))
+C.setup_threads(THREADS, IMPL, pin="--no-pin" not in sys.argv)
+C.ensure_data_env()
+
+import pyperf  # noqa: E402
+
+BATCH, LR = 32, 0.01
+FLOPS_PER_EPOCH = 60_000 * 2 * (2 * 784 * 128 + 3 * 128 * 10)
+
+
+def load():
+    import numpy as np
+
+    import smallchains as sc
+    X, y = sc.datasets.mnist("train")
+    return np.array(X.reshape(len(X), 784)), np.array(y)
+
+
+def build_smallchains(X, y):
+    import smallchains as sc
+    chain = sc.SimpleChain(784, sc.TurboDense(128, "relu"), sc.Dropout(0.5), sc.TurboDense(10))
+    model = sc.add_loss(chain, sc.LogitCrossEntropyLoss(y))
+    p = sc.init_params(chain, seed=0)
+    G = sc.alloc_threaded_grad(chain)
+    opt = sc.SGD(LR)
+    warm = sc.add_loss(chain, sc.LogitCrossEntropyLoss(y[:30 * BATCH]))
+    sc.train_batched(G, p.copy(), warm, X[:30 * BATCH], sc.SGD(LR), 1, batch_size=BATCH)
+    epoch = [0]
+
+    def bench(loops):
+        t0 = time.perf_counter()
+        for _ in range(loops):
+            epoch[0] += 1
+            sc.train_batched(G, p, model, X, opt, 1, batch_size=BATCH, seed=epoch[0])
+        return time.perf_counter() - t0
+    return bench
+
+
+def build_torch(X, y):
+    import torch
+    import torch.nn.functional as F
+    C.torch_threads(THREADS)
+    torch.manual_seed(0)
+    nn = torch.nn
+    net = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 10))
+    net.train()
+    opt = torch.optim.SGD(net.parameters(), lr=LR, foreach=True)
+    x, t = torch.from_numpy(X), torch.from_numpy(y)
+    gen = torch.Generator().manual_seed(0)
+
+    def run_epoch(limit=None):
+        perm = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x) if limit is None else limit, BATCH):
+            idx = perm[i:i + BATCH]
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(net(x[idx]), t[idx]).backward()
+            opt.step()
+
+    run_epoch(limit=30 * BATCH)
+
+    def bench(loops):
+        t0 = time.perf_counter()
+        for _ in range(loops):
+            run_epoch()
+        return time.perf_counter() - t0
+    return bench
+
+
+BUILDERS = {"smallchains": build_smallchains, "torch": build_torch}
+
+
+def add_cmdline_args(cmd, args):
+    cmd.extend(["--impl", args.impl, "--threads", str(args.threads)])
+    if args.no_pin:
+        cmd.append("--no-pin")
+
+
+def main():
+    runner = pyperf.Runner(processes=2, values=3, warmups=1, loops=1, add_cmdline_args=add_cmdline_args)
+    ap = runner.argparser
+    ap.add_argument("--impl", choices=sorted(BUILDERS), default="torch")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-pin", action="store_true")
+    args = runner.parse_args()
+    runner.metadata.update(impl=args.impl, threads=str(args.threads), batch_size=str(BATCH),
+                           flops_per_epoch=str(FLOPS_PER_EPOCH))
+    if args.worker:
+        X, y = load()
+        bench = BUILDERS[args.impl](X, y)
+    else:
+        def bench(loops):
+            raise RuntimeError("unreachable")
+    runner.bench_time_func(f"mnist_mlp-{args.impl}-t{args.threads}", bench)
+
+
+if __name__ == "__main__":
+    main()
