@@ -276,3 +276,65 @@ def report(text, notes=(), lat="", out=None) -> str:
         with open(out, "w") as f:
             f.write(text)
     return text
+
+
+# --------------------------------------------------------------------------
+# training benchmarks of the published small networks (cifar_dense, mnist_mlp, cifar_cnn)
+# --------------------------------------------------------------------------
+def torch_epoch(net, opt, x, t, batch, gen, limit=None):
+    """One shuffled torch eager epoch (``limit``: only the first rows of the permutation):
+    minibatches gathered by index, ``zero_grad(set_to_none=True)``, logit cross-entropy."""
+    import torch
+    import torch.nn.functional as F
+    perm = torch.randperm(len(x), generator=gen)
+    for i in range(0, len(x) if limit is None else limit, batch):
+        idx = perm[i:i + batch]
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(net(x[idx]), t[idx]).backward()
+        opt.step()
+
+
+def timed_epochs(run_epoch):
+    """A pyperf time function: ``loops`` calls of ``run_epoch()``."""
+    import time
+
+    def bench(loops):
+        t0 = time.perf_counter()
+        for _ in range(loops):
+            run_epoch()
+        return time.perf_counter() - t0
+    return bench
+
+
+def run_training_bench(name, builders, load, forwarded=(), extra_args=(), metadata=None):
+    """The pyperf main of a training benchmark: ``--impl`` (a key of ``builders``),
+    ``--threads``, ``--no-pin`` and ``extra_args`` (``(flag, argparse kwargs)``; the
+    ``forwarded`` ones are passed on to the worker processes). In a worker,
+    ``builders[impl](*load())`` returns the time function; the benchmark is named
+    ``name(args)``."""
+    import pyperf
+
+    def add_cmdline_args(cmd, args):
+        cmd.extend(["--impl", args.impl, "--threads", str(args.threads)])
+        for flag in forwarded:
+            value = getattr(args, flag.lstrip("-").replace("-", "_"))
+            cmd.extend([flag, *map(str, value if isinstance(value, (list, tuple)) else [value])])
+        if args.no_pin:
+            cmd.append("--no-pin")
+
+    runner = pyperf.Runner(processes=2, values=3, warmups=1, loops=1,
+                           add_cmdline_args=add_cmdline_args)
+    ap = runner.argparser
+    ap.add_argument("--impl", choices=sorted(builders), default="torch")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-pin", action="store_true")
+    for flag, kwargs in extra_args:
+        ap.add_argument(flag, **kwargs)
+    args = runner.parse_args()
+    runner.metadata.update(impl=args.impl, threads=str(args.threads), **(metadata or {}))
+    if args.worker:
+        bench = builders[args.impl](*load())
+    else:
+        def bench(loops):
+            raise RuntimeError("unreachable")
+    runner.bench_time_func(name(args), bench)

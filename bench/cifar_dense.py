@@ -16,7 +16,6 @@ bench/lenet5.py). torch: eager nn.Sequential, fused Adam, minibatches gathered b
 """
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
@@ -25,8 +24,6 @@ IMPL = C.peek_arg("--impl", "torch")
 THREADS = int(C.peek_arg("--threads", "1"))
 C.setup_threads(THREADS, IMPL, pin="--no-pin" not in sys.argv)
 C.ensure_data_env()
-
-import pyperf  # noqa: E402
 
 BATCH, LR = 300, 1e-3
 FLOPS_PER_EPOCH = 50_000 * 6 * (1024 * 64 + 64 * 32 + 32 * 10)
@@ -52,18 +49,14 @@ def build_smallchains(X, y):
     sc.train_batched(G, p.copy(), warm, X[:3 * BATCH], sc.Adam(LR), 1, batch_size=BATCH)
     epoch = [0]
 
-    def bench(loops):
-        t0 = time.perf_counter()
-        for _ in range(loops):
-            epoch[0] += 1
-            sc.train_batched(G, p, model, X, opt, 1, batch_size=BATCH, seed=epoch[0])
-        return time.perf_counter() - t0
-    return bench
+    def run_epoch():
+        epoch[0] += 1
+        sc.train_batched(G, p, model, X, opt, 1, batch_size=BATCH, seed=epoch[0])
+    return C.timed_epochs(run_epoch)
 
 
 def build_torch(X, y):
     import torch
-    import torch.nn.functional as F
     C.torch_threads(THREADS)
     torch.manual_seed(0)
     nn = torch.nn
@@ -73,49 +66,16 @@ def build_torch(X, y):
     x, t = torch.from_numpy(X), torch.from_numpy(y)
     gen = torch.Generator().manual_seed(0)
 
-    def run_epoch(limit=None):
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x) if limit is None else limit, BATCH):
-            idx = perm[i:i + BATCH]
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(net(x[idx]), t[idx]).backward()
-            opt.step()
-
-    run_epoch(limit=3 * BATCH)
-
-    def bench(loops):
-        t0 = time.perf_counter()
-        for _ in range(loops):
-            run_epoch()
-        return time.perf_counter() - t0
-    return bench
+    C.torch_epoch(net, opt, x, t, BATCH, gen, limit=3 * BATCH)
+    return C.timed_epochs(lambda: C.torch_epoch(net, opt, x, t, BATCH, gen))
 
 
 BUILDERS = {"smallchains": build_smallchains, "torch": build_torch}
 
 
-def add_cmdline_args(cmd, args):
-    cmd.extend(["--impl", args.impl, "--threads", str(args.threads)])
-    if args.no_pin:
-        cmd.append("--no-pin")
-
-
 def main():
-    runner = pyperf.Runner(processes=2, values=3, warmups=1, loops=1, add_cmdline_args=add_cmdline_args)
-    ap = runner.argparser
-    ap.add_argument("--impl", choices=sorted(BUILDERS), default="torch")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--no-pin", action="store_true")
-    args = runner.parse_args()
-    runner.metadata.update(impl=args.impl, threads=str(args.threads), batch_size=str(BATCH),
-                           flops_per_epoch=str(FLOPS_PER_EPOCH))
-    if args.worker:
-        X, y = load()
-        bench = BUILDERS[args.impl](X, y)
-    else:
-        def bench(loops):
-            raise RuntimeError("unreachable")
-    runner.bench_time_func(f"cifar_dense-{args.impl}-t{args.threads}", bench)
+    C.run_training_bench(lambda args: f"cifar_dense-{args.impl}-t{args.threads}", BUILDERS, load, forwarded=(),
+                         extra_args=(), metadata=dict(batch_size=str(BATCH), flops_per_epoch=str(FLOPS_PER_EPOCH)))
 
 
 if __name__ == "__main__":

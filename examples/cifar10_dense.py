@@ -23,6 +23,9 @@ import sys
 import time
 import warnings
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _torch_peer import load_params, shuffled_orders, train_and_evaluate  # noqa: E402
+
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,14 +84,12 @@ def main(argv=None):
     sc.accuracy_and_loss(model, Xte[:64], yte[:64], p)
     t_compile = time.perf_counter() - t
 
-    times, orders = [], []
-    for e in range(args.epochs):
+    times, seeds = [], [args.seed + e for e in range(args.epochs)]
+    for s in seeds:
         t = time.perf_counter()
-        sc.train_batched(G, p, model, Xtr, opt, 1, batch_size=args.batch_size, seed=args.seed + e)
+        sc.train_batched(G, p, model, Xtr, opt, 1, batch_size=args.batch_size, seed=s)
         times.append(time.perf_counter() - t)
-        order = np.arange(len(Xtr))  # the order train_batched visited (for the torch peer)
-        np.random.default_rng(args.seed + e).shuffle(order)
-        orders.append(order)
+    orders = shuffled_orders(len(Xtr), seeds)  # the orders train_batched visited
     acc, loss = sc.accuracy_and_loss(model, Xte, yte, p)
     partial = " (the first 1,000 test images only: the full test batch is absent)" if caught else ""
     print(f"threads {threads}, {len(Xtr)} training images, batch {args.batch_size}, {args.epochs} epochs")
@@ -106,33 +107,13 @@ def main(argv=None):
 
 def train_torch(p0, chain, Xtr, ytr, Xte, yte, orders, args, threads):
     """The same network in torch eager from the same parameters and minibatch order."""
-    import numpy as np
     import torch
-    import torch.nn.functional as F
 
-    torch.set_num_threads(threads)
     net = torch.nn.Sequential(torch.nn.Linear(1024, 64), torch.nn.Sigmoid(), torch.nn.Linear(64, 32),
                               torch.nn.Sigmoid(), torch.nn.Linear(32, 10))
-    with torch.no_grad():
-        for lin, views in zip(net[::2], chain.param_views(p0)):
-            lin.weight.copy_(torch.from_numpy(np.array(views["W"])))
-            lin.bias.copy_(torch.from_numpy(np.array(views["b"])))
+    load_params(net, chain, p0)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-    X, y = torch.from_numpy(Xtr), torch.from_numpy(ytr)
-    times = []
-    for order in orders:
-        t = time.perf_counter()
-        for lo in range(0, len(order), args.batch_size):
-            rows = torch.from_numpy(order[lo:lo + args.batch_size])
-            opt.zero_grad()
-            F.cross_entropy(net(X[rows]), y[rows]).backward()
-            opt.step()
-        times.append(time.perf_counter() - t)
-    with torch.no_grad():
-        acc = float((net(torch.from_numpy(Xte)).argmax(1).numpy() == yte).mean())
-    print(f"torch eager: mean epoch {np.mean(times):.3f} s (epochs: {', '.join(f'{x:.3f}' for x in times)}); "
-          f"test accuracy {acc:.4f}")
-    return dict(epoch_times=times, test_acc=acc)
+    return train_and_evaluate(net, opt, Xtr, ytr, Xte, yte, orders, args.batch_size, threads)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,9 @@ import os
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _torch_peer import load_params, shuffled_orders, train_and_evaluate  # noqa: E402
+
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,15 +83,12 @@ def main(argv=None):
     t_compile = time.perf_counter() - t
 
     opt = optimizer(args)
-    orders = []
+    seeds = [args.seed + e for e in range(args.epochs)]
     t = time.perf_counter()
-    for e in range(args.epochs):
-        sc.train_batched(G, p, model, Xtr, opt, 1, batch_size=args.batch_size, seed=args.seed + e)
+    for s in seeds:
+        sc.train_batched(G, p, model, Xtr, opt, 1, batch_size=args.batch_size, seed=s)
     t_train = time.perf_counter() - t
-    for e in range(args.epochs):
-        order = np.arange(len(Xtr))  # the order train_batched visited (for the torch peer)
-        np.random.default_rng(args.seed + e).shuffle(order)
-        orders.append(order)
+    orders = shuffled_orders(len(Xtr), seeds)  # the orders train_batched visited
     acc, loss = sc.accuracy_and_loss(model, Xte, yte, p)
     print(f"threads {threads}, {len(Xtr)} training images, batch {args.batch_size}, "
           f"{args.epochs} epochs, {type(opt).__name__}(lr={opt.lr:g})")
@@ -105,37 +105,17 @@ def main(argv=None):
 
 def train_torch(p0, chain, Xtr, ytr, Xte, yte, orders, args, threads):
     """The same network in torch eager from the same parameters and minibatch order."""
-    import numpy as np
     import torch
-    import torch.nn.functional as F
 
-    torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
     nn = torch.nn
     net = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 10))
-    with torch.no_grad():
-        for lin, views in zip((net[0], net[3]), [v for v in chain.param_views(p0) if v]):
-            lin.weight.copy_(torch.from_numpy(np.array(views["W"])))
-            lin.bias.copy_(torch.from_numpy(np.array(views["b"])))
+    load_params(net, chain, p0)
     if args.optimizer == "adam":
         opt = torch.optim.Adam(net.parameters(), lr=args.lr or 1e-3)
     else:
         opt = torch.optim.SGD(net.parameters(), lr=args.lr or 0.01)
-    X, y = torch.from_numpy(Xtr), torch.from_numpy(ytr)
-    net.train()
-    t = time.perf_counter()
-    for order in orders:
-        for lo in range(0, len(order), args.batch_size):
-            rows = torch.from_numpy(order[lo:lo + args.batch_size])
-            opt.zero_grad()
-            F.cross_entropy(net(X[rows]), y[rows]).backward()
-            opt.step()
-    t_train = time.perf_counter() - t
-    net.eval()
-    with torch.no_grad():
-        acc = float((net(torch.from_numpy(Xte)).argmax(1).numpy() == yte).mean())
-    print(f"torch eager: training {t_train:.2f} s; test accuracy {acc:.4f}")
-    return dict(train_time=t_train, test_acc=acc)
+    return train_and_evaluate(net, opt, Xtr, ytr, Xte, yte, orders, args.batch_size, threads)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,10 @@ class SimpleChain:
         self.output_shape = shape
         self.n_params = n_params
         self._shapes = shapes
+        self.n_state = sum(layer.n_state(ins) for layer, (ins, _) in zip(self.layers, shapes))
+        #: minimum samples per channel of the batch-statistics layers (BatchNorm) in training
+        self._stat_sizes = [prod(ins[1:]) for layer, (ins, _) in zip(self.layers, shapes)
+                            if getattr(layer, "reduces_batch", False)]
         self._tls = threading.local()  # per-thread workspace cache (thread safety)
         self._kernel_memo = {}  # dtype -> (module, plan)
 
@@ -126,6 +130,49 @@ class SimpleChain:
                 off += n
             out.append(views)
         return out
+
+    def state_views(self, state) -> list:
+        """Per-layer dicts of named views into the layer state ``state`` (from
+        :func:`init_state`), e.g. ``{"running_mean": (C,), "running_var": (C,)}`` for a
+        BatchNorm layer, ``{}`` for layers without state. Writing a view writes ``state``."""
+        state = self._check_state(state, np.asarray(state).dtype if state is not None else None)
+        out, off = [], 0
+        for layer, (ins, _) in zip(self.layers, self._shapes):
+            views = {}
+            for name, shape in layer.state_shapes(ins).items():
+                n = prod(shape)
+                views[name] = state[off:off + n].reshape(shape)
+                off += n
+            out.append(views)
+        return out
+
+    def _check_state(self, state, dtype, required=True):
+        """``state`` checked against the chain (shape ``(n_state,)``, ``dtype``,
+        C-contiguous, writeable); None is allowed for chains without state or if not
+        ``required``."""
+        if state is None:
+            if self.n_state and required:
+                raise ValueError(
+                    f"this chain has layer state ({self.n_state} elements: BatchNorm running "
+                    "statistics): pass state=sc.init_state(chain) (trained with the parameters)")
+            return None
+        if (not isinstance(state, np.ndarray) or state.shape != (self.n_state,)
+                or (dtype is not None and state.dtype != dtype) or not state.flags.c_contiguous
+                or not state.flags.writeable):
+            raise ValueError(f"state must be a writeable C-contiguous {dtype} array of shape "
+                             f"({self.n_state},) (sc.init_state(chain, dtype)), got "
+                             f"{getattr(state, 'dtype', type(state).__name__)} "
+                             f"{getattr(state, 'shape', '')}")
+        return state
+
+    def _check_batch_stats(self, rows, what):
+        """Training with batch statistics needs more than one value per channel (torch
+        raises the same)."""
+        for per_sample in self._stat_sizes:
+            if rows * per_sample < 2:
+                raise ValueError(f"BatchNorm in training mode needs more than one value per "
+                                 f"channel, but {what} has {rows} sample(s) of "
+                                 f"{per_sample} value(s) per channel")
 
     # --- compiled kernels ----------------------------------------------------------------
     def _kernels(self, dtype):
@@ -180,6 +227,9 @@ class SimpleChain:
             (measured 4-5x slower for a tanh layer), so prefer 24 or more.
         """
         dtype = check_dtype(dtype)
+        if self.n_state:
+            raise NotImplementedError("embedding kernels of chains with layer state (BatchNorm) "
+                                      "are not available yet")
         if block_size is None:
             block_size = 32
         if not isinstance(block_size, (int, np.integer)) or not 1 <= block_size <= 1024:
@@ -194,11 +244,12 @@ class SimpleChain:
             forward_batch=batch.forward_batch, vjp_batch=batch.vjp_batch,
             valvjp_batch=batch.valvjp_batch)
 
-    def _workspace(self, plan, n_threads: int, dtype, key=0, step=0):
-        """``(works, metas, state)``: per-thread workspaces ``(n_threads, work_size)`` and
+    def _workspace(self, plan, n_threads: int, dtype, key=0, step=0, state=None):
+        """``(works, metas, kstate)``: per-thread workspaces ``(n_threads, work_size)``,
         step metadata ``(n_threads, meta_size)`` int64 with ``metas[:, 0] = key`` and
-        ``metas[:, 1] = step``, allocated once per (Python thread, dtype, block, count),
-        and the (for now always empty) layer state."""
+        ``metas[:, 1] = step``, and the kernels' state (the layer state ``state``, copied
+        in, then one step's batch statistics), allocated once per (Python thread, dtype,
+        block, count)."""
         cache = getattr(self._tls, "works", None)
         if cache is None:
             cache = self._tls.works = {}
@@ -207,12 +258,14 @@ class SimpleChain:
         if hit is None:
             hit = cache[ck] = (aligned_zeros((n_threads, plan.work_size), dtype),
                                np.zeros((n_threads, plan.meta_size), np.int64),
-                               np.zeros(max(plan.n_state, 1), dtype))
+                               np.zeros(max(plan.n_state + plan.n_scratch, 1), dtype))
         hit[1][:, 0] = np.uint64(key).astype(np.int64)
         hit[1][:, 1] = step
+        if state is not None:
+            hit[2][:plan.n_state] = state
         return hit
 
-    def __call__(self, X, p, *, training=False, seed=0, step=0):
+    def __call__(self, X, p, *, state=None, training=False, seed=0, step=0):
         """Evaluate the chain.
 
         Parameters
@@ -220,6 +273,9 @@ class SimpleChain:
         X : ndarray, shape ``(N, *input_shape)`` or ``input_shape``, float32/float64
             Batch-first inputs (or one sample). Converted to ``p.dtype`` (a copy) if needed.
         p : ndarray, shape ``(n_params,)``, float32 or float64
+        state : ndarray, shape ``(n_state,)``, dtype of ``p``, keyword-only
+            The layer state (:func:`init_state`): required if the chain has one
+            (BatchNorm's running statistics, read in inference). Not modified.
         training : bool, keyword-only, default False
             Inference (Dropout is the identity) or training mode (Dropout draws its mask
             from ``seed``, ``step`` and the row's index in ``X``; see docs/api.md, "Modes
@@ -234,6 +290,10 @@ class SimpleChain:
         """
         p = check_params(self.n_params, p)
         key, step = check_random(seed, step)
+        state = self._check_state(state, p.dtype)
+        if training and self._stat_sizes:
+            raise NotImplementedError("chain(X, p, training=True) with BatchNorm (batch "
+                                      "statistics) is not available yet: use valgrad or train_*")
         X2, single = check_inputs(self.input_shape, X, p.dtype)
         mod, plan = self._kernels(p.dtype)
         n = X2.shape[0]
@@ -241,9 +301,9 @@ class SimpleChain:
         Y = np.empty((n, plan.n_out), dtype=p.dtype)
         idx = np.arange(n)
         kernel = kernel_for(mod, plan, "forward_range", training, default=False)
-        works, metas, state = self._workspace(plan, nt, p.dtype, key, step)
+        works, metas, kstate = self._workspace(plan, nt, p.dtype, key, step, state)
         loops.call(loops.forward_threads, [(kernel, loops.forward_sig(X2, idx, p, Y))],
-                   (X2, idx, p, state, works, metas, Y))
+                   (X2, idx, p, kstate, works, metas, Y))
         Y = Y.reshape((n,) + self.output_shape)
         return Y[0] if single else Y
 
@@ -298,23 +358,27 @@ class SimpleChainWithLoss:
     def n_params(self) -> int:
         return self.chain.n_params
 
-    def __call__(self, X, p, targets=None, *, training=False, seed=0, step=0) -> float:
+    def __call__(self, X, p, targets=None, *, state=None, training=False, seed=0, step=0) -> float:
         """Mean loss over the samples of ``X`` (``targets`` defaults to the loss's own).
-        ``training``, ``seed``, ``step``: as for :meth:`SimpleChain.__call__` (default
-        inference)."""
+        ``state``, ``training``, ``seed``, ``step``: as for :meth:`SimpleChain.__call__`
+        (default inference)."""
         from .train import _prepare
 
         p = check_params(self.chain.n_params, p)
         key, step = check_random(seed, step)
+        state = self.chain._check_state(state, p.dtype)
+        if training and self.chain._stat_sizes:
+            raise NotImplementedError("model(X, p, training=True) with BatchNorm (batch "
+                                      "statistics) is not available yet: use valgrad")
         X2, T, mod, plan = _prepare(self, X, p, targets)
         n = X2.shape[0]
         nt = max(1, min(numba.get_num_threads(), -(-n // plan.B)))
         losses = np.zeros(nt, dtype=p.dtype)
         idx = np.arange(n)
         kernel = kernel_for(mod, plan, f"loss_range_{self.loss.kind}", training, default=False)
-        works, metas, state = self.chain._workspace(plan, nt, p.dtype, key, step)
+        works, metas, kstate = self.chain._workspace(plan, nt, p.dtype, key, step, state)
         loops.call(loops.loss_threads, [(kernel, loops.loss_sig(X2, T, idx, p))],
-                   (X2, T, idx, p, state, works, metas, losses, p.dtype.type(1.0 / n)))
+                   (X2, T, idx, p, kstate, works, metas, losses, p.dtype.type(1.0 / n)))
         return float(losses.sum())
 
 
@@ -351,6 +415,26 @@ def init_params(chain, seed=None, dtype=np.float32, rng=None) -> np.ndarray:
     for layer, (ins, _), views in zip(chain.layers, chain._shapes, chain.param_views(p64)):
         layer.init_params(views, ins, rng)
     return p64.astype(dtype)
+
+
+def init_state(chain, dtype=np.float32) -> np.ndarray:
+    """A new layer-state vector for ``chain`` (or a model): the state outside ``p`` of
+    layers that have one, in chain order (BatchNorm: ``running_mean`` zeros,
+    ``running_var`` ones, as torch). Pass it to inference (read) and to ``train_*``
+    (updated in place in training mode); the optimizer never sees it. Named views:
+    :meth:`SimpleChain.state_views`.
+
+    Returns
+    -------
+    ndarray, shape ``(chain.n_state,)`` (``(0,)`` for a chain without state), ``dtype``.
+    """
+    chain = remove_loss(chain)
+    dtype = check_dtype(dtype)
+    state = np.zeros(chain.n_state, dtype=dtype)
+    for layer, (ins, _), views in zip(chain.layers, chain._shapes, chain.state_views(state)):
+        if views:
+            layer.init_state(views, ins)
+    return state
 
 
 def numparam(chain) -> int:

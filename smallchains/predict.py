@@ -83,7 +83,7 @@ def softmax(logits, axis=-1) -> np.ndarray:
     return e
 
 
-def predict_proba(chain_or_model, X, p) -> np.ndarray:
+def predict_proba(chain_or_model, X, p, *, state=None) -> np.ndarray:
     """Class probabilities of a classifier: the softmax of the chain's logits.
 
     Parameters
@@ -94,6 +94,8 @@ def predict_proba(chain_or_model, X, p) -> np.ndarray:
     X : ndarray, shape ``(N, *input_shape)`` (or one sample ``input_shape``), float
         Converted to ``p.dtype`` (one copy) if needed.
     p : ndarray, shape ``(n_params,)``, float32 or float64
+    state : ndarray, keyword-only -- the layer state (:func:`~smallchains.init_state`),
+        required by chains with BatchNorm.
 
     Returns
     -------
@@ -122,4 +124,4 @@ def predict_proba(chain_or_model, X, p) -> np.ndarray:
     if shape[0] < 2:
         raise ValueError("predict_proba needs at least 2 classes: the chain has 1 output, whose "
                          "softmax is always 1 (for one binary logit use a sigmoid)")
-    return softmax(chain(X, p), axis=-1)
+    return softmax(chain(X, p, state=state), axis=-1)

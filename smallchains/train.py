@@ -13,6 +13,7 @@ import numba
 import numpy as np
 
 from .compiler import loops
+from .compiler.linking import Deferred
 from .compiler.runtime import aligned_zeros
 from ._validate import check_count, check_dtype, check_inputs, check_params, check_random
 from .chain import SimpleChainWithLoss, kernel_for, remove_loss
@@ -42,11 +43,20 @@ def _check_out(out, p, name="out"):
     return out
 
 
-def _train_kernels(model, mod, plan, opt, X2, T, idx, p, gx, state, hyper, training):
-    """The chain's valgrad kernel and the optimizer's update, with their signatures."""
+def _combine(mod, plan, p, works, training):
+    """``((combine kernel, its signature), nstages)`` of the batch-statistics stages."""
+    if training and plan.reducing:
+        return (Deferred(mod, "combine"), loops.combine_sig(p, works)), plan.n_stages
+    return (loops.no_combine, loops.combine_sig(p, works)), 0
+
+
+def _train_kernels(model, mod, plan, opt, X2, T, idx, p, gx, state, hyper, training, works):
+    """The chain's valgrad kernel, its combine kernel and the optimizer's update, with
+    their signatures; and the number of reduction stages."""
     valgrad = kernel_for(mod, plan, f"valgrad_range_{model.loss.kind}", training, default=True)
-    return [(valgrad, loops.valgrad_sig(X2, T, idx, p, gx)),
-            (opt.update_kernel(), loops.update_sig(p, state, hyper))]
+    combine, nstages = _combine(mod, plan, p, works, training)
+    return [(valgrad, loops.valgrad_sig(X2, T, idx, p, gx)), combine,
+            (opt.update_kernel(), loops.update_sig(p, state, hyper))], nstages
 
 
 def alloc_threaded_grad(chain, n_threads=None, dtype=np.float32) -> np.ndarray:
@@ -82,10 +92,12 @@ def _check_G(G, p):
     return G
 
 
-def _valgrad(model, X, p, out, x_out, want_x, training, seed, step):
+def _valgrad(model, X, p, out, x_out, want_x, training, seed, step, state):
     _check_model(model)
     p = check_params(model.chain.n_params, p)
     key, step = check_random(seed, step)
+    # training mode normalizes with batch statistics: the running ones are not needed
+    state = model.chain._check_state(state, p.dtype, required=not training)
     out = _check_out(out, p)
     X2, T, mod, plan = _prepare(model, X, p)
     n = X2.shape[0]
@@ -102,19 +114,23 @@ def _valgrad(model, X, p, out, x_out, want_x, training, seed, step):
         gx = x_out.reshape(n, -1)
     else:
         gx = np.empty((0, plan.n_in), dtype=p.dtype)
-    works, metas, state = model.chain._workspace(plan, nt, p.dtype, key, step)
+    if training:
+        model.chain._check_batch_stats(n, "X")
+    works, metas, kstate = model.chain._workspace(plan, nt, p.dtype, key, step, state)
     kernel = kernel_for(mod, plan, f"valgrad_{'x_' if want_x else ''}range_{model.loss.kind}",
                         training, default=True)
+    combine, nstages = _combine(mod, plan, p, works, training)
     idx = np.arange(n)
-    loops.call(loops.valgrad_threads, [(kernel, loops.valgrad_sig(X2, T, idx, p, gx))],
-               (X2, T, idx, 0, n, p, G, state, works, metas, losses, p.dtype.type(1.0 / n), gx))
+    loops.call(loops.valgrad_threads, [(kernel, loops.valgrad_sig(X2, T, idx, p, gx)), combine],
+               (nstages, X2, T, idx, 0, n, p, G, kstate, works, metas, losses,
+                p.dtype.type(1.0 / n), gx))
     from .compiler.runtime import sum_rows
 
     sum_rows(G, out)
     return float(losses.sum()), out, x_out
 
 
-def valgrad(model, X, p, *, out=None, training=True, seed=0, step=0):
+def valgrad(model, X, p, *, out=None, state=None, training=True, seed=0, step=0):
     """Loss and its gradient with respect to the parameters.
 
     Parameters
@@ -127,9 +143,13 @@ def valgrad(model, X, p, *, out=None, training=True, seed=0, step=0):
         Overwritten with the gradient and returned. (Each call still allocates small
         per-thread scratch, ``n_threads x n_params``; the training loops allocate nothing
         per step.)
+    state : ndarray, optional
+        The layer state (:func:`~smallchains.init_state`); needed in inference mode by
+        chains with BatchNorm (training mode normalizes with the batch's statistics and
+        neither reads nor updates it). Not modified.
     training : bool, default True
-        Training mode (Dropout active) or inference (Dropout is the identity); see
-        docs/api.md, "Modes and random numbers".
+        Training mode (Dropout active, BatchNorm with batch statistics) or inference
+        (Dropout is the identity); see docs/api.md, "Modes and random numbers".
     seed, step : int, default 0
         Key and step counter of the random layers in training mode: the Dropout mask of
         row ``i`` of ``X`` is a function of ``(seed, step, i)``; :func:`train_batched` at
@@ -147,14 +167,15 @@ def valgrad(model, X, p, *, out=None, training=True, seed=0, step=0):
 
     SimpleChains.jl: ``valgrad!(g, model, x, p)``.
     """
-    loss, g, _ = _valgrad(model, X, p, out, None, False, training, seed, step)
+    loss, g, _ = _valgrad(model, X, p, out, None, False, training, seed, step, state)
     return loss, g
 
 
-def valgrad_with_input(model, X, p, *, out=None, x_out=None, training=True, seed=0, step=0):
+def valgrad_with_input(model, X, p, *, out=None, x_out=None, state=None, training=True, seed=0,
+                       step=0):
     """Loss and its gradients with respect to ``p`` and to the input ``X``.
 
-    Like :func:`valgrad` (same ``training``, ``seed``, ``step``), plus ``dL/dX`` of shape
+    Like :func:`valgrad` (same ``state``, ``training``, ``seed``, ``step``), plus ``dL/dX`` of shape
     ``(N, *input_shape)`` (written into ``x_out`` if given). SimpleChains.jl:
     ``valgrad!((gx, gp), model, x, p)``.
 
@@ -163,7 +184,7 @@ def valgrad_with_input(model, X, p, *, out=None, x_out=None, training=True, seed
     (float, ndarray, ndarray)
         loss, ``dL/dp``, ``dL/dX``.
     """
-    return _valgrad(model, X, p, out, x_out, True, training, seed, step)
+    return _valgrad(model, X, p, out, x_out, True, training, seed, step, state)
 
 
 class _Progress:
@@ -186,7 +207,7 @@ class _Progress:
             self.bar.close()
 
 
-def _train_setup(G, p, model, X, opt, seed):
+def _train_setup(G, p, model, X, opt, seed, state, training):
     _check_model(model)
     if not isinstance(opt, Optimizer):
         raise TypeError(f"opt must be a smallchains optimizer (e.g. sc.Adam(1e-3)), got {type(opt).__name__}")
@@ -194,12 +215,19 @@ def _train_setup(G, p, model, X, opt, seed):
     G = _check_G(G, p)
     X2, T, mod, plan = _prepare(model, X, p)
     key, _ = check_random(seed)
+    user_state = model.chain._check_state(state, p.dtype)
     state, hyper = opt.prepare(p)
-    works, metas, lstate = model.chain._workspace(plan, G.shape[0], p.dtype, key)
+    works, metas, lstate = model.chain._workspace(plan, G.shape[0], p.dtype, key, 0, user_state)
     gx = np.empty((0, plan.n_in), dtype=p.dtype)
     losses = np.zeros(G.shape[0], dtype=p.dtype)
     g = np.zeros_like(p)
-    return p, G, X2, T, mod, plan, state, hyper, (lstate, works, metas), gx, losses, g
+    return p, G, X2, T, mod, plan, state, hyper, (lstate, works, metas), gx, losses, g, user_state
+
+
+def _save_state(user_state, ws, plan):
+    """Copy the running statistics the kernels updated back into the caller's state."""
+    if user_state is not None and plan.n_state:
+        user_state[:] = ws[0][:plan.n_state]
 
 
 #: Target duration, in seconds, of one call of a compiled training loop. The drivers run
@@ -255,7 +283,7 @@ def _nonfinite_error(info, loss, where, state_note, history, **extra):
     return err
 
 
-def train_unbatched(G, p, model, X, opt, iters, *, callback=None, report_every=None,
+def train_unbatched(G, p, model, X, opt, iters, *, state=None, callback=None, report_every=None,
                     progress=False, training=True, seed=None):
     """Full-batch training: ``iters`` optimizer steps on all of ``X``, ``p`` in place.
 
@@ -282,6 +310,9 @@ def train_unbatched(G, p, model, X, opt, iters, *, callback=None, report_every=N
     report_every : int, optional
     progress : bool -- show a tqdm bar.
     training : bool, default True -- training mode (Dropout active) or inference.
+    state : ndarray, optional -- the layer state (:func:`~smallchains.init_state`),
+        required by chains with BatchNorm; its running statistics are updated in place
+        (also when training stops early).
     seed : int, optional -- key of the random layers (Dropout masks of step ``t`` depend
         on ``(seed, t, row)``, see docs/api.md); default a fresh key.
 
@@ -316,17 +347,21 @@ def train_unbatched(G, p, model, X, opt, iters, *, callback=None, report_every=N
     iters = check_count(iters, "iters")
     if report_every is not None:
         report_every = check_count(report_every, "report_every", 1)
-    p, G, X2, T, mod, plan, state, hyper, ws, gx, losses, g = _train_setup(G, p, model, X, opt, seed)
+    (p, G, X2, T, mod, plan, state, hyper, ws, gx, losses, g,
+     user_state) = _train_setup(G, p, model, X, opt, seed, state, training)
+    if training:
+        model.chain._check_batch_stats(X2.shape[0], "X")
     hist = np.zeros(iters, dtype=p.dtype)
     idx = np.arange(X2.shape[0])
-    kernels = _train_kernels(model, mod, plan, opt, X2, T, idx, p, gx, state, hyper, training)
+    kernels, nstages = _train_kernels(model, mod, plan, opt, X2, T, idx, p, gx, state, hyper,
+                                      training, ws[1])
     every = iters if (callback is None and not progress) else (report_every or max(1, iters // 100))
     info = np.zeros(2, dtype=np.int64)  # steps applied, status (set by the compiled loop)
     t0 = opt.t
     loop = loops.train_unbatched_loop
 
     def args(k):
-        return (X2, T, idx, p, G, *ws, losses, g, state, hyper, t0, k, hist, gx, info)
+        return (nstages, X2, T, idx, p, G, *ws, losses, g, state, hyper, t0, k, hist, gx, info)
 
     if iters:
         loops.prepare(loop, kernels, args(1))  # compile first: chunks are timed
@@ -355,6 +390,7 @@ def train_unbatched(G, p, model, X, opt, iters, *, callback=None, report_every=N
         raise
     finally:
         opt.t = t0 + int(info[0])
+        _save_state(user_state, ws, plan)
         bar.close()
     return hist
 
@@ -364,7 +400,7 @@ def default_batch_size(block: int, n_threads: int, n: int) -> int:
     return max(1, min(n, max(64, 4 * block * n_threads)))
 
 
-def accuracy_and_loss(model, X, *args):
+def accuracy_and_loss(model, X, *args, state=None):
     """Classification accuracy and mean loss: ``accuracy_and_loss(model, X, labels, p)``
     or ``accuracy_and_loss(model, X, p)`` (the model's own labels).
 
@@ -381,6 +417,8 @@ def accuracy_and_loss(model, X, *args):
     labels : array of int, shape ``(N,)``, optional -- 0-based classes in
         ``[0, n_classes)``; default the model's own labels.
     p : ndarray, shape ``(n_params,)``, float32 or float64
+    state : ndarray, keyword-only -- the layer state (:func:`~smallchains.init_state`),
+        required by chains with BatchNorm (inference mode: running statistics).
 
     Returns
     -------
@@ -414,7 +452,7 @@ def accuracy_and_loss(model, X, *args):
     p = check_params(chain.n_params, p)
     X2, T, _, _ = _prepare(model, X, p, labels)  # validates X, the labels and the output shape
     n = X2.shape[0]
-    logits = chain(X2.reshape((n,) + chain.input_shape), p)  # (N, n_classes), p.dtype
+    logits = chain(X2.reshape((n,) + chain.input_shape), p, state=state)  # (N, n_classes)
     rows = np.arange(n)
     per_sample = -log_softmax(logits, axis=1)[rows, T]
     loss = per_sample.sum(dtype=p.dtype) * p.dtype.type(1.0 / n)
@@ -432,7 +470,7 @@ def _epoch_history(out, hist, done, nbatch):
 
 
 def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True, seed=None,
-                  callback=None, progress=False, training=True):
+                  state=None, callback=None, progress=False, training=True):
     """Minibatch training for ``epochs`` passes over ``X``, ``p`` in place.
 
     Every epoch visits the samples in a new random order (``shuffle=True``, from
@@ -456,6 +494,9 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
         Default :func:`default_batch_size`: ``min(N, max(64, 4 * B * n_threads))`` where
         ``B`` is the chain's block size (16 for LeNet5, so 128 at 2 threads).
     shuffle : bool, default True
+    state : ndarray, optional
+        The layer state (:func:`~smallchains.init_state`), required by chains with
+        BatchNorm; its running statistics are updated in place, once per minibatch.
     seed : int, optional
         Seed of the shuffling generator and key of the random layers (the Dropout mask
         of a row at optimizer step ``t`` depends only on ``(seed, t, row)``, see
@@ -497,13 +538,19 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
     epochs = check_count(epochs, "epochs")
     if batch_size is not None:
         batch_size = check_count(batch_size, "batch_size", 1)
-    p, G, X2, T, mod, plan, state, hyper, ws, gx, losses, g = _train_setup(G, p, model, X, opt, seed)
+    (p, G, X2, T, mod, plan, state, hyper, ws, gx, losses, g,
+     user_state) = _train_setup(G, p, model, X, opt, seed, state, training)
     n = X2.shape[0]
     if batch_size is None:
         batch_size = default_batch_size(plan.B, G.shape[0], n)
+    if training:
+        model.chain._check_batch_stats(min(batch_size, n), "a minibatch")
+        if n % batch_size:
+            model.chain._check_batch_stats(n % batch_size, "the last minibatch of each epoch")
     rng = np.random.default_rng(seed)
     perm = np.arange(n)
-    kernels = _train_kernels(model, mod, plan, opt, X2, T, perm, p, gx, state, hyper, training)
+    kernels, nstages = _train_kernels(model, mod, plan, opt, X2, T, perm, p, gx, state, hyper,
+                                      training, ws[1])
     nbatch = -(-n // batch_size)
     hist = np.zeros(nbatch, dtype=p.dtype)  # minibatch losses of the current epoch
     out = np.zeros(epochs, dtype=p.dtype)
@@ -512,8 +559,8 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
     loop = loops.train_batched_loop
 
     def args(k):
-        return (X2, T, perm, batch_size, k, p, G, *ws, losses, g, state, hyper, t0, hist, gx,
-                info)
+        return (nstages, X2, T, perm, batch_size, k, p, G, *ws, losses, g, state, hyper, t0, hist,
+                gx, info)
 
     if epochs:
         loops.prepare(loop, kernels, args(1))  # compile first: chunks are timed
@@ -545,5 +592,6 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
         raise
     finally:
         opt.t = t0 + int(info[0])
+        _save_state(user_state, ws, plan)
         bar.close()
     return out

@@ -63,15 +63,15 @@ def test_mask_kernel_matches_reference_every_remainder(dtype, compiled):
     thr, scale = np.uint64(keep_threshold(rate)), np.dtype(dtype).type(1 / (1 - rate))
     for n_feat in range(1, 10):
         for B in (1, 3, 8, 17):
-            meta = np.concatenate([[2 ** 40 + 5, 9], rng.integers(0, 10 ** 6, B)]).astype(np.int64)
-            meta[2] = -1  # a padding lane
+            meta = np.concatenate([[2 ** 40 + 5, 9, 0], rng.integers(0, 10 ** 6, B)]).astype(np.int64)
+            meta[3] = -1  # a padding lane
             work = rng.standard_normal(2 * n_feat * B + 3).astype(dtype)
             a, b = work.copy(), work.copy()
             fast(a, 1, 1 + n_feat * B, n_feat, B, meta, 3, thr, scale)
             ref(b, 1, 1 + n_feat * B, n_feat, B, meta, 3, thr, scale)
             np.testing.assert_array_equal(a, b, err_msg=f"n_feat={n_feat} B={B}")
             # and both agree with the Python mask of the rows
-            keep = dropout_keep(meta[0], meta[1], meta[2:], 3, n_feat, rate)  # (B, n_feat)
+            keep = dropout_keep(meta[0], meta[1], meta[3:], 3, n_feat, rate)  # (B, n_feat)
             x = work[1:1 + n_feat * B].reshape(n_feat, B)
             np.testing.assert_array_equal(a[1 + n_feat * B:1 + 2 * n_feat * B].reshape(n_feat, B),
                                           np.where(keep.T, x * scale, x * 0))

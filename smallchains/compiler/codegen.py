@@ -33,10 +33,10 @@ only the names above exist.
 
 ``state`` is the chain's layer state outside ``p`` (``plan.n_state`` elements; a dummy
 when it has none). ``meta`` is the calling thread's int64 row of ``plan.meta_size``
-elements: ``meta[0]`` the random key (seed), ``meta[1]`` the optimizer step, set by the
-caller; the range kernels write ``meta[2 + s]``, the dataset row of lane ``s`` of the
-current block (-1 for a padding lane). Random layers read them
-(:mod:`smallchains.layers.dropout`).
+elements: ``meta[0]`` the random key (seed), ``meta[1]`` the optimizer step, ``meta[2]``
+the stage of a batch-statistics pass (below), set by the caller; the range kernels write
+``meta[3 + s]``, the dataset row of lane ``s`` of the current block (-1 for a padding
+lane). Random layers read them (:mod:`smallchains.layers.dropout`).
 
 Nothing parallel is generated: :mod:`smallchains.compiler.loops` holds the threaded
 drivers and training loops once for all chains and receives these range kernels as
@@ -82,6 +82,8 @@ class LayerSlot:
     saved_off: int = 0
     state_off: int = 0
     n_state: int = 0
+    red_off: int = 0  # per-thread partial sums of a batch-statistics layer (in work)
+    scratch_off: int = 0  # its batch statistics of the current step (in state)
 
 
 @dataclass
@@ -100,11 +102,22 @@ class ChainPlan:
     #: True if some layer computes differently in training and inference (set by
     #: generate_source): the module then has both modes of its range kernels
     mode_dependent: bool = False
+    #: state elements after the layers' persistent state: batch statistics of one step
+    n_scratch: int = 0
+    #: slot indices of the layers with batch statistics in training (BatchNorm)
+    reducing: tuple = ()
+    red_lo: int = 0
+    red_hi: int = 0
+
+    @property
+    def n_stages(self) -> int:
+        """Reduction stages before a training step: forward and backward per reducing layer."""
+        return 2 * len(self.reducing)
 
     @property
     def meta_size(self) -> int:
-        """Elements of a thread's ``meta`` row: key, step, then one row index per lane."""
-        return 2 + self.B
+        """Elements of a thread's ``meta`` row: key, step, stage, one row index per lane."""
+        return 3 + self.B
 
     @property
     def n_in(self) -> int:
@@ -155,11 +168,23 @@ def plan_chain(input_shape, layers, B: int) -> ChainPlan:
         cur = s.out_off
         maxf = max(maxf, prod(s.out_shape))
     grad_a, grad_b = off, off + B * maxf
-    # a multiple of 16 elements, so each row of a (threads, work_size) array stays aligned
-    work_size = -(-(off + 2 * B * maxf) // 16) * 16
+    off += 2 * B * maxf
+    # per-thread partial sums of the layers with batch statistics, and their batch
+    # statistics after the state proper
+    red_lo, reducing = off, []
     n_state = sum(s.n_state for s in slots)
+    scratch = n_state
+    for i, s in enumerate(slots):
+        if getattr(s.layer, "reduces_batch", False):
+            reducing.append(i)
+            s.red_off, s.scratch_off = off, scratch
+            off += s.layer.reduce_size(s.in_shape)
+            scratch += s.layer.scratch_size(s.in_shape)
+    # a multiple of 16 elements, so each row of a (threads, work_size) array stays aligned
+    work_size = -(-off // 16) * 16
     return ChainPlan(tuple(input_shape), out_shape, slots, n_params, B, work_size, grad_a, grad_b,
-                     n_state)
+                     n_state, n_scratch=scratch - n_state, reducing=tuple(reducing), red_lo=red_lo,
+                     red_hi=off)
 
 
 def _ctx(plan: ChainPlan, i: int, dtype, options: KernelOptions, **kw) -> EmitContext:
@@ -167,7 +192,7 @@ def _ctx(plan: ChainPlan, i: int, dtype, options: KernelOptions, **kw) -> EmitCo
     return EmitContext(
         in_shape=s.in_shape, out_shape=s.out_shape, p_off=s.p_off,
         in_off=s.in_off, out_off=s.out_off, saved_off=s.saved_off, B=plan.B,
-        layer_index=i, state_off=s.state_off,
+        layer_index=i, state_off=s.state_off, red_off=s.red_off, scratch_off=s.scratch_off,
         dt=f"np.{np.dtype(dtype).name}", registers=options.registers, **kw,
     )
 
@@ -216,8 +241,17 @@ class _Functions:
         return name
 
     def run(self, steps, n=4):
-        """Kernel lines running ``steps`` in order, indented by ``n``."""
-        return _indent([self.calls[step] for step in steps], n)
+        """Kernel lines running ``steps`` in order, indented by ``n``. An item
+        ``("stage", j, step)`` runs ``step`` and skips the rest of the block when the
+        kernel's ``stage`` is ``j`` (see :func:`_forward_lines`)."""
+        lines = []
+        for step in steps:
+            if isinstance(step, tuple):
+                _, j, name = step
+                lines += [f"if stage == {j}:", "    " + self.calls[name], "    continue"]
+            else:
+                lines.append(self.calls[step])
+        return _indent(lines, n)
 
     def source(self, deps):
         """The step definitions, the step table and the kernels' ``_DEPS``."""
@@ -229,20 +263,28 @@ class _Functions:
                 + "def __getattr__(name):\n    return _resolve(globals(), name)\n")
 
 
-def _forward_lines(plan, dtype, training, funcs, options):
-    """Names of the forward steps, in order."""
+def _forward_lines(plan, dtype, training, funcs, options, stages=False):
+    """Names of the forward steps, in order. With ``stages`` (training kernels of a chain
+    with batch statistics), before the forward step of the ``j``-th reducing layer an item
+    ``("stage", j, its batch-statistics step)``: in stage ``j`` a block goes no further."""
     steps = []
     for i, s in enumerate(plan.slots):
-        lines = emit_layer_forward(s.layer, _ctx(plan, i, dtype, options, training=training), options)
+        ctx = _ctx(plan, i, dtype, options, training=training)
+        if stages and i in plan.reducing:
+            name = funcs.add(f"layer{i}_batch_stats", False, s.layer.emit_batch_stats(ctx))
+            steps.append(("stage", plan.reducing.index(i), name))
+        lines = emit_layer_forward(s.layer, ctx, options)
         if lines:
             steps.append(funcs.add(f"layer{i}_forward{'_train' if training else ''}", False, lines))
     return steps
 
 
-def _pullback_lines(plan, dtype, first_need_gin, funcs, options, training=True):
+def _pullback_lines(plan, dtype, first_need_gin, funcs, options, training=True, stages=False):
     """Pullback steps in reverse order; returns (step names, offset of dL/dx). The first layer
     computes dL/dx only if ``first_need_gin``: training never needs it, and leaving it out
-    saves its compile (a convolution's input gradient is its costliest part)."""
+    saves its compile (a convolution's input gradient is its costliest part). With
+    ``stages``, before the pullback of a reducing layer the item of its gradient-statistics
+    stage (``m + (m - 1 - j)`` for the ``j``-th of ``m``: the last layer first)."""
     steps, gout, gin = [], plan.grad_a, plan.grad_b
     for i in reversed(range(len(plan.slots))):
         s = plan.slots[i]
@@ -251,12 +293,40 @@ def _pullback_lines(plan, dtype, first_need_gin, funcs, options, training=True):
             continue  # output is the input: dL/dx = dL/dy, nothing to do
         ctx = _ctx(plan, i, dtype, options, gout_off=gout, gin_off=gin, need_gin=need,
                    training=training)
+        if stages and i in plan.reducing:
+            m = len(plan.reducing)
+            name = funcs.add(f"layer{i}_grad_stats", False, s.layer.emit_grad_stats(ctx))
+            steps.append(("stage", m + (m - 1 - plan.reducing.index(i)), name))
         lines = emit_layer_pullback(s.layer, ctx, options)
         if lines:
             name = f"layer{i}_pullback{'_gx' if i == 0 and need else ''}{'' if training else '_infer'}"
             steps.append(funcs.add(name, True, lines))
         gout, gin = gin, gout
     return steps, gout
+
+
+def _names(steps):
+    """The step names of a list of :func:`_forward_lines` / :func:`_pullback_lines` items."""
+    return [st[2] if isinstance(st, tuple) else st for st in steps]
+
+
+def _combine_source(plan, dtype, options):
+    """``combine(stage, works, state, update_running)``: the serial part of each reduction
+    stage (see :func:`smallchains.compiler.loops._stages`), merging the threads' partial
+    sums of the stage's layer into ``state``."""
+    m = len(plan.reducing)
+    lines = []
+    for j, i in enumerate(plan.reducing):
+        ctx = _ctx(plan, i, dtype, options)
+        layer = plan.slots[i].layer
+        lines += [f"if stage == {j}:", "    " + layer.emit_combine_stats(ctx),
+                  f"if stage == {m + (m - 1 - j)}:", "    " + layer.emit_combine_grads(ctx)]
+    imports = sorted({n for i in plan.reducing for n in plan.slots[i].layer.combine_imports})
+    mod = type(plan.slots[plan.reducing[0]].layer).__module__
+    return (f"\n\nfrom {mod} import {', '.join(imports)}  # noqa: E402\n\n\n@njit(**_J)\n"
+            "def _combine(stage, works, state, update_running):\n"
+            '    """Merge the threads\' partial sums of reduction stage ``stage`` into state."""\n'
+            + _indent(lines) + "\n")
 
 
 def _indent(lines, n=4):
@@ -316,7 +386,7 @@ def _valgrad{x}_range_{kind}{mode}(X, T, idx, lo, hi, p, g, state, work, meta, s
     {gx_doc}\"\"\"
     for j in range(g.shape[0]):
         g[j] = 0
-    total = like(scale, 0.0)
+    total = like(scale, 0.0){prelude}
     for s0 in range(lo, hi, B):
         nb = min(B, hi - s0)
         load_block(X, idx, s0, nb, work, 0, N_IN, B)
@@ -491,7 +561,8 @@ def generate_source(input_shape, layers, dtype, B=None, options=None) -> tuple[s
         version=__version__, spec=spec, dtype=dtype.name, loss="all", B=B,
         kernel_hash=kernel_source_hash(), imports=import_lines, n_in=plan.n_in,
         n_out=plan.n_out, n_params=plan.n_params, work_size=plan.work_size, out_off=out_off,
-        kernels=options.kernels, registers=options.registers, n_state=max(plan.n_state, 1),
+        kernels=options.kernels, registers=options.registers,
+        n_state=max(plan.n_state + plan.n_scratch, 1),
         meta_size=plan.meta_size,
     )
     funcs = _Functions()
@@ -501,7 +572,10 @@ def generate_source(input_shape, layers, dtype, B=None, options=None) -> tuple[s
     for training in (True, False):  # identical steps keep the first name: the training one
         for kind, need in (("pull_x", True), ("pull", False)):
             steps[kind, training], gx_off = _pullback_lines(plan, dtype, need, funcs, options,
-                                                            training)
+                                                            training, stages=training)
+    # valgrad kernels in training mode: with the reduction stages (none for most chains)
+    steps["vforward", True] = _forward_lines(plan, dtype, True, funcs, options, stages=True)
+    steps["vforward", False] = steps["forward", False]
     plan.mode_dependent = any(steps[k, False] != steps[k, True] for k in ("forward", "pull", "pull_x"))
     # default mode of each kernel, and (if the chain is mode dependent) the other one
     modes = [(False, True, "")]  # (training of forward kernels, of valgrad kernels, suffix)
@@ -527,7 +601,11 @@ def generate_source(input_shape, layers, dtype, B=None, options=None) -> tuple[s
         fwd = steps["forward", f_train]
         deps["forward_range" + f_mode] = fwd
         body += _FORWARD_TEMPLATE.format(mode=f_mode, forward=funcs.run(fwd, 8), out_off=out_off)
-        vfwd = steps["forward", v_train]
+        vfwd = steps["vforward", v_train]
+        prelude = ""
+        if v_train and plan.reducing:
+            prelude = (f"\n    stage = meta[2]\n    for j in range({plan.red_lo}, {plan.red_hi}):"
+                       "\n        work[j] = 0")
         valgrad_variants = (  # (name suffix, pullback, gx store, docstring line)
             ("", steps["pull", v_train], "", "gx is not used (same signature as valgrad_x_range)."),
             ("_x", steps["pull_x", v_train],
@@ -536,14 +614,18 @@ def generate_source(input_shape, layers, dtype, B=None, options=None) -> tuple[s
         for kind, kernel in sorted(LOSS_KERNELS.items()):
             deps[f"loss_range_{kind}{f_mode}"] = fwd
             for x, pullback, store_gx, gx_doc in valgrad_variants:
-                deps[f"valgrad{x}_range_{kind}{v_mode}"] = vfwd + pullback
+                deps[f"valgrad{x}_range_{kind}{v_mode}"] = _names(vfwd + pullback)
                 body += _LOSS_TEMPLATE.format(
+                    prelude=prelude,
                     kind=kind, mode=v_mode, forward=funcs.run(vfwd, 8), loss_kernel=kernel,
                     out_off=out_off, grad_a=plan.grad_a, pullback=funcs.run(pullback, 8), x=x,
                     store_gx=store_gx, gx_doc=gx_doc)
             body += _LOSS_ONLY_TEMPLATE.format(kind=kind, mode=f_mode, forward=funcs.run(fwd, 8),
                                                loss_kernel=kernel, out_off=out_off,
                                                grad_a=plan.grad_a)
+    if plan.reducing:
+        body += _combine_source(plan, dtype, options)
+        deps["combine"] = ()
     # layer functions go between the header (imports, constants) and the range kernels
     head, sep, rest = body.partition("\n\n@njit")
     src = head + "\n\n\n" + funcs.source(deps) + "\n" + sep + rest

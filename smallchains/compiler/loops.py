@@ -60,13 +60,39 @@ def _loss_threads(loss, X, T, idx, p, state, works, metas, losses, scale):
                          metas[k], scale)
 
 
-def _valgrad_threads(valgrad, X, T, idx, lo, m, p, G, state, works, metas, losses, scale, gx):
+def _valgrad_threads(valgrad, combine, nstages, X, T, idx, lo, m, p, G, state, works, metas,
+                     losses, scale, gx):
     """Rows ``idx[lo:lo+m]`` split over the ``G.shape[0]`` threads: thread ``k`` overwrites
-    ``G[k]`` with ``scale * dL/dp`` of its rows and ``losses[k]`` with their scaled loss."""
+    ``G[k]`` with ``scale * dL/dp`` of its rows and ``losses[k]`` with their scaled loss.
+    Chains with batch statistics (BatchNorm in training) first run ``nstages`` reduction
+    stages (see :func:`_stages`); the running statistics are not updated."""
+    _stages(valgrad, combine, nstages, X, T, idx, lo, m, p, G, state, works, metas, losses,
+            scale, gx, False)
     nt = G.shape[0]
+    for k in range(nt):
+        metas[k, 2] = nstages
     for k in prange(nt):
         losses[k] = valgrad(X, T, idx, lo + m * k // nt, lo + m * (k + 1) // nt, p, G[k],
                             state, works[k], metas[k], scale, gx)
+
+
+@njit(**INLINE_OPTIONS)
+def _stages(valgrad, combine, nstages, X, T, idx, lo, m, p, G, state, works, metas, losses,
+            scale, gx, update_running):
+    """The reduction stages before a training step of a chain with batch statistics: for
+    ``stage < nstages`` every thread runs ``valgrad`` with ``metas[k, 2] = stage`` (it
+    stops where that stage's per-thread partial sums are complete, see
+    :mod:`smallchains.compiler.codegen`), then ``combine(stage, works, state, update)``
+    sums the partial sums of all threads in thread order into ``state``. Nothing for
+    ``nstages = 0``."""
+    nt = G.shape[0]
+    for stage in range(nstages):
+        for k in range(nt):
+            metas[k, 2] = stage
+        for k in prange(nt):
+            losses[k] = valgrad(X, T, idx, lo + m * k // nt, lo + m * (k + 1) // nt, p, G[k],
+                                state, works[k], metas[k], scale, gx)
+        combine(stage, works, state, update_running)
 
 
 @njit(**INLINE_OPTIONS)
@@ -82,19 +108,24 @@ def _all_finite(g):
 OK, LOSS_NOT_FINITE, GRAD_NOT_FINITE = 0, 1, 2
 
 
-def _step(valgrad, update, X, T, idx, lo, m, p, G, lstate, works, metas, losses, g, state,
-          hyper, t, gx):
+def _step(valgrad, combine, update, nstages, X, T, idx, lo, m, p, G, lstate, works, metas,
+          losses, g, state, hyper, t, gx):
     """One optimizer step on rows ``idx[lo:lo+m]``, split over the ``G.shape[0]`` threads
     (thread ``k`` overwrites ``G[k]`` and ``losses[k]``; unless the loss is not finite,
     ``g`` is overwritten with their sum). ``lstate`` is the layer state, ``state`` the
     optimizer's; ``metas[:, 1]`` is set to the step count ``t`` (random layers' masks
     depend on it). Returns ``(loss, status)``: ``status`` is :data:`OK` after the update,
     else :data:`LOSS_NOT_FINITE` or :data:`GRAD_NOT_FINITE`, and then ``p`` and ``state``
-    are not touched."""
+    are not touched. ``nstages``, ``combine``: the batch-statistics stages, see
+    :func:`_stages` (they update the running statistics in ``lstate``)."""
     nt = G.shape[0]
     scale = like(p[0], 1.0 / m)
     for k in range(nt):
         metas[k, 1] = t
+    _stages(valgrad, combine, nstages, X, T, idx, lo, m, p, G, lstate, works, metas, losses,
+            scale, gx, True)
+    for k in range(nt):
+        metas[k, 2] = nstages
     for k in prange(nt):  # valgrad_threads, inlined: saves a parallel compile (~0.7 s)
         losses[k] = valgrad(X, T, idx, lo + m * k // nt, lo + m * (k + 1) // nt, p, G[k],
                             lstate, works[k], metas[k], scale, gx)
@@ -110,8 +141,8 @@ def _step(valgrad, update, X, T, idx, lo, m, p, G, lstate, works, metas, losses,
     return total, OK
 
 
-def _train_unbatched(valgrad, update, X, T, idx, p, G, lstate, works, metas, losses, g, state,
-                     hyper, step0, iters, hist, gx, info):
+def _train_unbatched(valgrad, combine, update, nstages, X, T, idx, p, G, lstate, works, metas,
+                     losses, g, state, hyper, step0, iters, hist, gx, info):
     """Up to ``iters`` full-batch steps, continuing after the ``info[0]`` steps done so far.
 
     Step ``i = info[0]`` (0-based within the run) writes its loss to ``hist[i]``, uses
@@ -123,8 +154,8 @@ def _train_unbatched(valgrad, update, X, T, idx, p, G, lstate, works, metas, los
     n = idx.shape[0]
     for _ in range(iters):
         i = info[0]
-        loss, status = _step(valgrad, update, X, T, idx, 0, n, p, G, lstate, works, metas,
-                             losses, g, state, hyper, step0 + i + 1, gx)
+        loss, status = _step(valgrad, combine, update, nstages, X, T, idx, 0, n, p, G, lstate,
+                             works, metas, losses, g, state, hyper, step0 + i + 1, gx)
         hist[i] = loss
         if status != OK:
             info[1] = status
@@ -132,8 +163,8 @@ def _train_unbatched(valgrad, update, X, T, idx, p, G, lstate, works, metas, los
         info[0] = i + 1
 
 
-def _train_batched(valgrad, update, X, T, perm, batch_size, nsteps, p, G, lstate, works, metas,
-                   losses, g, state, hyper, step0, hist, gx, info):
+def _train_batched(valgrad, combine, update, nstages, X, T, perm, batch_size, nsteps, p, G,
+                   lstate, works, metas, losses, g, state, hyper, step0, hist, gx, info):
     """Up to ``nsteps`` minibatch steps over ``perm`` (``b = info[0] % nbatch`` is the next
     minibatch of the epoch; a last partial batch is a smaller step), stopping at the end of
     the epoch. Step ``i = info[0]`` writes its loss to ``hist[b]``, uses optimizer step
@@ -145,8 +176,9 @@ def _train_batched(valgrad, update, X, T, perm, batch_size, nsteps, p, G, lstate
         i = info[0]
         b = i % nbatch
         lo = b * batch_size
-        loss, status = _step(valgrad, update, X, T, perm, lo, min(n, lo + batch_size) - lo, p,
-                             G, lstate, works, metas, losses, g, state, hyper, step0 + i + 1, gx)
+        loss, status = _step(valgrad, combine, update, nstages, X, T, perm, lo,
+                             min(n, lo + batch_size) - lo, p, G, lstate, works, metas, losses, g,
+                             state, hyper, step0 + i + 1, gx)
         hist[b] = loss
         if status != OK:
             info[1] = status
@@ -259,6 +291,17 @@ def valgrad_sig(X, T, idx, p, gx):
     dt = _typeof(p).dtype
     return dt(_typeof(X), _typeof(T), _typeof(idx), types.int64, types.int64, _typeof(p), _row(dt),
               _row(dt), _row(dt), _META, dt, _typeof(gx))
+
+
+@_memo_sig
+def combine_sig(p, works):
+    """Signature of a chain's ``combine(stage, works, state, update_running)``."""
+    return types.void(types.int64, _typeof(works), _row(_typeof(p).dtype), types.boolean)
+
+
+@njit(**JIT_OPTIONS)
+def no_combine(stage, works, state, update_running):
+    """The ``combine`` of chains without batch statistics (never called: ``nstages = 0``)."""
 
 
 @_memo_sig

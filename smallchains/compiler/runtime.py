@@ -53,12 +53,13 @@ def load_block(X, idx, s0, nb, work, off, n_feat, B):
 
 @njit(**INLINE_OPTIONS)
 def set_lane_rows(meta, idx, s0, nb, B):
-    """``meta[2 + s] = idx[s0 + s]`` for the ``nb`` lanes of a block, -1 for padding lanes:
-    the dataset row of every lane, which random layers key their numbers on."""
+    """``meta[3 + s] = idx[s0 + s]`` for the ``nb`` lanes of a block, -1 for padding lanes:
+    the dataset row of every lane, which random layers key their numbers on (and batch
+    statistics use to skip padding lanes)."""
     for s in range(nb):
-        meta[2 + s] = idx[s0 + s]
+        meta[3 + s] = idx[s0 + s]
     for s in range(nb, B):
-        meta[2 + s] = -1
+        meta[3 + s] = -1
 
 
 @njit(**INLINE_OPTIONS)

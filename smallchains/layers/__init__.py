@@ -3,12 +3,14 @@
 * :mod:`.dense` -- :class:`TurboDense` (alias :class:`Dense`): code emitted by
   ``emit_affine`` (forward) and ``emit_affine_pullback`` (pullback).
 * :mod:`.conv` -- :class:`Conv`, :class:`MaxPool`, :class:`Flatten` over NCHW images.
+* :mod:`.batchnorm` -- :class:`BatchNorm` (batch statistics across threads).
 * :mod:`.dropout` -- :class:`Dropout` (training mode only; masks from :mod:`smallchains.philox`).
 """
 
 from .base import EmitContext, Layer
+from .batchnorm import BatchNorm
 from .conv import Conv, Flatten, MaxPool
 from .dense import Dense, TurboDense
 from .dropout import Dropout
 
-__all__ = ["Conv", "Dense", "Dropout", "EmitContext", "Flatten", "Layer", "MaxPool", "TurboDense"]
+__all__ = ["BatchNorm", "Conv", "Dense", "Dropout", "EmitContext", "Flatten", "Layer", "MaxPool", "TurboDense"]

@@ -65,6 +65,8 @@ class EmitContext:
     registers: int = 16  # vector register budget the tuned tiles are sized for (16 or 32)
     layer_index: int = 0  # position in the chain (part of a random layer's counter)
     state_off: int = 0  # offset of the layer's slice of the state array
+    red_off: int = 0  # batch-statistics layers: per-thread partial sums (in work)
+    scratch_off: int = 0  # ... and the step's batch statistics (in state, after the layers')
 
 
 class Layer:

@@ -33,7 +33,7 @@ def dropout_apply(work, src, dst, n_feat, B, meta, layer, thr, scale):
     """``work[dst + f*B + s] = work[src + f*B + s] * scale`` where unit ``f`` of lane ``s``
     is kept, 0 where dropped, for the ``n_feat`` features of a block of ``B`` lanes.
 
-    Keep test: word ``f % 4`` of ``philox4x32_10(meta[1], meta[2 + s], layer, f // 4,
+    Keep test: word ``f % 4`` of ``philox4x32_10(meta[1], meta[3 + s], layer, f // 4,
     key_lo, key_hi) < thr`` with ``key = meta[0]``; one generator call gives four units."""
     key = np.uint64(meta[0])
     k0, k1 = key & _LO, key >> _S32
@@ -43,7 +43,7 @@ def dropout_apply(work, src, dst, n_feat, B, meta, layer, thr, scale):
         f = 4 * q
         m = min(4, n_feat - f)
         for s in range(B):
-            w = philox4x32_10(t, np.uint64(meta[2 + s]), lay, np.uint64(q), k0, k1)
+            w = philox4x32_10(t, np.uint64(meta[3 + s]), lay, np.uint64(q), k0, k1)
             for j in range(m):
                 i = (f + j) * B + s
                 work[dst + i] = work[src + i] * (scale if w[j] < thr else zero)
@@ -55,7 +55,7 @@ def dropout_apply_reference(work, src, dst, n_feat, B, meta, layer, thr, scale):
     for f in range(n_feat):
         for s in range(B):
             key = np.uint64(meta[0])
-            w = philox4x32_10(np.uint64(meta[1]), np.uint64(meta[2 + s]), np.uint64(layer),
+            w = philox4x32_10(np.uint64(meta[1]), np.uint64(meta[3 + s]), np.uint64(layer),
                               np.uint64(f // 4), key & _LO, key >> _S32)
             keep = w[f % 4] < thr
             x = work[src + f * B + s]

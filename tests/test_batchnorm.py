@@ -1,0 +1,218 @@
+"""BatchNorm against torch BatchNorm1d / BatchNorm2d: training-mode forward (through the
+loss), pullback and running statistics with whole-minibatch statistics whatever the
+thread count; eval mode; float32 and float64; 1 and 2 threads; batch sizes 2, odd and
+several blocks; batch size 1 raises in training as torch does; the layer state is not
+touched by the optimizer and not by valgrad."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+
+import smallchains as sc
+
+from conftest import assert_close, central_fd
+
+DTYPES = [np.float32, np.float64]
+
+
+def dense_chain():
+    return sc.SimpleChain(6, sc.TurboDense(5, "tanh"), sc.BatchNorm(), sc.TurboDense(4, "tanh"),
+                          sc.BatchNorm(momentum=0.2, eps=1e-3), sc.TurboDense(3))
+
+
+def conv_chain():
+    return sc.SimpleChain((2, 7, 6), sc.Conv(3, 3, "relu"), sc.BatchNorm(), sc.MaxPool(2),
+                          sc.Flatten(), sc.TurboDense(4), sc.BatchNorm(momentum=0.3),
+                          sc.TurboDense(3))
+
+
+def torch_net(torch, chain, p):
+    """The chain as an nn.Sequential (float64) at parameters p; its parametrized modules."""
+    nn = torch.nn
+    mods, pmods = [], []
+    for layer, views in zip(chain.layers, chain.param_views(p)):
+        if isinstance(layer, sc.BatchNorm):
+            C = views["weight"].shape[0]
+            cls = nn.BatchNorm1d if len(chain._shapes[chain.layers.index(layer)][0]) == 1 else nn.BatchNorm2d
+            m = cls(C, momentum=layer.momentum, eps=layer.eps, dtype=torch.float64)
+            with torch.no_grad():
+                m.weight.copy_(torch.from_numpy(np.array(views["weight"], np.float64)))
+                m.bias.copy_(torch.from_numpy(np.array(views["bias"], np.float64)))
+            mods.append(m)
+            pmods.append(m)
+            continue
+        if isinstance(layer, sc.MaxPool):
+            mods.append(nn.MaxPool2d(layer.k))
+            continue
+        if isinstance(layer, sc.Flatten):
+            mods.append(nn.Flatten())
+            continue
+        W = np.array(views["W"], np.float64)
+        m = (nn.Conv2d(W.shape[1], W.shape[0], layer.kernel_size, dtype=torch.float64)
+             if isinstance(layer, sc.Conv) else nn.Linear(W.shape[1], W.shape[0], dtype=torch.float64))
+        with torch.no_grad():
+            m.weight.copy_(torch.from_numpy(W))
+            m.bias.copy_(torch.from_numpy(np.array(views["b"], np.float64)))
+        mods.append(m)
+        pmods.append(m)
+        act = layer.activation.name
+        if act != "identity":
+            mods.append({"tanh": nn.Tanh, "relu": nn.ReLU}[act]())
+    return nn.Sequential(*mods), pmods
+
+
+def flat_grad(pmods):
+    return np.concatenate([t.grad.numpy().ravel() for m in pmods for t in (m.weight, m.bias)])
+
+
+def random_affine(chain, p, rng):
+    for layer, v in zip(chain.layers, chain.param_views(p)):
+        if isinstance(layer, sc.BatchNorm):
+            v["weight"][:] = rng.uniform(0.5, 1.5, v["weight"].shape)
+            v["bias"][:] = rng.standard_normal(v["bias"].shape)
+
+
+def setup(make, n, dtype, seed=0):
+    chain = make()
+    rng = np.random.default_rng(seed)
+    X = (rng.standard_normal((n,) + chain.input_shape) * 2 + 0.5).astype(dtype)
+    T = rng.standard_normal((n, 3)).astype(dtype)
+    p = sc.init_params(chain, seed=seed, dtype=dtype)
+    random_affine(chain, p, rng)
+    return chain, X, T, p
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("make", [dense_chain, conv_chain], ids=["dense", "conv"])
+@pytest.mark.parametrize("n", [2, 37, 300])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_training_gradient_and_running_stats_match_torch(torch, dtype, make, n, threads):
+    chain, X, T, p = setup(make, n, dtype)
+    model = sc.add_loss(chain, sc.SquaredLoss(T))
+    before = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        loss, g, gx = sc.valgrad_with_input(model, X, p)
+        state = sc.init_state(chain, dtype)
+        p1 = p.copy()
+        G = sc.alloc_threaded_grad(chain, n_threads=threads, dtype=dtype)
+        sc.train_batched(G, p1, model, X, sc.SGD(0.05), 1, batch_size=n, shuffle=False,
+                         state=state)
+    finally:
+        numba.set_num_threads(before)
+    net, pmods = torch_net(torch, chain, p)
+    x = torch.tensor(X.astype(np.float64), requires_grad=True)
+    out = net(x)
+    tl = ((out - torch.from_numpy(T.astype(np.float64))) ** 2).sum(1).mean()
+    tl.backward()
+    assert_close(np.float64(loss), tl.item(), dtype)
+    assert_close(g, flat_grad(pmods), dtype)
+    assert_close(gx, x.grad.numpy(), dtype)
+    # one SGD step: p moved by the gradient, the running statistics as torch's after the
+    # same forward (state never enters p or the optimizer)
+    assert_close(p1, p - np.asarray(0.05, dtype) * g, dtype)
+    bns = [m for m in pmods if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d))]
+    views = [v for layer, v in zip(chain.layers, chain.state_views(state)) if v]
+    for m, v in zip(bns, views):
+        assert_close(v["running_mean"], m.running_mean.numpy(), dtype)
+        assert_close(v["running_var"], m.running_var.numpy(), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("make", [dense_chain, conv_chain], ids=["dense", "conv"])
+def test_eval_mode_forward_and_pullback_match_torch(torch, dtype, make):
+    chain, X, T, p = setup(make, 29, dtype, seed=1)
+    state = sc.init_state(chain, dtype)
+    rng = np.random.default_rng(2)
+    for v in chain.state_views(state):
+        if v:
+            v["running_mean"][:] = rng.standard_normal(v["running_mean"].shape)
+            v["running_var"][:] = rng.uniform(0.3, 2.0, v["running_var"].shape)
+    saved = state.copy()
+    model = sc.add_loss(chain, sc.SquaredLoss(T))
+    Y = chain(X, p, state=state)
+    loss, g, gx = sc.valgrad_with_input(model, X, p, state=state, training=False)
+    net, pmods = torch_net(torch, chain, p)
+    bns = [m for m in pmods if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d))]
+    for m, v in zip(bns, [v for v in chain.state_views(state) if v]):
+        m.running_mean.copy_(torch.from_numpy(v["running_mean"].astype(np.float64)))
+        m.running_var.copy_(torch.from_numpy(v["running_var"].astype(np.float64)))
+    net.eval()
+    x = torch.tensor(X.astype(np.float64), requires_grad=True)
+    out = net(x)
+    ((out - torch.from_numpy(T.astype(np.float64))) ** 2).sum(1).mean().backward()
+    assert_close(Y, out.detach().numpy(), dtype)
+    assert_close(g, flat_grad(pmods), dtype)
+    assert_close(gx, x.grad.numpy(), dtype)
+    np.testing.assert_array_equal(state, saved)  # read, not written
+
+
+def test_training_gradient_against_finite_differences():
+    chain, X, T, p = setup(dense_chain, 23, np.float64, seed=3)
+    model = sc.add_loss(chain, sc.SquaredLoss(T))
+    _, g = sc.valgrad(model, X, p)
+    assert_close(g, central_fd(lambda q: sc.valgrad(model, X, q)[0], p), np.float64,
+                 rtol=1e-6, atol=1e-8)
+
+
+def test_thread_counts_agree_and_runs_are_deterministic():
+    chain, X, T, p = setup(conv_chain, 150, np.float64, seed=4)
+    model = sc.add_loss(chain, sc.SquaredLoss(T))
+    results = []
+    before = numba.get_num_threads()
+    try:
+        for nt in (1, 2, 2):
+            numba.set_num_threads(nt)
+            state, q = sc.init_state(chain, np.float64), p.copy()
+            G = sc.alloc_threaded_grad(chain, n_threads=nt, dtype=np.float64)
+            # SGD: Adam would blow up the rounding noise of the biases before a BatchNorm,
+            # whose exact gradient is 0
+            sc.train_batched(G, q, model, X, sc.SGD(0.05), 2, batch_size=40, seed=1, state=state)
+            results.append((q, state))
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_array_equal(results[1][0], results[2][0])
+    np.testing.assert_array_equal(results[1][1], results[2][1])
+    assert_close(results[0][0], results[1][0], np.float64, rtol=1e-9, atol=1e-12)
+    assert_close(results[0][1], results[1][1], np.float64, rtol=1e-9, atol=1e-12)
+
+
+def test_batch_of_one_raises_in_training_and_state_is_required():
+    chain, X, T, p = setup(dense_chain, 5, np.float32)
+    model = sc.add_loss(chain, sc.SquaredLoss(T))
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        sc.valgrad(sc.add_loss(chain, sc.SquaredLoss(T[:1])), X[:1], p)
+    G = sc.alloc_threaded_grad(chain)
+    state = sc.init_state(chain)
+    saved = p.copy()
+    with pytest.raises(ValueError, match="last minibatch"):
+        sc.train_batched(G, p, model, X, sc.SGD(0.1), 1, batch_size=2, state=state)
+    with pytest.raises(ValueError, match="pass state=sc.init_state"):
+        sc.train_batched(G, p, model, X, sc.SGD(0.1), 1, batch_size=5)
+    with pytest.raises(ValueError, match="pass state=sc.init_state"):
+        chain(X, p)
+    with pytest.raises(ValueError, match=r"state must be .* float32 array of shape \(18,\)"):
+        chain(X, p, state=np.zeros(17, np.float32))
+    np.testing.assert_array_equal(p, saved)
+    np.testing.assert_array_equal(state, sc.init_state(chain))
+    # a conv BatchNorm has H x W values per channel: one image is enough (as torch)
+    cchain, CX, CT, cp = setup(conv_chain, 2, np.float64)
+    with pytest.raises(ValueError, match="more than one value per channel"):  # the dense BN
+        sc.valgrad(sc.add_loss(cchain, sc.SquaredLoss(CT[:1])), CX[:1], cp)
+
+
+def test_init_state_views_and_bad_hyperparameters():
+    chain = dense_chain()
+    assert chain.n_state == 2 * 5 + 2 * 4 and sc.numparam(chain) == chain.n_params
+    state = sc.init_state(chain, np.float64)
+    views = chain.state_views(state)
+    assert views[0] == {} and set(views[1]) == {"running_mean", "running_var"}
+    assert (views[1]["running_mean"] == 0).all() and (views[3]["running_var"] == 1).all()
+    assert sc.init_state(sc.SimpleChain(3, sc.TurboDense(2))).shape == (0,)
+    for bad in (dict(momentum=0.0), dict(momentum=1.5), dict(eps=0.0), dict(eps=-1.0)):
+        with pytest.raises(ValueError, match="BatchNorm"):
+            sc.BatchNorm(**bad)
+    with pytest.raises(ValueError, match=r"\(C,\) or \(C, H, W\)"):
+        sc.SimpleChain((2, 3), sc.BatchNorm())
