@@ -108,6 +108,7 @@ class ChainPlan:
     reducing: tuple = ()
     red_lo: int = 0
     red_hi: int = 0
+    loss_slot: int = 0
 
     @property
     def n_stages(self) -> int:
@@ -180,11 +181,13 @@ def plan_chain(input_shape, layers, B: int) -> ChainPlan:
             s.red_off, s.scratch_off = off, scratch
             off += s.layer.reduce_size(s.in_shape)
             scratch += s.layer.scratch_size(s.in_shape)
+    loss_slot = off  # the loss of a staged step, kept between stages
+    off += 1
     # a multiple of 16 elements, so each row of a (threads, work_size) array stays aligned
     work_size = -(-off // 16) * 16
     return ChainPlan(tuple(input_shape), out_shape, slots, n_params, B, work_size, grad_a, grad_b,
                      n_state, n_scratch=scratch - n_state, reducing=tuple(reducing), red_lo=red_lo,
-                     red_hi=off)
+                     red_hi=loss_slot, loss_slot=loss_slot)
 
 
 def _ctx(plan: ChainPlan, i: int, dtype, options: KernelOptions, **kw) -> EmitContext:
@@ -310,6 +313,59 @@ def _names(steps):
     return [st[2] if isinstance(st, tuple) else st for st in steps]
 
 
+def _segments(items):
+    """Split a staged step list at its ``("stage", j, step)`` items: ``[(steps, item)]``,
+    the last with item None."""
+    out, cur = [], []
+    for it in items:
+        if isinstance(it, tuple):
+            out.append((cur, it))
+            cur = []
+        else:
+            cur.append(it)
+    out.append((cur, None))
+    return out
+
+
+def _staged_prelude(plan, funcs, vfwd, pull, loss_kernel, out_off, store_gx):
+    """Start of the training valgrad kernel of a chain with batch statistics: read the
+    stage, zero the partial sums, and, when the thread's rows fit in one block, run the
+    stage by resuming from the previous stage's workspace instead of from the input:
+
+    stage ``j < m``: forward from reducing layer ``j - 1`` (or the input) to layer ``j``'s
+    input, its statistics; stage ``m``: the rest of the forward pass, the loss (kept in
+    ``work[LOSS]``), the pullback down to the last reducing layer's output, its gradient
+    statistics; stage ``m + i``: the pullback on to the next reducing layer; stage ``2m``:
+    the rest. ``g`` is zeroed in stage ``m`` only, so it sums over the stages. With more
+    than one block per thread every stage starts from the input (the block loop below)."""
+    m = len(plan.reducing)
+    fseg, pseg = _segments(vfwd), _segments(pull)
+    assert len(fseg) == m + 1 and len(pseg) == m + 1
+
+    def calls(steps, extra=None):
+        out = [funcs.calls[st] for st in steps]
+        return out + ([funcs.calls[extra[2]]] if extra else [])
+
+    lines = ["stage = meta[2]", f"for j in range({plan.red_lo}, {plan.red_hi}):", "    work[j] = 0",
+             "if hi - lo <= B:  # one block: resume where the previous stage stopped",
+             "    s0 = lo", "    nb = hi - lo"]
+    for j in range(m):
+        body = (["load_block(X, idx, s0, nb, work, 0, N_IN, B)", "set_lane_rows(meta, idx, s0, nb, B)"]
+                if j == 0 else []) + calls(*fseg[j])
+        lines += [f"    {'if' if j == 0 else 'elif'} stage == {j}:"] + ["        " + ln for ln in body]
+    body = (["for j in range(g.shape[0]):", "    g[j] = 0"] + calls(fseg[m][0])
+            + [f"total = {loss_kernel}(work, {out_off}, {plan.grad_a}, T, idx, s0, N_OUT, B, nb, "
+               "scale, True)", f"work[{plan.loss_slot}] = total"] + calls(*pseg[0]))
+    lines += [f"    elif stage == {m}:"] + ["        " + ln for ln in body]
+    for i in range(1, m):
+        lines += [f"    elif stage == {m + i}:"] + ["        " + ln for ln in calls(*pseg[i])]
+    gx = [store_gx.strip()] if store_gx else []
+    lines += ["    else:"] + ["        " + ln for ln in calls(pseg[m][0]) + gx
+                               + [f"return work[{plan.loss_slot}] * scale"]]
+    lines += ["    return total * scale"]
+    return "\n" + _indent(lines)
+
+
 def _combine_source(plan, dtype, options):
     """``combine(stage, works, state, update_running)``: the serial part of each reduction
     stage (see :func:`smallchains.compiler.loops._stages`), merging the threads' partial
@@ -384,9 +440,9 @@ _LOSS_TEMPLATE = '''
 def _valgrad{x}_range_{kind}{mode}(X, T, idx, lo, hi, p, g, state, work, meta, scale, gx):
     \"\"\"Overwrite g with scale * dL/dp over rows idx[lo:hi]; return scale * loss sum.
     {gx_doc}\"\"\"
+    total = like(scale, 0.0){prelude}
     for j in range(g.shape[0]):
         g[j] = 0
-    total = like(scale, 0.0){prelude}
     for s0 in range(lo, hi, B):
         nb = min(B, hi - s0)
         load_block(X, idx, s0, nb, work, 0, N_IN, B)
@@ -603,9 +659,6 @@ def generate_source(input_shape, layers, dtype, B=None, options=None) -> tuple[s
         body += _FORWARD_TEMPLATE.format(mode=f_mode, forward=funcs.run(fwd, 8), out_off=out_off)
         vfwd = steps["vforward", v_train]
         prelude = ""
-        if v_train and plan.reducing:
-            prelude = (f"\n    stage = meta[2]\n    for j in range({plan.red_lo}, {plan.red_hi}):"
-                       "\n        work[j] = 0")
         valgrad_variants = (  # (name suffix, pullback, gx store, docstring line)
             ("", steps["pull", v_train], "", "gx is not used (same signature as valgrad_x_range)."),
             ("_x", steps["pull_x", v_train],
@@ -614,6 +667,9 @@ def generate_source(input_shape, layers, dtype, B=None, options=None) -> tuple[s
         for kind, kernel in sorted(LOSS_KERNELS.items()):
             deps[f"loss_range_{kind}{f_mode}"] = fwd
             for x, pullback, store_gx, gx_doc in valgrad_variants:
+                if v_train and plan.reducing:
+                    prelude = _staged_prelude(plan, funcs, vfwd, pullback, kernel, out_off,
+                                              store_gx)
                 deps[f"valgrad{x}_range_{kind}{v_mode}"] = _names(vfwd + pullback)
                 body += _LOSS_TEMPLATE.format(
                     prelude=prelude,

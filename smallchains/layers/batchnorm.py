@@ -37,28 +37,37 @@ from .base import EmitContext, Layer
 
 
 @njit(**INLINE_OPTIONS)
+def valid_lanes(meta, B):
+    """Number of lanes of the block that hold a sample: the range kernels fill lanes
+    ``0 .. nb-1`` and mark the rest with row -1 (``set_lane_rows``)."""
+    nv = 0
+    for s in range(B):
+        if meta[3 + s] >= 0:
+            nv = s + 1
+    return nv
+
+
+@njit(**INLINE_OPTIONS)
 def bn_stats(work, x_off, red, C, S, B, meta):
     """Merge this block's per-channel (count, mean, M2) of the valid lanes into the
     thread's accumulators ``work[red + c]``, ``work[red + C + c]``, ``work[red + 2C + c]``."""
+    nv = valid_lanes(meta, B)
+    if nv == 0:
+        return
+    nb = nv * S
     for c in range(C):
-        nb = 0
         sm = work[red] * 0
         for j in range(S):
             base = x_off + (c * S + j) * B
-            for s in range(B):
-                if meta[3 + s] >= 0:
-                    sm += work[base + s]
-                    nb += 1
-        if nb == 0:
-            continue
+            for s in range(nv):
+                sm += work[base + s]
         mb = sm / nb
         m2 = sm * 0
         for j in range(S):
             base = x_off + (c * S + j) * B
-            for s in range(B):
-                if meta[3 + s] >= 0:
-                    d = work[base + s] - mb
-                    m2 += d * d
+            for s in range(nv):
+                d = work[base + s] - mb
+                m2 += d * d
         na = work[red + c]
         n = na + nb
         d = mb - work[red + C + c]
@@ -114,19 +123,19 @@ def bn_forward(work, x_off, y_off, C, S, B, p, w_off, b_off, state, mean_off, in
 def bn_grad_stats(work, x_off, dy_off, red, C, S, B, state, scr, meta):
     """Add this block's per-channel ``sum(dy)`` and ``sum(dy * xhat)`` (valid lanes) to
     ``work[red + c]`` and ``work[red + C + c]``."""
+    nv = valid_lanes(meta, B)
     for c in range(C):
         mean, inv = state[scr + c], state[scr + C + c]
         sd = work[red] * 0
         sdx = sd * 0
         for j in range(S):
             base = (c * S + j) * B
-            for s in range(B):
-                if meta[3 + s] >= 0:
-                    dy = work[dy_off + base + s]
-                    sd += dy
-                    sdx += dy * (work[x_off + base + s] - mean) * inv
+            for s in range(nv):
+                dy = work[dy_off + base + s]
+                sd += dy
+                sdx += dy * (work[x_off + base + s] - mean)  # centred: no cancellation
         work[red + c] += sd
-        work[red + C + c] += sdx
+        work[red + C + c] += sdx * inv
 
 
 @njit(**INLINE_OPTIONS)
@@ -151,30 +160,35 @@ def bn_pullback(work, x_off, dy_off, dx_off, C, S, B, p, g, w_off, b_off, state,
     (``eps < 0``): ``dx = weight * inv * (dy - mean(dy) - xhat * mean(dy * xhat))`` with
     the batch means from ``state[scr + 2C + c]``, ``state[scr + 3C + c]``, zero on padding
     lanes; inference: ``dx = weight * inv * dy`` with the running statistics."""
+    nv = valid_lanes(meta, B) if eps < 0 else B
     for c in range(C):
         mean = state[mean_off + c]
         inv = state[inv_off + c] if eps < 0 else 1 / np.sqrt(state[inv_off + c] + eps)
         w = p[w_off + c]
-        gw = w * 0
-        gb = w * 0
+        sd = w * 0
+        sdx = w * 0
         if eps < 0:
             md, mdx = state[scr + 2 * C + c], state[scr + 3 * C + c]
         else:
             md, mdx = w * 0, w * 0
+        a = w * inv
+        # dx = a * (dy - md - (x - mean) * inv * mdx) = a * dy + (k0 + k1 * x)
+        k1 = -a * inv * mdx
+        k0 = -a * md - k1 * mean
         for j in range(S):
             base = (c * S + j) * B
-            for s in range(B):
+            for s in range(nv):
                 dy = work[dy_off + base + s]
-                xhat = (work[x_off + base + s] - mean) * inv
-                gw += dy * xhat
-                gb += dy
+                x = work[x_off + base + s]
+                sd += dy
+                sdx += dy * (x - mean)
                 if need_gin:
-                    if eps < 0 and meta[3 + s] < 0:
-                        work[dx_off + base + s] = 0
-                    else:
-                        work[dx_off + base + s] = w * inv * (dy - md - xhat * mdx)
-        g[w_off + c] += gw
-        g[b_off + c] += gb
+                    work[dx_off + base + s] = a * dy + k0 + k1 * x
+            if need_gin:
+                for s in range(nv, B):
+                    work[dx_off + base + s] = 0
+        g[w_off + c] += sdx * inv
+        g[b_off + c] += sd
 
 
 @dataclass(frozen=True, init=False)
