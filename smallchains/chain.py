@@ -244,19 +244,35 @@ class SimpleChain:
             forward_batch=batch.forward_batch, vjp_batch=batch.vjp_batch,
             valvjp_batch=batch.valvjp_batch)
 
-    def _workspace(self, plan, n_threads: int, dtype, key=0, step=0, state=None):
+    #: Most bytes of per-thread block workspaces kept across the reduction stages of a
+    #: training step with batch statistics (more rows per thread recompute instead)
+    STAGE_WORKSPACE_BYTES = 256 * 2 ** 20
+
+    def _stage_blocks(self, plan, rows, n_threads, dtype, training=True) -> int:
+        """Block workspaces per thread for a training step on ``rows`` rows: one per block
+        of a thread's share if the chain has batch statistics (each reduction stage then
+        resumes instead of recomputing, see codegen._staged_prelude) and it fits in
+        :attr:`STAGE_WORKSPACE_BYTES`; else 1."""
+        if not (training and plan.reducing):
+            return 1
+        k = -(-(-(-rows // n_threads)) // plan.B)
+        if k * plan.work_size * np.dtype(dtype).itemsize > self.STAGE_WORKSPACE_BYTES:
+            return 1
+        return max(k, 1)
+
+    def _workspace(self, plan, n_threads: int, dtype, key=0, step=0, state=None, blocks=1):
         """``(works, metas, kstate)``: per-thread workspaces ``(n_threads, work_size)``,
         step metadata ``(n_threads, meta_size)`` int64 with ``metas[:, 0] = key`` and
         ``metas[:, 1] = step``, and the kernels' state (the layer state ``state``, copied
         in, then one step's batch statistics), allocated once per (Python thread, dtype,
-        block, count)."""
+        block, count, ``blocks``: workspaces per thread, see :meth:`_stage_blocks`)."""
         cache = getattr(self._tls, "works", None)
         if cache is None:
             cache = self._tls.works = {}
-        ck = (np.dtype(dtype).name, plan.B, plan.work_size, n_threads)
+        ck = (np.dtype(dtype).name, plan.B, plan.work_size, n_threads, blocks)
         hit = cache.get(ck)
         if hit is None:
-            hit = cache[ck] = (aligned_zeros((n_threads, plan.work_size), dtype),
+            hit = cache[ck] = (aligned_zeros((n_threads, blocks * plan.work_size), dtype),
                                np.zeros((n_threads, plan.meta_size), np.int64),
                                np.zeros(max(plan.n_state + plan.n_scratch, 1), dtype))
         hit[1][:, 0] = np.uint64(key).astype(np.int64)

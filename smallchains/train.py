@@ -116,7 +116,8 @@ def _valgrad(model, X, p, out, x_out, want_x, training, seed, step, state):
         gx = np.empty((0, plan.n_in), dtype=p.dtype)
     if training:
         model.chain._check_batch_stats(n, "X")
-    works, metas, kstate = model.chain._workspace(plan, nt, p.dtype, key, step, state)
+    blocks = model.chain._stage_blocks(plan, n, nt, p.dtype, training)
+    works, metas, kstate = model.chain._workspace(plan, nt, p.dtype, key, step, state, blocks)
     kernel = kernel_for(mod, plan, f"valgrad_{'x_' if want_x else ''}range_{model.loss.kind}",
                         training, default=True)
     combine, nstages = _combine(mod, plan, p, works, training)
@@ -207,7 +208,7 @@ class _Progress:
             self.bar.close()
 
 
-def _train_setup(G, p, model, X, opt, seed, state, training):
+def _train_setup(G, p, model, X, opt, seed, state, training, rows=None):
     _check_model(model)
     if not isinstance(opt, Optimizer):
         raise TypeError(f"opt must be a smallchains optimizer (e.g. sc.Adam(1e-3)), got {type(opt).__name__}")
@@ -217,7 +218,10 @@ def _train_setup(G, p, model, X, opt, seed, state, training):
     key, _ = check_random(seed)
     user_state = model.chain._check_state(state, p.dtype)
     state, hyper = opt.prepare(p)
-    works, metas, lstate = model.chain._workspace(plan, G.shape[0], p.dtype, key, 0, user_state)
+    blocks = model.chain._stage_blocks(plan, X2.shape[0] if rows is None else rows(plan, X2),
+                                       G.shape[0], p.dtype, training)
+    works, metas, lstate = model.chain._workspace(plan, G.shape[0], p.dtype, key, 0, user_state,
+                                                  blocks)
     gx = np.empty((0, plan.n_in), dtype=p.dtype)
     losses = np.zeros(G.shape[0], dtype=p.dtype)
     g = np.zeros_like(p)
@@ -538,8 +542,13 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
     epochs = check_count(epochs, "epochs")
     if batch_size is not None:
         batch_size = check_count(batch_size, "batch_size", 1)
+    def rows(plan, X2):  # rows per step, for the stage workspaces
+        if batch_size is None:
+            return default_batch_size(plan.B, G.shape[0], X2.shape[0])
+        return min(batch_size, X2.shape[0])
+
     (p, G, X2, T, mod, plan, state, hyper, ws, gx, losses, g,
-     user_state) = _train_setup(G, p, model, X, opt, seed, state, training)
+     user_state) = _train_setup(G, p, model, X, opt, seed, state, training, rows)
     n = X2.shape[0]
     if batch_size is None:
         batch_size = default_batch_size(plan.B, G.shape[0], n)

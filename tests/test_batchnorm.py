@@ -216,3 +216,27 @@ def test_init_state_views_and_bad_hyperparameters():
             sc.BatchNorm(**bad)
     with pytest.raises(ValueError, match=r"\(C,\) or \(C, H, W\)"):
         sc.SimpleChain((2, 3), sc.BatchNorm())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_recompute_path_matches_resume_path(monkeypatch, threads):
+    """Rows beyond the stage-workspace budget recompute every stage from the input; both
+    paths give the same gradient and running statistics (to rounding)."""
+    chain, X, T, p = setup(conv_chain, 70, np.float64, seed=5)
+    model = sc.add_loss(chain, sc.SquaredLoss(T))
+    results = []
+    before = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        for budget in (sc.SimpleChain.STAGE_WORKSPACE_BYTES, 0):
+            monkeypatch.setattr(sc.SimpleChain, "STAGE_WORKSPACE_BYTES", budget)
+            loss, g, gx = sc.valgrad_with_input(model, X, p)
+            state, q = sc.init_state(chain, np.float64), p.copy()
+            G = sc.alloc_threaded_grad(chain, n_threads=threads, dtype=np.float64)
+            sc.train_batched(G, q, model, X, sc.SGD(0.05), 1, batch_size=70, shuffle=False,
+                             state=state)
+            results.append((loss, g, gx, q, state))
+    finally:
+        numba.set_num_threads(before)
+    for a, b in zip(*results):
+        assert_close(a, b, np.float64, rtol=1e-12, atol=1e-14)

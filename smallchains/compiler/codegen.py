@@ -68,8 +68,6 @@ from .options import KernelOptions, kernel_options
 TARGET_BLOCK_BYTES = 64 * 1024
 MAX_BLOCK = 256
 MIN_BLOCK = 16
-#: Smallest block of chains with batch statistics (BatchNorm), see choose_block_size.
-MIN_BATCH_STATS_BLOCK = 32
 
 
 @dataclass
@@ -150,11 +148,6 @@ def choose_block_size(input_shape, layers, itemsize) -> int:
     per_sample += 2 * max([prod(input_shape)] + [prod(s.out_shape) for s in slots])
     b = TARGET_BLOCK_BYTES // (per_sample * itemsize)
     b = max(MIN_BLOCK, min(MAX_BLOCK, b))
-    if any(getattr(layer, "reduces_batch", False) for layer in layers):
-        # batch statistics: a thread whose rows fit in one block resumes each reduction
-        # stage instead of recomputing it (measured, the CIFAR CNN with BatchNorm at batch 32
-        # on one Zen 3 thread: 6.3 s per 5,000 images with B = 16, 2.8 s with B = 32)
-        b = max(b, MIN_BATCH_STATS_BLOCK)
     return int(b // 16 * 16)
 
 
@@ -336,40 +329,51 @@ def _segments(items):
 
 def _staged_prelude(plan, funcs, vfwd, pull, loss_kernel, out_off, store_gx):
     """Start of the training valgrad kernel of a chain with batch statistics: read the
-    stage, zero the partial sums, and, when the thread's rows fit in one block, run the
-    stage by resuming from the previous stage's workspace instead of from the input:
+    stage, zero the partial sums, and, when ``work`` holds one workspace per block of the
+    thread's rows (``work.shape[0] >= nblocks * WORK_SIZE``, see
+    :meth:`smallchains.SimpleChain._workspace`), run the stage by resuming every block
+    from where the previous stage left its workspace instead of from the input:
 
     stage ``j < m``: forward from reducing layer ``j - 1`` (or the input) to layer ``j``'s
-    input, its statistics; stage ``m``: the rest of the forward pass, the loss (kept in
+    input, its statistics; stage ``m``: the rest of the forward pass, the loss (summed in
     ``work[LOSS]``), the pullback down to the last reducing layer's output, its gradient
     statistics; stage ``m + i``: the pullback on to the next reducing layer; stage ``2m``:
-    the rest. ``g`` is zeroed in stage ``m`` only, so it sums over the stages. With more
-    than one block per thread every stage starts from the input (the block loop below)."""
+    the rest. ``g`` is zeroed in stage ``m`` only, so it sums over the stages. Block ``b``
+    uses ``work[b * WORK_SIZE:(b + 1) * WORK_SIZE]`` (its own partial sums too: the
+    combine kernel merges every slice). Otherwise every stage starts from the input (the
+    block loop below)."""
     m = len(plan.reducing)
     fseg, pseg = _segments(vfwd), _segments(pull)
     assert len(fseg) == m + 1 and len(pseg) == m + 1
 
     def calls(steps, extra=None):
-        out = [funcs.calls[st] for st in steps]
-        return out + ([funcs.calls[extra[2]]] if extra else [])
+        out = [funcs.calls[st] for st in steps] + ([funcs.calls[extra[2]]] if extra else [])
+        return [ln.replace(", work, state, meta)", ", wb, state, meta)") for ln in out]
 
-    lines = ["stage = meta[2]", f"for j in range({plan.red_lo}, {plan.red_hi}):", "    work[j] = 0",
-             "if hi - lo <= B:  # one block: resume where the previous stage stopped",
-             "    s0 = lo", "    nb = hi - lo"]
+    def per_block(body):
+        return (["    for b in range(nblk):", "        s0 = lo + b * B", "        nb = min(B, hi - s0)",
+                 "        wb = work[b * WORK_SIZE:(b + 1) * WORK_SIZE]",
+                 "        set_lane_rows(meta, idx, s0, nb, B)"] + ["        " + ln for ln in body])
+
+    lines = ["stage = meta[2]", "nslices = work.shape[0] // WORK_SIZE",
+             "for b in range(nslices):", f"    for j in range({plan.red_lo}, {plan.red_hi}):",
+             "        work[b * WORK_SIZE + j] = 0",
+             "nblk = (hi - lo + B - 1) // B",
+             "if nblk <= nslices:  # a workspace per block: resume where the last stage stopped"]
     for j in range(m):
-        body = (["load_block(X, idx, s0, nb, work, 0, N_IN, B)", "set_lane_rows(meta, idx, s0, nb, B)"]
-                if j == 0 else []) + calls(*fseg[j])
-        lines += [f"    {'if' if j == 0 else 'elif'} stage == {j}:"] + ["        " + ln for ln in body]
-    body = (["for j in range(g.shape[0]):", "    g[j] = 0"] + calls(fseg[m][0])
-            + [f"total = {loss_kernel}(work, {out_off}, {plan.grad_a}, T, idx, s0, N_OUT, B, nb, "
-               "scale, True)", f"work[{plan.loss_slot}] = total"] + calls(*pseg[0]))
-    lines += [f"    elif stage == {m}:"] + ["        " + ln for ln in body]
+        body = (["load_block(X, idx, s0, nb, wb, 0, N_IN, B)"] if j == 0 else []) + calls(*fseg[j])
+        lines += [f"    {'if' if j == 0 else 'elif'} stage == {j}:"] + ["    " + ln for ln in per_block(body)]
+    lines += [f"    elif stage == {m}:", "        for j in range(g.shape[0]):", "            g[j] = 0",
+              f"        work[{plan.loss_slot}] = 0"]
+    body = (calls(fseg[m][0])
+            + [f"work[{plan.loss_slot}] += {loss_kernel}(wb, {out_off}, {plan.grad_a}, T, idx, s0, "
+               "N_OUT, B, nb, scale, True)"] + calls(*pseg[0]))
+    lines += ["    " + ln for ln in per_block(body)]
     for i in range(1, m):
-        lines += [f"    elif stage == {m + i}:"] + ["        " + ln for ln in calls(*pseg[i])]
-    gx = [store_gx.strip()] if store_gx else []
-    lines += ["    else:"] + ["        " + ln for ln in calls(pseg[m][0]) + gx
-                               + [f"return work[{plan.loss_slot}] * scale"]]
-    lines += ["    return total * scale"]
+        lines += [f"    elif stage == {m + i}:"] + ["    " + ln for ln in per_block(calls(*pseg[i]))]
+    gx = [store_gx.strip().replace(", work, ", ", wb, ")] if store_gx else []
+    lines += ["    else:"] + ["    " + ln for ln in per_block(calls(pseg[m][0]) + gx)]
+    lines += [f"        return work[{plan.loss_slot}] * scale", "    return total * scale"]
     return "\n" + _indent(lines)
 
 
@@ -384,6 +388,8 @@ def _combine_source(plan, dtype, options):
         layer = plan.slots[i].layer
         lines += [f"if stage == {j}:", "    " + layer.emit_combine_stats(ctx),
                   f"if stage == {m + (m - 1 - j)}:", "    " + layer.emit_combine_grads(ctx)]
+    # every thread's row of works holds one or more block workspaces of WORK_SIZE
+    lines = [ln.replace("(works, ", "(works, WORK_SIZE, ") for ln in lines]
     imports = sorted({n for i in plan.reducing for n in plan.slots[i].layer.combine_imports})
     mod = type(plan.slots[plan.reducing[0]].layer).__module__
     return (f"\n\nfrom {mod} import {', '.join(imports)}  # noqa: E402\n\n\n@njit(**_J)\n"

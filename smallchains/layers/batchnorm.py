@@ -77,8 +77,9 @@ def bn_stats(work, x_off, red, C, S, B, meta):
 
 
 @njit(**INLINE_OPTIONS)
-def bn_combine_stats(works, red, C, state, scr, rs, momentum, eps, update_running):
-    """Merge the threads' (count, mean, M2) in thread order: the batch mean, 1/std and
+def bn_combine_stats(works, wsize, red, C, state, scr, rs, momentum, eps, update_running):
+    """Merge the threads' (count, mean, M2) in thread order (and, within a thread, of its
+    block workspaces of ``wsize`` elements, in block order): the batch mean, 1/std and
     count go to ``state[scr + c]``, ``state[scr + C + c]``, ``state[scr + 4C + c]``; with
     ``update_running`` the running mean and variance at ``state[rs + c]``,
     ``state[rs + C + c]`` move by ``momentum`` toward the batch's (unbiased variance)."""
@@ -87,14 +88,15 @@ def bn_combine_stats(works, red, C, state, scr, rs, momentum, eps, update_runnin
         mean = n * 0
         m2 = n * 0
         for k in range(works.shape[0]):
-            nb = works[k, red + c]
-            if nb == 0:
-                continue
-            tot = n + nb
-            d = works[k, red + C + c] - mean
-            mean += d * nb / tot
-            m2 += works[k, red + 2 * C + c] + d * d * n * nb / tot
-            n = tot
+            for o in range(0, works.shape[1] - wsize + 1, wsize):
+                nb = works[k, o + red + c]
+                if nb == 0:
+                    continue
+                tot = n + nb
+                d = works[k, o + red + C + c] - mean
+                mean += d * nb / tot
+                m2 += works[k, o + red + 2 * C + c] + d * d * n * nb / tot
+                n = tot
         var = m2 / n
         state[scr + c] = mean
         state[scr + C + c] = 1 / np.sqrt(var + eps)
@@ -139,15 +141,16 @@ def bn_grad_stats(work, x_off, dy_off, red, C, S, B, state, scr, meta):
 
 
 @njit(**INLINE_OPTIONS)
-def bn_combine_grads(works, red, C, state, scr):
+def bn_combine_grads(works, wsize, red, C, state, scr):
     """Sum the threads' ``sum(dy)``, ``sum(dy * xhat)`` in thread order; their means over
     the batch go to ``state[scr + 2C + c]``, ``state[scr + 3C + c]``."""
     for c in range(C):
         sd = works[0, red] * 0
         sdx = sd * 0
         for k in range(works.shape[0]):
-            sd += works[k, red + c]
-            sdx += works[k, red + C + c]
+            for o in range(0, works.shape[1] - wsize + 1, wsize):
+                sd += works[k, o + red + c]
+                sdx += works[k, o + red + C + c]
         n = state[scr + 4 * C + c]
         state[scr + 2 * C + c] = sd / n
         state[scr + 3 * C + c] = sdx / n
