@@ -240,3 +240,64 @@ def test_recompute_path_matches_resume_path(monkeypatch, threads):
         numba.set_num_threads(before)
     for a, b in zip(*results):
         assert_close(a, b, np.float64, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernels_against_numpy_every_valid_lane_count(dtype):
+    """The block kernels (one implementation, also the reference) against numpy for every
+    number of valid lanes 0..B of a block (padding lanes, row -1, excluded) and spatial
+    sizes 1 and 5, interpreted: statistics, their merge, forward, gradient sums, pullback."""
+    from smallchains.layers import batchnorm as bn
+    rng = np.random.default_rng(0)
+    C, B = 3, 8
+    for S in (1, 5):
+        for nv in range(B + 1):
+            meta = np.array([0, 0, 0] + [7] * nv + [-1] * (B - nv), np.int64)
+            x = rng.standard_normal(C * S * B).astype(dtype)
+            dy = rng.standard_normal(C * S * B).astype(dtype)
+            xs = x.reshape(C, S, B)[:, :, :nv].reshape(C, -1)
+            dys = dy.reshape(C, S, B)[:, :, :nv].reshape(C, -1)
+            work = np.zeros(3 * C * S * B + 3 * C, dtype)
+            work[:C * S * B], work[C * S * B:2 * C * S * B] = x, dy
+            red = 3 * C * S * B
+            bn.bn_stats.py_func(work, 0, red, C, S, B, meta)
+            n = nv * S
+            assert (work[red:red + C] == n).all()
+            if n == 0:
+                continue
+            assert_close(work[red + C:red + 2 * C], xs.mean(1), dtype)
+            assert_close(work[red + 2 * C:red + 3 * C], ((xs - xs.mean(1, keepdims=True)) ** 2).sum(1), dtype)
+            state = np.zeros(7 * C, dtype)
+            state[C:2 * C] = 1  # running var
+            works = work[None, :]
+            # one value per channel is refused before training (no unbiased variance)
+            bn.bn_combine_stats.py_func(works, work.size, red, C, state, 2 * C, 0, dtype(0.1),
+                                        dtype(1e-5), n > 1)
+            mean, var = xs.mean(1), xs.var(1)
+            inv = 1 / np.sqrt(var + 1e-5)
+            assert_close(state[2 * C:3 * C], mean, dtype)
+            assert_close(state[3 * C:4 * C], inv, dtype)
+            if n > 1:
+                assert_close(state[C:2 * C], 0.9 + 0.1 * xs.var(1, ddof=1), dtype)
+            w = rng.uniform(0.5, 1.5, C).astype(dtype)
+            b = rng.standard_normal(C).astype(dtype)
+            p = np.concatenate([w, b])
+            y_off = 2 * C * S * B
+            bn.bn_forward.py_func(work, 0, y_off, C, S, B, p, 0, C, state, 2 * C, 3 * C, -1.0)
+            y = work[y_off:y_off + C * S * B].reshape(C, S, B)[:, :, :nv].reshape(C, -1)
+            xhat = (xs - mean[:, None]) * inv[:, None]
+            assert_close(y, w[:, None] * xhat + b[:, None], dtype)
+            work[red:] = 0
+            bn.bn_grad_stats.py_func(work, 0, C * S * B, red, C, S, B, state, 2 * C, meta)
+            assert_close(work[red:red + C], dys.sum(1), dtype)
+            assert_close(work[red + C:red + 2 * C], (dys * xhat).sum(1), dtype)
+            bn.bn_combine_grads.py_func(works, work.size, red, C, state, 2 * C)
+            g = np.zeros(2 * C, dtype)
+            bn.bn_pullback.py_func(work, 0, C * S * B, y_off, C, S, B, p, g, 0, C, state, 2 * C,
+                                   3 * C, -1.0, 2 * C, meta, True)
+            dx = (w * inv)[:, None] * (dys - dys.mean(1, keepdims=True)
+                                       - xhat * (dys * xhat).mean(1, keepdims=True))
+            full = work[y_off:y_off + C * S * B].reshape(C, S, B)
+            assert_close(full[:, :, :nv].reshape(C, -1), dx, dtype)
+            assert (full[:, :, nv:] == 0).all()
+            assert_close(g, np.concatenate([(dys * xhat).sum(1), dys.sum(1)]), dtype)
