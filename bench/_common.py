@@ -294,6 +294,39 @@ def torch_epoch(net, opt, x, t, batch, gen, limit=None):
         opt.step()
 
 
+def smallchains_trainer(chain, X, y, make_opt, batch, warm_batches):
+    """A pyperf time function of shuffled ``train_batched`` epochs of ``chain`` (logit
+    cross-entropy on labels ``y``, optimizer ``make_opt()``, minibatches of ``batch``,
+    layer state if the chain has one), after compiling on ``warm_batches`` minibatches."""
+    import smallchains as sc
+    model = sc.add_loss(chain, sc.LogitCrossEntropyLoss(y))
+    p = sc.init_params(chain, seed=0)
+    state = sc.init_state(chain) if chain.n_state else None
+    G = sc.alloc_threaded_grad(chain)
+    opt = make_opt()
+    rows = warm_batches * batch
+    warm = sc.add_loss(chain, sc.LogitCrossEntropyLoss(y[:rows]))
+    sc.train_batched(G, p.copy(), warm, X[:rows], make_opt(), 1, batch_size=batch,
+                     state=None if state is None else state.copy())
+    epoch = [0]
+
+    def run_epoch():
+        epoch[0] += 1
+        sc.train_batched(G, p, model, X, opt, 1, batch_size=batch, seed=epoch[0], state=state)
+    return timed_epochs(run_epoch)
+
+
+def torch_trainer(net, opt, X, y, batch, warm_batches):
+    """A pyperf time function of shuffled torch eager epochs (:func:`torch_epoch`) of
+    ``net`` in train mode, after ``warm_batches`` minibatches."""
+    import torch
+    net.train()
+    x, t = torch.from_numpy(X), torch.from_numpy(y)
+    gen = torch.Generator().manual_seed(0)
+    torch_epoch(net, opt, x, t, batch, gen, limit=warm_batches * batch)
+    return timed_epochs(lambda: torch_epoch(net, opt, x, t, batch, gen))
+
+
 def timed_epochs(run_epoch):
     """A pyperf time function: ``loops`` calls of ``run_epoch()``."""
     import time

@@ -56,20 +56,7 @@ def build_smallchains(X, y):
         (3, 32, 32), sc.Conv(C1, 3, "relu"), sc.BatchNorm(), sc.MaxPool(2), sc.Conv(C2, 3, "relu"),
         sc.BatchNorm(), sc.MaxPool(2), sc.Flatten(), sc.TurboDense(64, "relu"), sc.Dropout(0.5),
         sc.TurboDense(10))
-    model = sc.add_loss(chain, sc.LogitCrossEntropyLoss(y))
-    p = sc.init_params(chain, seed=0)
-    state = sc.init_state(chain)
-    G = sc.alloc_threaded_grad(chain)
-    opt = sc.SGD(LR)
-    warm = sc.add_loss(chain, sc.LogitCrossEntropyLoss(y[:10 * BATCH]))
-    sc.train_batched(G, p.copy(), warm, X[:10 * BATCH], sc.SGD(LR), 1, batch_size=BATCH,
-                     state=state.copy())
-    epoch = [0]
-
-    def run_epoch():
-        epoch[0] += 1
-        sc.train_batched(G, p, model, X, opt, 1, batch_size=BATCH, seed=epoch[0], state=state)
-    return C.timed_epochs(run_epoch)
+    return C.smallchains_trainer(chain, X, y, lambda: sc.SGD(LR), BATCH, 10)
 
 
 def build_torch(X, y):
@@ -81,13 +68,8 @@ def build_torch(X, y):
         nn.Conv2d(3, C1, 3), nn.ReLU(), nn.BatchNorm2d(C1), nn.MaxPool2d(2), nn.Conv2d(C1, C2, 3),
         nn.ReLU(), nn.BatchNorm2d(C2), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(C2 * 36, 64),
         nn.ReLU(), nn.Dropout(0.5), nn.Linear(64, 10))
-    net.train()
     opt = torch.optim.SGD(net.parameters(), lr=LR, foreach=True)
-    x, t = torch.from_numpy(X), torch.from_numpy(y)
-    gen = torch.Generator().manual_seed(0)
-
-    C.torch_epoch(net, opt, x, t, BATCH, gen, limit=10 * BATCH)
-    return C.timed_epochs(lambda: C.torch_epoch(net, opt, x, t, BATCH, gen))
+    return C.torch_trainer(net, opt, X, y, BATCH, 10)
 
 
 BUILDERS = {"smallchains": build_smallchains, "torch": build_torch}

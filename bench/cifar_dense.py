@@ -41,18 +41,7 @@ def build_smallchains(X, y):
     import smallchains as sc
     chain = sc.SimpleChain(1024, sc.TurboDense(64, "sigmoid"), sc.TurboDense(32, "sigmoid"),
                            sc.TurboDense(10))
-    model = sc.add_loss(chain, sc.LogitCrossEntropyLoss(y))
-    p = sc.init_params(chain, seed=0)
-    G = sc.alloc_threaded_grad(chain)
-    opt = sc.Adam(LR)
-    warm = sc.add_loss(chain, sc.LogitCrossEntropyLoss(y[:3 * BATCH]))
-    sc.train_batched(G, p.copy(), warm, X[:3 * BATCH], sc.Adam(LR), 1, batch_size=BATCH)
-    epoch = [0]
-
-    def run_epoch():
-        epoch[0] += 1
-        sc.train_batched(G, p, model, X, opt, 1, batch_size=BATCH, seed=epoch[0])
-    return C.timed_epochs(run_epoch)
+    return C.smallchains_trainer(chain, X, y, lambda: sc.Adam(LR), BATCH, 3)
 
 
 def build_torch(X, y):
@@ -63,11 +52,7 @@ def build_torch(X, y):
     net = nn.Sequential(nn.Linear(1024, 64), nn.Sigmoid(), nn.Linear(64, 32), nn.Sigmoid(),
                         nn.Linear(32, 10))
     opt = torch.optim.Adam(net.parameters(), lr=LR, fused=True)
-    x, t = torch.from_numpy(X), torch.from_numpy(y)
-    gen = torch.Generator().manual_seed(0)
-
-    C.torch_epoch(net, opt, x, t, BATCH, gen, limit=3 * BATCH)
-    return C.timed_epochs(lambda: C.torch_epoch(net, opt, x, t, BATCH, gen))
+    return C.torch_trainer(net, opt, X, y, BATCH, 3)
 
 
 BUILDERS = {"smallchains": build_smallchains, "torch": build_torch}

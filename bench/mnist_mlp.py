@@ -41,18 +41,7 @@ def load():
 def build_smallchains(X, y):
     import smallchains as sc
     chain = sc.SimpleChain(784, sc.TurboDense(128, "relu"), sc.Dropout(0.5), sc.TurboDense(10))
-    model = sc.add_loss(chain, sc.LogitCrossEntropyLoss(y))
-    p = sc.init_params(chain, seed=0)
-    G = sc.alloc_threaded_grad(chain)
-    opt = sc.SGD(LR)
-    warm = sc.add_loss(chain, sc.LogitCrossEntropyLoss(y[:30 * BATCH]))
-    sc.train_batched(G, p.copy(), warm, X[:30 * BATCH], sc.SGD(LR), 1, batch_size=BATCH)
-    epoch = [0]
-
-    def run_epoch():
-        epoch[0] += 1
-        sc.train_batched(G, p, model, X, opt, 1, batch_size=BATCH, seed=epoch[0])
-    return C.timed_epochs(run_epoch)
+    return C.smallchains_trainer(chain, X, y, lambda: sc.SGD(LR), BATCH, 30)
 
 
 def build_torch(X, y):
@@ -61,13 +50,8 @@ def build_torch(X, y):
     torch.manual_seed(0)
     nn = torch.nn
     net = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 10))
-    net.train()
     opt = torch.optim.SGD(net.parameters(), lr=LR, foreach=True)
-    x, t = torch.from_numpy(X), torch.from_numpy(y)
-    gen = torch.Generator().manual_seed(0)
-
-    C.torch_epoch(net, opt, x, t, BATCH, gen, limit=30 * BATCH)
-    return C.timed_epochs(lambda: C.torch_epoch(net, opt, x, t, BATCH, gen))
+    return C.torch_trainer(net, opt, X, y, BATCH, 30)
 
 
 BUILDERS = {"smallchains": build_smallchains, "torch": build_torch}

@@ -17,27 +17,17 @@ the same initial parameters, same minibatch order, same thread count, to compare
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _torch_peer import load_params, shuffled_orders, train_and_evaluate  # noqa: E402
+from _shared import load_params, parser, set_threads, shuffled_orders, train_and_evaluate  # noqa: E402
 
 
 def parse(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--batch-size", type=int, default=300)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--limit", type=int, default=None, help="use only the first LIMIT training images")
-    ap.add_argument("--threads", type=int, default=None, help="NUMBA_NUM_THREADS (set before import)")
-    ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--compare-torch", action="store_true")
-    return ap.parse_args(argv)
+    return parser(__doc__, epochs=5, batch_size=300, lr=1e-3).parse_args(argv)
 
 
 def network():
@@ -49,8 +39,7 @@ def network():
 
 def main(argv=None):
     args = parse(argv)
-    if args.threads is not None and "numba" not in sys.modules:
-        os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
+    set_threads(args)
     import numba
     import numpy as np
 

@@ -17,27 +17,17 @@ numba's thread pool, so it is a check, not a speed measurement: use bench/mnist_
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _torch_peer import load_params, shuffled_orders, train_and_evaluate  # noqa: E402
+from _shared import (load_params, optimizer, parser, set_threads, shuffled_orders,  # noqa: E402
+                     torch_optimizer, train_and_evaluate)
 
 
 def parse(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
-    ap.add_argument("--lr", type=float, default=None, help="default 0.01 (sgd), 1e-3 (adam)")
-    ap.add_argument("--limit", type=int, default=None, help="use only the first LIMIT training images")
-    ap.add_argument("--threads", type=int, default=None, help="NUMBA_NUM_THREADS (set before import)")
-    ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--compare-torch", action="store_true")
-    return ap.parse_args(argv)
+    return parser(__doc__, epochs=3, batch_size=32, optimizers=True).parse_args(argv)
 
 
 def network():
@@ -46,18 +36,9 @@ def network():
     return sc.SimpleChain(784, sc.TurboDense(128, "relu"), sc.Dropout(0.5), sc.TurboDense(10))
 
 
-def optimizer(args):
-    import smallchains as sc
-
-    if args.optimizer == "adam":
-        return sc.Adam(args.lr or 1e-3)
-    return sc.SGD(args.lr or 0.01)
-
-
 def main(argv=None):
     args = parse(argv)
-    if args.threads is not None and "numba" not in sys.modules:
-        os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
+    set_threads(args)
     import numba
     import numpy as np
 
@@ -111,10 +92,7 @@ def train_torch(p0, chain, Xtr, ytr, Xte, yte, orders, args, threads):
     nn = torch.nn
     net = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 10))
     load_params(net, chain, p0)
-    if args.optimizer == "adam":
-        opt = torch.optim.Adam(net.parameters(), lr=args.lr or 1e-3)
-    else:
-        opt = torch.optim.SGD(net.parameters(), lr=args.lr or 0.01)
+    opt = torch_optimizer(args, net.parameters())
     return train_and_evaluate(net, opt, Xtr, ytr, Xte, yte, orders, args.batch_size, threads)
 
 

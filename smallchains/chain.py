@@ -120,28 +120,24 @@ class SimpleChain:
         mapping names such as ``"W"`` (shape ``(out, in)``) and ``"b"`` to views that share
         memory with ``p``: writing to a view writes ``p``. Works for gradients too.
         """
-        p = check_params(self.n_params, p)
-        out, off = [], 0
-        for layer, (ins, _) in zip(self.layers, self._shapes):
-            views = {}
-            for name, shape in layer.param_shapes(ins).items():
-                n = prod(shape)
-                views[name] = p[off:off + n].reshape(shape)
-                off += n
-            out.append(views)
-        return out
+        return self._views(check_params(self.n_params, p), "param_shapes")
 
     def state_views(self, state) -> list:
         """Per-layer dicts of named views into the layer state ``state`` (from
         :func:`init_state`), e.g. ``{"running_mean": (C,), "running_var": (C,)}`` for a
         BatchNorm layer, ``{}`` for layers without state. Writing a view writes ``state``."""
         state = self._check_state(state, np.asarray(state).dtype if state is not None else None)
+        return self._views(state, "state_shapes")
+
+    def _views(self, flat, shapes_method):
+        """Per-layer ``{name: view}`` of the flat vector laid out by each layer's
+        ``shapes_method`` (``param_shapes`` or ``state_shapes``), in chain order."""
         out, off = [], 0
         for layer, (ins, _) in zip(self.layers, self._shapes):
             views = {}
-            for name, shape in layer.state_shapes(ins).items():
+            for name, shape in getattr(layer, shapes_method)(ins).items():
                 n = prod(shape)
-                views[name] = state[off:off + n].reshape(shape)
+                views[name] = flat[off:off + n].reshape(shape)
                 off += n
             out.append(views)
         return out

@@ -208,7 +208,9 @@ class _Progress:
             self.bar.close()
 
 
-def _train_setup(G, p, model, X, opt, seed, state, training, rows=None):
+def _train_setup(G, p, model, X, opt, seed, state, training, batch_size=None, batched=False):
+    """Validated arrays, kernels, optimizer state and workspaces of a training run; a
+    batched run gets its minibatch size (``batch_size`` or :func:`default_batch_size`)."""
     _check_model(model)
     if not isinstance(opt, Optimizer):
         raise TypeError(f"opt must be a smallchains optimizer (e.g. sc.Adam(1e-3)), got {type(opt).__name__}")
@@ -218,14 +220,17 @@ def _train_setup(G, p, model, X, opt, seed, state, training, rows=None):
     key, _ = check_random(seed)
     user_state = model.chain._check_state(state, p.dtype)
     state, hyper = opt.prepare(p)
-    blocks = model.chain._stage_blocks(plan, X2.shape[0] if rows is None else rows(plan, X2),
-                                       G.shape[0], p.dtype, training)
+    if batched and batch_size is None:
+        batch_size = default_batch_size(plan.B, G.shape[0], X2.shape[0])
+    rows = min(batch_size, X2.shape[0]) if batched else X2.shape[0]  # per step
+    blocks = model.chain._stage_blocks(plan, rows, G.shape[0], p.dtype, training)
     works, metas, lstate = model.chain._workspace(plan, G.shape[0], p.dtype, key, 0, user_state,
                                                   blocks)
     gx = np.empty((0, plan.n_in), dtype=p.dtype)
     losses = np.zeros(G.shape[0], dtype=p.dtype)
     g = np.zeros_like(p)
-    return p, G, X2, T, mod, plan, state, hyper, (lstate, works, metas), gx, losses, g, user_state
+    return (p, G, X2, T, mod, plan, state, hyper, (lstate, works, metas), gx, losses, g, user_state,
+            batch_size)
 
 
 def _save_state(user_state, ws, plan):
@@ -352,7 +357,7 @@ def train_unbatched(G, p, model, X, opt, iters, *, state=None, callback=None, re
     if report_every is not None:
         report_every = check_count(report_every, "report_every", 1)
     (p, G, X2, T, mod, plan, state, hyper, ws, gx, losses, g,
-     user_state) = _train_setup(G, p, model, X, opt, seed, state, training)
+     user_state, _) = _train_setup(G, p, model, X, opt, seed, state, training)
     if training:
         model.chain._check_batch_stats(X2.shape[0], "X")
     hist = np.zeros(iters, dtype=p.dtype)
@@ -542,16 +547,9 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
     epochs = check_count(epochs, "epochs")
     if batch_size is not None:
         batch_size = check_count(batch_size, "batch_size", 1)
-    def rows(plan, X2):  # rows per step, for the stage workspaces
-        if batch_size is None:
-            return default_batch_size(plan.B, G.shape[0], X2.shape[0])
-        return min(batch_size, X2.shape[0])
-
-    (p, G, X2, T, mod, plan, state, hyper, ws, gx, losses, g,
-     user_state) = _train_setup(G, p, model, X, opt, seed, state, training, rows)
+    (p, G, X2, T, mod, plan, state, hyper, ws, gx, losses, g, user_state,
+     batch_size) = _train_setup(G, p, model, X, opt, seed, state, training, batch_size, True)
     n = X2.shape[0]
-    if batch_size is None:
-        batch_size = default_batch_size(plan.B, G.shape[0], n)
     if training:
         model.chain._check_batch_stats(min(batch_size, n), "a minibatch")
         if n % batch_size:

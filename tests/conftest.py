@@ -260,18 +260,28 @@ if _hyp_settings is not None:
 
 
 # --------------------------------------------------------------------------------------
-# torch equivalent of any chain (TurboDense, Conv, MaxPool, Flatten), in any torch dtype
+# torch equivalent of any chain (TurboDense, Conv, MaxPool, Flatten, BatchNorm), any dtype
 
 def torch_chain_model(torch, chain, p, dtype=None):
     """``(net, pmods)``: an ``nn.Sequential`` equal to ``chain`` at parameters ``p``, in torch
     ``dtype`` (default float64; ``p`` is cast to it), and its parametrized modules
-    (``Linear`` / ``Conv2d``) in chain order, so ``torch_flat(pmods, grad=True)`` is
-    ``dL/dp`` in smallchains' layout. Each layer with an activation is followed by its
-    module from :data:`TORCH_ACT` (identity included)."""
+    (``Linear`` / ``Conv2d`` / ``BatchNorm1d`` / ``BatchNorm2d``) in chain order, so
+    ``torch_flat(pmods, grad=True)`` is ``dL/dp`` in smallchains' layout. Each layer with
+    an activation is followed by its module from :data:`TORCH_ACT` (identity included);
+    BatchNorm modules start with torch's running statistics (0 and 1, as ``init_state``)."""
     nn = torch.nn
     dtype = torch.float64 if dtype is None else dtype
     mods, pmods = [], []
-    for layer, views in zip(chain.layers, chain.param_views(p)):
+    for layer, (ins, _), views in zip(chain.layers, chain._shapes, chain.param_views(p)):
+        if isinstance(layer, sc.BatchNorm):
+            cls = nn.BatchNorm1d if len(ins) == 1 else nn.BatchNorm2d
+            m = cls(ins[0], momentum=layer.momentum, eps=layer.eps, dtype=dtype)
+            with torch.no_grad():
+                m.weight.copy_(torch.from_numpy(np.array(views["weight"], np.float64)).to(dtype))
+                m.bias.copy_(torch.from_numpy(np.array(views["bias"], np.float64)).to(dtype))
+            mods.append(m)
+            pmods.append(m)
+            continue
         if isinstance(layer, sc.MaxPool):
             mods.append(nn.MaxPool2d(layer.k))
             continue
@@ -291,6 +301,18 @@ def torch_chain_model(torch, chain, p, dtype=None):
         mods += [m, TORCH_ACT[layer.activation.name](nn)]
         pmods.append(m)
     return nn.Sequential(*mods), pmods
+
+
+def load_example(filename: str):
+    """The module of ``examples/<filename>``, imported from its file (the examples are
+    scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / filename
+    spec = importlib.util.spec_from_file_location(f"_example_{path.stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -12,7 +12,7 @@ import pytest
 
 import smallchains as sc
 
-from conftest import assert_close, central_fd
+from conftest import assert_close, central_fd, torch_chain_model, torch_flat
 
 DTYPES = [np.float32, np.float64]
 
@@ -26,45 +26,6 @@ def conv_chain():
     return sc.SimpleChain((2, 7, 6), sc.Conv(3, 3, "relu"), sc.BatchNorm(), sc.MaxPool(2),
                           sc.Flatten(), sc.TurboDense(4), sc.BatchNorm(momentum=0.3),
                           sc.TurboDense(3))
-
-
-def torch_net(torch, chain, p):
-    """The chain as an nn.Sequential (float64) at parameters p; its parametrized modules."""
-    nn = torch.nn
-    mods, pmods = [], []
-    for layer, views in zip(chain.layers, chain.param_views(p)):
-        if isinstance(layer, sc.BatchNorm):
-            C = views["weight"].shape[0]
-            cls = nn.BatchNorm1d if len(chain._shapes[chain.layers.index(layer)][0]) == 1 else nn.BatchNorm2d
-            m = cls(C, momentum=layer.momentum, eps=layer.eps, dtype=torch.float64)
-            with torch.no_grad():
-                m.weight.copy_(torch.from_numpy(np.array(views["weight"], np.float64)))
-                m.bias.copy_(torch.from_numpy(np.array(views["bias"], np.float64)))
-            mods.append(m)
-            pmods.append(m)
-            continue
-        if isinstance(layer, sc.MaxPool):
-            mods.append(nn.MaxPool2d(layer.k))
-            continue
-        if isinstance(layer, sc.Flatten):
-            mods.append(nn.Flatten())
-            continue
-        W = np.array(views["W"], np.float64)
-        m = (nn.Conv2d(W.shape[1], W.shape[0], layer.kernel_size, dtype=torch.float64)
-             if isinstance(layer, sc.Conv) else nn.Linear(W.shape[1], W.shape[0], dtype=torch.float64))
-        with torch.no_grad():
-            m.weight.copy_(torch.from_numpy(W))
-            m.bias.copy_(torch.from_numpy(np.array(views["b"], np.float64)))
-        mods.append(m)
-        pmods.append(m)
-        act = layer.activation.name
-        if act != "identity":
-            mods.append({"tanh": nn.Tanh, "relu": nn.ReLU}[act]())
-    return nn.Sequential(*mods), pmods
-
-
-def flat_grad(pmods):
-    return np.concatenate([t.grad.numpy().ravel() for m in pmods for t in (m.weight, m.bias)])
 
 
 def random_affine(chain, p, rng):
@@ -102,13 +63,13 @@ def test_training_gradient_and_running_stats_match_torch(torch, dtype, make, n, 
                          state=state)
     finally:
         numba.set_num_threads(before)
-    net, pmods = torch_net(torch, chain, p)
+    net, pmods = torch_chain_model(torch, chain, p)
     x = torch.tensor(X.astype(np.float64), requires_grad=True)
     out = net(x)
     tl = ((out - torch.from_numpy(T.astype(np.float64))) ** 2).sum(1).mean()
     tl.backward()
     assert_close(np.float64(loss), tl.item(), dtype)
-    assert_close(g, flat_grad(pmods), dtype)
+    assert_close(g, torch_flat(pmods, grad=True), dtype)
     assert_close(gx, x.grad.numpy(), dtype)
     # one SGD step: p moved by the gradient, the running statistics as torch's after the
     # same forward (state never enters p or the optimizer)
@@ -134,7 +95,7 @@ def test_eval_mode_forward_and_pullback_match_torch(torch, dtype, make):
     model = sc.add_loss(chain, sc.SquaredLoss(T))
     Y = chain(X, p, state=state)
     loss, g, gx = sc.valgrad_with_input(model, X, p, state=state, training=False)
-    net, pmods = torch_net(torch, chain, p)
+    net, pmods = torch_chain_model(torch, chain, p)
     bns = [m for m in pmods if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d))]
     for m, v in zip(bns, [v for v in chain.state_views(state) if v]):
         m.running_mean.copy_(torch.from_numpy(v["running_mean"].astype(np.float64)))
@@ -144,7 +105,7 @@ def test_eval_mode_forward_and_pullback_match_torch(torch, dtype, make):
     out = net(x)
     ((out - torch.from_numpy(T.astype(np.float64))) ** 2).sum(1).mean().backward()
     assert_close(Y, out.detach().numpy(), dtype)
-    assert_close(g, flat_grad(pmods), dtype)
+    assert_close(g, torch_flat(pmods, grad=True), dtype)
     assert_close(gx, x.grad.numpy(), dtype)
     np.testing.assert_array_equal(state, saved)  # read, not written
 

@@ -4,18 +4,13 @@ statistics, and learns like torch eager from the same parameters and minibatches
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cifar10_cnn_batchnorm.py"
+from conftest import load_example
 
 
 def test_cifar10_cnn_example_learns_like_torch(torch, data_dir, capsys):
-    spec = importlib.util.spec_from_file_location("_example_cifar10_cnn", EXAMPLE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_example("cifar10_cnn_batchnorm.py")
     out = mod.main(["--epochs", "1", "--limit", "3000", "--data-dir", str(data_dir / "cifar10"),
                     "--compare-torch"])
     assert "first 1,000 test images only" in capsys.readouterr().out

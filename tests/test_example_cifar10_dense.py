@@ -3,18 +3,13 @@ grayscale CIFAR-10 and trains like torch eager from the same parameters and mini
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cifar10_dense.py"
+from conftest import load_example
 
 
 def test_cifar10_dense_example_matches_torch(torch, data_dir, capsys):
-    spec = importlib.util.spec_from_file_location("_example_cifar10_dense", EXAMPLE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_example("cifar10_dense.py")
     out = mod.main(["--epochs", "2", "--limit", "6000", "--data-dir", str(data_dir / "cifar10"),
                     "--compare-torch"])
     printed = capsys.readouterr().out

@@ -6,21 +6,16 @@ A reduced configuration of the SimpleChains.jl blog workflow (1000 samples, 2 ro
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "matrix_exponential.py"
+from conftest import load_example
 
 
 def _load_example():
-    spec = importlib.util.spec_from_file_location("_example_matrix_exponential", EXAMPLE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_example("matrix_exponential.py")
 
 
 @pytest.fixture(scope="module")

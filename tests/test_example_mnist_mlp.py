@@ -4,18 +4,13 @@ same initial parameters and minibatch order (each side draws its own Dropout mas
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mnist_mlp_dropout.py"
+from conftest import load_example
 
 
 def test_mnist_mlp_example_matches_torch(torch, data_dir, capsys):
-    spec = importlib.util.spec_from_file_location("_example_mnist_mlp", EXAMPLE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_example("mnist_mlp_dropout.py")
     out = mod.main(["--data-dir", str(data_dir / "mnist"), "--compare-torch"])
     assert "SGD(lr=0.01)" in capsys.readouterr().out
     assert np.isfinite(out["p"]).all()

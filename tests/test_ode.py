@@ -10,17 +10,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from numba import njit
 
 import smallchains as sc
-from conftest import assert_close, central_fd
+from conftest import assert_close, central_fd, load_example
 from smallchains import ode
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- problems ----------------------------------------------------------------------------
@@ -355,10 +352,7 @@ def test_blowup_raises():
 # --- the example -------------------------------------------------------------------------
 
 def test_example_neural_ode_spiral_trains():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("_ex_node", ROOT / "examples" / "neural_ode_spiral.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_example("neural_ode_spiral.py")
     out = mod.main(["--niters", "200", "--test-freq", "100"])
     (_, _, total100), (_, _, total200) = out["history"]
     t, y = sc.datasets.spiral()

@@ -1,11 +1,57 @@
-"""The torch eager peer shared by the benchmark-network examples: the same network from
-the same initial parameters, trained on the same minibatch order (``--compare-torch``)."""
+"""Shared by the benchmark-network examples: their common command line, and the torch
+eager peer (``--compare-torch``): the same network from the same initial parameters,
+trained on the same minibatch order."""
 
 from __future__ import annotations
 
+import argparse
+import os
+import sys
 import time
 
 import numpy as np
+
+
+def parser(doc, epochs, batch_size, lr=None, optimizers=False):
+    """The examples' command line: ``--epochs``, ``--batch-size``, ``--lr``, ``--limit``,
+    ``--threads``, ``--data-dir``, ``--seed``, ``--compare-torch`` and, with
+    ``optimizers``, ``--optimizer {sgd,adam}`` (``--lr`` then defaults per optimizer)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=epochs)
+    ap.add_argument("--batch-size", type=int, default=batch_size)
+    if optimizers:
+        ap.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+        ap.add_argument("--lr", type=float, default=None, help="default 0.01 (sgd), 1e-3 (adam)")
+    else:
+        ap.add_argument("--lr", type=float, default=lr)
+    ap.add_argument("--limit", type=int, default=None, help="use only the first LIMIT training images")
+    ap.add_argument("--threads", type=int, default=None, help="NUMBA_NUM_THREADS (set before import)")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compare-torch", action="store_true")
+    return ap
+
+
+def set_threads(args):
+    """``--threads``: numba's thread count, which only takes effect before numba is imported."""
+    if args.threads is not None and "numba" not in sys.modules:
+        os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
+
+
+def optimizer(args):
+    """``--optimizer sgd`` (default lr 0.01) or ``adam`` (1e-3) as a smallchains optimizer."""
+    import smallchains as sc
+
+    return sc.Adam(args.lr or 1e-3) if args.optimizer == "adam" else sc.SGD(args.lr or 0.01)
+
+
+def torch_optimizer(args, params):
+    """The same optimizer in torch."""
+    import torch
+
+    if args.optimizer == "adam":
+        return torch.optim.Adam(params, lr=args.lr or 1e-3)
+    return torch.optim.SGD(params, lr=args.lr or 0.01)
 
 
 def shuffled_orders(n, seeds):
