@@ -205,10 +205,36 @@ def torch_flat(linears, grad=False) -> np.ndarray:
     """Parameters (or their gradients) of ``torch_model``'s Linears in smallchains order."""
     parts = []
     for lin in linears:
-        for t in (lin.weight, lin.bias):
+        names = RNN_PARAMS if hasattr(lin, RNN_PARAMS[0]) else ("weight", "bias")
+        for t in (getattr(lin, n) for n in names):
             if t is not None:
                 parts.append((t.grad if grad else t).detach().numpy().reshape(-1))
     return np.concatenate(parts)
+
+
+#: torch's names of a one-layer GRU/LSTM's parameters, in smallchains' order
+RNN_PARAMS = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+
+
+def _torch_rnn(torch, layer, n_in, views, dtype):
+    """``(module, rnn)``: torch's GRU/LSTM with ``views``' weights, wrapped to return the
+    output sequence or its last step (as ``layer.return_sequences``)."""
+    nn = torch.nn
+    cls = nn.GRU if isinstance(layer, sc.GRU) else nn.LSTM
+    rnn = cls(n_in, layer.hidden, batch_first=True, dtype=dtype)
+    with torch.no_grad():
+        for n, k in zip(RNN_PARAMS, ("weight_ih", "weight_hh", "bias_ih", "bias_hh")):
+            getattr(rnn, n).copy_(torch.from_numpy(np.array(views[k], np.float64)).to(dtype))
+
+    class Out(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = rnn
+
+        def forward(self, x):
+            y = self.rnn(x)[0]
+            return y if layer.return_sequences else y[:, -1]
+    return Out(), rnn
 
 
 # --------------------------------------------------------------------------------------
@@ -260,7 +286,8 @@ if _hyp_settings is not None:
 
 
 # --------------------------------------------------------------------------------------
-# torch equivalent of any chain (TurboDense, Conv, MaxPool, Flatten, BatchNorm), any dtype
+# torch equivalent of any chain (TurboDense, Conv, MaxPool, Flatten, BatchNorm, GRU, LSTM,
+# TimeDistributed(Dense)), any dtype
 
 def torch_chain_model(torch, chain, p, dtype=None):
     """``(net, pmods)``: an ``nn.Sequential`` equal to ``chain`` at parameters ``p``, in torch
@@ -282,6 +309,13 @@ def torch_chain_model(torch, chain, p, dtype=None):
             mods.append(m)
             pmods.append(m)
             continue
+        if isinstance(layer, (sc.GRU, sc.LSTM)):
+            m, rnn = _torch_rnn(torch, layer, ins[1], views, dtype)
+            mods.append(m)
+            pmods.append(rnn)
+            continue
+        if isinstance(layer, sc.TimeDistributed):  # nn.Linear acts on the last axis
+            layer = layer.layer
         if isinstance(layer, sc.MaxPool):
             mods.append(nn.MaxPool2d(layer.k))
             continue

@@ -1,0 +1,578 @@
+"""Recurrent layers over a time axis: :class:`GRU`, :class:`LSTM`, and :class:`TimeDistributed`.
+
+Sequences are per-sample arrays ``(T, F)`` (a chain input ``(N, T, F)``, torch's
+``batch_first=True``). In a block they are flattened in C order like every other shape:
+feature ``f`` of time step ``t`` of lane ``s`` sits at ``work[off + (t * F + f) * B + s]``,
+so each time step is an ordinary feature-major block of ``F`` rows, a ``Flatten`` after a
+sequence gives torch's ``x.reshape(N, -1)`` order, and ``Conv`` output ``(C, T, 1)`` is
+the same memory as ``(C, T)``.
+
+Both cells follow torch's equations, gate order and parameter layout (``torch.nn.GRU`` /
+``torch.nn.LSTM``, one layer, ``batch_first=True``, zero initial state), so the four arrays
+``weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0`` copied from torch give the same
+outputs. Parameters in ``p``, in this order:
+
+* ``weight_ih (G * H, F)``, ``weight_hh (G * H, H)``, ``bias_ih (G * H,)``, ``bias_hh (G * H,)``
+  with ``G = 3`` gates ``(r, z, n)`` for the GRU and ``G = 4`` gates ``(i, f, g, o)`` for the
+  LSTM, each gate's ``H`` rows consecutive.
+
+GRU (Cho et al. 2014, torch's variant with the reset gate applied after ``W_hn h``)::
+
+    r = sigmoid(W_ir x + b_ir + W_hr h + b_hr)
+    z = sigmoid(W_iz x + b_iz + W_hz h + b_hz)
+    n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
+    h' = (1 - z) * n + z * h
+
+LSTM (Hochreiter & Schmidhuber 1997, with forget gate; no peepholes, no projection)::
+
+    i, f, o = sigmoid(.), g = tanh(.)  of  W_i* x + b_i* + W_h* h + b_h*
+    c' = f * c + i * g
+    h' = o * tanh(c')
+
+The forward step (:func:`gru_forward`, :func:`lstm_forward`) runs the time steps in order
+and keeps every ``h_t`` and the gates in the layer's saved area; the pullback
+(:func:`gru_pullback`, :func:`lstm_pullback`) is backpropagation through time: the steps
+in reverse, ``dW`` accumulated over all time steps and lanes, ``dL/dx_t`` written per step.
+Nothing is allocated. These loop nests are plain code (every inner loop runs over the
+block's lanes, which LLVM vectorizes); they are at once the tuned and the reference
+kernels, checked against torch autograd and finite differences in tests/test_recurrent.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from math import prod
+
+import numpy as np
+from numba import njit, types
+from numba.extending import overload
+
+from .._config import JIT_OPTIONS
+from .._fastmath import tanh_f32, tanh_f64
+from .base import EmitContext, Layer
+
+
+def _tanh(x):  # pragma: no cover - replaced by the overload inside numba code
+    return math.tanh(x)
+
+
+@overload(_tanh, inline="always", jit_options=dict(fastmath=JIT_OPTIONS["fastmath"]))
+def _tanh_impl(x):
+    """tanh of the kernel dtype: the float32 rational approximation or the float64 one of
+    :mod:`smallchains._fastmath` (the same functions as the ``tanh`` activation)."""
+    if x == types.float32:
+        return lambda x: tanh_f32(x)
+    return lambda x: tanh_f64(x)
+
+
+# --- shared loop nests (blocks feature-major: row k of lane s at work[off + k * B + s]) ---
+
+@njit(**JIT_OPTIONS)
+def _gemm(p, w, ld, n_rows, n_cols, work, x, y, B, accumulate):
+    """``y[o] (+)= sum_k W[o, k] x[k]`` over a block, ``W[o, k] = p[w + o * ld + k]``."""
+    for o in range(n_rows):
+        yo = y + o * B
+        if not accumulate:
+            for s in range(B):
+                work[yo + s] = 0
+        for k in range(n_cols):
+            wk = p[w + o * ld + k]
+            xk = x + k * B
+            for s in range(B):
+                work[yo + s] += wk * work[xk + s]
+
+
+@njit(**JIT_OPTIONS)
+def _gemm_t(p, w, ld, n_rows, n_cols, work, d, y, B, accumulate):
+    """``y[k] (+)= sum_o W[o, k] d[o]`` (the transposed product) for ``k < n_cols``."""
+    if not accumulate:
+        for k in range(n_cols):
+            for s in range(B):
+                work[y + k * B + s] = 0
+    for o in range(n_rows):
+        do = d + o * B
+        for k in range(n_cols):
+            wk = p[w + o * ld + k]
+            yk = y + k * B
+            for s in range(B):
+                work[yk + s] += wk * work[do + s]
+
+
+@njit(**JIT_OPTIONS)
+def _outer(g, w, ld, n_rows, n_cols, work, d, x, B):
+    """``g[w + o * ld + k] += sum_s d[o, s] x[k, s]``."""
+    for o in range(n_rows):
+        do = d + o * B
+        for k in range(n_cols):
+            xk = x + k * B
+            acc = work[do] * 0
+            for s in range(B):
+                acc += work[do + s] * work[xk + s]
+            g[w + o * ld + k] += acc
+
+
+@njit(**JIT_OPTIONS)
+def _row_sums(g, b, n_rows, work, d, B):
+    """``g[b + o] += sum_s d[o, s]``."""
+    for o in range(n_rows):
+        acc = work[d + o * B] * 0
+        for s in range(B):
+            acc += work[d + o * B + s]
+        g[b + o] += acc
+
+
+@njit(**JIT_OPTIONS)
+def _bias_rows(p, b, n_rows, work, y, B):
+    """``y[o] = b[o]`` over the block."""
+    for o in range(n_rows):
+        bo = p[b + o]
+        for s in range(B):
+            work[y + o * B + s] = bo
+
+
+# --- GRU ------------------------------------------------------------------------------
+
+@njit(**JIT_OPTIONS)
+def gru_forward(p, work, x, F, T, H, B, w, hist, gates, gi, gh):
+    """GRU over ``T`` steps of a block. ``x``: input ``(T, F)``; ``hist``: out ``h_t``
+    ``(T, H)``; ``gates``: out ``(r, z, n, W_hn h + b_hn)`` per step ``(T, 4H)``; ``gi``,
+    ``gh``: scratch ``(3H)`` each. Parameters at ``p[w:]`` (see the module docstring)."""
+    G = 3 * H
+    whh = w + G * F
+    bih = whh + G * H
+    bhh = bih + G
+    one = p[w] * 0 + 1
+    half = one / 2
+    for t in range(T):
+        xt = x + t * F * B
+        _bias_rows(p, bih, G, work, gi, B)
+        _gemm(p, w, F, G, F, work, xt, gi, B, True)
+        _bias_rows(p, bhh, G, work, gh, B)
+        hp = hist + (t - 1) * H * B
+        if t > 0:
+            _gemm(p, whh, H, G, H, work, hp, gh, B, True)
+        ht = hist + t * H * B
+        gt = gates + t * 4 * H * B
+        for j in range(H):
+            for s in range(B):
+                r = half + half * _tanh(half * (work[gi + j * B + s] + work[gh + j * B + s]))
+                z = half + half * _tanh(half * (work[gi + (H + j) * B + s] + work[gh + (H + j) * B + s]))
+                hn = work[gh + (2 * H + j) * B + s]
+                n = _tanh(work[gi + (2 * H + j) * B + s] + r * hn)
+                h0 = work[hp + j * B + s] if t > 0 else one * 0
+                work[ht + j * B + s] = (one - z) * n + z * h0
+                work[gt + j * B + s] = r
+                work[gt + (H + j) * B + s] = z
+                work[gt + (2 * H + j) * B + s] = n
+                work[gt + (3 * H + j) * B + s] = hn
+
+
+@njit(**JIT_OPTIONS)
+def gru_pullback(p, g, work, x, F, T, H, B, w, hist, gates, dgi, dgh, dh, gout, seq, gin, need_gin):
+    """Backpropagation through time for :func:`gru_forward`. ``gout``: ``dL/dh`` of every
+    step ``(T, H)`` if ``seq`` else of the last ``(H)`` (read only); adds ``dL/dW`` into
+    ``g[w:]`` and, if ``need_gin``, writes ``dL/dx`` ``(T, F)`` at ``gin``. ``dgi``,
+    ``dgh`` ``(3H)`` and ``dh`` ``(H)``: scratch."""
+    G = 3 * H
+    whh = w + G * F
+    bih = whh + G * H
+    bhh = bih + G
+    one = p[w] * 0 + 1
+    for k in range(H * B):
+        work[dh + k] = work[gout + (T - 1) * H * B + k] if seq else work[gout + k]
+    for t in range(T - 1, -1, -1):
+        if seq and t < T - 1:
+            for k in range(H * B):
+                work[dh + k] += work[gout + t * H * B + k]
+        hp = hist + (t - 1) * H * B
+        gt = gates + t * 4 * H * B
+        for j in range(H):
+            for s in range(B):
+                r = work[gt + j * B + s]
+                z = work[gt + (H + j) * B + s]
+                n = work[gt + (2 * H + j) * B + s]
+                hn = work[gt + (3 * H + j) * B + s]
+                h0 = work[hp + j * B + s] if t > 0 else one * 0
+                d = work[dh + j * B + s]
+                an = d * (one - z) * (one - n * n)        # d/d(pre-activation of n)
+                az = d * (h0 - n) * z * (one - z)
+                ar = an * hn * r * (one - r)
+                work[dgi + j * B + s] = ar
+                work[dgi + (H + j) * B + s] = az
+                work[dgi + (2 * H + j) * B + s] = an
+                work[dgh + j * B + s] = ar
+                work[dgh + (H + j) * B + s] = az
+                work[dgh + (2 * H + j) * B + s] = an * r
+                work[dh + j * B + s] = d * z               # direct path h' <- z * h
+        xt = x + t * F * B
+        _row_sums(g, bih, G, work, dgi, B)
+        _row_sums(g, bhh, G, work, dgh, B)
+        _outer(g, w, F, G, F, work, dgi, xt, B)
+        if t > 0:
+            _outer(g, whh, H, G, H, work, dgh, hp, B)
+            _gemm_t(p, whh, H, G, H, work, dgh, dh, B, True)
+        if need_gin:
+            _gemm_t(p, w, F, G, F, work, dgi, gin + t * F * B, B, False)
+
+
+# --- LSTM -----------------------------------------------------------------------------
+
+@njit(**JIT_OPTIONS)
+def lstm_forward(p, work, x, F, T, H, B, w, hist, gates, ga):
+    """LSTM over ``T`` steps of a block. ``x``: input ``(T, F)``; ``hist``: out ``h_t``
+    ``(T, H)``; ``gates``: out ``(i, f, g, o, c)`` per step ``(T, 5H)``; ``ga``: scratch
+    ``(4H)``. Parameters at ``p[w:]`` (see the module docstring)."""
+    G = 4 * H
+    whh = w + G * F
+    bih = whh + G * H
+    bhh = bih + G
+    one = p[w] * 0 + 1
+    half = one / 2
+    for t in range(T):
+        xt = x + t * F * B
+        for o in range(G):
+            bo = p[bih + o] + p[bhh + o]
+            for s in range(B):
+                work[ga + o * B + s] = bo
+        _gemm(p, w, F, G, F, work, xt, ga, B, True)
+        hp = hist + (t - 1) * H * B
+        cp = gates + ((t - 1) * 5 + 4) * H * B
+        if t > 0:
+            _gemm(p, whh, H, G, H, work, hp, ga, B, True)
+        ht = hist + t * H * B
+        gt = gates + t * 5 * H * B
+        for j in range(H):
+            for s in range(B):
+                i = half + half * _tanh(half * work[ga + j * B + s])
+                f = half + half * _tanh(half * work[ga + (H + j) * B + s])
+                gg = _tanh(work[ga + (2 * H + j) * B + s])
+                o = half + half * _tanh(half * work[ga + (3 * H + j) * B + s])
+                c0 = work[cp + j * B + s] if t > 0 else one * 0
+                c = f * c0 + i * gg
+                work[ht + j * B + s] = o * _tanh(c)
+                work[gt + j * B + s] = i
+                work[gt + (H + j) * B + s] = f
+                work[gt + (2 * H + j) * B + s] = gg
+                work[gt + (3 * H + j) * B + s] = o
+                work[gt + (4 * H + j) * B + s] = c
+
+
+@njit(**JIT_OPTIONS)
+def lstm_pullback(p, g, work, x, F, T, H, B, w, hist, gates, da, dh, dc, gout, seq, gin, need_gin):
+    """Backpropagation through time for :func:`lstm_forward` (arguments as
+    :func:`gru_pullback`; ``da`` ``(4H)``, ``dh`` and ``dc`` ``(H)``: scratch)."""
+    G = 4 * H
+    whh = w + G * F
+    bih = whh + G * H
+    bhh = bih + G
+    one = p[w] * 0 + 1
+    for k in range(H * B):
+        work[dh + k] = work[gout + (T - 1) * H * B + k] if seq else work[gout + k]
+        work[dc + k] = one * 0
+    for t in range(T - 1, -1, -1):
+        if seq and t < T - 1:
+            for k in range(H * B):
+                work[dh + k] += work[gout + t * H * B + k]
+        hp = hist + (t - 1) * H * B
+        cp = gates + ((t - 1) * 5 + 4) * H * B
+        gt = gates + t * 5 * H * B
+        for j in range(H):
+            for s in range(B):
+                i = work[gt + j * B + s]
+                f = work[gt + (H + j) * B + s]
+                gg = work[gt + (2 * H + j) * B + s]
+                o = work[gt + (3 * H + j) * B + s]
+                tc = _tanh(work[gt + (4 * H + j) * B + s])
+                c0 = work[cp + j * B + s] if t > 0 else one * 0
+                d = work[dh + j * B + s]
+                dcc = work[dc + j * B + s] + d * o * (one - tc * tc)
+                work[da + j * B + s] = dcc * gg * i * (one - i)
+                work[da + (H + j) * B + s] = dcc * c0 * f * (one - f)
+                work[da + (2 * H + j) * B + s] = dcc * i * (one - gg * gg)
+                work[da + (3 * H + j) * B + s] = d * tc * o * (one - o)
+                work[dc + j * B + s] = dcc * f
+        xt = x + t * F * B
+        _row_sums(g, bih, G, work, da, B)
+        _row_sums(g, bhh, G, work, da, B)
+        _outer(g, w, F, G, F, work, da, xt, B)
+        if t > 0:
+            _outer(g, whh, H, G, H, work, da, hp, B)
+            _gemm_t(p, whh, H, G, H, work, da, dh, B, False)
+        if need_gin:
+            _gemm_t(p, w, F, G, F, work, da, gin + t * F * B, B, False)
+
+
+# --- layers ---------------------------------------------------------------------------
+
+def _call(fn, arrays, *args):
+    """Source of a call of the recurrent kernel ``fn``. Sizes and offsets are passed as
+    ``np.int64(...)``: a bare constant would be typed as a literal and numba would compile
+    (and cache) the kernel once per chain layout. So it compiles once per dtype, block size
+    and flags; the block size ``B`` (5th argument) stays a literal, its loops' trip count."""
+    def arg(k, a):
+        return repr(a) if isinstance(a, bool) or k == 4 else f"np.int64({a})"
+    return f"{fn}({arrays}, " + ", ".join(arg(k, a) for k, a in enumerate(args)) + ")"
+
+
+def _check_hidden(name, hidden):
+    if not isinstance(hidden, (int, np.integer)) or isinstance(hidden, bool) or hidden < 1:
+        raise ValueError(f"{name}: hidden must be a positive int, got {hidden!r}")
+    return int(hidden)
+
+
+class _Recurrent(Layer):
+    """Shared shape logic and emission of :class:`GRU` and :class:`LSTM`."""
+
+    GATES = 0
+    kernel_imports = {"smallchains.layers.recurrent": (
+        "gru_forward", "gru_pullback", "lstm_forward", "lstm_pullback")}
+
+    def __init__(self, hidden, return_sequences=False):
+        name = type(self).__name__
+        object.__setattr__(self, "hidden", _check_hidden(name, hidden))
+        if not isinstance(return_sequences, (bool, np.bool_)):
+            raise TypeError(f"{name}: return_sequences must be a bool, got {return_sequences!r}")
+        object.__setattr__(self, "return_sequences", bool(return_sequences))
+
+    def __repr__(self) -> str:
+        seq = ", return_sequences=True" if self.return_sequences else ""
+        return f"{type(self).__name__}({self.hidden}{seq})"
+
+    def _tf(self, input_shape):
+        if len(input_shape) != 2:
+            raise ValueError(
+                f"{type(self).__name__} expects a sequence input (T, F) per sample (a chain "
+                f"input of shape (N, T, F)), got per-sample shape {tuple(input_shape)}")
+        return input_shape
+
+    def output_shape(self, input_shape):
+        T, _ = self._tf(input_shape)
+        return (T, self.hidden) if self.return_sequences else (self.hidden,)
+
+    def param_shapes(self, input_shape):
+        _, F = self._tf(input_shape)
+        G = self.GATES * self.hidden
+        return {"weight_ih": (G, F), "weight_hh": (G, self.hidden), "bias_ih": (G,), "bias_hh": (G,)}
+
+    def init_params(self, views, input_shape, rng):
+        # torch's default: every array uniform in (-1/sqrt(H), 1/sqrt(H))
+        k = 1.0 / np.sqrt(self.hidden)
+        for v in views.values():
+            v[...] = rng.uniform(-k, k, v.shape)
+
+    def _saved(self, T):
+        """(history, gates, scratch) per lane, in elements."""
+        raise NotImplementedError
+
+    def saved_size(self, input_shape):
+        T, _ = self._tf(input_shape)
+        hist, gates, scratch = self._saved(T)
+        return (0 if self.return_sequences else hist) + gates + scratch
+
+    def _offsets(self, ctx):
+        T, F = self._tf(ctx.in_shape)
+        hist_n, gates_n, _ = self._saved(T)
+        B = ctx.B
+        if self.return_sequences:  # the output block is the history
+            hist, gates = ctx.out_off, ctx.saved_off
+        else:
+            hist, gates = ctx.saved_off, ctx.saved_off + hist_n * B
+        return T, F, B, hist, gates, gates + gates_n * B
+
+    def _emit_last(self, ctx, hist, T):
+        if self.return_sequences:
+            return []
+        n = self.hidden * ctx.B
+        return [f"for k in range({n}):",
+                f"    work[{ctx.out_off} + k] = work[{hist + (T - 1) * n} + k]"]
+
+    # the loop nests are plain code: they are their own reference
+    def emit_forward_reference(self, ctx):
+        return self.emit_forward(ctx)
+
+    def emit_pullback_reference(self, ctx):
+        return self.emit_pullback(ctx)
+
+
+@dataclass(frozen=True, init=False, repr=False)
+class GRU(_Recurrent):
+    """Gated recurrent unit over a sequence, ``torch.nn.GRU(F, hidden, batch_first=True)``.
+
+    Parameters
+    ----------
+    hidden : int
+        Size ``H`` of the hidden state.
+    return_sequences : bool, default False
+        Output every step's ``h_t``, shape ``(T, H)``, instead of the last one, ``(H,)``.
+
+    Input ``(T, F)`` per sample (chain input ``(N, T, F)``, float32 or float64). Zero initial
+    state. Parameters ``weight_ih (3H, F)``, ``weight_hh (3H, H)``, ``bias_ih (3H,)``,
+    ``bias_hh (3H,)``, gate rows in torch's order ``(r, z, n)``; initialized uniform in
+    ``(-1/sqrt(H), 1/sqrt(H))`` as torch. Equations: :mod:`smallchains.layers.recurrent`.
+
+    Raises
+    ------
+    ValueError
+        ``hidden`` not a positive int; an input that is not ``(T, F)``.
+    """
+
+    hidden: int
+    return_sequences: bool
+    GATES = 3
+
+    def _saved(self, T):
+        H = self.hidden
+        return T * H, T * 4 * H, 7 * H
+
+    def emit_forward(self, ctx: EmitContext):
+        T, F, B, hist, gates, scr = self._offsets(ctx)
+        H = self.hidden
+        return [_call("gru_forward", "p, work", ctx.in_off, F, T, H, B, ctx.p_off, hist, gates, scr,
+                      scr + 3 * H * B)] + self._emit_last(ctx, hist, T)
+
+    def emit_pullback(self, ctx: EmitContext):
+        T, F, B, hist, gates, scr = self._offsets(ctx)
+        H = self.hidden
+        return [_call("gru_pullback", "p, g, work", ctx.in_off, F, T, H, B, ctx.p_off, hist, gates,
+                      scr, scr + 3 * H * B, scr + 6 * H * B, ctx.gout_off, self.return_sequences,
+                      ctx.gin_off, ctx.need_gin)]
+
+
+@dataclass(frozen=True, init=False, repr=False)
+class LSTM(_Recurrent):
+    """Long short-term memory over a sequence, ``torch.nn.LSTM(F, hidden, batch_first=True)``.
+
+    Parameters
+    ----------
+    hidden : int
+        Size ``H`` of the hidden and cell states.
+    return_sequences : bool, default False
+        Output every step's ``h_t``, shape ``(T, H)``, instead of the last one, ``(H,)``
+        (stack LSTMs with ``return_sequences=True`` on all but the last).
+
+    Input ``(T, F)`` per sample (chain input ``(N, T, F)``). Zero initial ``h`` and ``c``.
+    Parameters ``weight_ih (4H, F)``, ``weight_hh (4H, H)``, ``bias_ih (4H,)``,
+    ``bias_hh (4H,)``, gate rows in torch's order ``(i, f, g, o)``; initialized uniform in
+    ``(-1/sqrt(H), 1/sqrt(H))`` as torch. Equations: :mod:`smallchains.layers.recurrent`.
+
+    Raises
+    ------
+    ValueError
+        ``hidden`` not a positive int; an input that is not ``(T, F)``.
+    """
+
+    hidden: int
+    return_sequences: bool
+    GATES = 4
+
+    def _saved(self, T):
+        H = self.hidden
+        return T * H, T * 5 * H, 6 * H
+
+    def emit_forward(self, ctx: EmitContext):
+        T, F, B, hist, gates, scr = self._offsets(ctx)
+        return [_call("lstm_forward", "p, work", ctx.in_off, F, T, self.hidden, B, ctx.p_off, hist,
+                      gates, scr)] + self._emit_last(ctx, hist, T)
+
+    def emit_pullback(self, ctx: EmitContext):
+        T, F, B, hist, gates, scr = self._offsets(ctx)
+        H = self.hidden
+        return [_call("lstm_pullback", "p, g, work", ctx.in_off, F, T, H, B, ctx.p_off, hist, gates,
+                      scr, scr + 4 * H * B, scr + 5 * H * B, ctx.gout_off, self.return_sequences,
+                      ctx.gin_off, ctx.need_gin)]
+
+
+@dataclass(frozen=True, init=False, repr=False)
+class TimeDistributed(Layer):
+    """Apply ``layer`` to every time step of a sequence with shared parameters:
+    ``(T, *S) -> (T, *layer.output_shape(S))``, like Keras' ``TimeDistributed`` and torch's
+    ``nn.Linear`` on a ``(N, T, F)`` tensor.
+
+    Parameters
+    ----------
+    layer : Layer
+        A layer without batch statistics, state or randomness (``Dense`` typically).
+        Its parameters (named as the layer names them) are shared by all steps.
+
+    The compiled step runs the layer's own tuned code once per time step (``T`` copies in
+    the generated source, so compile time grows with ``T``).
+
+    Raises
+    ------
+    TypeError
+        ``layer`` is not a layer, or is a Dropout, BatchNorm, recurrent or other stateful
+        layer.
+    ValueError
+        An input with no time axis.
+    """
+
+    layer: Layer
+
+    def __init__(self, layer):
+        from .batchnorm import BatchNorm
+        from .dropout import Dropout
+        if not isinstance(layer, Layer):
+            raise TypeError(f"TimeDistributed: expected a Layer, got {layer!r}")
+        if isinstance(layer, (Dropout, BatchNorm, _Recurrent, TimeDistributed)) or \
+                getattr(layer, "reduces_batch", False):
+            raise TypeError(f"TimeDistributed does not support {layer!r} (only layers without "
+                            "state, batch statistics or randomness, such as Dense)")
+        object.__setattr__(self, "layer", layer)
+
+    def __repr__(self) -> str:
+        return f"TimeDistributed({self.layer!r})"
+
+    @property
+    def kernel_imports(self):
+        return self.layer.kernel_imports
+
+    def _split(self, input_shape):
+        if len(input_shape) < 2:
+            raise ValueError(f"TimeDistributed expects a sequence input (T, ...) per sample, "
+                             f"got per-sample shape {tuple(input_shape)}")
+        return input_shape[0], tuple(input_shape[1:])
+
+    def output_shape(self, input_shape):
+        T, S = self._split(input_shape)
+        return (T,) + tuple(self.layer.output_shape(S))
+
+    def param_shapes(self, input_shape):
+        return self.layer.param_shapes(self._split(input_shape)[1])
+
+    def init_params(self, views, input_shape, rng):
+        self.layer.init_params(views, self._split(input_shape)[1], rng)
+
+    def saved_size(self, input_shape):
+        T, S = self._split(input_shape)
+        return T * self.layer.saved_size(S)
+
+    def _steps(self, ctx, pullback, reference):
+        T, S = self._split(ctx.in_shape)
+        out = tuple(self.layer.output_shape(S))
+        n_in, n_out, n_sv = prod(S) * ctx.B, prod(out) * ctx.B, self.layer.saved_size(S) * ctx.B
+        L = []
+        for t in range(T):
+            c = replace(ctx, in_shape=S, out_shape=out, in_off=ctx.in_off + t * n_in,
+                        out_off=ctx.out_off + t * n_out, saved_off=ctx.saved_off + t * n_sv,
+                        gout_off=ctx.gout_off + t * n_out, gin_off=ctx.gin_off + t * n_in)
+            if pullback:
+                L += (self.layer.emit_pullback_reference(c) if reference else self.layer.emit_pullback(c))
+            else:
+                L += (self.layer.emit_forward_reference(c) if reference else self.layer.emit_forward(c))
+        return L
+
+    def emit_forward(self, ctx):
+        return self._steps(ctx, False, False)
+
+    def emit_pullback(self, ctx):
+        return self._steps(ctx, True, False)
+
+    def emit_forward_reference(self, ctx):
+        return self._steps(ctx, False, True)
+
+    def emit_pullback_reference(self, ctx):
+        return self._steps(ctx, True, True)
+
+    def spec(self) -> str:
+        return f"TimeDistributed({self.layer.spec()})"
