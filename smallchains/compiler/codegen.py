@@ -61,7 +61,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import _config
-from ..layers.base import EmitContext
+from ..layers.base import STEP_BREAK, EmitContext
 from .options import KernelOptions, kernel_options
 
 #: Bytes of per-thread block workspace aimed for (fits in L2 alongside the weights).
@@ -243,6 +243,21 @@ class _Functions:
         self.names.append(name)
         return name
 
+    def add_steps(self, name, uses_g, lines):
+        """:meth:`add` for each part of ``lines`` between :data:`STEP_BREAK` lines (a
+        container layer's sub-layers each get their own function); the names in order."""
+        parts, cur = [], []
+        for ln in lines:
+            if ln == STEP_BREAK:
+                parts.append(cur)
+                cur = []
+            else:
+                cur.append(ln)
+        parts = [q for q in parts + [cur] if q]
+        if len(parts) == 1:
+            return [self.add(name, uses_g, parts[0])]
+        return [self.add(f"{name}_{k}", uses_g, q) for k, q in enumerate(parts)]
+
     def run(self, steps, n=4):
         """Kernel lines running ``steps`` in order, indented by ``n``. An item
         ``("stage", j, step)`` runs ``step`` and skips the rest of the block when the
@@ -278,7 +293,7 @@ def _forward_lines(plan, dtype, training, funcs, options, stages=False):
             steps.append(("stage", plan.reducing.index(i), name))
         lines = emit_layer_forward(s.layer, ctx, options)
         if lines:
-            steps.append(funcs.add(f"layer{i}_forward{'_train' if training else ''}", False, lines))
+            steps += funcs.add_steps(f"layer{i}_forward{'_train' if training else ''}", False, lines)
     return steps
 
 
@@ -303,7 +318,7 @@ def _pullback_lines(plan, dtype, first_need_gin, funcs, options, training=True, 
         lines = emit_layer_pullback(s.layer, ctx, options)
         if lines:
             name = f"layer{i}_pullback{'_gx' if i == 0 and need else ''}{'' if training else '_infer'}"
-            steps.append(funcs.add(name, True, lines))
+            steps += funcs.add_steps(name, True, lines)
         gout, gin = gin, gout
     return steps, gout
 

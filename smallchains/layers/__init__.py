@@ -6,15 +6,20 @@
 * :mod:`.batchnorm` -- :class:`BatchNorm` (batch statistics across threads).
 * :mod:`.recurrent` -- :class:`GRU`, :class:`LSTM` (sequences ``(T, F)``) and
   :class:`TimeDistributed`.
+* :mod:`.branches` -- :class:`Parallel`, :class:`SkipConnection` (containers of branches).
+* :mod:`.shape` -- :class:`Reshape`, :class:`Permute`, :class:`Slice` (no parameters).
 * :mod:`.dropout` -- :class:`Dropout` (training mode only; masks from :mod:`smallchains.philox`).
 """
 
 from .base import EmitContext, Layer
 from .batchnorm import BatchNorm
+from .branches import Parallel, SkipConnection
 from .conv import Conv, Flatten, MaxPool
 from .dense import Dense, TurboDense
 from .dropout import Dropout
 from .recurrent import GRU, LSTM, TimeDistributed
+from .shape import Permute, Reshape, Slice
 
 __all__ = ["BatchNorm", "Conv", "Dense", "Dropout", "EmitContext", "Flatten", "GRU", "LSTM", "Layer",
-           "MaxPool", "TimeDistributed", "TurboDense"]
+           "MaxPool", "Parallel", "Permute", "Reshape", "SkipConnection", "Slice", "TimeDistributed",
+           "TurboDense"]

@@ -28,6 +28,12 @@ from dataclasses import dataclass
 from math import prod
 
 
+#: A line of its own in a layer's emitted code: the compiler makes the lines before and
+#: after it separate step functions (numba's compile time grows faster than linearly with
+#: a function's size; containers put one between their sub-layers).
+STEP_BREAK = "# --- step break ---"
+
+
 def at(base, k: int) -> str:
     """Source of the index ``base + k`` (``base`` a name or an int) with the constant folded
     away.

@@ -492,8 +492,10 @@ class TimeDistributed(Layer):
     Parameters
     ----------
     layer : Layer
-        A layer without batch statistics, state or randomness (``Dense`` typically).
-        Its parameters (named as the layer names them) are shared by all steps.
+        A layer without batch statistics, state or randomness: ``Dense`` typically, or a
+        ``GRU``/``LSTM`` over an inner time axis (``(P, T, F)`` input: ``P`` sequences
+        with shared weights, as LSTNet's skip-GRU). Its parameters (named as the layer
+        names them) are shared by all steps.
 
     The compiled step runs the layer's own tuned code once per time step (``T`` copies in
     the generated source, so compile time grows with ``T``).
@@ -501,8 +503,7 @@ class TimeDistributed(Layer):
     Raises
     ------
     TypeError
-        ``layer`` is not a layer, or is a Dropout, BatchNorm, recurrent or other stateful
-        layer.
+        ``layer`` is not a layer, or is a Dropout, BatchNorm or other layer with state.
     ValueError
         An input with no time axis.
     """
@@ -514,10 +515,9 @@ class TimeDistributed(Layer):
         from .dropout import Dropout
         if not isinstance(layer, Layer):
             raise TypeError(f"TimeDistributed: expected a Layer, got {layer!r}")
-        if isinstance(layer, (Dropout, BatchNorm, _Recurrent, TimeDistributed)) or \
-                getattr(layer, "reduces_batch", False):
+        if isinstance(layer, (Dropout, BatchNorm)) or getattr(layer, "reduces_batch", False):
             raise TypeError(f"TimeDistributed does not support {layer!r} (only layers without "
-                            "state, batch statistics or randomness, such as Dense)")
+                            "state, batch statistics or randomness, such as Dense or GRU)")
         object.__setattr__(self, "layer", layer)
 
     def __repr__(self) -> str:

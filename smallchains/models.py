@@ -1,0 +1,74 @@
+"""Published small networks, built from the library's layers.
+
+Each function returns a :class:`~smallchains.SimpleChain`; ``param_views`` of it names
+every array, and ``bench/`` holds a torch eager twin of each model that loads the same
+parameters.
+"""
+
+from __future__ import annotations
+
+from .chain import SimpleChain
+from .layers import (GRU, Conv, Dense, Flatten, Parallel, Permute, Reshape, Slice,
+                     TimeDistributed)
+
+
+def lstnet(n_series, window, *, conv_filters=2, conv_width=3, hidden=3, skip=4, skip_hidden=3,
+           highway=4, target=0, **chain_options) -> SimpleChain:
+    """LSTNet (Lai, Chang, Yang and Liu, "Modeling Long- and Short-Term Temporal Patterns
+    with Deep Neural Networks", SIGIR 2018), one output: the next value of series
+    ``target``. FluxArchitectures.jl's ``LSTnet`` is the same network, except that its
+    recurrent cells carry state from window to window; here each sample is one window and
+    the recurrences run over its time steps (the paper's meaning).
+
+    Input ``(window, n_series)`` per sample. The network::
+
+        conv  = relu(Conv(conv_filters, (conv_width, n_series)))   on the (1, window, n_series) image
+                -> sequence (Tc, conv_filters), Tc = window - conv_width + 1
+        rec   = GRU(hidden)(conv)                                   last state, (hidden,)
+        skip  = GRU(skip_hidden) over each of the `skip` interleaved sub-sequences of the
+                last (Tc // skip) * skip conv steps (t, t + skip, ...), weights shared,
+                last states concatenated                            (skip * skip_hidden,)
+        y     = Dense(1)([rec, skip]) + Dense(1)(x[-highway:, target])   (the highway)
+
+    Parameters
+    ----------
+    n_series, window : int
+        Input series ``F`` and time steps ``T`` per window.
+    conv_filters, conv_width, hidden, skip, skip_hidden, highway : int
+        The sizes above; ``skip <= Tc``. Defaults: the FluxBench benchmark's conv 2 and
+        recurrent 3, with a skip of 4 steps and a 4-step highway (our choice: FluxBench's
+        skip of 60 is longer than its window of 10).
+    target : int
+        The series the highway reads (and the output forecasts).
+    **chain_options
+        Passed to :class:`SimpleChain` (``kernels=``, ``registers=``).
+
+    Returns
+    -------
+    SimpleChain
+        Output ``(1,)``. One :class:`Parallel` (``"sum"`` of the network and the highway),
+        so ``chain.param_views(p)[0]`` holds every array: ``"0.1.W"`` the convolution,
+        ``"0.4.0.0.weight_ih"`` ... the GRU, ``"0.4.1.3.weight_ih"`` ... the skip-GRU,
+        ``"0.5.W"`` the output layer, ``"1.1.W"`` the highway.
+
+    Raises
+    ------
+    ValueError
+        Sizes that do not fit (``conv_width > window``, ``skip > Tc``, ``highway > window``).
+    """
+    T, F = int(window), int(n_series)
+    Tc = T - conv_width + 1
+    if Tc < 1:
+        raise ValueError(f"lstnet: conv_width {conv_width} is longer than the window {T}")
+    if not 1 <= skip <= Tc:
+        raise ValueError(f"lstnet: skip must be in 1..{Tc} (the conv output length), got {skip}")
+    if not 1 <= highway <= T:
+        raise ValueError(f"lstnet: highway must be in 1..{T}, got {highway}")
+    n = Tc // skip
+    skip_branch = (Slice(slice(Tc - n * skip, None)), Reshape((n, skip, conv_filters)),
+                   Permute((1, 0, 2)), TimeDistributed(GRU(skip_hidden)), Flatten())
+    network = (Reshape((1, T, F)), Conv(conv_filters, (conv_width, F), "relu"),
+               Reshape((conv_filters, Tc)), Permute((1, 0)),
+               Parallel("concat", GRU(hidden), skip_branch), Dense(1))
+    highway_branch = (Slice(slice(T - highway, None), target), Dense(1))
+    return SimpleChain((T, F), Parallel("sum", network, highway_branch), **chain_options)
