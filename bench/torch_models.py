@@ -37,7 +37,7 @@ class LSTNet(nn.Module):
     def arrays(self):
         """The parameters in smallchains' order (``from_chain`` / gradients)."""
         g, sg = self.gru, self.skip_gru
-        return [self.conv.weight, self.conv.bias,
+        return [self.conv.weight, self.conv.bias,  # (C, 1, K, F) = Conv1D W (C, K, F)
                 g.weight_ih_l0, g.weight_hh_l0, g.bias_ih_l0, g.bias_hh_l0,
                 sg.weight_ih_l0, sg.weight_hh_l0, sg.bias_ih_l0, sg.bias_hh_l0,
                 self.out.weight, self.out.bias, self.highway.weight, self.highway.bias]

@@ -8,12 +8,12 @@ parameters.
 from __future__ import annotations
 
 from .chain import SimpleChain
-from .layers import (GRU, Conv, Dense, Flatten, Parallel, Permute, Reshape, Slice,
+from .layers import (GRU, Conv1D, Dense, Flatten, Parallel, Permute, Reshape, Slice,
                      TimeDistributed)
 
 
 def lstnet(n_series, window, *, conv_filters=2, conv_width=3, hidden=3, skip=4, skip_hidden=3,
-           highway=4, target=0, **chain_options) -> SimpleChain:
+           highway=4, target=0, block_size=128, **chain_options) -> SimpleChain:
     """LSTNet (Lai, Chang, Yang and Liu, "Modeling Long- and Short-Term Temporal Patterns
     with Deep Neural Networks", SIGIR 2018), one output: the next value of series
     ``target``. FluxArchitectures.jl's ``LSTnet`` is the same network, except that its
@@ -22,8 +22,8 @@ def lstnet(n_series, window, *, conv_filters=2, conv_width=3, hidden=3, skip=4, 
 
     Input ``(window, n_series)`` per sample. The network::
 
-        conv  = relu(Conv(conv_filters, (conv_width, n_series)))   on the (1, window, n_series) image
-                -> sequence (Tc, conv_filters), Tc = window - conv_width + 1
+        conv  = Conv1D(conv_filters, conv_width, "relu")           sequence (Tc, conv_filters),
+                Tc = window - conv_width + 1 (a convolution over the whole window of series)
         rec   = GRU(hidden)(conv)                                   last state, (hidden,)
         skip  = GRU(skip_hidden) over each of the `skip` interleaved sub-sequences of the
                 last (Tc // skip) * skip conv steps (t, t + skip, ...), weights shared,
@@ -40,6 +40,10 @@ def lstnet(n_series, window, *, conv_filters=2, conv_width=3, hidden=3, skip=4, 
         skip of 60 is longer than its window of 10).
     target : int
         The series the highway reads (and the output forecasts).
+    block_size : int, default 128
+        Samples per compiled block (:class:`SimpleChain`'s ``block_size``): this
+        network's layers are tiny, and 128 ran its training step 2x faster than the
+        automatic 16 (Zen 3, batch 500).
     **chain_options
         Passed to :class:`SimpleChain` (``kernels=``, ``registers=``).
 
@@ -47,9 +51,10 @@ def lstnet(n_series, window, *, conv_filters=2, conv_width=3, hidden=3, skip=4, 
     -------
     SimpleChain
         Output ``(1,)``. One :class:`Parallel` (``"sum"`` of the network and the highway),
-        so ``chain.param_views(p)[0]`` holds every array: ``"0.1.W"`` the convolution,
-        ``"0.4.0.0.weight_ih"`` ... the GRU, ``"0.4.1.3.weight_ih"`` ... the skip-GRU,
-        ``"0.5.W"`` the output layer, ``"1.1.W"`` the highway.
+        so ``chain.param_views(p)[0]`` holds every array: ``"0.0.W"`` the convolution
+        ``(conv_filters, conv_width, n_series)``, ``"0.1.0.0.weight_ih"`` ... the GRU,
+        ``"0.1.1.3.weight_ih"`` ... the skip-GRU, ``"0.2.W"`` the output layer, ``"1.1.W"``
+        the highway.
 
     Raises
     ------
@@ -65,10 +70,11 @@ def lstnet(n_series, window, *, conv_filters=2, conv_width=3, hidden=3, skip=4, 
     if not 1 <= highway <= T:
         raise ValueError(f"lstnet: highway must be in 1..{T}, got {highway}")
     n = Tc // skip
-    skip_branch = (Slice(slice(Tc - n * skip, None)), Reshape((n, skip, conv_filters)),
-                   Permute((1, 0, 2)), TimeDistributed(GRU(skip_hidden)), Flatten())
-    network = (Reshape((1, T, F)), Conv(conv_filters, (conv_width, F), "relu"),
-               Reshape((conv_filters, Tc)), Permute((1, 0)),
+    crop = (Slice(slice(Tc - n * skip, None)),) if n * skip < Tc else ()
+    skip_branch = crop + (Reshape((n, skip, conv_filters)), Permute((1, 0, 2)),
+                          TimeDistributed(GRU(skip_hidden)), Flatten())
+    network = (Conv1D(conv_filters, conv_width, "relu"),
                Parallel("concat", GRU(hidden), skip_branch), Dense(1))
     highway_branch = (Slice(slice(T - highway, None), target), Dense(1))
-    return SimpleChain((T, F), Parallel("sum", network, highway_branch), **chain_options)
+    return SimpleChain((T, F), Parallel("sum", network, highway_branch), block_size=block_size,
+                       **chain_options)

@@ -4,8 +4,8 @@
   ``emit_affine`` (forward) and ``emit_affine_pullback`` (pullback).
 * :mod:`.conv` -- :class:`Conv`, :class:`MaxPool`, :class:`Flatten` over NCHW images.
 * :mod:`.batchnorm` -- :class:`BatchNorm` (batch statistics across threads).
-* :mod:`.recurrent` -- :class:`GRU`, :class:`LSTM` (sequences ``(T, F)``) and
-  :class:`TimeDistributed`.
+* :mod:`.recurrent` -- :class:`GRU`, :class:`LSTM` (sequences ``(T, F)``),
+  :class:`TimeDistributed` and :class:`Conv1D`.
 * :mod:`.branches` -- :class:`Parallel`, :class:`SkipConnection` (containers of branches).
 * :mod:`.shape` -- :class:`Reshape`, :class:`Permute`, :class:`Slice` (no parameters).
 * :mod:`.dropout` -- :class:`Dropout` (training mode only; masks from :mod:`smallchains.philox`).
@@ -17,9 +17,9 @@ from .branches import Parallel, SkipConnection
 from .conv import Conv, Flatten, MaxPool
 from .dense import Dense, TurboDense
 from .dropout import Dropout
-from .recurrent import GRU, LSTM, TimeDistributed
+from .recurrent import GRU, LSTM, Conv1D, TimeDistributed
 from .shape import Permute, Reshape, Slice
 
-__all__ = ["BatchNorm", "Conv", "Dense", "Dropout", "EmitContext", "Flatten", "GRU", "LSTM", "Layer",
+__all__ = ["BatchNorm", "Conv", "Conv1D", "Dense", "Dropout", "EmitContext", "Flatten", "GRU", "LSTM", "Layer",
            "MaxPool", "Parallel", "Permute", "Reshape", "SkipConnection", "Slice", "TimeDistributed",
            "TurboDense"]

@@ -1,4 +1,4 @@
-"""Recurrent layers over a time axis: :class:`GRU`, :class:`LSTM`, and :class:`TimeDistributed`.
+"""Layers over a time axis: :class:`GRU`, :class:`LSTM`, :class:`TimeDistributed`, :class:`Conv1D`.
 
 Sequences are per-sample arrays ``(T, F)`` (a chain input ``(N, T, F)``, torch's
 ``batch_first=True``). In a block they are flattened in C order like every other shape:
@@ -48,9 +48,12 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .._config import JIT_OPTIONS
+from .._config import INLINE_OPTIONS, JIT_OPTIONS
 from .._fastmath import tanh_f32, tanh_f64
-from .base import EmitContext, Layer
+from ..activations import get_activation, needs_z
+from . import reference
+from .base import STEP_BREAK, EmitContext, Layer
+from .dense import TurboDense, emit_affine, emit_affine_pullback
 
 
 def _tanh(x):  # pragma: no cover - replaced by the overload inside numba code
@@ -66,9 +69,23 @@ def _tanh_impl(x):
     return lambda x: tanh_f64(x)
 
 
+def _cst(arr, v):  # pragma: no cover - replaced by the overload inside numba code
+    return arr.dtype.type(v)
+
+
+@overload(_cst, inline="always")
+def _cst_impl(arr, v):
+    """The number ``v`` in the dtype of ``arr``. (In numba, float32 combined with an int
+    constant gives float64: ``x * 0`` or ``x / 2`` would move a float32 kernel's arithmetic
+    to float64, half the lanes per vector.)"""
+    if arr.dtype == types.float32:
+        return lambda arr, v: np.float32(v)
+    return lambda arr, v: np.float64(v)
+
+
 # --- shared loop nests (blocks feature-major: row k of lane s at work[off + k * B + s]) ---
 
-@njit(**JIT_OPTIONS)
+@njit(**INLINE_OPTIONS)
 def _gemm(p, w, ld, n_rows, n_cols, work, x, y, B, accumulate):
     """``y[o] (+)= sum_k W[o, k] x[k]`` over a block, ``W[o, k] = p[w + o * ld + k]``."""
     for o in range(n_rows):
@@ -83,7 +100,7 @@ def _gemm(p, w, ld, n_rows, n_cols, work, x, y, B, accumulate):
                 work[yo + s] += wk * work[xk + s]
 
 
-@njit(**JIT_OPTIONS)
+@njit(**INLINE_OPTIONS)
 def _gemm_t(p, w, ld, n_rows, n_cols, work, d, y, B, accumulate):
     """``y[k] (+)= sum_o W[o, k] d[o]`` (the transposed product) for ``k < n_cols``."""
     if not accumulate:
@@ -99,30 +116,30 @@ def _gemm_t(p, w, ld, n_rows, n_cols, work, d, y, B, accumulate):
                 work[yk + s] += wk * work[do + s]
 
 
-@njit(**JIT_OPTIONS)
+@njit(**INLINE_OPTIONS)
 def _outer(g, w, ld, n_rows, n_cols, work, d, x, B):
     """``g[w + o * ld + k] += sum_s d[o, s] x[k, s]``."""
     for o in range(n_rows):
         do = d + o * B
         for k in range(n_cols):
             xk = x + k * B
-            acc = work[do] * 0
+            acc = _cst(work, 0.0)
             for s in range(B):
                 acc += work[do + s] * work[xk + s]
             g[w + o * ld + k] += acc
 
 
-@njit(**JIT_OPTIONS)
+@njit(**INLINE_OPTIONS)
 def _row_sums(g, b, n_rows, work, d, B):
     """``g[b + o] += sum_s d[o, s]``."""
     for o in range(n_rows):
-        acc = work[d + o * B] * 0
+        acc = _cst(work, 0.0)
         for s in range(B):
             acc += work[d + o * B + s]
         g[b + o] += acc
 
 
-@njit(**JIT_OPTIONS)
+@njit(**INLINE_OPTIONS)
 def _bias_rows(p, b, n_rows, work, y, B):
     """``y[o] = b[o]`` over the block."""
     for o in range(n_rows):
@@ -142,14 +159,14 @@ def gru_forward(p, work, x, F, T, H, B, w, hist, gates, gi, gh):
     whh = w + G * F
     bih = whh + G * H
     bhh = bih + G
-    one = p[w] * 0 + 1
-    half = one / 2
+    one, half, zero = _cst(p, 1.0), _cst(p, 0.5), _cst(p, 0.0)
     for t in range(T):
         xt = x + t * F * B
         _bias_rows(p, bih, G, work, gi, B)
         _gemm(p, w, F, G, F, work, xt, gi, B, True)
         _bias_rows(p, bhh, G, work, gh, B)
-        hp = hist + (t - 1) * H * B
+        # h_{t-1}, or for t = 0 any finite block (gh) times 0: no branch in the lane loop
+        hp, h_on = (hist + (t - 1) * H * B, one) if t > 0 else (gh, zero)
         if t > 0:
             _gemm(p, whh, H, G, H, work, hp, gh, B, True)
         ht = hist + t * H * B
@@ -160,7 +177,7 @@ def gru_forward(p, work, x, F, T, H, B, w, hist, gates, gi, gh):
                 z = half + half * _tanh(half * (work[gi + (H + j) * B + s] + work[gh + (H + j) * B + s]))
                 hn = work[gh + (2 * H + j) * B + s]
                 n = _tanh(work[gi + (2 * H + j) * B + s] + r * hn)
-                h0 = work[hp + j * B + s] if t > 0 else one * 0
+                h0 = work[hp + j * B + s] * h_on
                 work[ht + j * B + s] = (one - z) * n + z * h0
                 work[gt + j * B + s] = r
                 work[gt + (H + j) * B + s] = z
@@ -178,7 +195,7 @@ def gru_pullback(p, g, work, x, F, T, H, B, w, hist, gates, dgi, dgh, dh, gout, 
     whh = w + G * F
     bih = whh + G * H
     bhh = bih + G
-    one = p[w] * 0 + 1
+    one, half, zero = _cst(p, 1.0), _cst(p, 0.5), _cst(p, 0.0)
     for k in range(H * B):
         work[dh + k] = work[gout + (T - 1) * H * B + k] if seq else work[gout + k]
     for t in range(T - 1, -1, -1):
@@ -193,7 +210,7 @@ def gru_pullback(p, g, work, x, F, T, H, B, w, hist, gates, dgi, dgh, dh, gout, 
                 z = work[gt + (H + j) * B + s]
                 n = work[gt + (2 * H + j) * B + s]
                 hn = work[gt + (3 * H + j) * B + s]
-                h0 = work[hp + j * B + s] if t > 0 else one * 0
+                h0 = work[hp + j * B + s] if t > 0 else zero
                 d = work[dh + j * B + s]
                 an = d * (one - z) * (one - n * n)        # d/d(pre-activation of n)
                 az = d * (h0 - n) * z * (one - z)
@@ -227,8 +244,7 @@ def lstm_forward(p, work, x, F, T, H, B, w, hist, gates, ga):
     whh = w + G * F
     bih = whh + G * H
     bhh = bih + G
-    one = p[w] * 0 + 1
-    half = one / 2
+    one, half, zero = _cst(p, 1.0), _cst(p, 0.5), _cst(p, 0.0)
     for t in range(T):
         xt = x + t * F * B
         for o in range(G):
@@ -248,7 +264,7 @@ def lstm_forward(p, work, x, F, T, H, B, w, hist, gates, ga):
                 f = half + half * _tanh(half * work[ga + (H + j) * B + s])
                 gg = _tanh(work[ga + (2 * H + j) * B + s])
                 o = half + half * _tanh(half * work[ga + (3 * H + j) * B + s])
-                c0 = work[cp + j * B + s] if t > 0 else one * 0
+                c0 = work[cp + j * B + s] if t > 0 else zero
                 c = f * c0 + i * gg
                 work[ht + j * B + s] = o * _tanh(c)
                 work[gt + j * B + s] = i
@@ -266,10 +282,10 @@ def lstm_pullback(p, g, work, x, F, T, H, B, w, hist, gates, da, dh, dc, gout, s
     whh = w + G * F
     bih = whh + G * H
     bhh = bih + G
-    one = p[w] * 0 + 1
+    one, half, zero = _cst(p, 1.0), _cst(p, 0.5), _cst(p, 0.0)
     for k in range(H * B):
         work[dh + k] = work[gout + (T - 1) * H * B + k] if seq else work[gout + k]
-        work[dc + k] = one * 0
+        work[dc + k] = zero
     for t in range(T - 1, -1, -1):
         if seq and t < T - 1:
             for k in range(H * B):
@@ -284,7 +300,7 @@ def lstm_pullback(p, g, work, x, F, T, H, B, w, hist, gates, da, dh, dc, gout, s
                 gg = work[gt + (2 * H + j) * B + s]
                 o = work[gt + (3 * H + j) * B + s]
                 tc = _tanh(work[gt + (4 * H + j) * B + s])
-                c0 = work[cp + j * B + s] if t > 0 else one * 0
+                c0 = work[cp + j * B + s] if t > 0 else zero
                 d = work[dh + j * B + s]
                 dcc = work[dc + j * B + s] + d * o * (one - tc * tc)
                 work[da + j * B + s] = dcc * gg * i * (one - i)
@@ -306,13 +322,13 @@ def lstm_pullback(p, g, work, x, F, T, H, B, w, hist, gates, da, dh, dc, gout, s
 # --- layers ---------------------------------------------------------------------------
 
 def _call(fn, arrays, *args):
-    """Source of a call of the recurrent kernel ``fn``. Sizes and offsets are passed as
-    ``np.int64(...)``: a bare constant would be typed as a literal and numba would compile
-    (and cache) the kernel once per chain layout. So it compiles once per dtype, block size
-    and flags; the block size ``B`` (5th argument) stays a literal, its loops' trip count."""
-    def arg(k, a):
-        return repr(a) if isinstance(a, bool) or k == 4 else f"np.int64({a})"
-    return f"{fn}({arrays}, " + ", ".join(arg(k, a) for k, a in enumerate(args)) + ")"
+    """Source of a call of the recurrent kernel ``fn``. Every size and offset is a bare
+    constant, which numba types as a literal: the kernel is compiled (and cached) for each
+    chain layout, and LLVM knows the sizes (it unrolls) and the distances between the
+    blocks (no runtime alias checks before each lane loop). Measured on a Zen 3, a GRU(3)
+    over 8 steps of 2 features, batch 500, training step: 1,526 us with runtime sizes and
+    offsets, 1,445 with literal sizes only, 402 with all literal."""
+    return f"{fn}({arrays}, " + ", ".join(map(repr, args)) + ")"
 
 
 def _check_hidden(name, hidden):
@@ -576,3 +592,128 @@ class TimeDistributed(Layer):
 
     def spec(self) -> str:
         return f"TimeDistributed({self.layer.spec()})"
+
+
+@dataclass(frozen=True, init=False, repr=False)
+class Conv1D(Layer):
+    """1-D convolution over time (cross-correlation, stride 1, no padding) of a
+    ``(T, F)`` sequence: ``y[t, c] = f(b[c] + sum_{d < K, i < F} W[c, d, i] x[t + d, i])``,
+    output ``(T - K + 1, out_channels)``, again a sequence. LSTNet's convolution over the
+    whole window of series is this layer with ``F`` the series.
+
+    Parameters
+    ----------
+    out_channels : int
+    kernel_size : int
+        ``K`` time steps per window.
+    activation : str or Activation, default ``"identity"``
+    bias : bool, default True
+
+    Parameters in ``p``: ``W (out_channels, K, F)``, ``b (out_channels,)``; Glorot-normal
+    ``W`` (fan in ``K F``), zero ``b``. torch: ``nn.Conv1d(F, out_channels, K)`` on
+    ``x.transpose(1, 2)`` with ``weight = W.transpose(0, 2, 1)``, or ``nn.Conv2d(1,
+    out_channels, (K, F))`` on ``x[:, None]`` with ``weight = W[:, None]``.
+
+    Why not ``Conv`` on a ``(1, T, F)`` image: in the C-order block layout the window
+    ``x[t:t+K, :]`` is ``K F`` consecutive rows, so each output step is the tuned dense
+    layer's code (forward, dW, dL/dx) applied at a shifted offset, and the output is
+    already time-major for a recurrent layer. The 2-D convolution's tiles run along output
+    rows, of width 1 here. Measured on a Zen 3 (LSTNet's 10 x 20 window, 2 filters of
+    width 3, batch 500, training step of conv -> Dense(1)): see docs/api.md.
+
+    Raises
+    ------
+    ValueError
+        Non-positive sizes; an input that is not ``(T, F)`` with ``T >= K``.
+    """
+
+    out_channels: int
+    kernel_size: int
+    activation: object
+    bias: bool
+
+    def __init__(self, out_channels, kernel_size, activation="identity", bias=True):
+        object.__setattr__(self, "out_channels", _check_hidden("Conv1D: out_channels", out_channels))
+        object.__setattr__(self, "kernel_size", _check_hidden("Conv1D: kernel_size", kernel_size))
+        object.__setattr__(self, "activation", get_activation(activation))
+        object.__setattr__(self, "bias", bool(bias))
+
+    def __repr__(self):
+        b = "" if self.bias else ", bias=False"
+        return f"Conv1D({self.out_channels}, {self.kernel_size}, {self.activation.name!r}{b})"
+
+    kernel_imports = TurboDense.kernel_imports
+
+    def _tf(self, input_shape):
+        if len(input_shape) != 2 or input_shape[0] < self.kernel_size:
+            raise ValueError(f"Conv1D expects a sequence input (T, F) with T >= kernel_size "
+                             f"{self.kernel_size}, got per-sample shape {tuple(input_shape)}")
+        return input_shape
+
+    def output_shape(self, input_shape):
+        T, _ = self._tf(input_shape)
+        return (T - self.kernel_size + 1, self.out_channels)
+
+    def param_shapes(self, input_shape):
+        _, F = self._tf(input_shape)
+        shapes = {"W": (self.out_channels, self.kernel_size, F)}
+        if self.bias:
+            shapes["b"] = (self.out_channels,)
+        return shapes
+
+    def init_params(self, views, input_shape, rng):
+        _, F = self._tf(input_shape)
+        n_in = self.kernel_size * F
+        views["W"][...] = rng.standard_normal(views["W"].shape) * np.sqrt(2.0 / (n_in + self.out_channels))
+        if self.bias:
+            views["b"][...] = 0
+
+    def _z(self):
+        return needs_z(self.activation)
+
+    def saved_size(self, input_shape):
+        T, F = self._tf(input_shape)
+        Tc = T - self.kernel_size + 1
+        # pre-activations if needed, and one window of dL/dx (windows overlap: each step's
+        # input gradient is added into dL/dx from there)
+        return (Tc * self.out_channels if self._z() else 0) + self.kernel_size * F
+
+    def _steps(self, ctx, pullback, reference):
+        T, F = self._tf(ctx.in_shape)
+        K, C, B = self.kernel_size, self.out_channels, ctx.B
+        Tc, n_in = T - K + 1, K * F
+        w = ctx.p_off
+        b = w + C * n_in if self.bias else None
+        zs = ctx.saved_off if self._z() else None
+        gwin = ctx.saved_off + (Tc * C * B if self._z() else 0)
+        L = []
+        if pullback and ctx.need_gin:
+            L += [f"for i in range({T * F * B}):", f"    work[{ctx.gin_off} + i] = 0"]
+        for t in range(Tc):
+            c = replace(ctx, in_shape=(n_in,), out_shape=(C,), in_off=ctx.in_off + t * F * B,
+                        out_off=ctx.out_off + t * C * B, gout_off=ctx.gout_off + t * C * B,
+                        gin_off=gwin)
+            z = None if zs is None else zs + t * C * B
+            L.append(STEP_BREAK)
+            if not pullback:
+                fn = reference.dense_forward if reference else emit_affine
+                L += fn(c, n_in, C, w, b, self.activation, z)
+                continue
+            fn = reference.dense_pullback if reference else emit_affine_pullback
+            L += fn(c, n_in, C, w, b, self.activation, c.out_off if z is None else z)
+            if ctx.need_gin:
+                L += [f"for i in range({n_in * B}):",
+                      f"    work[{ctx.gin_off + t * F * B} + i] += work[{gwin} + i]"]
+        return L
+
+    def emit_forward(self, ctx):
+        return self._steps(ctx, False, False)
+
+    def emit_pullback(self, ctx):
+        return self._steps(ctx, True, False)
+
+    def emit_forward_reference(self, ctx):
+        return self._steps(ctx, False, True)
+
+    def emit_pullback_reference(self, ctx):
+        return self._steps(ctx, True, True)
