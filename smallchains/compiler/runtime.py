@@ -41,7 +41,25 @@ def load_block(X, idx, s0, nb, work, off, n_feat, B):
     Lanes ``nb..B-1`` of a partial block are zeroed: every layer computes all ``B`` lanes
     (constant trip counts vectorize best); the loss gives those lanes zero gradient.
     """
-    for s in range(nb):
+    # groups of 8 lanes: 8 sequential read streams, 8 adjacent lanes written per feature
+    # (one row at a time writes every feature's cache line of the block once per sample:
+    # measured on a Zen 3, Flatten -> Dense(1) over 200 inputs, B = 128: 448 ns per sample
+    # forward, of which this loop was most)
+    g8 = nb // 8 * 8
+    for s in range(0, g8, 8):
+        r0, r1, r2, r3 = idx[s0 + s], idx[s0 + s + 1], idx[s0 + s + 2], idx[s0 + s + 3]
+        r4, r5, r6, r7 = idx[s0 + s + 4], idx[s0 + s + 5], idx[s0 + s + 6], idx[s0 + s + 7]
+        for f in range(n_feat):
+            o = off + f * B + s
+            work[o] = X[r0, f]
+            work[o + 1] = X[r1, f]
+            work[o + 2] = X[r2, f]
+            work[o + 3] = X[r3, f]
+            work[o + 4] = X[r4, f]
+            work[o + 5] = X[r5, f]
+            work[o + 6] = X[r6, f]
+            work[o + 7] = X[r7, f]
+    for s in range(g8, nb):
         r = idx[s0 + s]
         for f in range(n_feat):
             work[off + f * B + s] = X[r, f]

@@ -1,0 +1,205 @@
+"""Parallel / SkipConnection containers, the shape layers (Reshape, Permute, Slice),
+Conv1D and the LSTNet model: gradients against float64 central finite differences, torch
+autograd where torch has the same network, tuned against reference kernels, bad input."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import smallchains as sc
+from conftest import assert_close, central_fd
+
+D = sc.Dense
+BRANCHY = {
+    "concat3": lambda: sc.SimpleChain((5,), sc.Parallel("concat", D(3, "tanh"), (D(4, "relu"), D(2)), ()), D(2)),
+    "sum": lambda: sc.SimpleChain((5,), D(4, "tanh"), sc.Parallel("sum", D(3, "gelu"), (D(4, "relu"), D(3))), D(2)),
+    "skip": lambda: sc.SimpleChain((5,), D(4, "tanh"), sc.SkipConnection((D(6, "tanh"), D(4))), D(2)),
+    "skip_concat_nested": lambda: sc.SimpleChain(
+        (3, 4), sc.SkipConnection(sc.Parallel("sum", sc.GRU(4, return_sequences=True),
+                                              sc.TimeDistributed(D(4, "tanh"))), "concat"),
+        sc.Flatten(), D(2)),
+    "sequence_concat": lambda: sc.SimpleChain(
+        (4, 3), sc.Parallel("concat", sc.GRU(3), (sc.Flatten(), D(2)), (sc.Slice(slice(-2, None), 1), D(1, "tanh"))), D(2)),
+}
+
+
+def _random_biases(chain, p, rng):
+    for v in chain.param_views(p):
+        for k in v:
+            if k.endswith("b") or k.endswith("bias"):
+                v[k][:] = 0.2 * rng.standard_normal(v[k].shape)
+    return p
+
+
+def _fd_check(chain, N=5, seed=0, training=False):
+    rng = np.random.default_rng(seed)
+    p = _random_biases(chain, sc.init_params(chain, seed=seed, dtype=np.float64), rng)
+    X = rng.standard_normal((N,) + chain.input_shape)
+    Y = rng.standard_normal((N,) + chain.output_shape)
+    model = sc.add_loss(chain, sc.SquaredLoss(Y))
+    kw = dict(training=training, seed=7)
+    _, gp, gx = sc.valgrad_with_input(model, X, p, **kw)
+    assert_close(gp, central_fd(lambda q: model(X, q, **kw), p), "fd")
+    assert_close(gx, central_fd(lambda x: model(x, p, **kw), X), "fd")
+    return p, X, Y, gp, gx
+
+
+@pytest.mark.parametrize("name", sorted(BRANCHY))
+def test_branches_match_finite_differences_and_reference(name):
+    chain = BRANCHY[name]()
+    p, X, Y, gp, gx = _fd_check(chain)
+    ref = sc.SimpleChain(chain.input_shape, *chain.layers, kernels="reference")
+    _, gp_r, gx_r = sc.valgrad_with_input(sc.add_loss(ref, sc.SquaredLoss(Y)), X, p)
+    assert_close(gp_r, gp, np.float64)
+    assert_close(gx_r, gx, np.float64)
+    assert_close(ref(X, p), chain(X, p), np.float64)
+
+
+def test_parallel_values_and_names():
+    """Concat stacks the branch outputs in order, sum adds them; the identity branch
+    passes the input; param_views names "<branch>.<layer>.<name>"."""
+    a, b = D(3, "tanh"), D(2)
+    chain = sc.SimpleChain((4,), sc.Parallel("concat", a, (b,), ()))
+    p = sc.init_params(chain, seed=1, dtype=np.float64)
+    (v,) = chain.param_views(p)
+    assert list(v) == ["0.0.W", "0.0.b", "1.0.W", "1.0.b"]
+    X = np.random.default_rng(0).standard_normal((6, 4))
+    ya = np.tanh(X @ v["0.0.W"].T + v["0.0.b"])
+    yb = X @ v["1.0.W"].T + v["1.0.b"]
+    assert_close(chain(X, p), np.concatenate([ya, yb, X], axis=1), np.float64)
+    skip = sc.SimpleChain((4,), sc.SkipConnection((D(4, "tanh"),)))
+    q = sc.init_params(skip, seed=2, dtype=np.float64)
+    (w,) = skip.param_views(q)
+    assert list(w) == ["0.W", "0.b"]
+    assert_close(skip(X, q), np.tanh(X @ w["0.W"].T + w["0.b"]) + X, np.float64)
+    assert repr(skip.layers[0]) == "SkipConnection(TurboDense(4, 'tanh'), 'sum')"
+
+
+def test_dropout_inside_branches():
+    """Two Dropouts in two branches draw different masks (their own counters); training
+    mode gradients equal finite differences at a fixed seed; inference is the identity."""
+    chain = sc.SimpleChain((6,), sc.Parallel("concat", (D(8), sc.Dropout(0.5)), (D(8), sc.Dropout(0.5))))
+    p = sc.init_params(chain, seed=0, dtype=np.float64)
+    (v,) = chain.param_views(p)
+    v["1.0.W"][:] = v["0.0.W"]  # identical branches: only the masks differ
+    X = np.random.default_rng(1).standard_normal((9, 6))
+    y = chain(X, p, training=True, seed=3)
+    assert not np.array_equal(y[:, :8] == 0, y[:, 8:] == 0)
+    assert_close(chain(X, p), np.concatenate([X @ v["0.0.W"].T] * 2, axis=1), np.float64)
+    _fd_check(sc.SimpleChain((6,), sc.Parallel("sum", (D(5, "tanh"), sc.Dropout(0.3)), D(5))),
+              training=True)
+
+
+def test_shape_layers_match_numpy():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((7, 3, 4, 5))
+    cases = [(sc.Permute((2, 0, 1)), lambda x: x.transpose(0, 3, 1, 2)),
+             (sc.Slice(slice(1, None), slice(None, None, -2), 3), lambda x: x[:, 1:, ::-2, 3]),
+             (sc.Slice(0), lambda x: x[:, 0]),
+             (sc.Reshape((12, -1)), lambda x: x.reshape(7, 12, 5))]
+    for layer, ref in cases:
+        chain = sc.SimpleChain((3, 4, 5), layer)
+        assert chain.output_shape == ref(X).shape[1:], layer
+        assert_close(chain(X, np.zeros(0)), ref(X), np.float64, err_msg=repr(layer))
+    # gradients through them (Slice leaves zero gradient outside)
+    _fd_check(sc.SimpleChain((3, 4, 5), sc.Slice(slice(0, 2), 1), sc.Permute((1, 0)), sc.Flatten(), D(2, "tanh")))
+
+
+CONV1D_CASES = [((9, 4), sc.Conv1D(3, 2, "relu")), ((6, 1), sc.Conv1D(5, 6, "gelu", bias=False)),
+                ((12, 3), sc.Conv1D(2, 4))]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", range(len(CONV1D_CASES)))
+def test_conv1d_matches_torch(torch, case, dtype):
+    """Conv1D (after a TimeDistributed Dense, so dL/dx goes through the overlapping
+    windows) against torch.nn.Conv1d on the transposed sequence."""
+    (T, F), conv = CONV1D_CASES[case]
+    chain = sc.SimpleChain((T, 3), sc.TimeDistributed(D(F, "tanh")), conv, sc.Flatten())
+    rng = np.random.default_rng(case)
+    p = _random_biases(chain, sc.init_params(chain, seed=case, dtype=np.float64), rng).astype(dtype)
+    X = rng.standard_normal((11, T, 3)).astype(dtype)
+    Y = rng.standard_normal((11,) + chain.output_shape).astype(dtype)
+    _, gp, gx = sc.valgrad_with_input(sc.add_loss(chain, sc.SquaredLoss(Y)), X, p)
+    td, cv = chain.param_views(p)[0], chain.param_views(p)[1]
+    t = lambda a: torch.tensor(np.asarray(a, np.float64), requires_grad=True)  # noqa: E731
+    W1, b1, W2 = t(td["W"]), t(td["b"]), t(cv["W"])
+    b2 = t(cv["b"]) if "b" in cv else None
+    xt = t(X)
+    h = torch.tanh(xt @ W1.T + b1)                                  # (N, T, F)
+    act = {"relu": torch.relu, "identity": lambda z: z,
+           "gelu": lambda z: torch.nn.functional.gelu(z, approximate="tanh")}[conv.activation.name]
+    y = act(torch.nn.functional.conv1d(h.transpose(1, 2), W2.permute(0, 2, 1), b2)).transpose(1, 2)
+    loss = ((y.reshape(11, -1) - torch.from_numpy(Y.astype(np.float64))) ** 2).sum() / 11
+    loss.backward()
+    ref = [W1.grad, b1.grad, W2.grad] + ([b2.grad] if b2 is not None else [])
+    gp_t = np.concatenate([r.numpy().ravel() for r in ref])
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == np.float64 else dict(rtol=1e-4, atol=1e-5)
+    assert_close(chain(X, p), y.detach().numpy().reshape(11, -1), dtype, **tol)
+    assert_close(gp, gp_t, dtype, **tol)
+    assert_close(gx, xt.grad.numpy(), dtype, **tol)
+
+
+def _torch_models():
+    path = Path(__file__).resolve().parents[1] / "bench" / "torch_models.py"
+    spec = importlib.util.spec_from_file_location("_bench_torch_models", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_lstnet_matches_torch_twin(torch, dtype):
+    """smallchains.models.lstnet and bench/torch_models.LSTNet at the same parameters:
+    outputs, loss, dL/dp, dL/dx; window 11 so the skip branch crops a step."""
+    from smallchains.models import lstnet
+    chain = lstnet(5, 11, skip=3, highway=3)
+    rng = np.random.default_rng(0)
+    p = _random_biases(chain, sc.init_params(chain, seed=0, dtype=np.float64), rng).astype(dtype)
+    X = rng.standard_normal((37, 11, 5)).astype(dtype)
+    Y = rng.standard_normal((37, 1)).astype(dtype)
+    loss, gp, gx = sc.valgrad_with_input(sc.add_loss(chain, sc.SquaredLoss(Y)), X, p)
+    net = _torch_models().LSTNet(5, 11, skip=3, highway=3, dtype=torch.float64).from_flat(p)
+    xt = torch.from_numpy(X.astype(np.float64)).requires_grad_()
+    yt = net(xt)
+    lt = ((yt - torch.from_numpy(Y.astype(np.float64))) ** 2).sum() / 37
+    lt.backward()
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == np.float64 else dict(rtol=1e-4, atol=2e-5)
+    assert_close(chain(X, p), yt.detach().numpy(), dtype, **tol)
+    assert_close(loss, lt.item(), dtype, **tol)
+    assert_close(gp, net.flat_grad(), dtype, **tol)
+    assert_close(gx, xt.grad.numpy(), dtype, **tol)
+
+
+def test_branch_bad_input():
+    with pytest.raises(ValueError, match=r"concat.*branch 0: \(3,\), branch 1: \(2, 2\)"):
+        sc.SimpleChain((4,), sc.Parallel("concat", D(3), (D(4), sc.Reshape((2, 2)))))
+    with pytest.raises(ValueError, match=r"'sum'.*branch 0: \(3,\), branch 1: \(4,\)"):
+        sc.SimpleChain((4,), sc.Parallel("sum", D(3), ()))
+    with pytest.raises(ValueError, match=r"branch 1, layer 0 \(GRU\(2\)\) with input shape \(4,\)"):
+        sc.SimpleChain((4,), sc.Parallel("concat", D(3), sc.GRU(2)))
+    with pytest.raises(ValueError, match="connection must be one of"):
+        sc.Parallel("cat", D(3))
+    with pytest.raises(ValueError, match="at least one branch"):
+        sc.Parallel("sum")
+    with pytest.raises(TypeError, match="batch statistics or state"):
+        sc.SkipConnection((D(3), sc.BatchNorm()))
+    with pytest.raises(TypeError, match="branch 0, layer 1 must be a smallchains layer"):
+        sc.Parallel("sum", (D(3), "relu"))
+    with pytest.raises(ValueError, match="not a permutation"):
+        sc.SimpleChain((3, 4), sc.Permute((0, 0)))
+    with pytest.raises(ValueError, match="empty slice"):
+        sc.SimpleChain((3, 4), sc.Slice(slice(5, None)))
+    with pytest.raises(ValueError, match="out of range"):
+        sc.SimpleChain((3, 4), sc.Slice(3))
+    with pytest.raises(ValueError, match="cannot reshape"):
+        sc.SimpleChain((3, 4), sc.Reshape((5, -1)))
+    with pytest.raises(ValueError, match="T >= kernel_size 4"):
+        sc.SimpleChain((3, 4), sc.Conv1D(2, 4))
+    with pytest.raises(ValueError, match="block_size must be"):
+        sc.SimpleChain(3, D(2), block_size=24)
+    from smallchains.models import lstnet
+    with pytest.raises(ValueError, match="skip must be in 1..8"):
+        lstnet(20, 10, skip=9)
