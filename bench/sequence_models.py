@@ -1,12 +1,15 @@
 """Training-step and forward benchmark of the recurrent time-series models (issue 15):
-LSTNet (``smallchains.models.lstnet``) against its torch eager twin (bench/torch_models.py).
+LSTNet and TPA-LSTM (``smallchains.models``) against their torch eager twins
+(bench/torch_models.py).
 
-    python bench/sequence_models.py --model lstnet --impl {smallchains,torch}
+    python bench/sequence_models.py --model {lstnet,tpa_lstm} --impl {smallchains,torch}
         --mode {train,forward} --threads N [pyperf options, e.g. --fast -o out.json]
 
 Sizes (FluxBench's, per-window meaning): LSTNet with 20 input series, window 10, conv 2
 filters of width 3, GRU 3, skip-GRU 3 over 4 interleaved sub-sequences, highway 4, batch
-500 (269 parameters). Data: standard normal windows and targets (seed 0), float32.
+500 (269 parameters); TPA-LSTM with 10 input series, window 10, embedding and hidden 10,
+2 stacked LSTMs, 32 attention filters, batch 300 (2,941 parameters). Data: standard
+normal windows and targets (seed 0), float32.
 
 * ``train``: one pyperf loop = one full-batch training step on the 500 windows: forward,
   mean-of-squares loss, gradient, Adam(1e-3). smallchains: ``sc.train_unbatched`` (one
@@ -29,7 +32,8 @@ IMPL = C.peek_arg("--impl", "torch")
 THREADS = int(C.peek_arg("--threads", "1"))
 C.setup_threads(THREADS, IMPL, pin="--no-pin" not in sys.argv)
 
-MODELS = {"lstnet": dict(n_series=20, window=10, batch=500)}
+MODELS = {"lstnet": dict(n_series=20, window=10, batch=500),
+          "tpa_lstm": dict(n_series=10, window=10, batch=300)}
 WARM = 5
 
 
@@ -37,9 +41,9 @@ def make(model):
     import numpy as np
 
     import smallchains as sc
-    from smallchains.models import lstnet
+    from smallchains import models
     cfg = MODELS[model]
-    chain = lstnet(cfg["n_series"], cfg["window"])
+    chain = getattr(models, model)(cfg["n_series"], cfg["window"])
     rng = np.random.default_rng(0)
     X = rng.standard_normal((cfg["batch"],) + chain.input_shape).astype(np.float32)
     Y = rng.standard_normal((cfg["batch"],) + chain.output_shape).astype(np.float32)
@@ -51,7 +55,8 @@ def torch_twin(model, p):
     import torch
     import torch_models
     cfg = MODELS[model]
-    return {"lstnet": torch_models.LSTNet}[model](cfg["n_series"], cfg["window"]).from_flat(p)
+    cls = {"lstnet": torch_models.LSTNet, "tpa_lstm": torch_models.TPALSTM}[model]
+    return cls(cfg["n_series"], cfg["window"]).from_flat(p)
 
 
 def check_agreement(model, chain, X, Y, p):

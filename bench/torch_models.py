@@ -55,3 +55,37 @@ class LSTNet(nn.Module):
 
     def flat_grad(self):
         return np.concatenate([a.grad.detach().numpy().ravel() for a in self.arrays()])
+
+
+class TPALSTM(nn.Module):
+    """:func:`smallchains.models.tpa_lstm` in torch (input ``(N, T, F)``, output ``(N, n_out)``)."""
+
+    def __init__(self, n_series, window, hidden=10, layers=2, filters=32, n_out=1,
+                 dtype=torch.float32):
+        super().__init__()
+        kw = dict(dtype=dtype)
+        self.embed = nn.Linear(n_series, hidden, **kw)
+        self.lstm = nn.LSTM(hidden, hidden, num_layers=layers, batch_first=True, **kw)
+        self.C = nn.Parameter(torch.zeros(filters, window - 1, **kw))
+        self.c = nn.Parameter(torch.zeros(filters, **kw))
+        self.W_a = nn.Parameter(torch.zeros(filters, hidden, **kw))
+        self.W_h = nn.Parameter(torch.zeros(hidden, hidden, **kw))
+        self.W_v = nn.Parameter(torch.zeros(hidden, filters, **kw))
+        self.out = nn.Linear(hidden, n_out, **kw)
+
+    def forward(self, x):
+        hs = self.lstm(torch.relu(self.embed(x)))[0]            # (N, T, m)
+        H, h = hs[:, :-1], hs[:, -1]
+        hc = torch.einsum("nli,jl->nij", H, self.C) + self.c    # (N, m, k)
+        alpha = torch.sigmoid(torch.einsum("nij,nj->ni", hc, h @ self.W_a.T))
+        v = torch.einsum("ni,nij->nj", alpha, hc)
+        return self.out(h @ self.W_h.T + v @ self.W_v.T)
+
+    def arrays(self):
+        rnn = [getattr(self.lstm, f"{n}_l{k}") for k in range(self.lstm.num_layers)
+               for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        return ([self.embed.weight, self.embed.bias] + rnn
+                + [self.C, self.c, self.W_a, self.W_h, self.W_v, self.out.weight, self.out.bias])
+
+    from_flat = LSTNet.from_flat
+    flat_grad = LSTNet.flat_grad

@@ -13,7 +13,7 @@ from .activations import Activation, available_activations, get_activation
 from .compiler.cache import cache_info, clear_cache
 from .chain import ChainKernels, SimpleChain, SimpleChainWithLoss, add_loss, init_params, init_state, numparam, remove_loss
 from .layers import (GRU, LSTM, BatchNorm, Conv, Conv1D, Dense, Dropout, Flatten, MaxPool, Parallel, Permute, Reshape,
-                     SkipConnection, Slice, TimeDistributed, TurboDense)
+                     SkipConnection, Slice, TemporalPatternAttention, TimeDistributed, TurboDense)
 from .losses import AbsoluteLoss, LogitCrossEntropyLoss, Loss, SquaredLoss
 from .optim import SGD, Adam, Optimizer, RMSProp
 from .predict import log_softmax, predict_proba, softmax
@@ -29,7 +29,7 @@ from .train import (
 
 __all__ = [
     "AbsoluteLoss", "Activation", "Adam", "BatchNorm", "ChainKernels", "Conv", "Conv1D", "Dense", "Dropout", "Flatten", "GRU", "LSTM", "MaxPool", "LogitCrossEntropyLoss", "Loss", "Parallel", "Permute", "Reshape",
-    "Optimizer", "RMSProp", "SGD", "SimpleChain", "SimpleChainWithLoss", "SkipConnection", "Slice", "SquaredLoss",
+    "Optimizer", "RMSProp", "SGD", "SimpleChain", "SimpleChainWithLoss", "SkipConnection", "Slice", "SquaredLoss", "TemporalPatternAttention",
     "TimeDistributed", "TurboDense", "accuracy_and_loss", "add_loss", "alloc_threaded_grad", "cache_info", "clear_cache", "default_batch_size", "available_activations", "datasets", "ode",
     "get_activation", "init_params", "init_state", "numparam", "remove_loss", "train_batched",
     "train_unbatched", "valgrad", "valgrad_with_input",

@@ -8,8 +8,8 @@ parameters.
 from __future__ import annotations
 
 from .chain import SimpleChain
-from .layers import (GRU, Conv1D, Dense, Flatten, Parallel, Permute, Reshape, Slice,
-                     TimeDistributed)
+from .layers import (GRU, LSTM, Conv1D, Dense, Flatten, Parallel, Permute, Reshape, Slice,
+                     TemporalPatternAttention, TimeDistributed)
 
 
 def lstnet(n_series, window, *, conv_filters=2, conv_width=3, hidden=3, skip=4, skip_hidden=3,
@@ -77,4 +77,42 @@ def lstnet(n_series, window, *, conv_filters=2, conv_width=3, hidden=3, skip=4, 
                Parallel("concat", GRU(hidden), skip_branch), Dense(1))
     highway_branch = (Slice(slice(T - highway, None), target), Dense(1))
     return SimpleChain((T, F), Parallel("sum", network, highway_branch), block_size=block_size,
+                       **chain_options)
+
+
+def tpa_lstm(n_series, window, *, hidden=10, layers=2, filters=32, n_out=1, block_size=None,
+             **chain_options) -> SimpleChain:
+    """TPA-LSTM (Shih, Sun and Lee, "Temporal Pattern Attention for Multivariate Time
+    Series Forecasting", Machine Learning 108, 2019; FluxArchitectures.jl's ``TPALSTM``)::
+
+        TimeDistributed(Dense(hidden, "relu"))          embedding of each step, (T, hidden)
+        LSTM(hidden, return_sequences=True) x layers    stacked, (T, hidden)
+        TemporalPatternAttention(filters)               (hidden,)
+        Dense(n_out)
+
+    Parameters
+    ----------
+    n_series, window : int
+        Input series ``F`` and time steps ``T >= 2`` per window.
+    hidden, layers, filters : int
+        Defaults: the FluxBench benchmark's sizes (hidden 10, 2 LSTM layers, 32 filters).
+    n_out : int
+        Outputs (the next value of ``n_out`` series).
+    block_size : int or None
+        :class:`SimpleChain`'s ``block_size`` (default automatic).
+    **chain_options
+        Passed to :class:`SimpleChain`.
+
+    Returns
+    -------
+    SimpleChain
+        Input ``(window, n_series)``, output ``(n_out,)``. Parameters, in
+        ``param_views`` order: the embedding ``W``, ``b``; each LSTM's ``weight_ih``,
+        ``weight_hh``, ``bias_ih``, ``bias_hh`` (torch's ``nn.LSTM(num_layers=layers)``
+        ``_l0``, ``_l1``, ... arrays); the attention's ``C``, ``c``, ``W_a``, ``W_h``,
+        ``W_v``; the output ``W``, ``b``.
+    """
+    recurrent = [LSTM(hidden, return_sequences=True) for _ in range(layers)]
+    return SimpleChain((int(window), int(n_series)), TimeDistributed(Dense(hidden, "relu")), *recurrent,
+                       TemporalPatternAttention(filters), Dense(n_out), block_size=block_size,
                        **chain_options)

@@ -349,6 +349,18 @@ def load_example(filename: str):
     return mod
 
 
+def load_bench_module(filename: str):
+    """The module of ``bench/<filename>`` (e.g. the torch twins of the models,
+    ``torch_models.py``), imported from its file."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / filename
+    spec = importlib.util.spec_from_file_location(f"_bench_{path.stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def pytest_terminal_summary(terminalreporter):
     """Which kernel variants the variant sweeps ran (tests/test_variants.py), and on how
     many shape / block size / register budget cases."""

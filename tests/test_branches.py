@@ -2,14 +2,11 @@
 Conv1D and the LSTNet model: gradients against float64 central finite differences, torch
 autograd where torch has the same network, tuned against reference kernels, bad input."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 import smallchains as sc
-from conftest import assert_close, central_fd
+from conftest import assert_close, central_fd, load_bench_module
 
 D = sc.Dense
 BRANCHY = {
@@ -142,14 +139,6 @@ def test_conv1d_matches_torch(torch, case, dtype):
     assert_close(gx, xt.grad.numpy(), dtype, **tol)
 
 
-def _torch_models():
-    path = Path(__file__).resolve().parents[1] / "bench" / "torch_models.py"
-    spec = importlib.util.spec_from_file_location("_bench_torch_models", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_lstnet_matches_torch_twin(torch, dtype):
     """smallchains.models.lstnet and bench/torch_models.LSTNet at the same parameters:
@@ -161,7 +150,7 @@ def test_lstnet_matches_torch_twin(torch, dtype):
     X = rng.standard_normal((37, 11, 5)).astype(dtype)
     Y = rng.standard_normal((37, 1)).astype(dtype)
     loss, gp, gx = sc.valgrad_with_input(sc.add_loss(chain, sc.SquaredLoss(Y)), X, p)
-    net = _torch_models().LSTNet(5, 11, skip=3, highway=3, dtype=torch.float64).from_flat(p)
+    net = load_bench_module("torch_models.py").LSTNet(5, 11, skip=3, highway=3, dtype=torch.float64).from_flat(p)
     xt = torch.from_numpy(X.astype(np.float64)).requires_grad_()
     yt = net(xt)
     lt = ((yt - torch.from_numpy(Y.astype(np.float64))) ** 2).sum() / 37

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import smallchains as sc
-from conftest import assert_close, central_fd, torch_chain_model, torch_flat
+from conftest import assert_close, central_fd, load_bench_module, torch_chain_model, torch_flat
 
 # (N, T, F, H, return_sequences)
 CASES = [(5, 1, 3, 2, False), (37, 7, 4, 9, True), (1, 16, 2, 5, False), (3, 2, 1, 17, True),
@@ -144,3 +144,47 @@ def test_sequence_bad_input():
     for layer in [sc.Dropout(0.1), sc.BatchNorm(), "Dense"]:
         with pytest.raises(TypeError, match="TimeDistributed"):
             sc.TimeDistributed(layer)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_tpa_lstm_matches_torch_twin(torch, dtype):
+    """smallchains.models.tpa_lstm (embedding, 2 stacked LSTMs, temporal pattern
+    attention, Dense) against bench/torch_models.TPALSTM at the same parameters."""
+    from smallchains.models import tpa_lstm
+    chain = tpa_lstm(3, 6, hidden=5, filters=7, n_out=2)
+    rng = np.random.default_rng(0)
+    p = sc.init_params(chain, seed=0, dtype=np.float64)
+    for v in chain.param_views(p):  # non-zero biases
+        for k in v:
+            if k in ("b", "c"):
+                v[k][:] = 0.2 * rng.standard_normal(v[k].shape)
+    p = p.astype(dtype)
+    X, Y = _data(chain, 21, dtype)
+    loss, gp, gx = sc.valgrad_with_input(sc.add_loss(chain, sc.SquaredLoss(Y)), X, p)
+    net = load_bench_module("torch_models.py").TPALSTM(3, 6, hidden=5, filters=7, n_out=2,
+                                                       dtype=torch.float64).from_flat(p)
+    xt = torch.from_numpy(X.astype(np.float64)).requires_grad_()
+    yt = net(xt)
+    lt = ((yt - torch.from_numpy(Y.astype(np.float64))) ** 2).sum() / 21
+    lt.backward()
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == np.float64 else dict(rtol=1e-4, atol=2e-5)
+    assert_close(chain(X, p), yt.detach().numpy(), dtype, **tol)
+    assert_close(loss, lt.item(), dtype, **tol)
+    assert_close(gp, net.flat_grad(), dtype, **tol)
+    assert_close(gx, xt.grad.numpy(), dtype, **tol)
+
+
+def test_temporal_pattern_attention_finite_differences_and_errors():
+    chain = sc.SimpleChain((2, 3), sc.TemporalPatternAttention(2), sc.Dense(1, "tanh"))
+    p = sc.init_params(chain, seed=1, dtype=np.float64)
+    chain.param_views(p)[0]["c"][:] = [0.3, -0.2]
+    X, Y = _data(chain, 4, np.float64)
+    model = sc.add_loss(chain, sc.SquaredLoss(Y))
+    _, gp, gx = sc.valgrad_with_input(model, X, p)
+    assert_close(gp, central_fd(lambda q: model(X, q), p), "fd")
+    assert_close(gx, central_fd(lambda x: model(x, p), X), "fd")
+    assert list(chain.param_views(p)[0]) == ["C", "c", "W_a", "W_h", "W_v"]
+    with pytest.raises(ValueError, match=r"T >= 2"):
+        sc.SimpleChain((1, 3), sc.TemporalPatternAttention(2))
+    with pytest.raises(ValueError, match="filters must be a positive int"):
+        sc.TemporalPatternAttention(0)

@@ -331,10 +331,10 @@ def _call(fn, arrays, *args):
     return f"{fn}({arrays}, " + ", ".join(map(repr, args)) + ")"
 
 
-def _check_hidden(name, hidden):
-    if not isinstance(hidden, (int, np.integer)) or isinstance(hidden, bool) or hidden < 1:
-        raise ValueError(f"{name}: hidden must be a positive int, got {hidden!r}")
-    return int(hidden)
+def _positive_int(owner, what, value):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{owner}: {what} must be a positive int, got {value!r}")
+    return int(value)
 
 
 class _Recurrent(Layer):
@@ -346,7 +346,7 @@ class _Recurrent(Layer):
 
     def __init__(self, hidden, return_sequences=False):
         name = type(self).__name__
-        object.__setattr__(self, "hidden", _check_hidden(name, hidden))
+        object.__setattr__(self, "hidden", _positive_int(name, "hidden", hidden))
         if not isinstance(return_sequences, (bool, np.bool_)):
             raise TypeError(f"{name}: return_sequences must be a bool, got {return_sequences!r}")
         object.__setattr__(self, "return_sequences", bool(return_sequences))
@@ -633,8 +633,8 @@ class Conv1D(Layer):
     bias: bool
 
     def __init__(self, out_channels, kernel_size, activation="identity", bias=True):
-        object.__setattr__(self, "out_channels", _check_hidden("Conv1D: out_channels", out_channels))
-        object.__setattr__(self, "kernel_size", _check_hidden("Conv1D: kernel_size", kernel_size))
+        object.__setattr__(self, "out_channels", _positive_int("Conv1D", "out_channels", out_channels))
+        object.__setattr__(self, "kernel_size", _positive_int("Conv1D", "kernel_size", kernel_size))
         object.__setattr__(self, "activation", get_activation(activation))
         object.__setattr__(self, "bias", bool(bias))
 
