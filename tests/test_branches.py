@@ -47,6 +47,8 @@ def _fd_check(chain, N=5, seed=0, training=False):
 def test_branches_match_finite_differences_and_reference(name):
     chain = BRANCHY[name]()
     p, X, Y, gp, gx = _fd_check(chain)
+    if name not in ("concat3", "skip_concat_nested"):  # the reference: a second compile
+        return
     ref = sc.SimpleChain(chain.input_shape, *chain.layers, kernels="reference")
     _, gp_r, gx_r = sc.valgrad_with_input(sc.add_loss(ref, sc.SquaredLoss(Y)), X, p)
     assert_close(gp_r, gp, np.float64)
@@ -108,8 +110,7 @@ CONV1D_CASES = [((9, 4), sc.Conv1D(3, 2, "relu")), ((6, 1), sc.Conv1D(5, 6, "gel
                 ((12, 3), sc.Conv1D(2, 4))]
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("case", range(len(CONV1D_CASES)))
+@pytest.mark.parametrize("case,dtype", [(0, np.float32), (1, np.float64), (2, np.float32)])
 def test_conv1d_matches_torch(torch, case, dtype):
     """Conv1D (after a TimeDistributed Dense, so dL/dx goes through the overlapping
     windows) against torch.nn.Conv1d on the transposed sequence."""

@@ -34,8 +34,12 @@ def _torch_grads(torch, chain, p, X, Y):
     return yhat.detach().numpy(), loss.item(), torch_flat(pmods, grad=True), xt.grad.numpy()
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "N{}-T{}-F{}-H{}-{}".format(*c[:4], "seq" if c[4] else "last"))
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+# each case in one dtype (every layout is a compile), case 1 in both
+CASE_DTYPES = [(c, np.float64 if k % 2 == 0 else np.float32) for k, c in enumerate(CASES)] + [(CASES[1], np.float64)]
+
+
+@pytest.mark.parametrize("case,dtype", CASE_DTYPES, ids=lambda c: (
+    "N{}-T{}-F{}-H{}-{}".format(*c[:4], "seq" if c[4] else "last") if isinstance(c, tuple) else np.dtype(c).name))
 @pytest.mark.parametrize("cell", sorted(CELLS))
 def test_cell_matches_torch(torch, cell, dtype, case):
     N, T, F, H, seq = case

@@ -151,10 +151,12 @@ def _bias_rows(p, b, n_rows, work, y, B):
 # --- GRU ------------------------------------------------------------------------------
 
 @njit(**JIT_OPTIONS)
-def gru_forward(p, work, x, F, T, H, B, w, hist, gates, gi, gh):
-    """GRU over ``T`` steps of a block. ``x``: input ``(T, F)``; ``hist``: out ``h_t``
+def gru_forward(p, work, x, sv, F, T, H, B, w, hist, gates, gi, gh):
+    """GRU over ``T`` steps of a block. ``x``: input ``(T, F)``; ``sv``: the layer's saved
+    area, which the next four offsets are relative to; ``hist``: out ``h_t``
     ``(T, H)``; ``gates``: out ``(r, z, n, W_hn h + b_hn)`` per step ``(T, 4H)``; ``gi``,
     ``gh``: scratch ``(3H)`` each. Parameters at ``p[w:]`` (see the module docstring)."""
+    hist, gates, gi, gh = sv + hist, sv + gates, sv + gi, sv + gh
     G = 3 * H
     whh = w + G * F
     bih = whh + G * H
@@ -186,11 +188,13 @@ def gru_forward(p, work, x, F, T, H, B, w, hist, gates, gi, gh):
 
 
 @njit(**JIT_OPTIONS)
-def gru_pullback(p, g, work, x, F, T, H, B, w, hist, gates, dgi, dgh, dh, gout, seq, gin, need_gin):
-    """Backpropagation through time for :func:`gru_forward`. ``gout``: ``dL/dh`` of every
+def gru_pullback(p, g, work, x, sv, F, T, H, B, w, hist, gates, dgi, dgh, dh, gout, seq, gin, need_gin):
+    """Backpropagation through time for :func:`gru_forward` (``hist`` ... ``dh`` relative to
+    ``sv``). ``gout``: ``dL/dh`` of every
     step ``(T, H)`` if ``seq`` else of the last ``(H)`` (read only); adds ``dL/dW`` into
     ``g[w:]`` and, if ``need_gin``, writes ``dL/dx`` ``(T, F)`` at ``gin``. ``dgi``,
     ``dgh`` ``(3H)`` and ``dh`` ``(H)``: scratch."""
+    hist, gates, dgi, dgh, dh = sv + hist, sv + gates, sv + dgi, sv + dgh, sv + dh
     G = 3 * H
     whh = w + G * F
     bih = whh + G * H
@@ -236,10 +240,12 @@ def gru_pullback(p, g, work, x, F, T, H, B, w, hist, gates, dgi, dgh, dh, gout, 
 # --- LSTM -----------------------------------------------------------------------------
 
 @njit(**JIT_OPTIONS)
-def lstm_forward(p, work, x, F, T, H, B, w, hist, gates, ga):
-    """LSTM over ``T`` steps of a block. ``x``: input ``(T, F)``; ``hist``: out ``h_t``
+def lstm_forward(p, work, x, sv, F, T, H, B, w, hist, gates, ga):
+    """LSTM over ``T`` steps of a block. ``x``: input ``(T, F)``; ``sv``: the saved area
+    (``hist``, ``gates``, ``ga`` are relative to it); ``hist``: out ``h_t``
     ``(T, H)``; ``gates``: out ``(i, f, g, o, c)`` per step ``(T, 5H)``; ``ga``: scratch
     ``(4H)``. Parameters at ``p[w:]`` (see the module docstring)."""
+    hist, gates, ga = sv + hist, sv + gates, sv + ga
     G = 4 * H
     whh = w + G * F
     bih = whh + G * H
@@ -275,9 +281,10 @@ def lstm_forward(p, work, x, F, T, H, B, w, hist, gates, ga):
 
 
 @njit(**JIT_OPTIONS)
-def lstm_pullback(p, g, work, x, F, T, H, B, w, hist, gates, da, dh, dc, gout, seq, gin, need_gin):
+def lstm_pullback(p, g, work, x, sv, F, T, H, B, w, hist, gates, da, dh, dc, gout, seq, gin, need_gin):
     """Backpropagation through time for :func:`lstm_forward` (arguments as
     :func:`gru_pullback`; ``da`` ``(4H)``, ``dh`` and ``dc`` ``(H)``: scratch)."""
+    hist, gates, da, dh, dc = sv + hist, sv + gates, sv + da, sv + dh, sv + dc
     G = 4 * H
     whh = w + G * F
     bih = whh + G * H
@@ -322,13 +329,18 @@ def lstm_pullback(p, g, work, x, F, T, H, B, w, hist, gates, da, dh, dc, gout, s
 # --- layers ---------------------------------------------------------------------------
 
 def _call(fn, arrays, *args):
-    """Source of a call of the recurrent kernel ``fn``. Every size and offset is a bare
-    constant, which numba types as a literal: the kernel is compiled (and cached) for each
-    chain layout, and LLVM knows the sizes (it unrolls) and the distances between the
-    blocks (no runtime alias checks before each lane loop). Measured on a Zen 3, a GRU(3)
-    over 8 steps of 2 features, batch 500, training step: 1,526 us with runtime sizes and
-    offsets, 1,445 with literal sizes only, 402 with all literal."""
-    return f"{fn}({arrays}, " + ", ".join(map(repr, args)) + ")"
+    """Source of a call of the kernel ``fn``: ints written as they are (numba types a bare
+    constant as a literal and compiles the kernel for its value), values wrapped in
+    :class:`_Runtime` as ``np.int64(...)`` (one compiled kernel for every value)."""
+    return f"{fn}({arrays}, " + ", ".join(
+        f"np.int64({a.value})" if isinstance(a, _Runtime) else repr(a) for a in args) + ")"
+
+
+@dataclass(frozen=True)
+class _Runtime:
+    """An int argument passed at run time (see :func:`_call`)."""
+
+    value: int
 
 
 def _positive_int(owner, what, value):
@@ -383,25 +395,28 @@ class _Recurrent(Layer):
 
     def saved_size(self, input_shape):
         T, _ = self._tf(input_shape)
-        hist, gates, scratch = self._saved(T)
-        return (0 if self.return_sequences else hist) + gates + scratch
+        return sum(self._saved(T))
 
     def _offsets(self, ctx):
+        """Sizes, and the history, gates and scratch offsets relative to the saved area.
+
+        The kernels get the input and saved-area offsets (and the gradient blocks') at run
+        time and every size and relative offset as a literal: numba compiles one kernel
+        per (sizes, layout of the saved area), shared by every position in a chain and
+        every step of a ``TimeDistributed``, and LLVM still sees that the saved blocks
+        cannot overlap (it unrolls the small loops and drops runtime alias checks).
+        Measured on a Zen 3, GRU(3) over 8 steps of 2 features, batch 500, training
+        step: 1,526 us with every size and offset at run time, 146 us with literals."""
         T, F = self._tf(ctx.in_shape)
         hist_n, gates_n, _ = self._saved(T)
         B = ctx.B
-        if self.return_sequences:  # the output block is the history
-            hist, gates = ctx.out_off, ctx.saved_off
-        else:
-            hist, gates = ctx.saved_off, ctx.saved_off + hist_n * B
-        return T, F, B, hist, gates, gates + gates_n * B
+        return T, F, B, 0, hist_n * B, (hist_n + gates_n) * B
 
-    def _emit_last(self, ctx, hist, T):
-        if self.return_sequences:
-            return []
+    def _emit_out(self, ctx, T):
+        """Copy the history (``return_sequences``) or its last step to the output block."""
         n = self.hidden * ctx.B
-        return [f"for k in range({n}):",
-                f"    work[{ctx.out_off} + k] = work[{hist + (T - 1) * n} + k]"]
+        src, m = (ctx.saved_off, T * n) if self.return_sequences else (ctx.saved_off + (T - 1) * n, n)
+        return [f"for k in range({m}):", f"    work[{ctx.out_off} + k] = work[{src} + k]"]
 
     # the loop nests are plain code: they are their own reference
     def emit_forward_reference(self, ctx):
@@ -444,15 +459,16 @@ class GRU(_Recurrent):
     def emit_forward(self, ctx: EmitContext):
         T, F, B, hist, gates, scr = self._offsets(ctx)
         H = self.hidden
-        return [_call("gru_forward", "p, work", ctx.in_off, F, T, H, B, ctx.p_off, hist, gates, scr,
-                      scr + 3 * H * B)] + self._emit_last(ctx, hist, T)
+        return [_call("gru_forward", "p, work", _Runtime(ctx.in_off), _Runtime(ctx.saved_off), F, T, H,
+                      B, ctx.p_off, hist, gates, scr, scr + 3 * H * B)] + self._emit_out(ctx, T)
 
     def emit_pullback(self, ctx: EmitContext):
         T, F, B, hist, gates, scr = self._offsets(ctx)
         H = self.hidden
-        return [_call("gru_pullback", "p, g, work", ctx.in_off, F, T, H, B, ctx.p_off, hist, gates,
-                      scr, scr + 3 * H * B, scr + 6 * H * B, ctx.gout_off, self.return_sequences,
-                      ctx.gin_off, ctx.need_gin)]
+        return [_call("gru_pullback", "p, g, work", _Runtime(ctx.in_off), _Runtime(ctx.saved_off), F, T,
+                      H, B, ctx.p_off, hist, gates, scr, scr + 3 * H * B, scr + 6 * H * B,
+                      _Runtime(ctx.gout_off), self.return_sequences, _Runtime(ctx.gin_off),
+                      ctx.need_gin)]
 
 
 @dataclass(frozen=True, init=False, repr=False)
@@ -488,15 +504,16 @@ class LSTM(_Recurrent):
 
     def emit_forward(self, ctx: EmitContext):
         T, F, B, hist, gates, scr = self._offsets(ctx)
-        return [_call("lstm_forward", "p, work", ctx.in_off, F, T, self.hidden, B, ctx.p_off, hist,
-                      gates, scr)] + self._emit_last(ctx, hist, T)
+        return [_call("lstm_forward", "p, work", _Runtime(ctx.in_off), _Runtime(ctx.saved_off), F, T,
+                      self.hidden, B, ctx.p_off, hist, gates, scr)] + self._emit_out(ctx, T)
 
     def emit_pullback(self, ctx: EmitContext):
         T, F, B, hist, gates, scr = self._offsets(ctx)
         H = self.hidden
-        return [_call("lstm_pullback", "p, g, work", ctx.in_off, F, T, H, B, ctx.p_off, hist, gates,
-                      scr, scr + 4 * H * B, scr + 5 * H * B, ctx.gout_off, self.return_sequences,
-                      ctx.gin_off, ctx.need_gin)]
+        return [_call("lstm_pullback", "p, g, work", _Runtime(ctx.in_off), _Runtime(ctx.saved_off), F,
+                      T, H, B, ctx.p_off, hist, gates, scr, scr + 4 * H * B, scr + 5 * H * B,
+                      _Runtime(ctx.gout_off), self.return_sequences, _Runtime(ctx.gin_off),
+                      ctx.need_gin)]
 
 
 @dataclass(frozen=True, init=False, repr=False)
