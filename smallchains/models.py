@@ -80,7 +80,7 @@ def lstnet(n_series, window, *, conv_filters=2, conv_width=3, hidden=3, skip=4, 
                        **chain_options)
 
 
-def tpa_lstm(n_series, window, *, hidden=10, layers=2, filters=32, n_out=1, block_size=None,
+def tpa_lstm(n_series, window, *, hidden=10, layers=2, filters=32, n_out=1, block_size=128,
              **chain_options) -> SimpleChain:
     """TPA-LSTM (Shih, Sun and Lee, "Temporal Pattern Attention for Multivariate Time
     Series Forecasting", Machine Learning 108, 2019; FluxArchitectures.jl's ``TPALSTM``)::
@@ -98,8 +98,9 @@ def tpa_lstm(n_series, window, *, hidden=10, layers=2, filters=32, n_out=1, bloc
         Defaults: the FluxBench benchmark's sizes (hidden 10, 2 LSTM layers, 32 filters).
     n_out : int
         Outputs (the next value of ``n_out`` series).
-    block_size : int or None
-        :class:`SimpleChain`'s ``block_size`` (default automatic).
+    block_size : int or None, default 128
+        :class:`SimpleChain`'s ``block_size``: 128 ran the benchmark's training step
+        (batch 300) in 3.9-4.6 ms against 11.2 ms at the automatic 16 (Zen 3, 1 thread).
     **chain_options
         Passed to :class:`SimpleChain`.
 

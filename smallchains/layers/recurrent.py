@@ -87,33 +87,29 @@ def _cst_impl(arr, v):
 
 @njit(**INLINE_OPTIONS)
 def _gemm(p, w, ld, n_rows, n_cols, work, x, y, B, accumulate):
-    """``y[o] (+)= sum_k W[o, k] x[k]`` over a block, ``W[o, k] = p[w + o * ld + k]``."""
+    """``y[o] (+)= sum_k W[o, k] x[k]`` over a block, ``W[o, k] = p[w + o * ld + k]``.
+    The sum over ``k`` is inside the lane loop: with the sizes literal, LLVM unrolls it
+    and vectorizes the lane loop with the sum in registers (one store per output row)."""
     for o in range(n_rows):
         yo = y + o * B
-        if not accumulate:
-            for s in range(B):
-                work[yo + s] = 0
-        for k in range(n_cols):
-            wk = p[w + o * ld + k]
-            xk = x + k * B
-            for s in range(B):
-                work[yo + s] += wk * work[xk + s]
+        wo = w + o * ld
+        for s in range(B):
+            acc = work[yo + s] if accumulate else _cst(work, 0.0)
+            for k in range(n_cols):
+                acc += p[wo + k] * work[x + k * B + s]
+            work[yo + s] = acc
 
 
 @njit(**INLINE_OPTIONS)
 def _gemm_t(p, w, ld, n_rows, n_cols, work, d, y, B, accumulate):
     """``y[k] (+)= sum_o W[o, k] d[o]`` (the transposed product) for ``k < n_cols``."""
-    if not accumulate:
-        for k in range(n_cols):
-            for s in range(B):
-                work[y + k * B + s] = 0
-    for o in range(n_rows):
-        do = d + o * B
-        for k in range(n_cols):
-            wk = p[w + o * ld + k]
-            yk = y + k * B
-            for s in range(B):
-                work[yk + s] += wk * work[do + s]
+    for k in range(n_cols):
+        yk = y + k * B
+        for s in range(B):
+            acc = work[yk + s] if accumulate else _cst(work, 0.0)
+            for o in range(n_rows):
+                acc += p[w + o * ld + k] * work[d + o * B + s]
+            work[yk + s] = acc
 
 
 @njit(**INLINE_OPTIONS)
@@ -127,6 +123,33 @@ def _outer(g, w, ld, n_rows, n_cols, work, d, x, B):
             for s in range(B):
                 acc += work[do + s] * work[xk + s]
             g[w + o * ld + k] += acc
+
+
+@njit(**INLINE_OPTIONS)
+def _outer_seq(g, w, ld, n_rows, n_cols, work, d, d_step, x, x_step, n_steps, B):
+    """``g[w + o * ld + k] += sum_t sum_s d_t[o, s] x_t[k, s]`` over ``n_steps`` pairs of
+    blocks (``d_t`` at ``d + t * d_step``, ``x_t`` at ``x + t * x_step``): the weight
+    gradient of all time steps at once, one reduction per entry."""
+    for o in range(n_rows):
+        for k in range(n_cols):
+            acc = _cst(work, 0.0)
+            for t in range(n_steps):
+                do = d + t * d_step + o * B
+                xk = x + t * x_step + k * B
+                for s in range(B):
+                    acc += work[do + s] * work[xk + s]
+            g[w + o * ld + k] += acc
+
+
+@njit(**INLINE_OPTIONS)
+def _row_sums_seq(g, b, n_rows, work, d, d_step, n_steps, B):
+    """``g[b + o] += sum_t sum_s d_t[o, s]``, ``d_t`` at ``d + t * d_step``."""
+    for o in range(n_rows):
+        acc = _cst(work, 0.0)
+        for t in range(n_steps):
+            for s in range(B):
+                acc += work[d + t * d_step + o * B + s]
+        g[b + o] += acc
 
 
 @njit(**INLINE_OPTIONS)
@@ -193,7 +216,7 @@ def gru_pullback(p, g, work, x, sv, F, T, H, B, w, hist, gates, dgi, dgh, dh, go
     ``sv``). ``gout``: ``dL/dh`` of every
     step ``(T, H)`` if ``seq`` else of the last ``(H)`` (read only); adds ``dL/dW`` into
     ``g[w:]`` and, if ``need_gin``, writes ``dL/dx`` ``(T, F)`` at ``gin``. ``dgi``,
-    ``dgh`` ``(3H)`` and ``dh`` ``(H)``: scratch."""
+    ``dgh`` ``(T, 3H)`` and ``dh`` ``(H)``: scratch."""
     hist, gates, dgi, dgh, dh = sv + hist, sv + gates, sv + dgi, sv + dgh, sv + dh
     G = 3 * H
     whh = w + G * F
@@ -208,6 +231,7 @@ def gru_pullback(p, g, work, x, sv, F, T, H, B, w, hist, gates, dgi, dgh, dh, go
                 work[dh + k] += work[gout + t * H * B + k]
         hp = hist + (t - 1) * H * B
         gt = gates + t * 4 * H * B
+        dgi_t, dgh_t = dgi + t * G * B, dgh + t * G * B
         for j in range(H):
             for s in range(B):
                 r = work[gt + j * B + s]
@@ -219,22 +243,22 @@ def gru_pullback(p, g, work, x, sv, F, T, H, B, w, hist, gates, dgi, dgh, dh, go
                 an = d * (one - z) * (one - n * n)        # d/d(pre-activation of n)
                 az = d * (h0 - n) * z * (one - z)
                 ar = an * hn * r * (one - r)
-                work[dgi + j * B + s] = ar
-                work[dgi + (H + j) * B + s] = az
-                work[dgi + (2 * H + j) * B + s] = an
-                work[dgh + j * B + s] = ar
-                work[dgh + (H + j) * B + s] = az
-                work[dgh + (2 * H + j) * B + s] = an * r
+                work[dgi_t + j * B + s] = ar
+                work[dgi_t + (H + j) * B + s] = az
+                work[dgi_t + (2 * H + j) * B + s] = an
+                work[dgh_t + j * B + s] = ar
+                work[dgh_t + (H + j) * B + s] = az
+                work[dgh_t + (2 * H + j) * B + s] = an * r
                 work[dh + j * B + s] = d * z               # direct path h' <- z * h
-        xt = x + t * F * B
-        _row_sums(g, bih, G, work, dgi, B)
-        _row_sums(g, bhh, G, work, dgh, B)
-        _outer(g, w, F, G, F, work, dgi, xt, B)
         if t > 0:
-            _outer(g, whh, H, G, H, work, dgh, hp, B)
-            _gemm_t(p, whh, H, G, H, work, dgh, dh, B, True)
+            _gemm_t(p, whh, H, G, H, work, dgh_t, dh, B, True)
         if need_gin:
-            _gemm_t(p, w, F, G, F, work, dgi, gin + t * F * B, B, False)
+            _gemm_t(p, w, F, G, F, work, dgi_t, gin + t * F * B, B, False)
+    # weight and bias gradients of all steps at once (dgi, dgh kept for every step)
+    _row_sums_seq(g, bih, G, work, dgi, G * B, T, B)
+    _row_sums_seq(g, bhh, G, work, dgh, G * B, T, B)
+    _outer_seq(g, w, F, G, F, work, dgi, G * B, x, F * B, T, B)
+    _outer_seq(g, whh, H, G, H, work, dgh + G * B, G * B, hist, H * B, T - 1, B)
 
 
 # --- LSTM -----------------------------------------------------------------------------
@@ -283,7 +307,7 @@ def lstm_forward(p, work, x, sv, F, T, H, B, w, hist, gates, ga):
 @njit(**JIT_OPTIONS)
 def lstm_pullback(p, g, work, x, sv, F, T, H, B, w, hist, gates, da, dh, dc, gout, seq, gin, need_gin):
     """Backpropagation through time for :func:`lstm_forward` (arguments as
-    :func:`gru_pullback`; ``da`` ``(4H)``, ``dh`` and ``dc`` ``(H)``: scratch)."""
+    :func:`gru_pullback`; ``da`` ``(T, 4H)``, ``dh`` and ``dc`` ``(H)``: scratch)."""
     hist, gates, da, dh, dc = sv + hist, sv + gates, sv + da, sv + dh, sv + dc
     G = 4 * H
     whh = w + G * F
@@ -300,6 +324,7 @@ def lstm_pullback(p, g, work, x, sv, F, T, H, B, w, hist, gates, da, dh, dc, gou
         hp = hist + (t - 1) * H * B
         cp = gates + ((t - 1) * 5 + 4) * H * B
         gt = gates + t * 5 * H * B
+        da_t = da + t * G * B
         for j in range(H):
             for s in range(B):
                 i = work[gt + j * B + s]
@@ -310,20 +335,20 @@ def lstm_pullback(p, g, work, x, sv, F, T, H, B, w, hist, gates, da, dh, dc, gou
                 c0 = work[cp + j * B + s] if t > 0 else zero
                 d = work[dh + j * B + s]
                 dcc = work[dc + j * B + s] + d * o * (one - tc * tc)
-                work[da + j * B + s] = dcc * gg * i * (one - i)
-                work[da + (H + j) * B + s] = dcc * c0 * f * (one - f)
-                work[da + (2 * H + j) * B + s] = dcc * i * (one - gg * gg)
-                work[da + (3 * H + j) * B + s] = d * tc * o * (one - o)
+                work[da_t + j * B + s] = dcc * gg * i * (one - i)
+                work[da_t + (H + j) * B + s] = dcc * c0 * f * (one - f)
+                work[da_t + (2 * H + j) * B + s] = dcc * i * (one - gg * gg)
+                work[da_t + (3 * H + j) * B + s] = d * tc * o * (one - o)
                 work[dc + j * B + s] = dcc * f
-        xt = x + t * F * B
-        _row_sums(g, bih, G, work, da, B)
-        _row_sums(g, bhh, G, work, da, B)
-        _outer(g, w, F, G, F, work, da, xt, B)
         if t > 0:
-            _outer(g, whh, H, G, H, work, da, hp, B)
-            _gemm_t(p, whh, H, G, H, work, da, dh, B, False)
+            _gemm_t(p, whh, H, G, H, work, da_t, dh, B, False)
         if need_gin:
-            _gemm_t(p, w, F, G, F, work, da, gin + t * F * B, B, False)
+            _gemm_t(p, w, F, G, F, work, da_t, gin + t * F * B, B, False)
+    # weight and bias gradients of all steps at once (da kept for every step)
+    _row_sums_seq(g, bih, G, work, da, G * B, T, B)
+    _row_sums_seq(g, bhh, G, work, da, G * B, T, B)
+    _outer_seq(g, w, F, G, F, work, da, G * B, x, F * B, T, B)
+    _outer_seq(g, whh, H, G, H, work, da + G * B, G * B, hist, H * B, T - 1, B)
 
 
 # --- layers ---------------------------------------------------------------------------
@@ -333,7 +358,11 @@ def _call(fn, arrays, *args):
     constant as a literal and compiles the kernel for its value), values wrapped in
     :class:`_Runtime` as ``np.int64(...)`` (one compiled kernel for every value)."""
     return f"{fn}({arrays}, " + ", ".join(
-        f"np.int64({a.value})" if isinstance(a, _Runtime) else repr(a) for a in args) + ")"
+        f"np.int64({a.value})" if isinstance(a, _Runtime) and RUNTIME_OFFSETS else
+        repr(a.value if isinstance(a, _Runtime) else a) for a in args) + ")"
+
+
+RUNTIME_OFFSETS = False
 
 
 @dataclass(frozen=True)
@@ -453,8 +482,10 @@ class GRU(_Recurrent):
     GATES = 3
 
     def _saved(self, T):
+        # history, gates (r, z, n, W_hn h + b_hn), scratch: forward gi, gh (3H each);
+        # pullback dgi, dgh of every step (3TH each) and dh (H)
         H = self.hidden
-        return T * H, T * 4 * H, 7 * H
+        return T * H, T * 4 * H, 6 * T * H + H
 
     def emit_forward(self, ctx: EmitContext):
         T, F, B, hist, gates, scr = self._offsets(ctx)
@@ -466,7 +497,7 @@ class GRU(_Recurrent):
         T, F, B, hist, gates, scr = self._offsets(ctx)
         H = self.hidden
         return [_call("gru_pullback", "p, g, work", _Runtime(ctx.in_off), _Runtime(ctx.saved_off), F, T,
-                      H, B, ctx.p_off, hist, gates, scr, scr + 3 * H * B, scr + 6 * H * B,
+                      H, B, ctx.p_off, hist, gates, scr, scr + 3 * T * H * B, scr + 6 * T * H * B,
                       _Runtime(ctx.gout_off), self.return_sequences, _Runtime(ctx.gin_off),
                       ctx.need_gin)]
 
@@ -499,8 +530,10 @@ class LSTM(_Recurrent):
     GATES = 4
 
     def _saved(self, T):
+        # history, gates (i, f, g, o, c), scratch: forward ga (4H); pullback da of every
+        # step (4TH), dh and dc (H each)
         H = self.hidden
-        return T * H, T * 5 * H, 6 * H
+        return T * H, T * 5 * H, 4 * T * H + 2 * H
 
     def emit_forward(self, ctx: EmitContext):
         T, F, B, hist, gates, scr = self._offsets(ctx)
@@ -511,7 +544,7 @@ class LSTM(_Recurrent):
         T, F, B, hist, gates, scr = self._offsets(ctx)
         H = self.hidden
         return [_call("lstm_pullback", "p, g, work", _Runtime(ctx.in_off), _Runtime(ctx.saved_off), F,
-                      T, H, B, ctx.p_off, hist, gates, scr, scr + 4 * H * B, scr + 5 * H * B,
+                      T, H, B, ctx.p_off, hist, gates, scr, scr + 4 * T * H * B, scr + (4 * T + 1) * H * B,
                       _Runtime(ctx.gout_off), self.return_sequences, _Runtime(ctx.gin_off),
                       ctx.need_gin)]
 
