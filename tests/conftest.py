@@ -361,6 +361,23 @@ def load_bench_module(filename: str):
     return mod
 
 
+def check_against_torch_twin(torch, chain, twin_cls, p, X, Y, dtype, **twin_kw):
+    """``chain``'s output, mean-of-squares loss, ``dL/dp`` and ``dL/dX`` at ``p`` equal those
+    of its torch twin ``twin_cls(**twin_kw).from_flat(p)`` (bench/torch_models.py, run in
+    float64): to 1e-10 in float64, to float32 rounding otherwise."""
+    loss, gp, gx = sc.valgrad_with_input(sc.add_loss(chain, sc.SquaredLoss(Y)), X, p)
+    net = twin_cls(dtype=torch.float64, **twin_kw).from_flat(p)
+    xt = torch.from_numpy(X.astype(np.float64)).requires_grad_()
+    yt = net(xt)
+    lt = ((yt - torch.from_numpy(Y.astype(np.float64))) ** 2).sum() / len(X)
+    lt.backward()
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == np.float64 else dict(rtol=1e-4, atol=2e-5)
+    assert_close(chain(X, p), yt.detach().numpy(), dtype, **tol)
+    assert_close(loss, lt.item(), dtype, **tol)
+    assert_close(gp, net.flat_grad(), dtype, **tol)
+    assert_close(gx, xt.grad.numpy(), dtype, **tol)
+
+
 def pytest_terminal_summary(terminalreporter):
     """Which kernel variants the variant sweeps ran (tests/test_variants.py), and on how
     many shape / block size / register budget cases."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import smallchains as sc
-from conftest import assert_close, central_fd, load_bench_module
+from conftest import assert_close, central_fd, check_against_torch_twin, load_bench_module
 
 D = sc.Dense
 BRANCHY = {
@@ -150,17 +150,8 @@ def test_lstnet_matches_torch_twin(torch, dtype):
     p = _random_biases(chain, sc.init_params(chain, seed=0, dtype=np.float64), rng).astype(dtype)
     X = rng.standard_normal((37, 11, 5)).astype(dtype)
     Y = rng.standard_normal((37, 1)).astype(dtype)
-    loss, gp, gx = sc.valgrad_with_input(sc.add_loss(chain, sc.SquaredLoss(Y)), X, p)
-    net = load_bench_module("torch_models.py").LSTNet(5, 11, skip=3, highway=3, dtype=torch.float64).from_flat(p)
-    xt = torch.from_numpy(X.astype(np.float64)).requires_grad_()
-    yt = net(xt)
-    lt = ((yt - torch.from_numpy(Y.astype(np.float64))) ** 2).sum() / 37
-    lt.backward()
-    tol = dict(rtol=1e-10, atol=1e-12) if dtype == np.float64 else dict(rtol=1e-4, atol=2e-5)
-    assert_close(chain(X, p), yt.detach().numpy(), dtype, **tol)
-    assert_close(loss, lt.item(), dtype, **tol)
-    assert_close(gp, net.flat_grad(), dtype, **tol)
-    assert_close(gx, xt.grad.numpy(), dtype, **tol)
+    check_against_torch_twin(torch, chain, load_bench_module("torch_models.py").LSTNet, p, X, Y, dtype,
+                             n_series=5, window=11, skip=3, highway=3)
 
 
 def test_branch_bad_input():

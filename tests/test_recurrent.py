@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import smallchains as sc
-from conftest import assert_close, central_fd, load_bench_module, torch_chain_model, torch_flat
+from conftest import (assert_close, central_fd, check_against_torch_twin, load_bench_module,
+                      torch_chain_model, torch_flat)
 
 # (N, T, F, H, return_sequences)
 CASES = [(5, 1, 3, 2, False), (37, 7, 4, 9, True), (1, 16, 2, 5, False), (3, 2, 1, 17, True),
@@ -164,18 +165,8 @@ def test_tpa_lstm_matches_torch_twin(torch, dtype):
                 v[k][:] = 0.2 * rng.standard_normal(v[k].shape)
     p = p.astype(dtype)
     X, Y = _data(chain, 21, dtype)
-    loss, gp, gx = sc.valgrad_with_input(sc.add_loss(chain, sc.SquaredLoss(Y)), X, p)
-    net = load_bench_module("torch_models.py").TPALSTM(3, 6, hidden=5, filters=7, n_out=2,
-                                                       dtype=torch.float64).from_flat(p)
-    xt = torch.from_numpy(X.astype(np.float64)).requires_grad_()
-    yt = net(xt)
-    lt = ((yt - torch.from_numpy(Y.astype(np.float64))) ** 2).sum() / 21
-    lt.backward()
-    tol = dict(rtol=1e-10, atol=1e-12) if dtype == np.float64 else dict(rtol=1e-4, atol=2e-5)
-    assert_close(chain(X, p), yt.detach().numpy(), dtype, **tol)
-    assert_close(loss, lt.item(), dtype, **tol)
-    assert_close(gp, net.flat_grad(), dtype, **tol)
-    assert_close(gx, xt.grad.numpy(), dtype, **tol)
+    check_against_torch_twin(torch, chain, load_bench_module("torch_models.py").TPALSTM, p, X, Y, dtype,
+                             n_series=3, window=6, hidden=5, filters=7, n_out=2)
 
 
 def test_temporal_pattern_attention_finite_differences_and_errors():

@@ -27,9 +27,22 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from .._config import JIT_OPTIONS
+from .._config import INLINE_OPTIONS, JIT_OPTIONS
 from .base import EmitContext, Layer
 from .recurrent import _cst, _positive_int, _tanh
+
+
+@njit(**INLINE_OPTIONS)
+def _layout(x, T, m, k, B, w, sv):
+    """History length, parameter offsets ``C, c, W_a, W_h, W_v``, saved blocks ``HC, a,
+    alpha, v`` and the last state ``h`` (in the input)."""
+    L = T - 1
+    C, c = w, w + k * L
+    Wa = c + k
+    Wh = Wa + k * m
+    Wv = Wh + m * m
+    hc, a, al, v = sv, sv + m * k * B, sv + (m * k + k) * B, sv + (m * k + k + m) * B
+    return L, C, c, Wa, Wh, Wv, hc, a, al, v, x + L * m * B
 
 
 @njit(**JIT_OPTIONS)
@@ -38,13 +51,7 @@ def tpa_forward(p, work, x, T, m, k, B, w, y, sv):
     ``(m,)``; ``sv``: saved ``HC (m, k)``, ``a = W_a h (k)``, ``alpha (m)``, ``v (k)``.
     Parameters at ``p[w:]``: ``C (k, T-1)``, ``c (k)``, ``W_a (k, m)``, ``W_h (m, m)``,
     ``W_v (m, k)``."""
-    L = T - 1
-    C, c = w, w + k * L
-    Wa = c + k
-    Wh = Wa + k * m
-    Wv = Wh + m * m
-    hc, a, al, v = sv, sv + m * k * B, sv + (m * k + k) * B, sv + (m * k + k + m) * B
-    h = x + L * m * B
+    L, C, c, Wa, Wh, Wv, hc, a, al, v, h = _layout(x, T, m, k, B, w, sv)
     half = _cst(p, 0.5)
     for i in range(m):
         for j in range(k):
@@ -96,16 +103,10 @@ def tpa_pullback(p, g, work, x, T, m, k, B, w, sv, gout, gin, scr, need_gin):
     """Reverse pass of :func:`tpa_forward`: adds ``dL/dW`` into ``g[w:]`` and, if
     ``need_gin``, writes ``dL/dx`` ``(T, m)`` at ``gin``. ``gout``: ``dL/dy`` ``(m)``;
     ``scr``: scratch ``dv (k)``, ``da (k)``, ``ds (m)``, ``dHC (m, k)``, ``dh (m)``."""
-    L = T - 1
-    C, c = w, w + k * L
-    Wa = c + k
-    Wh = Wa + k * m
-    Wv = Wh + m * m
-    hc, a, al, v = sv, sv + m * k * B, sv + (m * k + k) * B, sv + (m * k + k + m) * B
+    L, C, c, Wa, Wh, Wv, hc, a, al, v, h = _layout(x, T, m, k, B, w, sv)
     dv, da, ds = scr, scr + k * B, scr + 2 * k * B
     dhc = ds + m * B
     dh = dhc + m * k * B
-    h = x + L * m * B
     one, zero = _cst(p, 1.0), _cst(p, 0.0)
     # out = W_h h + W_v v
     for i in range(m):
