@@ -2,6 +2,8 @@
 # torch==2.13.0 is installed explicitly FIRST: that CPU wheel is on local disk here, and
 # any other version would pull a multi-GB CUDA build.
 PY ?= python3
+# pytest-xdist worker processes for `make test` (compiling dominates the suite; 2 halves it on 2 cores)
+TEST_WORKERS ?= 2
 VENV := .venv
 BIN := $(VENV)/bin
 export SMALLCHAINS_DATA ?= $(abspath ../shared/datasets)
@@ -22,7 +24,7 @@ demo: venv
 	$(BIN)/python examples/neural_ode_spiral.py
 
 test: venv
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests
 
 bench: venv
 	$(BIN)/python bench/run_matexp.py

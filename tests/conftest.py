@@ -378,15 +378,42 @@ def check_against_torch_twin(torch, chain, twin_cls, p, X, Y, dtype, **twin_kw):
     assert_close(gx, xt.grad.numpy(), dtype, **tol)
 
 
-def pytest_terminal_summary(terminalreporter):
-    """Which kernel variants the variant sweeps ran (tests/test_variants.py), and on how
-    many shape / block size / register budget cases."""
+def _sweep_log():
+    """The variant sweeps' log of this process (tests/test_variants.py), JSON-ready."""
     import sys
 
     tv = sys.modules.get("test_variants")
-    if tv is None or not tv.SWEEP_LOG:
+    if tv is None:
+        return {}
+    return {f"{family} {dtype}": [count, sorted(f"{part} {variant}" for part, variant in met)]
+            for (family, dtype), (count, met) in tv.SWEEP_LOG.items()}
+
+
+_WORKER_SWEEPS = {}
+
+
+def pytest_sessionfinish(session):
+    """Under pytest-xdist, a worker hands its sweep log to the controller."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["sweep_log"] = _sweep_log()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """Under pytest-xdist, the controller collects each worker's sweep log."""
+    for key, (count, names) in getattr(node, "workeroutput", {}).get("sweep_log", {}).items():
+        old_count, old_names = _WORKER_SWEEPS.get(key, (0, []))
+        _WORKER_SWEEPS[key] = (old_count + count, sorted(set(old_names) | set(names)))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Which kernel variants the variant sweeps ran (tests/test_variants.py), and on how
+    many shape / block size / register budget cases (in this process, or summed over the
+    pytest-xdist workers)."""
+    log = {**_WORKER_SWEEPS, **_sweep_log()}
+    if not log:
         return
     terminalreporter.section("kernel variants checked against the reference")
-    for (family, dtype), (count, met) in sorted(tv.SWEEP_LOG.items()):
-        names = ", ".join(f"{part} {variant}" for part, variant in sorted(met))
-        terminalreporter.write_line(f"{family} {dtype}: {count} cases" + (f"; {names}" if names else ""))
+    for key, (count, names) in sorted(log.items()):
+        terminalreporter.write_line(f"{key}: {count} cases" + (f"; {', '.join(names)}" if names else ""))
