@@ -103,6 +103,19 @@ class SimpleChain:
         self._tls = threading.local()  # per-thread workspace cache (thread safety)
         self._kernel_memo = {}  # dtype -> (module, plan)
 
+    # --- pickling (fit_many's Dask backend ships chains to worker processes) -------------
+    def __getstate__(self):
+        # the per-thread workspaces and the compiled kernels stay in this process; the
+        # receiving process compiles (or loads from the kernel cache) its own
+        state = dict(self.__dict__)
+        del state["_tls"], state["_kernel_memo"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._tls = threading.local()
+        self._kernel_memo = {}
+
     # --- description -----------------------------------------------------------------
     def __repr__(self) -> str:
         inner = ", ".join(repr(l) for l in self.layers)

@@ -21,6 +21,12 @@ import pytest
 
 import smallchains as sc
 
+# Under pytest-xdist the test processes already keep every core busy compiling; the
+# compile helper process each of them would start per new chain (compiler/linking.py)
+# only adds interpreter start-ups. Tests of the helper set the variable themselves.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("SMALLCHAINS_COMPILE_WORKERS", "0")
+
 # --------------------------------------------------------------------------------------
 # tolerances
 

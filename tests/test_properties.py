@@ -62,11 +62,11 @@ TOL64 = 1e-9
 TANH_ERR32 = 5e-7
 TANH_FAMILY = {"tanh", "sigmoid", "gelu", "silu", "softplus"}
 
-# examples per test and dtype: half the profile's max_examples each (ci: 5 dense and 5
-# conv architectures per dtype, ~5-10 s of compilation each on a cold cache)
+# examples per test and dtype: half (dense) and 3/10 (conv) of the profile's max_examples
+# (ci: 5 dense and 3 conv architectures per dtype, ~5-10 s of compilation each on a cold cache)
 _N = settings.default.max_examples
 N_DENSE = max(1, _N // 2)
-N_CONV = max(1, _N // 2)
+N_CONV = max(1, 3 * _N // 10)
 
 # --------------------------------------------------------------------------------------
 # tolerances

@@ -74,7 +74,7 @@ def test_cell_matches_finite_differences(cell):
     assert_close(gx, central_fd(lambda x: model(x, p), X), "fd")
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("dtype", [np.float64])  # float32 LSTMs: test_cell_matches_torch
 def test_stacked_lstm_time_distributed_matches_torch(torch, dtype):
     """Dense embedding at every step -> LSTM (sequences) -> GRU -> Dense: dL/dx flows
     through three sequence layers; tuned and reference kernels agree."""

@@ -13,7 +13,10 @@ cost 4-8 s per chain, about a third of a cold start.
 * :data:`train_unbatched_loop`, :data:`train_batched_loop`: a number of training steps
   (the drivers in :mod:`smallchains.train` call them in chunks of about 0.15 s, so that
   Ctrl-C is handled between chunks). Each step checks that the loss and the summed
-  gradient are finite before it updates ``p`` and the optimizer state.
+  gradient are finite before it updates ``p`` and the optimizer state;
+* :data:`fit_worker`: many independent fits (:func:`smallchains.fit_many`), each on one
+  thread from start to end; not parallel itself, several Python threads run it at once
+  and share the fits through an atomic counter.
 
 Each dispatcher is compiled only through :func:`call`, which compiles (or loads from
 numba's cache) the exact signature needed, with the kernels' types as
@@ -36,7 +39,7 @@ from numba.experimental.function_type import WrapperAddressProtocol
 from numba.extending import typeof_impl
 
 from .._config import INLINE_OPTIONS, JIT_OPTIONS
-from .._numba_utils import like
+from .._numba_utils import fetch_add, like
 from .linking import Deferred
 from .runtime import sum_rows
 
@@ -179,17 +182,81 @@ def _train_batched(valgrad, combine, update, nstages, X, T, perm, batch_size, ns
             return
 
 
+#: columns of the ``fits`` table of :func:`_fit_worker`
+FIT_ROW, FIT_BLOCK, FIT_ROWS, FIT_ORDER, FIT_STEP0, FIT_KEY, FIT_END, FIT_BATCH = range(8)
+
+
+def _fit_worker(valgrad, combine, update, nstages, X, T, order, fits, batched, P, LS,
+                OS, H, hist, info, G, kstate, works, metas, losses, g, gx, counter, stop):
+    """Independent training runs ("fits"), each on this thread from its first step to its
+    last: takes fit ``f = counter[0]++`` (atomically, so threads running this loop share
+    the fits dynamically) until none is left or ``stop[0] != 0``.
+
+    Fit ``f`` trains ``P[f]`` (its optimizer state ``OS[f]``, hyperparameters ``H[f]``,
+    layer state ``LS[f]``) on ``n`` rows of its data block ``X[o:o+L]``, ``T[o:o+L]``: rows
+    ``order[q:q+n]`` of the block (row numbers within it, in training order), where ``o, L,
+    n, q, t0, key, end, bs = fits[f]`` (columns :data:`FIT_ROW` ...). It continues after its ``info[f, 0]`` steps done up to
+    step ``end``; step ``i`` takes minibatch ``b = i % nb`` of ``bs`` rows (the last one
+    smaller; ``bs >= n``: full batch) with optimizer step count
+    ``t0 + i + 1`` and random key ``key``, and writes its loss to ``hist[f, b if batched
+    else i]``. Each step is :func:`_step` on one thread (``G``, ``works``, ``metas``
+    have one row, ``kstate`` is this thread's), so a fit computes bitwise what
+    ``train_unbatched`` / ``train_batched`` compute at one thread. A non-finite loss or
+    gradient ends the fit before its update with ``info[f, 1]`` set to the status."""
+    nf = fits.shape[0]
+    ns = LS.shape[1]
+    while stop[0] == 0:
+        f = fetch_add(counter, 0, 1)
+        if f >= nf:
+            return
+        o, L = fits[f, FIT_ROW], fits[f, FIT_BLOCK]
+        n, q = fits[f, FIT_ROWS], fits[f, FIT_ORDER]
+        Xf, Tf, idx = X[o:o + L], T[o:o + L], order[q:q + n]
+        p, state, hyper = P[f], OS[f], H[f]
+        bs = min(fits[f, FIT_BATCH], n)
+        nb = (n + bs - 1) // bs
+        metas[0, 0] = fits[f, FIT_KEY]
+        for j in range(ns):
+            kstate[j] = LS[f, j]
+        for _ in range(fits[f, FIT_END] - info[f, 0]):
+            i = info[f, 0]
+            b = i % nb
+            lo = b * bs
+            m = min(n, lo + bs) - lo
+            t = fits[f, FIT_STEP0] + i + 1
+            metas[0, 1] = t
+            _stages(valgrad, combine, nstages, Xf, Tf, idx, lo, m, p, G, kstate, works, metas,
+                    losses, like(p[0], 1.0 / m), gx, True)
+            loss = like(p[0], 0.0) + losses[0]
+            hist[f, b if batched else i] = loss
+            if not np.isfinite(loss):
+                info[f, 1] = LOSS_NOT_FINITE
+                break
+            sum_rows(G, g)
+            if not _all_finite(g):
+                info[f, 1] = GRAD_NOT_FINITE
+                break
+            update(p, g, state, hyper, t)
+            info[f, 0] = i + 1
+            if stop[0] != 0:
+                break
+        for j in range(ns):
+            LS[f, j] = kstate[j]
+
+
 forward_threads = njit(parallel=True, **JIT_OPTIONS)(_forward_threads)
 loss_threads = njit(parallel=True, **JIT_OPTIONS)(_loss_threads)
 valgrad_threads = njit(parallel=True, **JIT_OPTIONS)(_valgrad_threads)
 _step = njit(parallel=True, **JIT_OPTIONS)(_step)
 train_unbatched_loop = njit(**JIT_OPTIONS)(_train_unbatched)
 train_batched_loop = njit(**JIT_OPTIONS)(_train_batched)
+#: not parallel and without the GIL: several Python threads run it at once (smallchains.many)
+fit_worker = njit(**JIT_OPTIONS)(_fit_worker)
 # Compiled only through call(), for exact signatures: called directly with jitted kernels,
 # numba would specialize on each kernel instead of taking a pointer. So _compile disables
 # further compilation of these after each signature.
 _LOCKED = (forward_threads, loss_threads, valgrad_threads, train_unbatched_loop,
-           train_batched_loop)
+           train_batched_loop, fit_worker)
 
 _lock = threading.Lock()
 
