@@ -150,7 +150,7 @@ def build_torch_vmap(fits):
     leaves = list(params.values())
     opt = torch.optim.Adam(leaves, lr=C.LR, betas=(C.BETA1, C.BETA2), eps=C.EPS, fused=True)
     g0 = vgrad(params, buffers, x, y)
-    check("torch-vmap", np.concatenate([g0[k][0].numpy().ravel() for k in params]),
+    check("torch-vmap", np.concatenate([g0[k][0].detach().numpy().ravel() for k in params]),
           reference_grad(chain, X, Y, P[0]))
 
     def step():

@@ -14,6 +14,7 @@ from .compiler.cache import cache_info, clear_cache
 from .chain import ChainKernels, SimpleChain, SimpleChainWithLoss, add_loss, init_params, init_state, numparam, remove_loss
 from .layers import (GRU, LSTM, BatchNorm, Conv, Conv1D, Dense, Dropout, Flatten, MaxPool, Parallel, Permute, Reshape,
                      SkipConnection, Slice, TemporalPatternAttention, TimeDistributed, TurboDense)
+from .io import Checkpoint, load, save
 from .many import FitResult, fit_many
 from .losses import AbsoluteLoss, LogitCrossEntropyLoss, Loss, SquaredLoss
 from .optim import SGD, Adam, Optimizer, RMSProp
@@ -29,10 +30,10 @@ from .train import (
 )
 
 __all__ = [
-    "AbsoluteLoss", "Activation", "Adam", "BatchNorm", "ChainKernels", "Conv", "Conv1D", "Dense", "Dropout", "FitResult", "Flatten", "GRU", "LSTM", "MaxPool", "LogitCrossEntropyLoss", "Loss", "Parallel", "Permute", "Reshape",
+    "AbsoluteLoss", "Activation", "Adam", "BatchNorm", "ChainKernels", "Checkpoint", "Conv", "Conv1D", "Dense", "Dropout", "FitResult", "Flatten", "GRU", "LSTM", "MaxPool", "LogitCrossEntropyLoss", "Loss", "Parallel", "Permute", "Reshape",
     "Optimizer", "RMSProp", "SGD", "SimpleChain", "SimpleChainWithLoss", "SkipConnection", "Slice", "SquaredLoss", "TemporalPatternAttention",
     "TimeDistributed", "TurboDense", "accuracy_and_loss", "add_loss", "alloc_threaded_grad", "cache_info", "clear_cache", "default_batch_size", "available_activations", "fit_many", "datasets", "ode",
-    "get_activation", "init_params", "init_state", "numparam", "remove_loss", "train_batched",
+    "get_activation", "init_params", "init_state", "load", "numparam", "remove_loss", "save", "train_batched",
     "train_unbatched", "valgrad", "valgrad_with_input",
     "log_softmax", "predict_proba", "softmax",
 ]

@@ -21,6 +21,7 @@ task. See docs/many-fits.md.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import math
 import threading
@@ -88,7 +89,12 @@ class FitResult:
 
 
 def _hyper_names(opt):
-    return [k for k in inspect.signature(type(opt).__init__).parameters if k != "self"]
+    return _init_params_of(type(opt))
+
+
+@functools.lru_cache(maxsize=None)
+def _init_params_of(cls):
+    return tuple(k for k in inspect.signature(cls.__init__).parameters if k != "self")
 
 
 def _configs(configs):
@@ -145,9 +151,10 @@ class _Fit:
                                  f"got {getattr(p, 'dtype', type(p).__name__)} {getattr(p, 'shape', '')}")
             if not np.isfinite(p).all():
                 raise ValueError(f"{where}['p'] contains NaN or Inf")
-            self.p0 = p.copy()
+            self._p0 = p.copy()
         else:
-            self.p0 = init_params(chain, seed=self.seed, dtype=dtype)
+            self._p0 = None  # init_params(chain, seed), drawn when first needed (see p0)
+        self.dtype = dtype
         if "state" in config:
             self.state0 = chain._check_state(np.asarray(config["state"]), dtype).copy()
         else:
@@ -182,6 +189,14 @@ class _Fit:
         self.n = self.X.shape[0] if self.rows is None else self.rows.shape[0]
         if training:
             chain._check_batch_stats(self.n, f"{where}: the data")
+
+
+    @property
+    def p0(self):
+        """The initial parameters (with Dask, drawn in the worker; here only if needed)."""
+        if self._p0 is None:
+            self._p0 = init_params(self.model.chain, seed=self.seed, dtype=self.dtype)
+        return self._p0
 
 
 class _Shared:
@@ -294,11 +309,11 @@ def _run_group(fits, iters, epochs, batch_size, shuffle, dtype, training, n_thre
     counter, stopflag = np.zeros(1, np.int64), stop
     nt = max(1, min(n_threads, nf))
     stage_blocks = chain._stage_blocks(plan, int(bs.max()), 1, dtype, training)
-    bufs = [(aligned_zeros((1, chain.n_params), dtype),
-             np.zeros(max(plan.n_state + plan.n_scratch, 1), dtype),
-             aligned_zeros((1, stage_blocks * plan.work_size), dtype),
-             np.zeros((1, plan.meta_size), np.int64), np.zeros(1, dtype),
-             np.zeros(chain.n_params, dtype)) for _ in range(nt)]
+    bufs = [(_own_lines((1, chain.n_params), dtype),
+             _own_lines(max(plan.n_state + plan.n_scratch, 1), dtype),
+             _own_lines((1, stage_blocks * plan.work_size), dtype),
+             _own_lines((1, plan.meta_size), np.int64), _own_lines(1, dtype),
+             _own_lines(chain.n_params, dtype)) for _ in range(nt)]
     gx = np.empty((0, plan.n_in), dtype)
     valgrad = kernel_for(mod, plan, f"valgrad_range_{model.loss.kind}", training, default=True)
     from .train import _combine
@@ -325,12 +340,12 @@ def _run_group(fits, iters, epochs, batch_size, shuffle, dtype, training, n_thre
             table[:, loops.FIT_END] = iters
         counter[0] = 0
         _run_threads(loops.fit_worker, funcs, [args(k) for k in range(nt)], info, bar, stop)
-        if stop[0]:
-            break
         if batched:
             for k in range(nf):
                 if info[k, 1] == loops.OK and info[k, 0] == (e + 1) * nb[k]:
                     epoch_hist[k, e] = hist[k, :nb[k]].mean()
+        if stop[0]:
+            break
     results = []
     for k, f in enumerate(fits):
         done, status = int(info[k, 0]), int(info[k, 1])
@@ -351,6 +366,15 @@ def _run_group(fits, iters, epochs, batch_size, shuffle, dtype, training, n_thre
         results.append(FitResult(P[k].copy(), history, st, done, f.config,
                                  LS[k].copy() if chain.n_state else None, msg))
     return results
+
+
+def _own_lines(shape, dtype):
+    """Zeros on cache lines of their own: a thread's scratch must not share a line with
+    another thread's (each write would move the line between the cores)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape))
+    pad = -(-n * dtype.itemsize // 64) * 64 // dtype.itemsize
+    return aligned_zeros(pad, dtype)[:n].reshape(shape)
 
 
 def _run_threads(loop, funcs, per_thread_args, info, bar, stop):
@@ -420,20 +444,25 @@ def _dask_task(model, X, configs, kw):
     return fit_many(model, X, configs, backend="threads", n_threads=1, progress=False, **kw)
 
 
-def _run_dask(client, model, X, fits, kw, fits_per_task, progress):
+def _run_dask(client, X, fits, kw, fits_per_task, progress):
     import pickle
 
     from distributed import as_completed
 
+    import cloudpickle
+
+    checked = set()
     for f in fits:  # everything a task carries must pickle: check before submitting any
         for what, obj in (("model", f.model), ("optimizer", f.opt)):
+            key = (what, id(obj) if what == "model" else type(obj))
+            if key in checked:
+                continue
             try:
-                import cloudpickle
-
                 cloudpickle.dumps(obj)
             except (pickle.PicklingError, TypeError, AttributeError) as e:
                 raise TypeError(f"backend=dask ships the {what} to the workers, but configs[{f.index}]'s "
                                 f"{what} cannot be pickled: {e}") from None
+            checked.add(key)
     nthreads = sum(client.nthreads().values()) or 1
     if fits_per_task is None:
         fits_per_task = max(1, -(-len(fits) // (4 * nthreads)))
@@ -563,9 +592,9 @@ def fit_many(model, X, configs, *, optimizer=None, iters=None, epochs=None, batc
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         with LocalCluster(n_workers=cores, threads_per_worker=1, processes=True,
                           dashboard_address=":0") as cluster, Client(cluster) as client:
-            return _run_dask(client, model, X, fits, kw, fits_per_task, progress)
+            return _run_dask(client, X, fits, kw, fits_per_task, progress)
     if type(backend).__name__ == "Client" and hasattr(backend, "submit"):
-        return _run_dask(backend, model, X, fits, kw, fits_per_task, progress)
+        return _run_dask(backend, X, fits, kw, fits_per_task, progress)
     raise ValueError(f"backend must be 'threads', 'dask' or a dask.distributed.Client, got {backend!r}")
 
 
