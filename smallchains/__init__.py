@@ -15,6 +15,7 @@ from .chain import ChainKernels, SimpleChain, SimpleChainWithLoss, add_loss, ini
 from .layers import (GRU, LSTM, BatchNorm, Conv, Conv1D, Dense, Dropout, Flatten, MaxPool, Parallel, Permute, Reshape,
                      SkipConnection, Slice, TemporalPatternAttention, TimeDistributed, TurboDense)
 from .io import Checkpoint, load, save
+from .torch_interop import from_torch, to_torch
 from .many import FitResult, fit_many
 from .losses import AbsoluteLoss, LogitCrossEntropyLoss, Loss, SquaredLoss
 from .optim import SGD, Adam, Optimizer, RMSProp
@@ -32,7 +33,7 @@ from .train import (
 __all__ = [
     "AbsoluteLoss", "Activation", "Adam", "BatchNorm", "ChainKernels", "Checkpoint", "Conv", "Conv1D", "Dense", "Dropout", "FitResult", "Flatten", "GRU", "LSTM", "MaxPool", "LogitCrossEntropyLoss", "Loss", "Parallel", "Permute", "Reshape",
     "Optimizer", "RMSProp", "SGD", "SimpleChain", "SimpleChainWithLoss", "SkipConnection", "Slice", "SquaredLoss", "TemporalPatternAttention",
-    "TimeDistributed", "TurboDense", "accuracy_and_loss", "add_loss", "alloc_threaded_grad", "cache_info", "clear_cache", "default_batch_size", "available_activations", "fit_many", "datasets", "ode",
+    "TimeDistributed", "TurboDense", "accuracy_and_loss", "add_loss", "alloc_threaded_grad", "cache_info", "clear_cache", "default_batch_size", "available_activations", "fit_many", "from_torch", "to_torch", "datasets", "ode", "schedules",
     "get_activation", "init_params", "init_state", "load", "numparam", "remove_loss", "save", "train_batched",
     "train_unbatched", "valgrad", "valgrad_with_input",
     "log_softmax", "predict_proba", "softmax",
@@ -42,7 +43,7 @@ __all__ = [
 def __getattr__(name):
     # smallchains.datasets (urllib, gzip, hashlib) and smallchains.ode (compiles or loads
     # the solver) are imported on first use: keeps ``import smallchains`` fast
-    if name in ("datasets", "ode"):
+    if name in ("datasets", "ode", "schedules"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)

@@ -194,9 +194,14 @@ class _Progress:
         if enabled:
             try:
                 from tqdm.auto import tqdm
+            except ImportError:  # optional dependency: say so instead of showing nothing
+                import warnings
+
+                warnings.warn("progress=True needs tqdm (pip install tqdm or "
+                              "smallchains[progress]); training runs without a progress bar",
+                              stacklevel=3)
+            else:
                 self.bar = tqdm(total=total, desc=desc)
-            except ImportError:  # optional dependency
-                self.bar = None
 
     def update(self, n, loss):
         if self.bar is not None:
@@ -292,8 +297,26 @@ def _nonfinite_error(info, loss, where, state_note, history, **extra):
     return err
 
 
+def _schedule(lr_schedule, n, dtype, what):
+    """``lr_schedule(k)`` for ``k = 0 .. n-1`` as an array of ``dtype`` (empty if None),
+    each checked to be a finite positive number."""
+    if lr_schedule is None:
+        return np.zeros(0, dtype)
+    if not callable(lr_schedule):
+        raise TypeError(f"lr_schedule must be a function of the {what} (see smallchains.schedules), "
+                        f"got {type(lr_schedule).__name__}")
+    lrs = np.empty(n, dtype)
+    for k in range(n):
+        v = lr_schedule(k)
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(v) or v <= 0:
+            raise ValueError(f"lr_schedule({k}) must be a finite number > 0, got {v!r}")
+        lrs[k] = v
+    return lrs
+
+
 def train_unbatched(G, p, model, X, opt, iters, *, state=None, callback=None, report_every=None,
-                    progress=False, training=True, seed=None):
+                    progress=False, training=True, seed=None, lr_schedule=None):
     """Full-batch training: ``iters`` optimizer steps on all of ``X``, ``p`` in place.
 
     Each step computes the loss and gradient on every sample (split over ``G.shape[0]``
@@ -313,9 +336,10 @@ def train_unbatched(G, p, model, X, opt, iters, *, state=None, callback=None, re
         another float dtype than ``p``; never modified.
     opt : Optimizer -- its state (``opt.state``, ``opt.t``) advances by one per step.
     iters : int (Python or numpy integer; floats are rejected, not truncated), ``>= 0``
-    callback : callable ``(step, loss, p) -> None``, optional
+    callback : callable ``(step, loss, p) -> bool or None``, optional
         Called every ``report_every`` steps and after the last, with the number of steps
-        done and the loss before the last of them.
+        done and the loss before the last of them. Returning True stops training there:
+        the history then has the ``step`` losses of the steps done.
     report_every : int, optional
     progress : bool -- show a tqdm bar.
     training : bool, default True -- training mode (Dropout active) or inference.
@@ -324,10 +348,14 @@ def train_unbatched(G, p, model, X, opt, iters, *, state=None, callback=None, re
         (also when training stops early).
     seed : int, optional -- key of the random layers (Dropout masks of step ``t`` depend
         on ``(seed, t, row)``, see docs/api.md); default a fresh key.
+    lr_schedule : callable ``k -> lr``, optional
+        The learning rate of step ``k = 0 .. iters-1`` of this call (for example
+        ``smallchains.schedules.cosine(1e-3, iters)``), evaluated for every step before
+        training starts and applied inside the compiled loop; ``opt.lr`` is not changed.
 
     Returns
     -------
-    ndarray, shape ``(iters,)``, dtype of ``p``
+    ndarray, shape ``(iters,)`` (fewer if ``callback`` stopped training), dtype of ``p``
         Loss before each step.
 
     Raises
@@ -360,6 +388,7 @@ def train_unbatched(G, p, model, X, opt, iters, *, state=None, callback=None, re
      user_state, _) = _train_setup(G, p, model, X, opt, seed, state, training)
     if training:
         model.chain._check_batch_stats(X2.shape[0], "X")
+    lrs = _schedule(lr_schedule, iters, p.dtype, "step")
     hist = np.zeros(iters, dtype=p.dtype)
     idx = np.arange(X2.shape[0])
     kernels, nstages = _train_kernels(model, mod, plan, opt, X2, T, idx, p, gx, state, hyper,
@@ -370,7 +399,7 @@ def train_unbatched(G, p, model, X, opt, iters, *, state=None, callback=None, re
     loop = loops.train_unbatched_loop
 
     def args(k):
-        return (nstages, X2, T, idx, p, G, *ws, losses, g, state, hyper, t0, k, hist, gx, info)
+        return (nstages, X2, T, idx, p, G, *ws, losses, g, state, hyper, t0, k, hist, gx, info, lrs)
 
     if iters:
         loops.prepare(loop, kernels, args(1))  # compile first: chunks are timed
@@ -392,8 +421,8 @@ def train_unbatched(G, p, model, X, opt, iters, *, state=None, callback=None, re
             if done % every == 0 or done == iters:
                 bar.update(done - shown, float(hist[done - 1]))
                 shown = done
-                if callback is not None:
-                    callback(done, float(hist[done - 1]), p)
+                if callback is not None and callback(done, float(hist[done - 1]), p) is True:
+                    return hist[:done].copy()
     except KeyboardInterrupt as e:
         e.history = hist[:int(info[0])].copy()
         raise
@@ -479,7 +508,7 @@ def _epoch_history(out, hist, done, nbatch):
 
 
 def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True, seed=None,
-                  state=None, callback=None, progress=False, training=True):
+                  state=None, callback=None, progress=False, training=True, lr_schedule=None):
     """Minibatch training for ``epochs`` passes over ``X``, ``p`` in place.
 
     Every epoch visits the samples in a new random order (``shuffle=True``, from
@@ -510,15 +539,19 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
         Seed of the shuffling generator and key of the random layers (the Dropout mask
         of a row at optimizer step ``t`` depends only on ``(seed, t, row)``, see
         docs/api.md); default fresh entropy for both.
-    callback : callable ``(epoch, mean_loss, p) -> None``, optional
-        Called after every epoch (1-based epoch number).
+    callback : callable ``(epoch, mean_loss, p) -> bool or None``, optional
+        Called after every epoch (1-based epoch number). Returning True stops training
+        after that epoch: the history then has its ``epoch`` means.
     progress : bool
         A tqdm bar over epochs.
     training : bool, default True -- training mode (Dropout active) or inference.
+    lr_schedule : callable ``e -> lr``, optional
+        The learning rate of epoch ``e = 0 .. epochs-1`` of this call (all its
+        minibatches), evaluated before training starts; ``opt.lr`` is not changed.
 
     Returns
     -------
-    ndarray, shape ``(epochs,)``
+    ndarray, shape ``(epochs,)`` (fewer if ``callback`` stopped training)
         Mean minibatch loss of each epoch (losses at the parameters before each step).
 
     Raises
@@ -554,6 +587,7 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
         model.chain._check_batch_stats(min(batch_size, n), "a minibatch")
         if n % batch_size:
             model.chain._check_batch_stats(n % batch_size, "the last minibatch of each epoch")
+    lrs = _schedule(lr_schedule, epochs, p.dtype, "epoch")
     rng = np.random.default_rng(seed)
     perm = np.arange(n)
     kernels, nstages = _train_kernels(model, mod, plan, opt, X2, T, perm, p, gx, state, hyper,
@@ -575,6 +609,8 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
     bar = _Progress(epochs, progress, "train_batched")
     try:
         for e in range(epochs):
+            if lrs.shape[0]:
+                hyper[0] = lrs[e]
             if shuffle:
                 rng.shuffle(perm)
             while info[0] < (e + 1) * nbatch:
@@ -590,8 +626,8 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
                         batch_losses=hist[:b].copy())
             out[e] = hist.mean()
             bar.update(1, float(out[e]))
-            if callback is not None:
-                callback(e + 1, float(out[e]), p)
+            if callback is not None and callback(e + 1, float(out[e]), p) is True:
+                return out[:e + 1].copy()
     except KeyboardInterrupt as exc:
         done = int(info[0])
         exc.history = _epoch_history(out, hist, done, nbatch)

@@ -136,11 +136,12 @@ def _step(valgrad, combine, update, nstages, X, T, idx, lo, m, p, G, lstate, wor
 
 
 def _train_unbatched(valgrad, combine, update, nstages, X, T, idx, p, G, lstate, works, metas,
-                     losses, g, state, hyper, step0, iters, hist, gx, info):
+                     losses, g, state, hyper, step0, iters, hist, gx, info, lrs):
     """Up to ``iters`` full-batch steps, continuing after the ``info[0]`` steps done so far.
 
     Step ``i = info[0]`` (0-based within the run) writes its loss to ``hist[i]``, uses
-    optimizer step count ``step0 + i + 1`` and, once applied, sets ``info[0] = i + 1``. A
+    optimizer step count ``step0 + i + 1`` and learning rate ``lrs[i]`` (``hyper[0]``; an
+    empty ``lrs`` leaves ``hyper`` alone) and, once applied, sets ``info[0] = i + 1``. A
     non-finite loss or gradient stops the loop before the update with ``info[1]`` set to
     the status (:data:`LOSS_NOT_FINITE`, :data:`GRAD_NOT_FINITE`). The counter lives in
     ``info`` (not a return value) so the caller knows the steps done whenever it is
@@ -148,6 +149,8 @@ def _train_unbatched(valgrad, combine, update, nstages, X, T, idx, p, G, lstate,
     n = idx.shape[0]
     for _ in range(iters):
         i = info[0]
+        if lrs.shape[0] > 0:
+            hyper[0] = lrs[i]
         loss, status = _step(valgrad, combine, update, nstages, X, T, idx, 0, n, p, G, lstate,
                              works, metas, losses, g, state, hyper, step0 + i + 1, gx)
         hist[i] = loss
