@@ -7,6 +7,9 @@ Every loss is a mean over the samples of a batch (``N`` samples):
   ``torch.nn.MSELoss(reduction="sum")(yhat, y) / N``. SimpleChains.jl's ``SquaredLoss``
   sums the squares; its training divides by the batch size, which is what we return.
 * :class:`AbsoluteLoss`: ``(1/N) * sum_{n,j} |yhat[n,j] - y[n,j]|``.
+* :class:`MSELoss`: ``(1/(N n_out)) * sum (yhat - y)**2``, torch's ``nn.MSELoss()``.
+* :class:`BinaryLogitCrossEntropyLoss`: the mean over all outputs of the binary
+  cross-entropy of ``sigmoid(yhat)``, torch's ``nn.BCEWithLogitsLoss()``.
 * :class:`LogitCrossEntropyLoss`: ``(1/N) * sum_n -log softmax(yhat[n])[label[n]]`` with
   0-based integer labels (SimpleChains.jl uses 1-based ``UInt32``); equal to
   ``torch.nn.functional.cross_entropy(yhat, labels)``.
@@ -108,6 +111,40 @@ class AbsoluteLoss(Loss):
     kind = "absolute"
 
 
+class MSELoss(Loss):
+    """Mean squared error over every output of every sample, torch's ``nn.MSELoss()``:
+    ``(1/(N * n_out)) sum (yhat - y)^2`` (``SquaredLoss`` divided by the output size).
+
+    Parameters
+    ----------
+    targets : array_like, shape ``(N, *output_shape)``, float
+    """
+
+    kind = "mse"
+
+
+class BinaryLogitCrossEntropyLoss(Loss):
+    """Binary cross-entropy on logits, torch's ``nn.BCEWithLogitsLoss()``: the mean over
+    every output of every sample of ``max(z, 0) - z y + log(1 + exp(-|z|))`` (the stable
+    form of ``-y log sigmoid(z) - (1 - y) log(1 - sigmoid(z))``); gradient
+    ``(sigmoid(z) - y) / (N * n_out)``.
+
+    Parameters
+    ----------
+    targets : array_like, shape ``(N, *output_shape)``, float
+        Probabilities in ``[0, 1]`` (0/1 labels, or soft targets); others raise ValueError.
+    """
+
+    kind = "bce_logits"
+
+    def prepare_targets(self, out_shape, n, dtype, targets=None):
+        y = super().prepare_targets(out_shape, n, dtype, targets)
+        if y.size and (y.min() < 0 or y.max() > 1):
+            raise ValueError(f"BinaryLogitCrossEntropyLoss: targets must lie in [0, 1], got range "
+                             f"[{y.min()}, {y.max()}]")
+        return y
+
+
 class LogitCrossEntropyLoss(Loss):
     """Softmax cross-entropy on logits with 0-based integer class labels.
 
@@ -144,6 +181,8 @@ LOSS_KERNELS = {
     "squared": "squared_loss_block",
     "absolute": "absolute_loss_block",
     "logitce": "logit_crossentropy_block",
+    "mse": "mse_loss_block",
+    "bce_logits": "bce_logits_block",
 }
 
 
@@ -197,6 +236,42 @@ def absolute_loss_block(work, y_off, gy_off, T, idx, s0, n_out, B, nb, scale, ne
             total += abs(d)
             work[gj + s] = scale if d > zero else (-scale if d < zero else zero)
     return total
+
+
+@njit(**INLINE_OPTIONS)
+def mse_loss_block(work, y_off, gy_off, T, idx, s0, n_out, B, nb, scale, need_grad):
+    load_block(T, idx, s0, nb, work, gy_off, n_out, B)
+    total = like(scale, 0.0)
+    per_out = like(scale, 1.0 / n_out)
+    two_scale = like(scale, 2.0) * scale * per_out
+    for j in range(n_out):
+        yj, gj = y_off + j * B, gy_off + j * B
+        for s in range(nb):
+            d = work[yj + s] - work[gj + s]
+            total += d * d
+            if need_grad:
+                work[gj + s] = two_scale * d
+    return total * per_out
+
+
+@njit(**INLINE_OPTIONS)
+def bce_logits_block(work, y_off, gy_off, T, idx, s0, n_out, B, nb, scale, need_grad):
+    load_block(T, idx, s0, nb, work, gy_off, n_out, B)
+    total = like(scale, 0.0)
+    zero, one = like(scale, 0.0), like(scale, 1.0)
+    per_out = like(scale, 1.0 / n_out)
+    g_scale = scale * per_out
+    for j in range(n_out):
+        yj, gj = y_off + j * B, gy_off + j * B
+        for s in range(nb):
+            z, y = work[yj + s], work[gj + s]
+            e = math.exp(-abs(z))
+            total += max(z, zero) - z * y + math.log1p(e)
+            if need_grad:
+                # sigmoid(z) from e = exp(-|z|), without overflow for either sign
+                sig = one / (one + e) if z >= zero else e / (one + e)
+                work[gj + s] = g_scale * (sig - y)
+    return total * per_out
 
 
 @njit(**INLINE_OPTIONS)
