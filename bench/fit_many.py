@@ -161,13 +161,7 @@ def build_torch_vmap(fits):
 
     for _ in range(WARM):
         step()
-
-    def bench(loops):
-        t0 = time.perf_counter()
-        for _ in range(loops):
-            step()
-        return time.perf_counter() - t0
-    return bench
+    return C.timed_epochs(step)
 
 
 def build_torch_loop(fits):
@@ -187,13 +181,7 @@ def build_torch_loop(fits):
 
     for _ in range(WARM):
         step()
-
-    def bench(loops):
-        t0 = time.perf_counter()
-        for _ in range(loops):
-            step()
-        return time.perf_counter() - t0
-    return bench
+    return C.timed_epochs(step)
 
 
 def build_jax_vmap(fits):

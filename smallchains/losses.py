@@ -240,18 +240,9 @@ def absolute_loss_block(work, y_off, gy_off, T, idx, s0, n_out, B, nb, scale, ne
 
 @njit(**INLINE_OPTIONS)
 def mse_loss_block(work, y_off, gy_off, T, idx, s0, n_out, B, nb, scale, need_grad):
-    load_block(T, idx, s0, nb, work, gy_off, n_out, B)
-    total = like(scale, 0.0)
-    per_out = like(scale, 1.0 / n_out)
-    two_scale = like(scale, 2.0) * scale * per_out
-    for j in range(n_out):
-        yj, gj = y_off + j * B, gy_off + j * B
-        for s in range(nb):
-            d = work[yj + s] - work[gj + s]
-            total += d * d
-            if need_grad:
-                work[gj + s] = two_scale * d
-    return total * per_out
+    per_out = like(scale, 1.0 / n_out)  # SquaredLoss divided by the output size
+    return squared_loss_block(work, y_off, gy_off, T, idx, s0, n_out, B, nb, scale * per_out,
+                              need_grad) * per_out
 
 
 @njit(**INLINE_OPTIONS)

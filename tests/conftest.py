@@ -103,6 +103,14 @@ def make_data(name: str, n: int, seed: int = 0):
     return X, make_targets(name, n, rng)
 
 
+def deep_training_setup(n=40, seed=0):
+    """``(model, X, p0, G)``: the "deep" architecture on ``n`` samples, float32 parameters
+    from ``seed``, one gradient row (the training-control tests' common start)."""
+    X, Y = make_data("deep", n, seed=seed)
+    model = make_model("deep", Y)
+    return model, X, sc.init_params(model.chain, seed=seed), sc.alloc_threaded_grad(model.chain, 1)
+
+
 def random_params(chain, seed=0, dtype=np.float64, bias_scale=0.3):
     """Glorot weights plus non-zero biases (so bias gradients and paths are exercised)."""
     p = sc.init_params(chain, seed=seed, dtype=np.float64)

@@ -9,7 +9,7 @@ import pytest
 
 import smallchains as sc
 from smallchains import schedules
-from conftest import make_data, make_model
+from conftest import deep_training_setup
 
 
 def _torch_lrs(torch, make, n):
@@ -37,10 +37,7 @@ def test_schedules_match_torch(torch, name):
     np.testing.assert_allclose([ours(k) for k in range(n)], _torch_lrs(torch, make, n), rtol=1e-12)
 
 
-def _setup():
-    X, Y = make_data("deep", 40, seed=0)
-    model = make_model("deep", Y)
-    return model, X, sc.init_params(model.chain, seed=0), sc.alloc_threaded_grad(model.chain, 1)
+_setup = deep_training_setup
 
 
 def test_scheduled_unbatched_equals_stepping_by_hand():

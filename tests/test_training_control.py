@@ -10,13 +10,10 @@ import numpy as np
 import pytest
 
 import smallchains as sc
-from conftest import make_data, make_model
+from conftest import deep_training_setup
 
 
-def _setup():
-    X, Y = make_data("deep", 40, seed=0)
-    model = make_model("deep", Y)
-    return model, X, sc.init_params(model.chain, seed=0), sc.alloc_threaded_grad(model.chain, 1)
+_setup = deep_training_setup
 
 
 def test_callback_stops_train_unbatched():
