@@ -2,7 +2,8 @@
 # torch==2.13.0 is installed explicitly FIRST: that CPU wheel is on local disk here, and
 # any other version would pull a multi-GB CUDA build.
 PY ?= python3
-# pytest-xdist worker processes for `make test` (compiling dominates the suite; 2 halves it on 2 cores)
+# pytest-xdist worker processes for `make test`: compiling dominates the suite and each
+# worker compiles on its own core (CI: 2)
 TEST_WORKERS ?= 2
 VENV := .venv
 BIN := $(VENV)/bin

@@ -77,7 +77,7 @@ def _kill_a_busy_worker(client, done):
     while time.monotonic() < deadline and not done.is_set():
         busy = [w for w, keys in client.processing().items() if keys and w in pids]
         if busy:
-            time.sleep(0.1)  # the task has started
+            time.sleep(0.05)  # the task has started (a task runs about 0.3 s)
             os.kill(pids[busy[0]], signal.SIGKILL)
             return True
         time.sleep(0.005)
@@ -89,7 +89,7 @@ def _killed_run(client, model, X, configs):
     with ThreadPoolExecutor(1) as ex:
         killed = ex.submit(_kill_a_busy_worker, client, done)
         try:
-            res = _run(sc.fit_many, model, X, configs, iters=4000, backend=client,
+            res = _run(sc.fit_many, model, X, configs, iters=10_000, backend=client,
                        fits_per_task=2)
         finally:
             done.set()
@@ -101,7 +101,7 @@ def test_a_killed_worker_has_its_fits_rerun(client):
     model, X = _deep()
     configs = [{"seed": s} for s in range(12)]
     res = _killed_run(client, model, X, configs)
-    for a, b in zip(sc.fit_many(model, X, configs, iters=4000), res):
+    for a, b in zip(sc.fit_many(model, X, configs, iters=10_000), res):
         _equal(a, b)
 
 
@@ -117,7 +117,7 @@ def test_without_retries_a_killed_task_is_an_error_and_the_others_finish():
     errors = [r for r in res if r.status == "error"]
     assert errors and all("KilledWorker" in r.message for r in errors)
     assert all(r.steps == 0 and r.config is not None for r in errors)
-    for a, b in zip(sc.fit_many(model, X, configs, iters=4000), res):
+    for a, b in zip(sc.fit_many(model, X, configs, iters=10_000), res):
         if b.status != "error":
             _equal(a, b)
 

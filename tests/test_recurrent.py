@@ -156,7 +156,7 @@ def test_tpa_lstm_matches_torch_twin(torch, dtype):
     """smallchains.models.tpa_lstm (embedding, 2 stacked LSTMs, temporal pattern
     attention, Dense) against bench/torch_models.TPALSTM at the same parameters."""
     from smallchains.models import tpa_lstm
-    chain = tpa_lstm(3, 6, hidden=5, filters=7, n_out=2)
+    chain = tpa_lstm(3, 4, hidden=5, filters=7, n_out=2)
     rng = np.random.default_rng(0)
     p = sc.init_params(chain, seed=0, dtype=np.float64)
     for v in chain.param_views(p):  # non-zero biases
@@ -166,7 +166,7 @@ def test_tpa_lstm_matches_torch_twin(torch, dtype):
     p = p.astype(dtype)
     X, Y = _data(chain, 21, dtype)
     check_against_torch_twin(torch, chain, load_bench_module("torch_models.py").TPALSTM, p, X, Y, dtype,
-                             n_series=3, window=6, hidden=5, filters=7, n_out=2)
+                             n_series=3, window=4, hidden=5, filters=7, n_out=2)
 
 
 def test_temporal_pattern_attention_finite_differences_and_errors():
