@@ -467,7 +467,9 @@ def _run_dask(client, X, fits, kw, fits_per_task, progress):
     if fits_per_task is None:
         fits_per_task = max(1, -(-len(fits) // (4 * nthreads)))
     fits_per_task = check_count(fits_per_task, "fits_per_task", 1)
-    Xf = None if X is None else client.scatter(X, broadcast=True)
+    # hash=False: a key of its own. With the default content hash, a call right after another
+    # on the same X reuses the key that the first call is releasing, and Dask can lose it
+    Xf = None if X is None else client.scatter(X, broadcast=True, hash=False)
     groups = [g[i:i + fits_per_task] for g in _groups(fits) for i in range(0, len(g), fits_per_task)]
     futures = {}
     for chunk in groups:
