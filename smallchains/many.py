@@ -24,6 +24,7 @@ import copy
 import functools
 import inspect
 import math
+import sys
 import threading
 from dataclasses import dataclass, field
 
@@ -293,7 +294,6 @@ def _run_group(fits, iters, epochs, batch_size, shuffle, dtype, training, n_thre
                    for f in fits], np.int64)
     nb = -(-np.array([f.n for f in fits]) // bs)
     table[:, loops.FIT_ORDER] = np.concatenate([[0], np.cumsum([f.n for f in fits])[:-1]])
-    table[:, loops.FIT_STEP0] = 0
     table[:, loops.FIT_KEY] = [np.uint64(f.seed).astype(np.int64) for f in fits]
     table[:, loops.FIT_BATCH] = bs
     order = np.concatenate([np.arange(f.n) if f.rows is None else f.rows for f in fits]).astype(np.int64)
@@ -306,7 +306,7 @@ def _run_group(fits, iters, epochs, batch_size, shuffle, dtype, training, n_thre
     hist = np.zeros((nf, iters if not batched else int(nb.max())), dtype)
     epoch_hist = np.zeros((nf, epochs or 0), dtype)
     info = np.zeros((nf, 2), np.int64)
-    counter, stopflag = np.zeros(1, np.int64), stop
+    counter = np.zeros(1, np.int64)
     nt = max(1, min(n_threads, nf))
     stage_blocks = chain._stage_blocks(plan, int(bs.max()), 1, dtype, training)
     bufs = [(_own_lines((1, chain.n_params), dtype),
@@ -324,7 +324,7 @@ def _run_group(fits, iters, epochs, batch_size, shuffle, dtype, training, n_thre
     def args(k):
         G, kstate, works, metas, losses, g = bufs[k]
         return (nstages, Xa, Ta, order, table, batched, P, LS, OS, H, hist, info, G, kstate,
-                works, metas, losses, g, gx, counter, stopflag)
+                works, metas, losses, g, gx, counter, stop)
 
     funcs = loops.prepare(loops.fit_worker, kernels, args(0))
     rngs = [np.random.default_rng(f.seed) for f in fits] if batched else None
@@ -595,7 +595,8 @@ def fit_many(model, X, configs, *, optimizer=None, iters=None, epochs=None, batc
         with LocalCluster(n_workers=cores, threads_per_worker=1, processes=True,
                           dashboard_address=":0") as cluster, Client(cluster) as client:
             return _run_dask(client, X, fits, kw, fits_per_task, progress)
-    if type(backend).__name__ == "Client" and hasattr(backend, "submit"):
+    distributed = sys.modules.get("distributed")  # a Client exists only if it is imported
+    if distributed is not None and isinstance(backend, distributed.Client):
         return _run_dask(backend, X, fits, kw, fits_per_task, progress)
     raise ValueError(f"backend must be 'threads', 'dask' or a dask.distributed.Client, got {backend!r}")
 
