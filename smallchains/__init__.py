@@ -17,7 +17,7 @@ from .layers import (GRU, LSTM, BatchNorm, Conv, Conv1D, Dense, Dropout, Flatten
 from .io import Checkpoint, load, save
 from .torch_interop import from_torch, to_torch
 from .many import FitResult, fit_many
-from .losses import AbsoluteLoss, BinaryLogitCrossEntropyLoss, LogitCrossEntropyLoss, Loss, MSELoss, SquaredLoss
+from .losses import AbsoluteLoss, BinaryLogitCrossEntropyLoss, CustomLoss, HuberLoss, LogitCrossEntropyLoss, Loss, MSELoss, SquaredLoss
 from .optim import SGD, Adam, Optimizer, RMSProp
 from .predict import log_softmax, predict_proba, softmax
 from .train import (
@@ -31,7 +31,7 @@ from .train import (
 )
 
 __all__ = [
-    "AbsoluteLoss", "Activation", "Adam", "BatchNorm", "BinaryLogitCrossEntropyLoss", "ChainKernels", "Checkpoint", "Conv", "Conv1D", "Dense", "Dropout", "FitResult", "Flatten", "GRU", "LSTM", "MaxPool", "LogitCrossEntropyLoss", "Loss", "MSELoss", "Parallel", "Permute", "Reshape",
+    "AbsoluteLoss", "Activation", "Adam", "BatchNorm", "BinaryLogitCrossEntropyLoss", "ChainKernels", "Checkpoint", "Conv", "Conv1D", "CustomLoss", "HuberLoss", "Dense", "Dropout", "FitResult", "Flatten", "GRU", "LSTM", "MaxPool", "LogitCrossEntropyLoss", "Loss", "MSELoss", "Parallel", "Permute", "Reshape",
     "Optimizer", "RMSProp", "SGD", "SimpleChain", "SimpleChainWithLoss", "SkipConnection", "Slice", "SquaredLoss", "TemporalPatternAttention",
     "TimeDistributed", "TurboDense", "accuracy_and_loss", "add_loss", "alloc_threaded_grad", "cache_info", "clear_cache", "default_batch_size", "available_activations", "fit_many", "from_torch", "to_torch", "datasets", "ode", "schedules",
     "get_activation", "init_params", "init_state", "load", "numparam", "remove_loss", "save", "train_batched",

@@ -197,12 +197,17 @@ class SimpleChain:
                                  f"{per_sample} value(s) per channel")
 
     # --- compiled kernels ----------------------------------------------------------------
-    def _kernels(self, dtype):
+    def _kernels(self, dtype, loss=None):
+        """``(module, plan)`` of the chain's kernels; with ``loss`` a loss whose block kernel
+        is generated (weighted, Huber, custom), the module that has its kernels too."""
+        extra = loss.kernel_source() if loss is not None else None
         # memoized per chain (get_kernels' own key hashes every layer's spec on each call)
-        hit = self._kernel_memo.get(dtype)
+        memo_key = (dtype, extra[0] if extra else None)
+        hit = self._kernel_memo.get(memo_key)
         if hit is None:
-            hit = self._kernel_memo[dtype] = get_kernels(self.input_shape, self.layers, dtype,
-                                                         B=self.block_size, options=self.options)
+            hit = self._kernel_memo[memo_key] = get_kernels(
+                self.input_shape, self.layers, dtype, B=self.block_size, options=self.options,
+                losses=(extra,) if extra else ())
         return hit
 
     def kernels(self, dtype=np.float32, block_size=None) -> "ChainKernels":
@@ -413,7 +418,7 @@ class SimpleChainWithLoss:
         nt = max(1, min(numba.get_num_threads(), -(-n // plan.B)))
         losses = np.zeros(nt, dtype=p.dtype)
         idx = np.arange(n)
-        kernel = kernel_for(mod, plan, f"loss_range_{self.loss.kind}", training, default=False)
+        kernel = kernel_for(mod, plan, f"loss_range_{self.loss.kernel_kind}", training, default=False)
         works, metas, kstate = self.chain._workspace(plan, nt, p.dtype, key, step, state)
         loops.call(loops.loss_threads, [(kernel, loops.loss_sig(X2, T, idx, p))],
                    (X2, T, idx, p, kstate, works, metas, losses, p.dtype.type(1.0 / n)))

@@ -13,17 +13,32 @@ Every loss is a mean over the samples of a batch (``N`` samples):
 * :class:`LogitCrossEntropyLoss`: ``(1/N) * sum_n -log softmax(yhat[n])[label[n]]`` with
   0-based integer labels (SimpleChains.jl uses 1-based ``UInt32``); equal to
   ``torch.nn.functional.cross_entropy(yhat, labels)``.
+* :class:`HuberLoss`: torch's ``nn.HuberLoss(delta=delta)``, the mean over all outputs.
+* :class:`CustomLoss`: a user's numba function of one sample, compiled into the fused
+  kernels like the built-ins.
+
+Every loss takes ``weights=`` (one non-negative number per sample): the loss becomes
+``(1/N) sum_n w[n] * loss_n``, torch's ``(w * loss(reduction="none")...).mean()``.
 
 Each loss's block kernel writes ``dL/dyhat`` (already divided by ``N``) into the workspace
-and returns the *unscaled* sum for the block.
+and returns the *unscaled* sum for the block. The built-ins without weights have block
+kernels of their own (below, in :data:`LOSS_KERNELS`); a weighted loss, a Huber loss and a
+custom loss are per-sample functions ``f(yhat, y, grad) -> loss of the sample`` which the
+chain's kernel module wraps into a generated block kernel (:meth:`Loss.kernel_source`).
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import inspect
 import math
+import marshal
 
 import numpy as np
 from numba import njit
+from numba.core.dispatcher import Dispatcher
+from numba.core.errors import NumbaError
 
 from ._config import INLINE_OPTIONS
 from ._numba_utils import like
@@ -36,35 +51,104 @@ def _writeable(a):
 
 
 class Loss:
-    """Base class. ``targets`` holds ``y`` (or labels) for all samples, batch-first."""
+    """Base class. ``targets`` holds ``y`` (or labels) for all samples, batch-first.
 
-    #: key into :data:`LOSS_KERNELS`; custom losses need a block kernel registered there.
+    Parameters
+    ----------
+    targets : array_like, shape ``(N, ...)``
+        See each loss.
+    weights : array_like, shape ``(N,)``, optional
+        One finite, non-negative weight per sample: the loss becomes
+        ``(1/N) sum_n weights[n] * loss_n`` (not divided by the sum of the weights; scale
+        them to taste), its gradient likewise. Kept when the loss is given other targets
+        of the same length; :meth:`with_targets` drops them. A weighted loss runs through
+        the per-sample kernel path (a little slower than the unweighted built-ins).
+    """
+
+    #: key into :data:`LOSS_KERNELS`: the block kernel of the unweighted built-in.
     kind: str = ""
     #: True if targets are class labels (integers), False if they are float arrays.
     labels: bool = False
+    #: the per-sample function ``f(yhat, y, grad) -> float`` of the weighted path
+    #: (a name in this module), see :meth:`kernel_source`.
+    sample_function: str = ""
 
-    def __init__(self, targets):
+    def __init__(self, targets, weights=None):
         self._raw = targets
         self.targets = targets
+        self.weights = None if weights is None else self._check_weights(weights)
 
     def __repr__(self) -> str:
         shape = getattr(self.targets, "shape", None)
-        return f"{type(self).__name__}(<targets {shape}>)"
+        w = "" if self.weights is None else ", weights=<(%d,)>" % self.weights.shape[0]
+        return f"{type(self).__name__}(<targets {shape}>{w})"
 
-    def with_targets(self, targets) -> "Loss":
-        """The same loss with other targets (for example a test set)."""
-        return type(self)(targets)
+    def with_targets(self, targets, weights=None) -> "Loss":
+        """The same loss (hyperparameters kept) with other targets, for example a test set;
+        unweighted unless ``weights`` are given."""
+        new = copy.copy(self)
+        new._raw = new.targets = targets
+        new.weights = None if weights is None else self._check_weights(weights)
+        return new
+
+    def _check_weights(self, weights):
+        w = np.asarray(weights)
+        name = type(self).__name__
+        if w.dtype.kind not in "fiu" or w.dtype.kind == "b":
+            raise TypeError(f"{name}: weights must be a real array, got dtype {w.dtype}")
+        if w.ndim != 1:
+            raise ValueError(f"{name}: weights must have shape (N,), one per sample, got {w.shape}")
+        if not np.isfinite(w).all() or (w.size and w.min() < 0):
+            raise ValueError(f"{name}: weights must be finite and >= 0")
+        return w.astype(np.float64)  # a copy: the caller's array is never read again
+
+    # --- kernels --------------------------------------------------------------------------
+    @property
+    def kernel_kind(self) -> str:
+        """Name of this loss's kernels in the chain's kernel module (``valgrad_range_<kind>``)."""
+        return self.kind if self.weights is None else "w_" + self.kind
+
+    def kernel_source(self):
+        """``(kernel_kind, source)`` for a loss whose block kernel is generated into the
+        chain's kernel module, or None for an unweighted built-in (its block kernel is in
+        :data:`LOSS_KERNELS`). ``source`` defines ``_loss_block_<kernel_kind>`` (see
+        :func:`per_sample_block_source`)."""
+        if self.weights is None:
+            return None
+        return self.kernel_kind, per_sample_block_source(
+            self.kernel_kind, f"from smallchains.losses import {self.sample_function}\n",
+            self.sample_function, weighted=True)
+
+    def _target_width(self, out_shape) -> int:
+        return 1 if self.labels else int(np.prod(out_shape))
 
     def prepare_targets(self, out_shape: tuple, n: int, dtype, targets=None) -> np.ndarray:
-        """Validate targets against the chain output and return a kernel-ready array.
+        """Validate targets against the chain output and return a kernel-ready array:
+        ``(n, n_out)`` of ``dtype`` (labels: ``(n,)`` int64); with weights, ``(n, width + 1)``
+        of ``dtype`` whose last column holds the weights (labels as floats in column 0).
 
         Never modifies the caller's array: a dtype conversion makes a copy.
 
         Raises
         ------
         ValueError, TypeError
-            Wrong shape, length ``!= n``, non-numeric dtype, non-finite values.
+            Wrong shape, length ``!= n``, non-numeric dtype, non-finite values; weights of
+            another length than ``n``.
         """
+        T = self._prepare(out_shape, n, dtype, targets)
+        if self.weights is None:
+            return T
+        if self.weights.shape[0] != n:
+            raise ValueError(f"{type(self).__name__}: the loss has {self.weights.shape[0]} weights "
+                             f"but {n} samples; give other data its own loss (loss.with_targets(y, "
+                             "weights))")
+        k = self._target_width(out_shape)
+        Tw = np.empty((n, k + 1), dtype=dtype)
+        Tw[:, :k] = T.reshape(n, k)
+        Tw[:, k] = self.weights
+        return Tw
+
+    def _prepare(self, out_shape, n, dtype, targets):
         y = self.targets if targets is None else targets
         y = np.asarray(y)
         if y.dtype.kind not in "fiu" or y.dtype.kind == "b":
@@ -100,6 +184,7 @@ class SquaredLoss(Loss):
     """
 
     kind = "squared"
+    sample_function = "squared_sample"
 
 
 class AbsoluteLoss(Loss):
@@ -109,6 +194,7 @@ class AbsoluteLoss(Loss):
     """
 
     kind = "absolute"
+    sample_function = "absolute_sample"
 
 
 class MSELoss(Loss):
@@ -121,6 +207,7 @@ class MSELoss(Loss):
     """
 
     kind = "mse"
+    sample_function = "mse_sample"
 
 
 class BinaryLogitCrossEntropyLoss(Loss):
@@ -136,9 +223,10 @@ class BinaryLogitCrossEntropyLoss(Loss):
     """
 
     kind = "bce_logits"
+    sample_function = "bce_logits_sample"
 
-    def prepare_targets(self, out_shape, n, dtype, targets=None):
-        y = super().prepare_targets(out_shape, n, dtype, targets)
+    def _prepare(self, out_shape, n, dtype, targets):
+        y = super()._prepare(out_shape, n, dtype, targets)
         if y.size and (y.min() < 0 or y.max() > 1):
             raise ValueError(f"BinaryLogitCrossEntropyLoss: targets must lie in [0, 1], got range "
                              f"[{y.min()}, {y.max()}]")
@@ -156,9 +244,10 @@ class LogitCrossEntropyLoss(Loss):
     """
 
     kind = "logitce"
+    sample_function = "logitce_sample"
     labels = True
 
-    def prepare_targets(self, out_shape, n, dtype, targets=None):
+    def _prepare(self, out_shape, n, dtype, targets):
         y = np.asarray(self.targets if targets is None else targets)
         if y.dtype.kind not in "iu":
             raise TypeError(f"LogitCrossEntropyLoss: labels must be integers, got dtype {y.dtype}")
@@ -173,6 +262,322 @@ class LogitCrossEntropyLoss(Loss):
                 f"got range [{y.min()}, {y.max()}]"
             )
         return _writeable(np.ascontiguousarray(y, dtype=np.int64))
+
+
+class HuberLoss(Loss):
+    """Huber loss, torch's ``nn.HuberLoss(delta=delta)``: the mean over every output of
+    every sample of ``0.5 d^2`` if ``|d| <= delta`` else ``delta (|d| - 0.5 delta)``, with
+    ``d = yhat - y``; gradient ``clip(d, -delta, delta) / (N n_out)``.
+
+    Parameters
+    ----------
+    targets : array_like, shape ``(N, *output_shape)``, float
+    delta : float, default 1.0 -- finite, > 0. Part of the compiled kernel (each value
+        compiles once, then comes from the on-disk cache).
+    weights : array_like, shape ``(N,)``, optional -- see :class:`Loss`.
+    """
+
+    kind = "huber"
+
+    def __init__(self, targets, delta: float = 1.0, weights=None):
+        from ._validate import check_real
+
+        super().__init__(targets, weights)
+        self.delta = check_real("HuberLoss", "delta", delta, 0.0, low_open=True)
+
+    def __repr__(self):
+        return super().__repr__()[:-1] + f", delta={self.delta!r})"
+
+    @property
+    def kernel_kind(self):
+        tag = hashlib.sha256(repr(self.delta).encode()).hexdigest()[:12]
+        return ("w_" if self.weights is not None else "") + f"huber_{tag}"
+
+    def kernel_source(self):
+        kind = self.kernel_kind
+        head = (f"from smallchains.losses import huber_sample\n\n\n@njit(**_JI)\n"
+                f"def _sample_{kind}(yhat, y, grad):\n"
+                f"    return huber_sample(yhat, y, grad, {self.delta!r})\n")
+        return kind, per_sample_block_source(kind, head, f"_sample_{kind}",
+                                             weighted=self.weights is not None)
+
+
+_USER_LOSSES: dict = {}  # CustomLoss key -> the user's dispatcher (this process)
+
+
+def user_loss(key: str):
+    """The function of a :class:`CustomLoss` by its key (None if no such loss was made in
+    this process). Generated chain modules look their custom losses up here."""
+    return _USER_LOSSES.get(key)
+
+
+def _code_key(h, fn, depth=0):
+    """Feed into ``h`` what decides the compiled code of ``fn``: its bytecode, constants,
+    and the numbers, arrays and jitted functions it reads from globals or its closure."""
+    py = getattr(fn, "py_func", fn)
+    code = getattr(py, "__code__", None)
+    if code is None or depth > 4:
+        h.update(repr(fn).encode())
+        return
+    h.update(f"{py.__module__}.{py.__qualname__}".encode())
+    h.update(marshal.dumps(code))
+    values = [(n, py.__globals__[n]) for n in code.co_names if n in py.__globals__]
+    values += list(zip(code.co_freevars, [c.cell_contents for c in (py.__closure__ or ())]))
+    for name, v in values:
+        h.update(name.encode())
+        if isinstance(v, np.ndarray):
+            h.update(str(v.dtype).encode() + repr(v.shape).encode() + v.tobytes())
+        elif isinstance(v, (bool, int, float, complex, str, bytes, tuple, np.generic)):
+            h.update(repr(v).encode())
+        elif isinstance(v, Dispatcher) or callable(v) and hasattr(v, "__code__"):
+            _code_key(h, v, depth + 1)
+        else:  # modules, classes: by name (a change inside them is not seen)
+            h.update(getattr(v, "__name__", type(v).__name__).encode())
+
+
+class CustomLoss(Loss):
+    """A loss given by a numba function of one sample, compiled into the chain's fused
+    kernels like the built-ins (SimpleChains.jl issue #143).
+
+    The loss of a batch is ``(1/N) sum_n fn(yhat[n], y[n], grad_n)`` (with ``weights``:
+    ``(1/N) sum_n w[n] fn(...)``); its gradient is built from the ``grad_n`` the function
+    writes.
+
+    Parameters
+    ----------
+    fn : numba ``@njit`` function ``fn(yhat, y, grad) -> float``
+        ``yhat``: the chain output of one sample, 1-D of ``n_out`` elements (a strided
+        view: index it, do not assume contiguity); ``y``: its target row, 1-D of the
+        target width; ``grad``: 1-D of ``n_out`` elements, zeroed before the call, to
+        receive ``d fn / d yhat``. Returns the sample's loss. All three have the
+        parameter dtype (float32 or float64); keep constants in that dtype
+        (``yhat.dtype.type(0.5)``) to stay in float32. Must not allocate (no new arrays)
+        to keep training allocation-free, and must not keep references to its arguments.
+    targets : array_like, shape ``(N, ...)``, float
+        The target rows, flattened per sample; their width must equal the chain's output
+        size unless ``target_width`` says otherwise.
+    weights : array_like, shape ``(N,)``, optional -- see :class:`Loss`.
+    target_width : int, optional
+        Width of a target row when it differs from the output size (for example a
+        loss that reads a per-sample scale beside each target).
+
+    Raises
+    ------
+    TypeError
+        ``fn`` is not a numba dispatcher (decorate it with ``@numba.njit``), does not take
+        three positional arguments, cannot be compiled for the arrays above (numba's
+        error is quoted), or returns something other than a real scalar. Checked when the
+        loss is first used with a chain and a dtype, before any kernel is compiled.
+
+    Notes
+    -----
+    The kernels are cached on disk under a key of ``fn``'s bytecode and of the numbers,
+    arrays and jitted functions it reads from globals or its closure; a change elsewhere
+    (inside a module it imports) is not seen: clear the cache directory then
+    (:func:`smallchains.clear_cache`). The loss pickles (for Dask) if ``fn`` does.
+    """
+
+    kind = "user"
+
+    def __init__(self, fn, targets, weights=None, *, target_width=None):
+        if not isinstance(fn, Dispatcher):
+            raise TypeError(f"CustomLoss: fn must be a numba @njit function fn(yhat, y, grad) "
+                            f"-> float, got {type(fn).__name__} {fn!r}; decorate it with "
+                            "@numba.njit")
+        try:
+            inspect.signature(fn.py_func).bind(0, 0, 0)
+        except TypeError:
+            raise TypeError(f"CustomLoss: {fn.__name__} must take three positional arguments "
+                            f"(yhat, y, grad), its signature is "
+                            f"{inspect.signature(fn.py_func)}") from None
+        if target_width is not None and (not isinstance(target_width, (int, np.integer))
+                                         or isinstance(target_width, bool) or target_width < 1):
+            raise ValueError(f"CustomLoss: target_width must be a positive int, got {target_width!r}")
+        super().__init__(targets, weights)
+        self.fn, self.target_width = fn, target_width
+        h = hashlib.sha256()
+        _code_key(h, fn)
+        self.key = h.hexdigest()[:20]
+        _USER_LOSSES[self.key] = fn
+        self._checked = set()
+
+    def __repr__(self):
+        return super().__repr__()[:-1] + f", fn={self.fn.__name__})"
+
+    def __setstate__(self, d):  # unpickled (a Dask worker): register the function here too
+        self.__dict__.update(d)
+        _USER_LOSSES[self.key] = self.fn
+
+    @property
+    def kernel_kind(self):
+        return ("w_" if self.weights is not None else "") + "user_" + self.key
+
+    def kernel_source(self):
+        kind = self.kernel_kind
+        head = (f"from smallchains.losses import user_loss as _user_loss\n"
+                f"_sample_{kind} = _user_loss({self.key!r})  # None outside the process\n")
+        return kind, per_sample_block_source(kind, head, f"_sample_{kind}",
+                                             weighted=self.weights is not None)
+
+    def _target_width(self, out_shape):
+        return int(np.prod(out_shape)) if self.target_width is None else int(self.target_width)
+
+    def _prepare(self, out_shape, n, dtype, targets):
+        name = f"CustomLoss({self.fn.__name__})"
+        y = np.asarray(self.targets if targets is None else targets)
+        if y.dtype.kind not in "fiu" or y.dtype.kind == "b":
+            raise TypeError(f"{name}: targets must be a float array, got dtype {y.dtype}")
+        if y.ndim == 0 or y.shape[0] != n:
+            raise ValueError(f"{name}: targets have {y.shape[0] if y.ndim else 0} samples but X "
+                             f"has {n}")
+        k = self._target_width(out_shape)
+        y = y.reshape(n, -1) if y.ndim != 1 else y.reshape(n, 1)
+        if y.shape[1] != k:
+            raise ValueError(f"{name}: target rows must have {k} elements "
+                             + ("(the chain's output size; pass target_width= for another "
+                                "width)" if self.target_width is None else "(target_width)")
+                             + f", got {y.shape[1]}")
+        if not np.isfinite(y).all():
+            raise ValueError(f"{name}: targets contain NaN or Inf")
+        T = _writeable(np.ascontiguousarray(y, dtype=dtype))
+        self._check_fn(int(np.prod(out_shape)), k, np.dtype(dtype))
+        return T
+
+    def _check_fn(self, n_out, k, dtype):
+        """Compile ``fn`` for the argument types the kernels pass, once per dtype, and check
+        what it returns; a clear TypeError instead of an error deep in kernel compilation."""
+        if (n_out, k, dtype) in self._checked:
+            return
+        yhat = np.zeros(2 * n_out, dtype)[::2]  # strided, as in the kernels
+        grad = np.zeros(2 * n_out, dtype)[::2]
+        y = np.zeros((2, k), dtype)[0]
+        name = self.fn.__name__
+        try:
+            v = self.fn(yhat, y, grad)
+        except NumbaError as e:
+            msg = str(e).strip().splitlines()
+            raise TypeError(f"CustomLoss: numba could not compile {name}(yhat, y, grad) for "
+                            f"yhat, grad: {dtype}[{n_out}] (strided) and y: {dtype}[{k}]: "
+                            + " / ".join(msg[:6])) from None
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise TypeError(f"CustomLoss: {name}(yhat, y, grad) must return the sample's loss as "
+                            f"a real scalar, got {type(v).__name__}")
+        self._checked.add((n_out, k, dtype))
+
+
+def per_sample_block_source(kind: str, head: str, fn: str, weighted: bool) -> str:
+    """Source of the block kernel ``_loss_block_<kind>`` (same signature as the built-in
+    block kernels) that calls the per-sample function ``fn(yhat, y, grad) -> float`` for
+    every sample of the block. ``head`` (imports, a wrapper) goes first. Generated into a
+    chain's kernel module, which has ``njit``, ``like`` and ``_JI`` (the inline options).
+    ``weighted``: the last column of the targets is the sample weight."""
+    row = "row[:row.shape[0] - 1]" if weighted else "row"
+    w = "row[row.shape[0] - 1]" if weighted else "like(scale, 1.0)"
+    return f"""
+{head}
+
+@njit(**_JI)
+def _loss_block_{kind}(work, y_off, gy_off, T, idx, s0, n_out, B, nb, scale, need_grad):
+    total = like(scale, 0.0)
+    end = n_out * B
+    for s in range(nb):
+        row = T[idx[s0 + s]]
+        w = {w}
+        gy = work[gy_off + s:gy_off + end:B]
+        for j in range(n_out):
+            gy[j] = 0
+        total += w * like(scale, {fn}(work[y_off + s:y_off + end:B], {row}, gy))
+        ws = w * scale
+        for j in range(n_out):
+            gy[j] *= ws
+    for j in range(n_out):
+        for s in range(nb, B):
+            work[gy_off + j * B + s] = 0
+    return total
+"""
+
+
+# --- per-sample functions (weighted losses, Huber) ---------------------------------------
+# f(yhat, y, grad) -> loss of one sample; grad (zeroed by the caller) gets d loss / d yhat.
+
+
+@njit(**INLINE_OPTIONS)
+def squared_sample(yhat, y, grad):
+    total = like(yhat[0], 0.0)
+    two = like(yhat[0], 2.0)
+    for j in range(yhat.shape[0]):
+        d = yhat[j] - y[j]
+        total += d * d
+        grad[j] = two * d
+    return total
+
+
+@njit(**INLINE_OPTIONS)
+def absolute_sample(yhat, y, grad):
+    total = like(yhat[0], 0.0)
+    zero, one = like(yhat[0], 0.0), like(yhat[0], 1.0)
+    for j in range(yhat.shape[0]):
+        d = yhat[j] - y[j]
+        total += abs(d)
+        grad[j] = one if d > zero else (-one if d < zero else zero)
+    return total
+
+
+@njit(**INLINE_OPTIONS)
+def mse_sample(yhat, y, grad):
+    per_out = like(yhat[0], 1.0 / yhat.shape[0])
+    total = squared_sample(yhat, y, grad)
+    for j in range(yhat.shape[0]):
+        grad[j] *= per_out
+    return total * per_out
+
+
+@njit(**INLINE_OPTIONS)
+def bce_logits_sample(yhat, y, grad):
+    zero, one = like(yhat[0], 0.0), like(yhat[0], 1.0)
+    per_out = like(yhat[0], 1.0 / yhat.shape[0])
+    total = like(yhat[0], 0.0)
+    for j in range(yhat.shape[0]):
+        z = yhat[j]
+        e = math.exp(-abs(z))
+        total += max(z, zero) - z * y[j] + math.log1p(e)
+        sig = one / (one + e) if z >= zero else e / (one + e)
+        grad[j] = per_out * (sig - y[j])
+    return total * per_out
+
+
+@njit(**INLINE_OPTIONS)
+def logitce_sample(yhat, y, grad):
+    label = int(y[0])
+    n = yhat.shape[0]
+    m = yhat[0]
+    for j in range(1, n):
+        m = max(m, yhat[j])
+    z = like(yhat[0], 0.0)
+    for j in range(n):
+        z += math.exp(yhat[j] - m)
+    lse = m + math.log(z)
+    for j in range(n):
+        grad[j] = math.exp(yhat[j] - lse)
+    grad[label] -= like(yhat[0], 1.0)
+    return lse - yhat[label]
+
+
+@njit(**INLINE_OPTIONS)
+def huber_sample(yhat, y, grad, delta):
+    dl = like(yhat[0], delta)
+    half = like(yhat[0], 0.5)
+    per_out = like(yhat[0], 1.0 / yhat.shape[0])
+    total = like(yhat[0], 0.0)
+    for j in range(yhat.shape[0]):
+        d = yhat[j] - y[j]
+        if abs(d) <= dl:
+            total += half * d * d
+            grad[j] = per_out * d
+        else:
+            total += dl * (abs(d) - half * dl)
+            grad[j] = per_out * (dl if d > 0 else -dl)
+    return total * per_out
 
 
 #: loss kind -> block kernel name; every generated chain module has valgrad and training

@@ -258,7 +258,7 @@ def _groups(fits):
     """Fits by chain and loss kind (one compiled kernel set each), in first-seen order."""
     out = {}
     for f in fits:
-        out.setdefault((id(f.model.chain), f.model.loss.kind), []).append(f)
+        out.setdefault((id(f.model.chain), f.model.loss.kernel_kind), []).append(f)
     return list(out.values())
 
 
@@ -273,7 +273,7 @@ def _run_group(fits, iters, epochs, batch_size, shuffle, dtype, training, n_thre
 
     model = fits[0].model
     chain = model.chain
-    mod, plan = chain._kernels(np.dtype(dtype))
+    mod, plan = chain._kernels(np.dtype(dtype), model.loss)
     nf = len(fits)
     # the data blocks of all fits in one X / T, each block once (the shared X is one block;
     # fits on "rows" of it index it, without copies)
@@ -315,7 +315,7 @@ def _run_group(fits, iters, epochs, batch_size, shuffle, dtype, training, n_thre
              _own_lines((1, plan.meta_size), np.int64), _own_lines(1, dtype),
              _own_lines(chain.n_params, dtype)) for _ in range(nt)]
     gx = np.empty((0, plan.n_in), dtype)
-    valgrad = kernel_for(mod, plan, f"valgrad_range_{model.loss.kind}", training, default=True)
+    valgrad = kernel_for(mod, plan, f"valgrad_range_{model.loss.kernel_kind}", training, default=True)
     from .train import _combine
     combine, nstages = _combine(mod, plan, P[0], bufs[0][2], training)
     kernels = [(valgrad, loops.valgrad_sig(Xa, Ta, order, P[0], gx)), combine,

@@ -24,7 +24,7 @@ def _prepare(model, X, p, targets=None):
     chain, loss = model.chain, model.loss
     X2, _ = check_inputs(chain.input_shape, X, p.dtype, allow_single=False)
     T = loss.prepare_targets(chain.output_shape, X2.shape[0], p.dtype, targets)
-    mod, plan = chain._kernels(p.dtype)
+    mod, plan = chain._kernels(p.dtype, loss)
     return X2, T, mod, plan
 
 
@@ -53,7 +53,7 @@ def _combine(mod, plan, p, works, training):
 def _train_kernels(model, mod, plan, opt, X2, T, idx, p, gx, state, hyper, training, works):
     """The chain's valgrad kernel, its combine kernel and the optimizer's update, with
     their signatures; and the number of reduction stages."""
-    valgrad = kernel_for(mod, plan, f"valgrad_range_{model.loss.kind}", training, default=True)
+    valgrad = kernel_for(mod, plan, f"valgrad_range_{model.loss.kernel_kind}", training, default=True)
     combine, nstages = _combine(mod, plan, p, works, training)
     return [(valgrad, loops.valgrad_sig(X2, T, idx, p, gx)), combine,
             (opt.update_kernel(), loops.update_sig(p, state, hyper))], nstages
@@ -118,7 +118,7 @@ def _valgrad(model, X, p, out, x_out, want_x, training, seed, step, state):
         model.chain._check_batch_stats(n, "X")
     blocks = model.chain._stage_blocks(plan, n, nt, p.dtype, training)
     works, metas, kstate = model.chain._workspace(plan, nt, p.dtype, key, step, state, blocks)
-    kernel = kernel_for(mod, plan, f"valgrad_{'x_' if want_x else ''}range_{model.loss.kind}",
+    kernel = kernel_for(mod, plan, f"valgrad_{'x_' if want_x else ''}range_{model.loss.kernel_kind}",
                         training, default=True)
     combine, nstages = _combine(mod, plan, p, works, training)
     idx = np.arange(n)
@@ -403,7 +403,7 @@ def train_unbatched(G, p, model, X, opt, iters, *, state=None, callback=None, re
 
     if iters:
         loops.prepare(loop, kernels, args(1))  # compile first: chunks are timed
-    chunks = _Chunks((loop, mod.__name__, model.loss.kind, opt.kind, X2.shape[0], G.shape[0]))
+    chunks = _Chunks((loop, mod.__name__, model.loss.kernel_kind, opt.kind, X2.shape[0], G.shape[0]))
     bar = _Progress(iters, progress, "train_unbatched")
     shown = 0
     try:
@@ -605,7 +605,7 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
 
     if epochs:
         loops.prepare(loop, kernels, args(1))  # compile first: chunks are timed
-    chunks = _Chunks((loop, mod.__name__, model.loss.kind, opt.kind, batch_size, G.shape[0]))
+    chunks = _Chunks((loop, mod.__name__, model.loss.kernel_kind, opt.kind, batch_size, G.shape[0]))
     bar = _Progress(epochs, progress, "train_batched")
     try:
         for e in range(epochs):

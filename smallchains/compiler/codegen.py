@@ -619,11 +619,14 @@ def kernel_source_hash() -> str:
     return _kernel_hash_value
 
 
-def generate_source(input_shape, layers, dtype, B=None, options=None) -> tuple[str, ChainPlan]:
+def generate_source(input_shape, layers, dtype, B=None, options=None,
+                    losses=()) -> tuple[str, ChainPlan]:
     """Source of the kernel module of a chain: forward kernels plus, for every loss kind
     valgrad and loss kernels, and the embedding kernels (numba compiles each on first use).
     ``options``: a :class:`~smallchains.compiler.options.KernelOptions` (default: tuned
-    kernels for the host's register budget)."""
+    kernels for the host's register budget). ``losses``: ``(kind, source)`` pairs of
+    generated losses (:meth:`smallchains.losses.Loss.kernel_source`), whose kernels the
+    module gets beside the built-ins'."""
     if options is None:
         options = kernel_options()
     from .. import __version__
@@ -634,6 +637,8 @@ def generate_source(input_shape, layers, dtype, B=None, options=None) -> tuple[s
         B = choose_block_size(input_shape, layers, dtype.itemsize)
     plan = plan_chain(input_shape, layers, B)
     imports = {"smallchains.losses": set(LOSS_KERNELS.values())}
+    loss_kernels = dict(LOSS_KERNELS)
+    loss_kernels.update((kind, f"_loss_block_{kind}") for kind, _ in losses)
     for s in plan.slots:
         for mod, names in s.layer.kernel_imports.items():
             imports.setdefault(mod, set()).update(names)
@@ -692,7 +697,7 @@ def generate_source(input_shape, layers, dtype, B=None, options=None) -> tuple[s
             ("_x", steps["pull_x", v_train],
              f"\n        store_block(gx, idx, s0, nb, work, {gx_off}, N_IN, B)",
              "Also overwrites rows idx[lo:hi] of gx (N, N_IN) with scale * dL/dx."))
-        for kind, kernel in sorted(LOSS_KERNELS.items()):
+        for kind, kernel in sorted(loss_kernels.items()):
             deps[f"loss_range_{kind}{f_mode}"] = fwd
             for x, pullback, store_gx, gx_doc in valgrad_variants:
                 if v_train and plan.reducing:
@@ -710,6 +715,9 @@ def generate_source(input_shape, layers, dtype, B=None, options=None) -> tuple[s
     if plan.reducing:
         body += _combine_source(plan, dtype, options)
         deps["combine"] = ()
+    if losses:
+        body += "\n\nfrom smallchains._config import INLINE_OPTIONS as _JI  # noqa: E402\n"
+        body += "".join(source for _, source in sorted(losses))
     # layer functions go between the header (imports, constants) and the range kernels
     head, sep, rest = body.partition("\n\n@njit")
     src = head + "\n\n\n" + funcs.source(deps) + "\n" + sep + rest
@@ -745,16 +753,19 @@ def _import_generated(src: str):
     return module
 
 
-def get_kernels(input_shape, layers, dtype, B=None, options=None):
+def get_kernels(input_shape, layers, dtype, B=None, options=None, losses=()):
     """Return ``(module, plan)`` for the chain; memoized in-process and cached on disk.
     ``options``: :class:`~smallchains.compiler.options.KernelOptions` (default: tuned, the
-    host's register budget)."""
+    host's register budget). ``losses``: generated losses, as for :func:`generate_source`
+    (a chain with one gets a module of its own)."""
     if options is None:
         options = kernel_options()
-    key = (tuple(input_shape), tuple(l.spec() for l in layers), np.dtype(dtype).name, B, options)
+    losses = tuple(sorted(losses))
+    key = (tuple(input_shape), tuple(l.spec() for l in layers), np.dtype(dtype).name, B, options,
+           losses)
     with _lock:
         hit = _modules.get(key)
         if hit is None:
-            src, plan = generate_source(input_shape, layers, dtype, B, options)
+            src, plan = generate_source(input_shape, layers, dtype, B, options, losses)
             hit = _modules[key] = (_import_generated(src), plan)
         return hit
