@@ -18,12 +18,14 @@ from .io import Checkpoint, load, save
 from .torch_interop import from_torch, to_torch
 from .many import FitResult, fit_many
 from .losses import AbsoluteLoss, BinaryLogitCrossEntropyLoss, CustomLoss, HuberLoss, LogitCrossEntropyLoss, Loss, MSELoss, SquaredLoss
-from .optim import SGD, Adam, Optimizer, RMSProp
+from .optim import SGD, Adam, AdamW, Optimizer, RMSProp
+from .penalties import L1Penalty, L2Penalty
 from .predict import log_softmax, predict_proba, softmax
 from .train import (
     accuracy_and_loss,
     alloc_threaded_grad,
     default_batch_size,
+    frozen_indices,
     train_batched,
     train_unbatched,
     valgrad,
@@ -31,11 +33,11 @@ from .train import (
 )
 
 __all__ = [
-    "AbsoluteLoss", "Activation", "Adam", "BatchNorm", "BinaryLogitCrossEntropyLoss", "ChainKernels", "Checkpoint", "Conv", "Conv1D", "CustomLoss", "HuberLoss", "Dense", "Dropout", "FitResult", "Flatten", "GRU", "LSTM", "MaxPool", "LogitCrossEntropyLoss", "Loss", "MSELoss", "Parallel", "Permute", "Reshape",
+    "AbsoluteLoss", "Activation", "Adam", "AdamW", "L1Penalty", "L2Penalty", "BatchNorm", "BinaryLogitCrossEntropyLoss", "ChainKernels", "Checkpoint", "Conv", "Conv1D", "CustomLoss", "HuberLoss", "Dense", "Dropout", "FitResult", "Flatten", "GRU", "LSTM", "MaxPool", "LogitCrossEntropyLoss", "Loss", "MSELoss", "Parallel", "Permute", "Reshape",
     "Optimizer", "RMSProp", "SGD", "SimpleChain", "SimpleChainWithLoss", "SkipConnection", "Slice", "SquaredLoss", "TemporalPatternAttention",
     "TimeDistributed", "TurboDense", "accuracy_and_loss", "add_loss", "alloc_threaded_grad", "cache_info", "clear_cache", "default_batch_size", "available_activations", "fit_many", "from_torch", "to_torch", "datasets", "ode", "schedules",
     "get_activation", "init_params", "init_state", "load", "numparam", "remove_loss", "save", "train_batched",
-    "train_unbatched", "valgrad", "valgrad_with_input",
+    "train_unbatched", "valgrad", "valgrad_with_input", "frozen_indices",
     "log_softmax", "predict_proba", "softmax",
 ]
 

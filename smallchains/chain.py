@@ -384,7 +384,14 @@ class ChainKernels:
 
 
 class SimpleChainWithLoss:
-    """A chain with a loss attached (see :func:`add_loss`). ``model(X, p)`` is the loss."""
+    """A chain with a loss attached (see :func:`add_loss`). ``model(X, p)`` is the loss
+    (plus the penalty of an :class:`~smallchains.L1Penalty` / :class:`~smallchains.L2Penalty`
+    model)."""
+
+    #: penalty weights ``l1 * sum |p| + l2 * sum p^2`` added to the loss (see
+    #: :mod:`smallchains.penalties`); 0 for a plain model
+    l1 = 0.0
+    l2 = 0.0
 
     def __init__(self, chain: SimpleChain, loss: Loss):
         if not isinstance(chain, SimpleChain):
@@ -422,7 +429,18 @@ class SimpleChainWithLoss:
         works, metas, kstate = self.chain._workspace(plan, nt, p.dtype, key, step, state)
         loops.call(loops.loss_threads, [(kernel, loops.loss_sig(X2, T, idx, p))],
                    (X2, T, idx, p, kstate, works, metas, losses, p.dtype.type(1.0 / n)))
-        return float(losses.sum())
+        return float(losses.sum()) + self.penalty_value(p)
+
+    def penalty_value(self, p) -> float:
+        """``l1 * sum |p| + l2 * sum p^2`` (0.0 without a penalty), in float64."""
+        if not (self.l1 or self.l2):
+            return 0.0
+        q = np.asarray(p, dtype=np.float64)
+        return float(self.l1 * np.abs(q).sum() + self.l2 * (q * q).sum())
+
+    def _reg(self, dtype, clip_norm=None):
+        """The ``reg`` array of the training loops: ``[l1, l2, clip_norm or 0]``."""
+        return np.array([self.l1, self.l2, clip_norm or 0.0], dtype=dtype)
 
 
 def add_loss(chain: SimpleChain, loss: Loss) -> SimpleChainWithLoss:

@@ -60,7 +60,7 @@ def _constructors():
         obj = getattr(layers, name)
         if isinstance(obj, type) and issubclass(obj, layers.Layer) and obj is not layers.Layer:
             names[name] = obj
-    for cls in (optim.Adam, optim.SGD, optim.RMSProp):
+    for cls in (optim.Adam, optim.AdamW, optim.SGD, optim.RMSProp):
         names[cls.__name__] = cls
     return names
 

@@ -266,7 +266,8 @@ def _groups(fits):
 # the in-process backend
 
 
-def _run_group(fits, iters, epochs, batch_size, shuffle, dtype, training, n_threads, bar, stop):
+def _run_group(fits, iters, epochs, batch_size, shuffle, dtype, training, n_threads, bar, stop,
+               control=(None, None)):
     """Train one group of fits (same chain and loss) on ``n_threads`` Python threads that
     each run :func:`loops.fit_worker`; returns their results in order."""
     from .train import default_batch_size
@@ -321,10 +322,14 @@ def _run_group(fits, iters, epochs, batch_size, shuffle, dtype, training, n_thre
     kernels = [(valgrad, loops.valgrad_sig(Xa, Ta, order, P[0], gx)), combine,
                (opt.update_kernel(), loops.update_sig(P[0], OS[0], H[0]))]
 
+    from .train import frozen_indices
+
+    reg = (model._reg(dtype, control[0]), frozen_indices(chain, control[1]))
+
     def args(k):
         G, kstate, works, metas, losses, g = bufs[k]
         return (nstages, Xa, Ta, order, table, batched, P, LS, OS, H, hist, info, G, kstate,
-                works, metas, losses, g, gx, counter, stop)
+                works, metas, losses, g, gx, counter, stop, *reg)
 
     funcs = loops.prepare(loops.fit_worker, kernels, args(0))
     rngs = [np.random.default_rng(f.seed) for f in fits] if batched else None
@@ -506,7 +511,7 @@ def _run_dask(client, X, fits, kw, fits_per_task, progress):
 
 def fit_many(model, X, configs, *, optimizer=None, iters=None, epochs=None, batch_size=None,
              shuffle=True, dtype=np.float32, training=True, backend="threads", n_threads=None,
-             fits_per_task=None, progress=False):
+             fits_per_task=None, progress=False, clip_norm=None, frozen=None):
     """Train many independent fits of ``model``, each from its own configuration.
 
     Each fit is what this would compute, at one thread::
@@ -555,6 +560,9 @@ def fit_many(model, X, configs, *, optimizer=None, iters=None, epochs=None, batc
         its cluster; each task runs ``fits_per_task`` fits (default: about four tasks per
         worker thread) on one thread.
     progress : bool -- a tqdm bar (steps in process, fits with Dask).
+    clip_norm, frozen : optional -- gradient clipping and frozen parameters of every fit,
+        as for :func:`~smallchains.train_unbatched`. A penalized model
+        (:class:`~smallchains.L2Penalty` ...) trains with its penalty.
 
     Returns
     -------
@@ -577,12 +585,17 @@ def fit_many(model, X, configs, *, optimizer=None, iters=None, epochs=None, batc
     """
     fits, optimizer, iters, epochs, batch_size, dtype = _prepare(
         model, X, configs, optimizer, iters, epochs, batch_size, dtype, training)
+    from .train import _check_clip, frozen_indices
+
+    clip_norm = _check_clip(clip_norm)
+    for chain in {id(f.model.chain): f.model.chain for f in fits}.values():
+        frozen_indices(chain, frozen)  # raises on a bad mask or layer index
     kw = dict(optimizer=optimizer, iters=iters, epochs=epochs, batch_size=batch_size,
-              shuffle=shuffle, dtype=dtype, training=training)
+              shuffle=shuffle, dtype=dtype, training=training, clip_norm=clip_norm, frozen=frozen)
     if backend == "threads":
         n_threads = numba.get_num_threads() if n_threads is None else check_count(n_threads, "n_threads", 1)
         return _fit_threads(fits, iters, epochs, batch_size, shuffle, dtype, training, n_threads,
-                            progress)
+                            progress, (clip_norm, frozen))
     if n_threads is not None:
         raise TypeError("n_threads is for backend='threads'; a Dask worker runs as many fits at "
                         "once as it has threads")
@@ -601,7 +614,8 @@ def fit_many(model, X, configs, *, optimizer=None, iters=None, epochs=None, batc
     raise ValueError(f"backend must be 'threads', 'dask' or a dask.distributed.Client, got {backend!r}")
 
 
-def _fit_threads(fits, iters, epochs, batch_size, shuffle, dtype, training, n_threads, progress):
+def _fit_threads(fits, iters, epochs, batch_size, shuffle, dtype, training, n_threads, progress,
+                 control=(None, None)):
     if iters is not None:
         total = iters * len(fits)
     else:
@@ -613,7 +627,7 @@ def _fit_threads(fits, iters, epochs, batch_size, shuffle, dtype, training, n_th
         for group in _groups(fits):
             if not stop[0]:
                 for f, r in zip(group, _run_group(group, iters, epochs, batch_size, shuffle, dtype,
-                                                  training, n_threads, bar, stop)):
+                                                  training, n_threads, bar, stop, control)):
                     results[f.index] = r
                 bar.base = bar.n
     finally:

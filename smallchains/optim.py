@@ -22,6 +22,7 @@ UPDATE_KERNELS = {
     "adam": ("smallchains.optim", "adam_update"),
     "sgd": ("smallchains.optim", "sgd_update"),
     "rmsprop": ("smallchains.optim", "rmsprop_update"),
+    "adamw": ("smallchains.optim", "adamw_update"),
 }
 
 
@@ -109,7 +110,7 @@ class Adam(Optimizer):
     def __init__(self, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
         super().__init__()
         self.lr, self.betas, self.eps = lr, betas, eps
-        self.lr, b1, b2, self.eps = self._hyper()
+        self.lr, b1, b2, self.eps = self._hyper()[:4]
         self.betas = (b1, b2)
 
     def __repr__(self):
@@ -130,6 +131,42 @@ class Adam(Optimizer):
                 raise ValueError(f"Adam: betas must lie in [0, 1), got betas[{i}] = {b!r}") from None
         return [check_real("Adam", "lr", self.lr, 0.0, low_open=True), float(betas[0]),
                 float(betas[1]), check_real("Adam", "eps", self.eps, 0.0, low_open=True)]
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter, 2019), the update of
+    ``torch.optim.AdamW``: first ``p *= 1 - lr * weight_decay``, then the Adam step.
+
+    Parameters
+    ----------
+    lr : float, default 1e-3 -- finite, > 0.
+    betas : (float, float), default (0.9, 0.999) -- each in [0, 1).
+    eps : float, default 1e-8 -- finite, > 0.
+    weight_decay : float, default 1e-2 (torch's default) -- finite, >= 0. Decays every
+        parameter, biases included (as torch with one parameter group).
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :class:`Adam`; ``weight_decay`` negative or not finite.
+
+    State: as :class:`Adam`.
+    """
+
+    kind = "adamw"
+
+    def __init__(self, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2):
+        self.weight_decay = weight_decay
+        super().__init__(lr, betas, eps)
+        self.weight_decay = check_real("AdamW", "weight_decay", weight_decay, 0.0)
+
+    def __repr__(self):
+        return (f"AdamW(lr={self.lr}, betas={self.betas}, eps={self.eps}, "
+                f"weight_decay={self.weight_decay})")
+
+    def _hyper(self):
+        return super()._hyper() + [check_real("AdamW", "weight_decay", self.weight_decay, 0.0)]
 
 
 class SGD(Optimizer):
@@ -243,6 +280,15 @@ def adam_update(p, g, state, hyper, t):
         m[j] = b1 * m[j] + (one - b1) * gj
         v[j] = b2 * v[j] + (one - b2) * gj * gj
         p[j] -= step * (m[j] / (math.sqrt(v[j]) / bc2_sqrt + eps))
+
+
+@njit(**JIT_OPTIONS)
+def adamw_update(p, g, state, hyper, t):
+    # hyper: lr, beta1, beta2, eps, weight_decay; torch.optim.AdamW decays first
+    decay = like(hyper[0], 1.0) - hyper[0] * hyper[4]
+    for j in range(p.shape[0]):
+        p[j] *= decay
+    adam_update(p, g, state, hyper, t)
 
 
 @njit(**JIT_OPTIONS)

@@ -128,7 +128,10 @@ def _valgrad(model, X, p, out, x_out, want_x, training, seed, step, state):
     from .compiler.runtime import sum_rows
 
     sum_rows(G, out)
-    return float(losses.sum()), out, x_out
+    pen = 0.0
+    if model.l1 or model.l2:  # the penalty's value and gradient, as in the training step
+        pen = float(loops.regularize(p, out, model._reg(p.dtype), NO_FROZEN))
+    return float(losses.sum()) + pen, out, x_out
 
 
 def valgrad(model, X, p, *, out=None, state=None, training=True, seed=0, step=0):
@@ -213,9 +216,58 @@ class _Progress:
             self.bar.close()
 
 
-def _train_setup(G, p, model, X, opt, seed, state, training, batch_size=None, batched=False):
+NO_FROZEN = np.zeros(0, dtype=np.int64)
+
+
+def frozen_indices(chain, frozen) -> np.ndarray:
+    """The ``frozen`` argument of the training functions as sorted int64 indices into ``p``.
+
+    ``frozen`` is None (nothing frozen), a boolean mask of shape ``(n_params,)`` (True:
+    frozen), or a sequence of layer indices (ints, negative ones count from the end) whose
+    parameters are all frozen.
+
+    Raises
+    ------
+    TypeError, ValueError
+        A mask of another length or dtype, a layer index out of range.
+    """
+    if frozen is None:
+        return NO_FROZEN
+    n = chain.n_params
+    a = np.asarray(frozen)
+    if a.dtype == np.bool_:
+        if a.shape != (n,):
+            raise ValueError(f"frozen: a boolean mask must have shape ({n},) (n_params), got {a.shape}")
+        return np.flatnonzero(a).astype(np.int64)
+    if a.dtype.kind not in "iu" or a.ndim != 1:
+        raise TypeError("frozen must be a boolean mask of shape (n_params,) or a sequence of "
+                        f"layer indices, got {a.dtype} of shape {a.shape}")
+    offsets = np.cumsum([0] + [layer.n_params(ins) for layer, (ins, _) in
+                               zip(chain.layers, chain._shapes)])
+    idx = []
+    for i in a.tolist():
+        if not -len(chain.layers) <= i < len(chain.layers):
+            raise ValueError(f"frozen: layer index {i} out of range for a chain of "
+                             f"{len(chain.layers)} layers")
+        i %= len(chain.layers)
+        idx.append(np.arange(offsets[i], offsets[i + 1]))
+    return np.unique(np.concatenate(idx or [NO_FROZEN])).astype(np.int64)
+
+
+def _check_clip(clip_norm):
+    if clip_norm is None:
+        return None
+    from ._validate import check_real
+
+    return check_real("training", "clip_norm", clip_norm, 0.0, low_open=True)
+
+
+def _train_setup(G, p, model, X, opt, seed, state, training, batch_size=None, batched=False,
+                 clip_norm=None, frozen=None):
     """Validated arrays, kernels, optimizer state and workspaces of a training run; a
-    batched run gets its minibatch size (``batch_size`` or :func:`default_batch_size`)."""
+    batched run gets its minibatch size (``batch_size`` or :func:`default_batch_size`).
+    The last item is ``(reg, frozen)`` of the compiled step (see
+    :func:`smallchains.compiler.loops._regularize`)."""
     _check_model(model)
     if not isinstance(opt, Optimizer):
         raise TypeError(f"opt must be a smallchains optimizer (e.g. sc.Adam(1e-3)), got {type(opt).__name__}")
@@ -234,8 +286,9 @@ def _train_setup(G, p, model, X, opt, seed, state, training, batch_size=None, ba
     gx = np.empty((0, plan.n_in), dtype=p.dtype)
     losses = np.zeros(G.shape[0], dtype=p.dtype)
     g = np.zeros_like(p)
+    reg = (model._reg(p.dtype, _check_clip(clip_norm)), frozen_indices(model.chain, frozen))
     return (p, G, X2, T, mod, plan, state, hyper, (lstate, works, metas), gx, losses, g, user_state,
-            batch_size)
+            batch_size, reg)
 
 
 def _save_state(user_state, ws, plan):
@@ -316,7 +369,8 @@ def _schedule(lr_schedule, n, dtype, what):
 
 
 def train_unbatched(G, p, model, X, opt, iters, *, state=None, callback=None, report_every=None,
-                    progress=False, training=True, seed=None, lr_schedule=None):
+                    progress=False, training=True, seed=None, lr_schedule=None, clip_norm=None,
+                    frozen=None):
     """Full-batch training: ``iters`` optimizer steps on all of ``X``, ``p`` in place.
 
     Each step computes the loss and gradient on every sample (split over ``G.shape[0]``
@@ -352,11 +406,19 @@ def train_unbatched(G, p, model, X, opt, iters, *, state=None, callback=None, re
         The learning rate of step ``k = 0 .. iters-1`` of this call (for example
         ``smallchains.schedules.cosine(1e-3, iters)``), evaluated for every step before
         training starts and applied inside the compiled loop; ``opt.lr`` is not changed.
+    clip_norm : float, optional -- clip the gradient of every step to this global
+        (Euclidean) norm, as ``torch.nn.utils.clip_grad_norm_(params, clip_norm)`` before
+        ``opt.step()``: scaled by ``clip_norm / (norm + 1e-6)`` when that is below 1.
+    frozen : optional -- parameters left unchanged: a boolean mask of shape
+        ``(n_params,)`` (True: frozen) or a sequence of layer indices (see
+        :func:`frozen_indices`). Their gradient is zeroed before the clipping and the
+        update, and the update (AdamW's decay included) is undone for them, as torch's
+        ``requires_grad_(False)``; their optimizer moments decay as with zero gradients.
 
     Returns
     -------
     ndarray, shape ``(iters,)`` (fewer if ``callback`` stopped training), dtype of ``p``
-        Loss before each step.
+        Loss before each step (with the penalty of an L1/L2-penalized model).
 
     Raises
     ------
@@ -385,7 +447,8 @@ def train_unbatched(G, p, model, X, opt, iters, *, state=None, callback=None, re
     if report_every is not None:
         report_every = check_count(report_every, "report_every", 1)
     (p, G, X2, T, mod, plan, state, hyper, ws, gx, losses, g,
-     user_state, _) = _train_setup(G, p, model, X, opt, seed, state, training)
+     user_state, _, reg) = _train_setup(G, p, model, X, opt, seed, state, training,
+                                        clip_norm=clip_norm, frozen=frozen)
     if training:
         model.chain._check_batch_stats(X2.shape[0], "X")
     lrs = _schedule(lr_schedule, iters, p.dtype, "step")
@@ -399,7 +462,8 @@ def train_unbatched(G, p, model, X, opt, iters, *, state=None, callback=None, re
     loop = loops.train_unbatched_loop
 
     def args(k):
-        return (nstages, X2, T, idx, p, G, *ws, losses, g, state, hyper, t0, k, hist, gx, info, lrs)
+        return (nstages, X2, T, idx, p, G, *ws, losses, g, state, hyper, t0, k, hist, gx, info, lrs,
+                *reg)
 
     if iters:
         loops.prepare(loop, kernels, args(1))  # compile first: chunks are timed
@@ -507,8 +571,62 @@ def _epoch_history(out, hist, done, nbatch):
     return out[:ne].copy()
 
 
+class _Validation:
+    """The ``validation``, ``restore_best`` and ``patience`` options of train_batched."""
+
+    def __init__(self, model, validation, restore_best, patience):
+        self.on = validation is not None
+        self.history, self.best, self.best_p, self.best_state, self.since = [], np.inf, None, None, 0
+        self.restore = bool(restore_best)
+        self.patience = None if patience is None else check_count(patience, "patience", 1)
+        if not self.on:
+            if restore_best or patience is not None:
+                raise ValueError("restore_best and patience need validation=(X_val, targets_val)")
+            return
+        if not isinstance(validation, (tuple, list)) or len(validation) != 2:
+            raise TypeError("validation must be a pair (X_val, targets_val)")
+        self.X, targets = validation
+        self.model = SimpleChainWithLoss(model.chain, model.loss.with_targets(targets))
+
+    def check(self, p):
+        """Validate the data now (before training changes anything)."""
+        if self.on:
+            try:
+                X2, _ = check_inputs(self.model.chain.input_shape, self.X, p.dtype, allow_single=False)
+                self.model.loss.prepare_targets(self.model.chain.output_shape, X2.shape[0], p.dtype)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"validation: {e}") from None
+            self.X = X2
+
+    def after_epoch(self, e, p, lstate) -> bool:
+        """Evaluate; keep the best parameters; True if patience ran out."""
+        if not self.on:
+            return False
+        v = self.model(self.X, p, state=None if lstate is None else lstate.copy())
+        self.history.append(v)
+        if v < self.best:
+            self.best, self.since = v, 0
+            if self.restore:
+                self.best_p = p.copy()
+                self.best_state = None if lstate is None else lstate.copy()
+        else:
+            self.since += 1
+        return self.patience is not None and self.since >= self.patience
+
+    def result(self, out, p, lstate, plan):
+        if not self.on:
+            return out
+        if self.restore and self.best_p is not None:
+            p[:] = self.best_p
+            if self.best_state is not None:
+                lstate[:plan.n_state] = self.best_state
+        return out, np.asarray(self.history, dtype=p.dtype)
+
+
 def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True, seed=None,
-                  state=None, callback=None, progress=False, training=True, lr_schedule=None):
+                  state=None, callback=None, progress=False, training=True, lr_schedule=None,
+                  clip_norm=None, frozen=None, validation=None, restore_best=False,
+                  patience=None):
     """Minibatch training for ``epochs`` passes over ``X``, ``p`` in place.
 
     Every epoch visits the samples in a new random order (``shuffle=True``, from
@@ -548,11 +666,26 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
     lr_schedule : callable ``e -> lr``, optional
         The learning rate of epoch ``e = 0 .. epochs-1`` of this call (all its
         minibatches), evaluated before training starts; ``opt.lr`` is not changed.
+    clip_norm, frozen : optional -- gradient clipping and frozen parameters, as for
+        :func:`train_unbatched`.
+    validation : pair ``(X_val, targets_val)``, optional
+        Data evaluated after every epoch, in inference mode (Dropout off, BatchNorm with
+        its running statistics): the loss of ``model.loss.with_targets(targets_val)``
+        (unweighted, without the penalty). Checked before training starts.
+    restore_best : bool, default False
+        With ``validation``: at the end (also when ``callback`` or ``patience`` stopped
+        training) ``p`` and ``state`` are set to their values after the epoch of lowest
+        validation loss (the first such epoch). The optimizer state is not restored.
+    patience : int, optional
+        With ``validation``: stop after this many epochs in a row without a new lowest
+        validation loss (early stopping).
 
     Returns
     -------
-    ndarray, shape ``(epochs,)`` (fewer if ``callback`` stopped training)
+    ndarray, shape ``(epochs,)`` (fewer if ``callback`` or ``patience`` stopped training)
         Mean minibatch loss of each epoch (losses at the parameters before each step).
+        With ``validation``: a pair ``(train_history, validation_history)`` of two such
+        arrays (the validation loss after each epoch).
 
     Raises
     ------
@@ -580,8 +713,11 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
     epochs = check_count(epochs, "epochs")
     if batch_size is not None:
         batch_size = check_count(batch_size, "batch_size", 1)
+    val = _Validation(model, validation, restore_best, patience)
     (p, G, X2, T, mod, plan, state, hyper, ws, gx, losses, g, user_state,
-     batch_size) = _train_setup(G, p, model, X, opt, seed, state, training, batch_size, True)
+     batch_size, reg) = _train_setup(G, p, model, X, opt, seed, state, training, batch_size, True,
+                                     clip_norm, frozen)
+    val.check(p)
     n = X2.shape[0]
     if training:
         model.chain._check_batch_stats(min(batch_size, n), "a minibatch")
@@ -601,7 +737,7 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
 
     def args(k):
         return (nstages, X2, T, perm, batch_size, k, p, G, *ws, losses, g, state, hyper, t0, hist,
-                gx, info)
+                gx, info, *reg)
 
     if epochs:
         loops.prepare(loop, kernels, args(1))  # compile first: chunks are timed
@@ -626,15 +762,22 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
                         batch_losses=hist[:b].copy())
             out[e] = hist.mean()
             bar.update(1, float(out[e]))
-            if callback is not None and callback(e + 1, float(out[e]), p) is True:
-                return out[:e + 1].copy()
+            stop = val.after_epoch(e, p, ws[0][:plan.n_state] if plan.n_state else None)
+            if callback is not None and callback(e + 1, float(out[e]), p) is True or stop:
+                return val.result(out[:e + 1].copy(), p, ws[0], plan)
     except KeyboardInterrupt as exc:
         done = int(info[0])
         exc.history = _epoch_history(out, hist, done, nbatch)
         exc.batch_losses = hist[:done % nbatch].copy()
+        if validation is not None:
+            exc.validation_history = np.asarray(val.history, dtype=p.dtype)
+        raise
+    except FloatingPointError as exc:
+        if validation is not None:
+            exc.validation_history = np.asarray(val.history, dtype=p.dtype)
         raise
     finally:
         opt.t = t0 + int(info[0])
         _save_state(user_state, ws, plan)
         bar.close()
-    return out
+    return val.result(out, p, ws[0], plan)

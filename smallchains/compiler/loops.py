@@ -102,12 +102,52 @@ def _all_finite(g):
     return ok
 
 
+@njit(**INLINE_OPTIONS)
+def _regularize(p, g, reg, frozen):
+    """Between the summed gradient ``g`` of a step and its update: add the penalty
+    ``reg[0] * sum |p| + reg[1] * sum p^2`` to ``g`` (its gradient; ``sign(0) = 0``) and
+    return its value; zero the entries ``frozen`` of ``g``; then, if ``reg[2] > 0``, scale
+    ``g`` by ``reg[2] / (||g|| + 1e-6)`` when that is below 1 (torch's
+    ``clip_grad_norm_``, over the parameters that are not frozen)."""
+    l1, l2, max_norm = reg[0], reg[1], reg[2]
+    zero = like(p[0], 0.0)
+    pen = zero
+    if l1 != zero or l2 != zero:
+        two_l2 = like(p[0], 2.0) * l2
+        for j in range(p.shape[0]):
+            pj = p[j]
+            pen += l1 * abs(pj) + l2 * pj * pj
+            g[j] += two_l2 * pj + (l1 if pj > zero else (-l1 if pj < zero else zero))
+    for i in range(frozen.shape[0]):
+        g[frozen[i]] = zero
+    if max_norm > zero:
+        ss = zero
+        for j in range(g.shape[0]):
+            ss += g[j] * g[j]
+        coef = max_norm / (np.sqrt(ss) + like(p[0], 1e-6))
+        if coef < like(p[0], 1.0):
+            for j in range(g.shape[0]):
+                g[j] *= coef
+    return pen
+
+
+@njit(**INLINE_OPTIONS)
+def _apply_update(update, p, g, state, hyper, t, frozen, stash):
+    """``update(p, g, state, hyper, t)``, with the entries ``frozen`` of ``p`` kept as they
+    were (``stash`` holds them meanwhile: a gradient row, free after the sum)."""
+    for i in range(frozen.shape[0]):
+        stash[i] = p[frozen[i]]
+    update(p, g, state, hyper, t)
+    for i in range(frozen.shape[0]):
+        p[frozen[i]] = stash[i]
+
+
 #: status codes of :func:`_step` and of ``info[1]`` of the training loops
 OK, LOSS_NOT_FINITE, GRAD_NOT_FINITE = 0, 1, 2
 
 
 def _step(valgrad, combine, update, nstages, X, T, idx, lo, m, p, G, lstate, works, metas,
-          losses, g, state, hyper, t, gx):
+          losses, g, state, hyper, t, gx, reg, frozen):
     """One optimizer step on rows ``idx[lo:lo+m]``, split over the ``G.shape[0]`` threads
     (thread ``k`` overwrites ``G[k]`` and ``losses[k]``; unless the loss is not finite,
     ``g`` is overwritten with their sum). ``lstate`` is the layer state, ``state`` the
@@ -115,7 +155,9 @@ def _step(valgrad, combine, update, nstages, X, T, idx, lo, m, p, G, lstate, wor
     depend on it). Returns ``(loss, status)``: ``status`` is :data:`OK` after the update,
     else :data:`LOSS_NOT_FINITE` or :data:`GRAD_NOT_FINITE`, and then ``p`` and ``state``
     are not touched. ``nstages``, ``combine``: the batch-statistics stages, see
-    :func:`_stages` (they update the running statistics in ``lstate``)."""
+    :func:`_stages` (they update the running statistics in ``lstate``). ``reg``,
+    ``frozen``: penalties, gradient clipping and frozen parameters, see
+    :func:`_regularize`; the returned loss includes the penalty."""
     nt = G.shape[0]
     scale = like(p[0], 1.0 / m)
     for k in range(nt):
@@ -131,12 +173,13 @@ def _step(valgrad, combine, update, nstages, X, T, idx, lo, m, p, G, lstate, wor
     sum_rows(G, g)
     if not _all_finite(g):
         return total, GRAD_NOT_FINITE
-    update(p, g, state, hyper, t)
+    total += _regularize(p, g, reg, frozen)
+    _apply_update(update, p, g, state, hyper, t, frozen, G[0])
     return total, OK
 
 
 def _train_unbatched(valgrad, combine, update, nstages, X, T, idx, p, G, lstate, works, metas,
-                     losses, g, state, hyper, step0, iters, hist, gx, info, lrs):
+                     losses, g, state, hyper, step0, iters, hist, gx, info, lrs, reg, frozen):
     """Up to ``iters`` full-batch steps, continuing after the ``info[0]`` steps done so far.
 
     Step ``i = info[0]`` (0-based within the run) writes its loss to ``hist[i]``, uses
@@ -152,7 +195,8 @@ def _train_unbatched(valgrad, combine, update, nstages, X, T, idx, p, G, lstate,
         if lrs.shape[0] > 0:
             hyper[0] = lrs[i]
         loss, status = _step(valgrad, combine, update, nstages, X, T, idx, 0, n, p, G, lstate,
-                             works, metas, losses, g, state, hyper, step0 + i + 1, gx)
+                             works, metas, losses, g, state, hyper, step0 + i + 1, gx, reg,
+                             frozen)
         hist[i] = loss
         if status != OK:
             info[1] = status
@@ -161,7 +205,8 @@ def _train_unbatched(valgrad, combine, update, nstages, X, T, idx, p, G, lstate,
 
 
 def _train_batched(valgrad, combine, update, nstages, X, T, perm, batch_size, nsteps, p, G,
-                   lstate, works, metas, losses, g, state, hyper, step0, hist, gx, info):
+                   lstate, works, metas, losses, g, state, hyper, step0, hist, gx, info, reg,
+                   frozen):
     """Up to ``nsteps`` minibatch steps over ``perm`` (``b = info[0] % nbatch`` is the next
     minibatch of the epoch; a last partial batch is a smaller step), stopping at the end of
     the epoch. Step ``i = info[0]`` writes its loss to ``hist[b]``, uses optimizer step
@@ -175,7 +220,7 @@ def _train_batched(valgrad, combine, update, nstages, X, T, perm, batch_size, ns
         lo = b * batch_size
         loss, status = _step(valgrad, combine, update, nstages, X, T, perm, lo,
                              min(n, lo + batch_size) - lo, p, G, lstate, works, metas, losses, g,
-                             state, hyper, step0 + i + 1, gx)
+                             state, hyper, step0 + i + 1, gx, reg, frozen)
         hist[b] = loss
         if status != OK:
             info[1] = status
@@ -190,7 +235,8 @@ FIT_ROW, FIT_BLOCK, FIT_ROWS, FIT_ORDER, FIT_STEP0, FIT_KEY, FIT_END, FIT_BATCH 
 
 
 def _fit_worker(valgrad, combine, update, nstages, X, T, order, fits, batched, P, LS,
-                OS, H, hist, info, G, kstate, works, metas, losses, g, gx, counter, stop):
+                OS, H, hist, info, G, kstate, works, metas, losses, g, gx, counter, stop, reg,
+                frozen):
     """Independent training runs ("fits"), each on this thread from its first step to its
     last: takes fit ``f = counter[0]++`` (atomically, so threads running this loop share
     the fits dynamically) until none is left or ``stop[0] != 0``.
@@ -205,7 +251,8 @@ def _fit_worker(valgrad, combine, update, nstages, X, T, order, fits, batched, P
     else i]``. Each step is :func:`_step` on one thread (``G``, ``works``, ``metas``
     have one row, ``kstate`` is this thread's), so a fit computes bitwise what
     ``train_unbatched`` / ``train_batched`` compute at one thread. A non-finite loss or
-    gradient ends the fit before its update with ``info[f, 1]`` set to the status."""
+    gradient ends the fit before its update with ``info[f, 1]`` set to the status.
+    ``reg``, ``frozen``: as for :func:`_step`, the same for every fit."""
     nf = fits.shape[0]
     ns = LS.shape[1]
     while stop[0] == 0:
@@ -231,15 +278,17 @@ def _fit_worker(valgrad, combine, update, nstages, X, T, order, fits, batched, P
             _stages(valgrad, combine, nstages, Xf, Tf, idx, lo, m, p, G, kstate, works, metas,
                     losses, like(p[0], 1.0 / m), gx, True)
             loss = like(p[0], 0.0) + losses[0]
-            hist[f, b if batched else i] = loss
             if not np.isfinite(loss):
+                hist[f, b if batched else i] = loss
                 info[f, 1] = LOSS_NOT_FINITE
                 break
             sum_rows(G, g)
             if not _all_finite(g):
+                hist[f, b if batched else i] = loss
                 info[f, 1] = GRAD_NOT_FINITE
                 break
-            update(p, g, state, hyper, t)
+            hist[f, b if batched else i] = loss + _regularize(p, g, reg, frozen)
+            _apply_update(update, p, g, state, hyper, t, frozen, G[0])
             info[f, 0] = i + 1
             if stop[0] != 0:
                 break
@@ -247,6 +296,8 @@ def _fit_worker(valgrad, combine, update, nstages, X, T, order, fits, batched, P
             LS[f, j] = kstate[j]
 
 
+#: :func:`_regularize` callable from Python (valgrad of a penalized model)
+regularize = njit(**JIT_OPTIONS)(_regularize.py_func)
 forward_threads = njit(parallel=True, **JIT_OPTIONS)(_forward_threads)
 loss_threads = njit(parallel=True, **JIT_OPTIONS)(_loss_threads)
 valgrad_threads = njit(parallel=True, **JIT_OPTIONS)(_valgrad_threads)
