@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export SMALLCHAINS_DATA ?= $(abspath ../shared/datasets)
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test docs bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -17,7 +17,7 @@ $(BIN)/python:
 
 venv: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test,bench]"
+	$(BIN)/pip install -q -e ".[test,bench,docs]"
 
 demo: venv
 	$(BIN)/python examples/matrix_exponential.py --quiet
@@ -27,10 +27,15 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests
 
+# the documentation site (mkdocs.yml) into site/; --strict: a broken link, anchor or API
+# reference fails the build
+docs: venv
+	$(BIN)/mkdocs build --strict
+
 bench: venv
 	$(BIN)/python bench/run_matexp.py
 	$(BIN)/python bench/run_lenet5.py
 	$(BIN)/python bench/run_neural_ode.py
 
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) *.egg-info site

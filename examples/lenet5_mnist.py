@@ -8,6 +8,9 @@ Reads the real MNIST IDX files from ``--data-dir``, else ``$SMALLCHAINS_DATA/mni
 
     python examples/lenet5_mnist.py                 # 10 epochs on all 60,000 images
     python examples/lenet5_mnist.py --epochs 2 --limit 10000
+    python examples/lenet5_mnist.py --plot docs/img/lenet5_curves.png
+
+``--plot PATH`` (needs matplotlib) draws the loss and accuracy per epoch to PATH.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ def parse(argv=None):
     ap.add_argument("--compare-torch", action="store_true",
                     help="also train torch's LeNet5 from the same initial parameters (same batch "
                          "size, Adam, epochs, thread count) and print its accuracy and time")
+    ap.add_argument("--plot", default=None, metavar="PATH",
+                    help="write the learning curves (PNG) here; needs matplotlib")
     return ap.parse_args(argv)
 
 
@@ -45,6 +50,36 @@ def lenet5():
         sc.Flatten(),
         sc.TurboDense(120, "relu"), sc.TurboDense(84, "relu"), sc.TurboDense(10),
     )
+
+
+def plot(path, rows, n_train):
+    """Train loss and test accuracy per epoch (two panels) to PNG ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [r["epoch"] for r in rows]
+    ev = [r for r in rows if "test_acc" in r]
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(9, 3.4))
+    ax0.plot(ep, [r["running_loss"] for r in rows], "C0o-", ms=3, label="mean minibatch loss")
+    ax0.plot([r["epoch"] for r in ev], [r["train_loss"] for r in ev], "C0s--", ms=3,
+             label="train loss (end of epoch)")
+    ax0.plot([r["epoch"] for r in ev], [r["test_loss"] for r in ev], "C1s--", ms=3, label="test loss")
+    ax0.set_ylabel("logit cross-entropy")
+    ax0.set_yscale("log")
+    ax0.legend(fontsize=8)
+    ax1.plot([r["epoch"] for r in ev], [100 * r["train_acc"] for r in ev], "C0s--", ms=3, label="train")
+    ax1.plot([r["epoch"] for r in ev], [100 * r["test_acc"] for r in ev], "C1o-", ms=3, label="test")
+    ax1.set_ylabel("accuracy (%)")
+    ax1.legend(fontsize=8)
+    for ax in (ax0, ax1):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle(f"LeNet5 on MNIST ({n_train} training images), Adam", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None):
@@ -102,6 +137,9 @@ def main(argv=None):
           f"({train_time / max(1, args.epochs):.2f} s/epoch); total {time.perf_counter() - t_start:.1f} s")
     print("* mean minibatch loss during the epoch")
     out = dict(rows=rows, train_time=train_time, p=p)
+    if args.plot:
+        plot(args.plot, rows, len(Xtr))
+        print(f"plot written to {args.plot}")
     if args.compare_torch:
         bs = args.batch_size or sc.default_batch_size(chain._kernels(np.float32)[1].B, G.shape[0], len(Xtr))
         out["torch"] = train_torch(chain, p0, Xtr, ytr, Xte, yte, args, bs, numba.get_num_threads())

@@ -12,6 +12,11 @@ parameters, is trained on the same data with ``torch.optim.Adam(1e-3)``, the sam
     python examples/matrix_exponential.py                      # smallchains only
     python examples/matrix_exponential.py --compare-torch      # + PyTorch reference
     python examples/matrix_exponential.py --threads 1 --steps 2000 --quiet
+    python examples/matrix_exponential.py --quiet --plot docs/img/matexp_loss.png
+
+With ``--plot PATH`` (needs matplotlib) the test loss is also evaluated every
+``--steps // 50`` steps (inside the timed rounds) and the train and test loss curves are
+drawn to PATH.
 
 :func:`main` takes an argv list (or None for ``sys.argv``) and returns a dict of results.
 """
@@ -41,6 +46,8 @@ def parse_args(argv=None):
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     ap.add_argument("--seed", type=int, default=0,
                     help="seed of the parameters; the train set uses seed, the test set seed+1")
+    ap.add_argument("--plot", default=None, metavar="PATH",
+                    help="write the train/test loss curves (PNG) here; needs matplotlib")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.rounds < 1 or args.n < 1:
         ap.error("--steps, --rounds and --n must be >= 1")
@@ -73,6 +80,32 @@ def _torch_loss(torch, net, X, Y):
 
 
 # --------------------------------------------------------------------------------------
+
+def plot(path, res):
+    """Train loss of every step and test loss every few steps, log y, to PNG ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist = np.concatenate(res["sc_hist"])  # loss before each step
+    steps, test = zip(*res["sc_test_curve"])
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.plot(np.arange(len(hist)), hist, "C0-", lw=1, label="train loss (before each step)")
+    ax.plot(steps, test, "C1o-", ms=3, lw=1, label="test loss")
+    for r in range(1, res["rounds"]):
+        ax.axvline(r * res["steps"], color="0.8", lw=0.8, zorder=0)
+    ax.set_yscale("log")
+    ax.set_xlabel("full-batch Adam(1e-3) steps")
+    ax.set_ylabel("loss: sum of squared errors / N")
+    ax.set_title(f"2x2 matrix exponential, 4-32-16-4 tanh MLP, N = {res['n']} train / test",
+                 fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
 
 def _fmt_row(name, rnd, steps_done, train, test, secs, steps):
     return (f"{name:<12} {rnd:>5} {steps_done:>8} {train:>12.6g} {test:>12.6g} "
@@ -121,7 +154,8 @@ def main(argv=None) -> dict:
 
     # compile the kernels outside the timed rounds (on a copy; p is untouched)
     t0 = time.perf_counter()
-    sc.train_unbatched(G, p.copy(), model, X, sc.Adam(1e-3), 2)
+    sc.train_unbatched(G, p.copy(), model, X, sc.Adam(1e-3), 2,
+                       **({"callback": lambda *a: None, "report_every": 1} if args.plot else {}))
     model(Xtest, p, Ytest)
     print(f"smallchains compile/warm-up: {time.perf_counter() - t0:.2f} s")
 
@@ -136,9 +170,18 @@ def main(argv=None) -> dict:
 
     # ---- smallchains -----------------------------------------------------------------
     opt = sc.Adam(1e-3)
+    callback = every = None
+    if args.plot:  # the test loss every `every` steps, for the plot
+        res["sc_test_curve"] = [(0, init_test)]
+        every = max(1, args.steps // 50)
+
+        def callback(step, loss, p):
+            res["sc_test_curve"].append(((r - 1) * args.steps + step, model(Xtest, p, Ytest)))
+
     for r in range(1, args.rounds + 1):
         t0 = time.perf_counter()
-        hist = sc.train_unbatched(G, p, model, X, opt, args.steps, progress=not args.quiet)
+        hist = sc.train_unbatched(G, p, model, X, opt, args.steps, progress=not args.quiet,
+                                  callback=callback, report_every=every)
         secs = time.perf_counter() - t0
         train, test = model(X, p), model(Xtest, p, Ytest)
         res["sc_train"].append(train)
@@ -193,6 +236,10 @@ def main(argv=None) -> dict:
             res["test_ratio"].append(ratio)
             res["speedup"].append(speed)
             print(f"{r + 1:>5} {ratio:>25.4f} {speed:>16.1f}x")
+
+    if args.plot:
+        plot(args.plot, res)
+        print(f"plot written to {args.plot}")
     return res
 
 

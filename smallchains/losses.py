@@ -181,6 +181,7 @@ class SquaredLoss(Loss):
     ----------
     targets : array_like, shape ``(N, *output_shape)``, float
         Targets ``y``; converted (copied) to the parameter dtype when used.
+    weights : array_like, shape ``(N,)``, optional -- see :class:`Loss`.
     """
 
     kind = "squared"
@@ -191,6 +192,11 @@ class AbsoluteLoss(Loss):
     """Mean over samples of the summed absolute error, ``(1/N) sum |yhat - y|``.
 
     The derivative at ``yhat == y`` is taken as 0.
+
+    Parameters
+    ----------
+    targets : array_like, shape ``(N, *output_shape)``, float
+    weights : array_like, shape ``(N,)``, optional -- see :class:`Loss`.
     """
 
     kind = "absolute"
@@ -204,6 +210,7 @@ class MSELoss(Loss):
     Parameters
     ----------
     targets : array_like, shape ``(N, *output_shape)``, float
+    weights : array_like, shape ``(N,)``, optional -- see :class:`Loss`.
     """
 
     kind = "mse"
@@ -220,6 +227,7 @@ class BinaryLogitCrossEntropyLoss(Loss):
     ----------
     targets : array_like, shape ``(N, *output_shape)``, float
         Probabilities in ``[0, 1]`` (0/1 labels, or soft targets); others raise ValueError.
+    weights : array_like, shape ``(N,)``, optional -- see :class:`Loss`.
     """
 
     kind = "bce_logits"
@@ -238,9 +246,12 @@ class LogitCrossEntropyLoss(Loss):
 
     Parameters
     ----------
-    labels : array_like of int, shape ``(N,)``
-        Class of each sample, in ``[0, n_classes)`` where ``n_classes`` is the chain's
-        output width. Float labels raise ``TypeError``; out-of-range labels ``ValueError``.
+    targets : array_like of int, shape ``(N,)``
+        The class labels: class of each sample, in ``[0, n_classes)`` where
+        ``n_classes`` is the chain's output width. Float labels raise ``TypeError``;
+        out-of-range labels ``ValueError``.
+    weights : array_like, shape ``(N,)``, optional -- see :class:`Loss`. (Per-sample
+        weights, not torch's per-class ``weight=``.)
     """
 
     kind = "logitce"

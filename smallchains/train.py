@@ -512,13 +512,16 @@ def accuracy_and_loss(model, X, *args, state=None):
     model's compiled :class:`~smallchains.LogitCrossEntropyLoss` (``model(X, p, labels)``)
     and ``torch.nn.functional.cross_entropy`` to rounding.
 
+    The positional arguments after ``X`` are ``labels, p`` or ``p``: ``labels`` an int
+    array of shape ``(N,)`` of 0-based classes in ``[0, n_classes)`` (default the
+    model's own labels), ``p`` the parameters, shape ``(n_params,)``, float32 or float64.
+    Sample weights of the model's loss are ignored: both numbers are plain means.
+
     Parameters
     ----------
     model : SimpleChainWithLoss with a :class:`~smallchains.LogitCrossEntropyLoss`
     X : ndarray, shape ``(N, *input_shape)``, float (a single sample is rejected)
-    labels : array of int, shape ``(N,)``, optional -- 0-based classes in
-        ``[0, n_classes)``; default the model's own labels.
-    p : ndarray, shape ``(n_params,)``, float32 or float64
+    *args : ``(labels, p)`` or ``(p,)``, see above
     state : ndarray, keyword-only -- the layer state (:func:`~smallchains.init_state`),
         required by chains with BatchNorm (inference mode: running statistics).
 
@@ -552,6 +555,8 @@ def accuracy_and_loss(model, X, *args, state=None):
         raise TypeError(f"accuracy needs a classification loss, got {type(model.loss).__name__}")
     chain = model.chain
     p = check_params(chain.n_params, p)
+    if model.loss.weights is not None:  # accuracy and loss over the samples, unweighted
+        model = SimpleChainWithLoss(chain, model.loss.with_targets(model.loss.targets))
     X2, T, _, _ = _prepare(model, X, p, labels)  # validates X, the labels and the output shape
     n = X2.shape[0]
     logits = chain(X2.reshape((n,) + chain.input_shape), p, state=state)  # (N, n_classes)

@@ -199,19 +199,21 @@ class TemporalPatternAttention(Layer):
     input ``(T, m)`` (an LSTM with ``return_sequences=True``, ``T >= 2``), output ``(m,)``,
     the attended state ``W_h h_T + W_v v`` (equations: :mod:`smallchains.layers.attention`).
 
+    Parameters in ``p``: ``C (k, T-1)``, ``c (k,)`` (filter bias), ``W_a (k, m)``,
+    ``W_h (m, m)``, ``W_v (m, k)``; Glorot-normal matrices, zero bias.
+
     Parameters
     ----------
     filters : int
         Number ``k`` of temporal filters, each spanning the ``T - 1`` earlier states.
-
-    Parameters in ``p``: ``C (k, T-1)``, ``c (k,)`` (filter bias), ``W_a (k, m)``,
-    ``W_h (m, m)``, ``W_v (m, k)``; Glorot-normal matrices, zero bias.
 
     Raises
     ------
     ValueError
         ``filters`` not a positive int; an input that is not ``(T, m)`` with ``T >= 2``.
 
+    References
+    ----------
     Source: Shih, Sun and Lee, Machine Learning 108 (2019), section 4; FluxArchitectures.jl's
     ``TPALSTM``.
     """

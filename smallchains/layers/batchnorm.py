@@ -200,15 +200,15 @@ class BatchNorm(Layer):
     feature (after :class:`TurboDense`, input ``(C,)``): ``torch.nn.BatchNorm2d`` /
     ``BatchNorm1d`` with ``affine=True, track_running_stats=True``.
 
+    Parameters in ``p``: ``weight (C,)`` (initialized 1), ``bias (C,)`` (0). Layer state
+    (``sc.init_state``): ``running_mean (C,)`` (0), ``running_var (C,)`` (1), updated
+    by ``train_*`` in training mode, read in inference.
+
     Parameters
     ----------
     momentum : float in ``(0, 1]``, default 0.1
         Weight of the batch statistics in the running estimates (torch's convention).
     eps : float ``> 0``, default 1e-5
-
-    Parameters in ``p``: ``weight (C,)`` (initialized 1), ``bias (C,)`` (0). Layer state
-    (``sc.init_state``): ``running_mean (C,)`` (0), ``running_var (C,)`` (1), updated
-    by ``train_*`` in training mode, read in inference.
 
     Raises
     ------

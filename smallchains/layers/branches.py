@@ -64,6 +64,10 @@ class _Sub:
 class Parallel(Layer):
     """Branches that read the same input, joined by ``connection``.
 
+    Parameters in ``p``: the branches' in order, named ``"<branch>.<layer>.<name>"`` in
+    ``param_views``. A Dropout inside gets its own random counter (distinct for up to 32
+    branches of up to 32 layers at chain positions below 1024).
+
     Parameters
     ----------
     connection : {"concat", "sum"}
@@ -72,10 +76,6 @@ class Parallel(Layer):
     *branches : Layer or tuple of Layers
         Each branch a layer or a sub-chain (a tuple, run left to right); an empty tuple
         is the identity. No BatchNorm (or other layer with state) inside a branch.
-
-    Parameters in ``p``: the branches' in order, named ``"<branch>.<layer>.<name>"`` in
-    ``param_views``. A Dropout inside gets its own random counter (distinct for up to 32
-    branches of up to 32 layers at chain positions below 1024).
 
     Raises
     ------
@@ -269,13 +269,13 @@ class SkipConnection(Parallel):
     ``layers(x) + x`` (He et al. 2016), ``"concat"`` stacks ``[layers(x), x]`` along the
     first axis (DenseNet style). Flux's ``SkipConnection(layers, connection)``.
 
+    Parameters in ``p`` are the branch's, named ``"<layer>.<name>"`` in ``param_views``.
+
     Parameters
     ----------
     layers : Layer or tuple of Layers
         The branch (a sub-chain run left to right).
     connection : {"sum", "concat"}, default "sum"
-
-    Parameters in ``p`` are the branch's, named ``"<layer>.<name>"`` in ``param_views``.
 
     Raises
     ------

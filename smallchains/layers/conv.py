@@ -68,6 +68,13 @@ def _size_repr(v):
 class Conv(Layer):
     """2-D convolution (cross-correlation, as torch ``Conv2d``), stride 1, NCHW.
 
+    Input ``(C, H, W)`` per sample; output
+    ``(out_channels, H + 2 PH - KH + 1, W + 2 PW - KW + 1)``. Parameters:
+    ``W (out_channels, C, KH, KW)`` (torch ``Conv2d.weight`` layout), then
+    ``b (out_channels,)``; Glorot-normal weights with fan_in ``C KH KW`` and fan_out
+    ``out_channels KH KW``, zero bias. ``kernel_size`` and ``padding`` are stored as
+    ``(height, width)`` tuples.
+
     Parameters
     ----------
     out_channels : int
@@ -79,13 +86,6 @@ class Conv(Layer):
         ``"same"`` is ``((KH - 1) // 2, (KW - 1) // 2)`` and keeps ``H, W`` (odd kernel
         sizes only; torch's asymmetric padding of even kernels is not supported).
     bias : bool, default True
-
-    Input ``(C, H, W)`` per sample; output
-    ``(out_channels, H + 2 PH - KH + 1, W + 2 PW - KW + 1)``. Parameters:
-    ``W (out_channels, C, KH, KW)`` (torch ``Conv2d.weight`` layout), then
-    ``b (out_channels,)``; Glorot-normal weights with fan_in ``C KH KW`` and fan_out
-    ``out_channels KH KW``, zero bias. ``kernel_size`` and ``padding`` are stored as
-    ``(height, width)`` tuples.
 
     Raises
     ------
@@ -449,14 +449,14 @@ class MaxPool(Layer):
     """Max pooling over ``KH x KW`` windows with stride equal to the window (no padding),
     NCHW, as torch ``MaxPool2d(kernel_size)``.
 
+    Input ``(C, H, W)``; output ``(C, H // KH, W // KW)`` (trailing rows/columns that do
+    not fill a window are dropped, as torch). The gradient goes to the first maximal
+    element of each window in row-major order (as torch). No parameters.
+
     Parameters
     ----------
     kernel_size : int or (int, int), default 2
         ``k`` for ``k x k`` windows, or ``(KH, KW)``. Stored as a tuple in ``k``.
-
-    Input ``(C, H, W)``; output ``(C, H // KH, W // KW)`` (trailing rows/columns that do
-    not fill a window are dropped, as torch). The gradient goes to the first maximal
-    element of each window in row-major order (as torch). No parameters.
     """
 
     k: tuple

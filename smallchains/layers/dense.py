@@ -28,6 +28,11 @@ from .base import EmitContext, Layer, at
 class TurboDense(Layer):
     """Fully connected layer ``y = f(W x + b)`` over a flat feature vector.
 
+    Input of shape ``(n_in,)`` per sample (a multi-dimensional input must be flattened
+    with :class:`Flatten` first). Output ``(out,)``. Parameters ``W (out, n_in)``,
+    ``b (out,)``; ``W`` is initialized Glorot-normal (std ``sqrt(2/(n_in+out))``), ``b``
+    to zero, as SimpleChains.jl does.
+
     Parameters
     ----------
     out : int
@@ -36,11 +41,6 @@ class TurboDense(Layer):
         Elementwise activation ``f`` (see :func:`smallchains.available_activations`).
     bias : bool, default True
         Whether the layer has a bias ``b``.
-
-    Input of shape ``(n_in,)`` per sample (a multi-dimensional input must be flattened
-    with :class:`Flatten` first). Output ``(out,)``. Parameters ``W (out, n_in)``,
-    ``b (out,)``; ``W`` is initialized Glorot-normal (std ``sqrt(2/(n_in+out))``), ``b``
-    to zero, as SimpleChains.jl does.
     """
 
     out: int

@@ -68,15 +68,15 @@ class Dropout(Layer):
     probability ``1 - rate`` and scaled by ``1 / (1 - rate)``, else set to 0; in inference
     the identity. ``torch.nn.Dropout(p=rate)`` semantics.
 
+    Any input shape; output the same shape; no parameters. The mask of a sample depends
+    only on ``(seed, step, row, layer index, unit)`` (see docs/api.md, "Modes and random
+    numbers"; :func:`smallchains.philox.dropout_keep` computes it in Python).
+
     Parameters
     ----------
     rate : float in ``[0, 1)``
         Probability of dropping a unit (torch's ``p``). ``rate = 0`` keeps everything
         (then training and inference agree).
-
-    Any input shape; output the same shape; no parameters. The mask of a sample depends
-    only on ``(seed, step, row, layer index, unit)`` (see docs/api.md, "Modes and random
-    numbers"; :func:`smallchains.philox.dropout_keep` computes it in Python).
 
     Raises
     ------

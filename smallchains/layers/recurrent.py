@@ -423,17 +423,17 @@ class _Recurrent(Layer):
 class GRU(_Recurrent):
     """Gated recurrent unit over a sequence, ``torch.nn.GRU(F, hidden, batch_first=True)``.
 
+    Input ``(T, F)`` per sample (chain input ``(N, T, F)``, float32 or float64). Zero initial
+    state. Parameters ``weight_ih (3H, F)``, ``weight_hh (3H, H)``, ``bias_ih (3H,)``,
+    ``bias_hh (3H,)``, gate rows in torch's order ``(r, z, n)``; initialized uniform in
+    ``(-1/sqrt(H), 1/sqrt(H))`` as torch. Equations: :mod:`smallchains.layers.recurrent`.
+
     Parameters
     ----------
     hidden : int
         Size ``H`` of the hidden state.
     return_sequences : bool, default False
         Output every step's ``h_t``, shape ``(T, H)``, instead of the last one, ``(H,)``.
-
-    Input ``(T, F)`` per sample (chain input ``(N, T, F)``, float32 or float64). Zero initial
-    state. Parameters ``weight_ih (3H, F)``, ``weight_hh (3H, H)``, ``bias_ih (3H,)``,
-    ``bias_hh (3H,)``, gate rows in torch's order ``(r, z, n)``; initialized uniform in
-    ``(-1/sqrt(H), 1/sqrt(H))`` as torch. Equations: :mod:`smallchains.layers.recurrent`.
 
     Raises
     ------
@@ -470,6 +470,11 @@ class GRU(_Recurrent):
 class LSTM(_Recurrent):
     """Long short-term memory over a sequence, ``torch.nn.LSTM(F, hidden, batch_first=True)``.
 
+    Input ``(T, F)`` per sample (chain input ``(N, T, F)``). Zero initial ``h`` and ``c``.
+    Parameters ``weight_ih (4H, F)``, ``weight_hh (4H, H)``, ``bias_ih (4H,)``,
+    ``bias_hh (4H,)``, gate rows in torch's order ``(i, f, g, o)``; initialized uniform in
+    ``(-1/sqrt(H), 1/sqrt(H))`` as torch. Equations: :mod:`smallchains.layers.recurrent`.
+
     Parameters
     ----------
     hidden : int
@@ -477,11 +482,6 @@ class LSTM(_Recurrent):
     return_sequences : bool, default False
         Output every step's ``h_t``, shape ``(T, H)``, instead of the last one, ``(H,)``
         (stack LSTMs with ``return_sequences=True`` on all but the last).
-
-    Input ``(T, F)`` per sample (chain input ``(N, T, F)``). Zero initial ``h`` and ``c``.
-    Parameters ``weight_ih (4H, F)``, ``weight_hh (4H, H)``, ``bias_ih (4H,)``,
-    ``bias_hh (4H,)``, gate rows in torch's order ``(i, f, g, o)``; initialized uniform in
-    ``(-1/sqrt(H), 1/sqrt(H))`` as torch. Equations: :mod:`smallchains.layers.recurrent`.
 
     Raises
     ------
@@ -527,15 +527,17 @@ class TimeDistributed(Layer):
         with shared weights, as LSTNet's skip-GRU). Its parameters (named as the layer
         names them) are shared by all steps.
 
-    The compiled step runs the layer's own tuned code once per time step (``T`` copies in
-    the generated source, so compile time grows with ``T``).
-
     Raises
     ------
     TypeError
         ``layer`` is not a layer, or is a Dropout, BatchNorm or other layer with state.
     ValueError
         An input with no time axis.
+
+    Notes
+    -----
+    The compiled step runs the layer's own tuned code once per time step (``T`` copies in
+    the generated source, so compile time grows with ``T``).
     """
 
     layer: Layer
@@ -615,6 +617,11 @@ class Conv1D(Layer):
     output ``(T - K + 1, out_channels)``, again a sequence. LSTNet's convolution over the
     whole window of series is this layer with ``F`` the series.
 
+    Parameters in ``p``: ``W (out_channels, K, F)``, ``b (out_channels,)``; Glorot-normal
+    ``W`` (fan in ``K F``), zero ``b``. torch: ``nn.Conv1d(F, out_channels, K)`` on
+    ``x.transpose(1, 2)`` with ``weight = W.transpose(0, 2, 1)``, or ``nn.Conv2d(1,
+    out_channels, (K, F))`` on ``x[:, None]`` with ``weight = W[:, None]``.
+
     Parameters
     ----------
     out_channels : int
@@ -623,22 +630,19 @@ class Conv1D(Layer):
     activation : str or Activation, default ``"identity"``
     bias : bool, default True
 
-    Parameters in ``p``: ``W (out_channels, K, F)``, ``b (out_channels,)``; Glorot-normal
-    ``W`` (fan in ``K F``), zero ``b``. torch: ``nn.Conv1d(F, out_channels, K)`` on
-    ``x.transpose(1, 2)`` with ``weight = W.transpose(0, 2, 1)``, or ``nn.Conv2d(1,
-    out_channels, (K, F))`` on ``x[:, None]`` with ``weight = W[:, None]``.
+    Raises
+    ------
+    ValueError
+        Non-positive sizes; an input that is not ``(T, F)`` with ``T >= K``.
 
+    Notes
+    -----
     Why not ``Conv`` on a ``(1, T, F)`` image: in the C-order block layout the window
     ``x[t:t+K, :]`` is ``K F`` consecutive rows, so each output step is the tuned dense
     layer's code (forward, dW, dL/dx) applied at a shifted offset, and the output is
     already time-major for a recurrent layer. The 2-D convolution's tiles run along output
     rows, of width 1 here. Measured on a Zen 3 (LSTNet's 10 x 20 window, 2 filters of
     width 3, batch 500, training step of conv -> Dense(1)): see docs/api.md.
-
-    Raises
-    ------
-    ValueError
-        Non-positive sizes; an input that is not ``(T, F)`` with ``T >= K``.
     """
 
     out_channels: int

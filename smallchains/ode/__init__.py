@@ -79,9 +79,16 @@ def chain_rhs(chain, n_samples: int, dtype=np.float64, input_map=None) -> ODEFun
         ``@njit`` scalar functions ``(g, dg)`` (compiled as closures in every process,
         about 2-3 s). Default: identity (also disk-cached).
 
-    Returns an :class:`ODEFunction` (its ``work_size`` covers the kernels' scratch and,
-    with ``input_map``, ``g(u)``). Raises ``ValueError`` if ``n_out != n_in``,
-    ``n_samples < 1`` or an expression is not a plain expression in ``u``.
+    Returns
+    -------
+    ODEFunction
+        Its ``work_size`` covers the kernels' scratch and, with ``input_map``, ``g(u)``.
+
+    Raises
+    ------
+    ValueError
+        If ``n_out != n_in``, ``n_samples < 1`` or an expression is not a plain expression
+        in ``u``.
     """
     from ..compiler.codegen import _import_generated, get_kernels
     from ._rhs_codegen import generate
