@@ -12,7 +12,42 @@ import numpy as np
 
 from ._validate import check_dtype, check_params
 
-__all__ = ["from_torch", "to_torch"]
+__all__ = ["from_torch", "to_torch", "RecurrentOutput"]
+
+_recurrent_output = None
+
+
+def _recurrent_output_class():
+    """:class:`RecurrentOutput`, defined on first use (torch is imported only then)."""
+    global _recurrent_output
+    if _recurrent_output is None:
+        import torch.nn as nn
+
+        class RecurrentOutput(nn.Module):
+            """A batch-first ``nn.GRU`` / ``nn.LSTM`` as one ``nn.Sequential`` step: its
+            output sequence ``(N, T, hidden)`` (``return_sequences=True``) or the last step
+            ``(N, hidden)``; torch's recurrent modules return a tuple, which
+            ``nn.Sequential`` cannot pass on. ``smallchains.GRU(hidden,
+            return_sequences)`` / ``LSTM`` in torch."""
+
+            def __init__(self, rnn, return_sequences=False):
+                super().__init__()
+                self.rnn, self.return_sequences = rnn, bool(return_sequences)
+
+            def forward(self, x):
+                y = self.rnn(x)[0]
+                return y if self.return_sequences else y[:, -1]
+
+        RecurrentOutput.__module__, RecurrentOutput.__qualname__ = __name__, "RecurrentOutput"
+        _recurrent_output = RecurrentOutput
+    return _recurrent_output
+
+
+def __getattr__(name):
+    # PEP 562: smallchains.torch_interop.RecurrentOutput (also what unpickling looks up)
+    if name == "RecurrentOutput":
+        return _recurrent_output_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _act_name(m):
@@ -85,11 +120,29 @@ def _layer(mods, i, shape, where):
 
     m = mods[i]
     nxt = _act_name(mods[i + 1]) if i + 1 < len(mods) else None
-    if isinstance(m, nn.Linear):
+    if isinstance(m, nn.Linear) and len(shape) == 2 and shape[1] == m.in_features:
+        # on a sequence (N, T, F) torch applies it at every step
+        layer = L.TimeDistributed(L.TurboDense(m.out_features, nxt or "identity",
+                                               bias=m.bias is not None))
+    elif isinstance(m, nn.Linear):
         if len(shape) != 1 or shape[0] != m.in_features:
             raise ValueError(f"{where}: takes {m.in_features} features, gets shape {shape} "
                              "(a multi-dimensional input needs nn.Flatten() before it)")
         layer = L.TurboDense(m.out_features, nxt or "identity", bias=m.bias is not None)
+    elif isinstance(m, (nn.GRU, nn.LSTM)) or type(m).__name__ == "RecurrentOutput" \
+            and isinstance(m, _recurrent_output_class()):
+        rnn, seq = (m, True) if isinstance(m, (nn.GRU, nn.LSTM)) else (m.rnn, m.return_sequences)
+        if not isinstance(rnn, (nn.GRU, nn.LSTM)) or type(rnn) not in (nn.GRU, nn.LSTM):
+            raise ValueError(f"{where}: RecurrentOutput must wrap an nn.GRU or nn.LSTM")
+        if (not rnn.batch_first or rnn.num_layers != 1 or rnn.bidirectional or not rnn.bias
+                or getattr(rnn, "proj_size", 0)):
+            raise ValueError(f"{where}: only batch_first=True, num_layers=1, "
+                             "bidirectional=False, bias=True (and proj_size=0) are available "
+                             "(stack layers as separate modules)")
+        if len(shape) != 2 or shape[1] != rnn.input_size:
+            raise ValueError(f"{where}: takes sequences (T, {rnn.input_size}), gets shape {shape}")
+        cls = L.GRU if isinstance(rnn, nn.GRU) else L.LSTM
+        layer, nxt = cls(rnn.hidden_size, return_sequences=seq), None
     elif isinstance(m, nn.Conv2d):
         bad = {k: v for k, v in (("stride", _pair(m.stride)), ("dilation", _pair(m.dilation)))
                if v != (1, 1)}
@@ -130,7 +183,9 @@ def _layer(mods, i, shape, where):
                          "(smallchains applies it inside that layer)")
     else:
         raise ValueError(f"{where}: {type(m).__name__} is not supported (supported: Linear, "
-                         "Conv2d, MaxPool2d, Flatten, Dropout, BatchNorm1d/2d and the activations "
+                         "Conv2d, MaxPool2d, Flatten, Dropout, BatchNorm1d/2d, GRU, LSTM (bare: "
+                         "the output sequence; or in smallchains.torch_interop.RecurrentOutput) "
+                         "and the activations "
                          "Tanh, ReLU, Sigmoid, Softplus, GELU('tanh'), SiLU, ELU, LeakyReLU, "
                          "Identity after a Linear or Conv2d)")
     return layer, nxt
@@ -145,7 +200,11 @@ def from_torch(module, input_shape=None, *, dtype=np.float32, check=True):
         Of ``Linear``, ``Conv2d`` (stride 1, dilation 1, groups 1, zero padding: an int, a
         pair, ``"valid"`` or ``"same"`` with odd kernels), ``MaxPool2d`` (stride = kernel
         size), ``Flatten``, ``Dropout``, ``BatchNorm1d`` / ``BatchNorm2d`` (affine, with
-        running statistics), and activations right after a ``Linear`` or ``Conv2d``:
+        running statistics), ``GRU`` / ``LSTM`` (batch-first, one layer, unidirectional,
+        with biases: a bare one stands for its output sequence, the first item of the
+        tuple it returns; wrapped in :class:`RecurrentOutput` for the last step), a
+        ``Linear`` on a sequence (every step: ``TimeDistributed(TurboDense)``), and
+        activations right after a ``Linear`` or ``Conv2d``:
         ``Tanh``, ``ReLU``, ``Sigmoid``, ``Softplus`` (default settings), ``GELU
         (approximate="tanh")``, ``SiLU``, ``ELU`` (alpha 1), ``LeakyReLU`` (slope 0.01),
         ``Identity``. Not modified (its train/eval mode is restored).
@@ -192,9 +251,13 @@ def from_torch(module, input_shape=None, *, dtype=np.float32, check=True):
     state = init_state(chain, np.float64) if chain.n_state else None
     sviews = chain.state_views(state) if state is not None else [{}] * len(pairs)
     for (layer, m), views, sv in zip(pairs, chain.param_views(p), sviews):
+        m = getattr(m, "rnn", m)  # RecurrentOutput
         for name, v in views.items():
-            src = {"W": m.weight, "b": getattr(m, "bias", None), "weight": getattr(m, "weight", None),
-                   "bias": getattr(m, "bias", None)}[name]
+            if name.startswith(("weight_", "bias_")):  # GRU / LSTM, torch's layout
+                src = getattr(m, name + "_l0")
+            else:
+                src = {"W": m.weight, "b": getattr(m, "bias", None),
+                       "weight": getattr(m, "weight", None), "bias": getattr(m, "bias", None)}[name]
             v[...] = src.detach().cpu().double().numpy().reshape(v.shape)
         for name, v in sv.items():
             v[...] = getattr(m, name).detach().cpu().double().numpy()
@@ -213,7 +276,11 @@ def _check_same(module, chain, p, state, dtype):
     X = np.random.default_rng(0).standard_normal((5,) + chain.input_shape)
     ref = copy.deepcopy(module).double().eval()
     with torch.no_grad():
-        want = ref(torch.from_numpy(X)).numpy().reshape(5, -1)
+        x = torch.from_numpy(X)
+        for m in _flat_modules(ref):  # a bare GRU / LSTM passes on its output sequence
+            x = m(x)
+            x = x[0] if isinstance(x, tuple) else x
+        want = x.numpy().reshape(5, -1)
     got = chain(X.astype(dtype), p, state=state).reshape(5, -1).astype(np.float64)
     tol = 1e-9 if dtype == np.float64 else 1e-4
     err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-300)
@@ -228,13 +295,15 @@ def to_torch(chain, p, state=None):
 
     Each ``TurboDense`` becomes ``Linear`` (+ its activation module), ``Conv`` ``Conv2d``
     (+ activation), ``MaxPool`` ``MaxPool2d``, ``Flatten``, ``Dropout``, ``BatchNorm``
-    ``BatchNorm1d`` / ``BatchNorm2d`` with ``state``'s running statistics.
+    ``BatchNorm1d`` / ``BatchNorm2d`` with ``state``'s running statistics, ``GRU`` /
+    ``LSTM`` a batch-first ``nn.GRU`` / ``nn.LSTM`` in a :class:`RecurrentOutput`, and
+    ``TimeDistributed(TurboDense)`` a ``Linear`` (+ activation) on the sequence.
 
     Raises
     ------
     ValueError
-        A layer without a plain torch module (recurrent layers, branches, shape layers,
-        attention), named in the message; a missing ``state`` for BatchNorm; bad ``p``.
+        A layer without a plain torch module (branches, shape layers, attention, Conv1D),
+        named in the message; a missing ``state`` for BatchNorm; bad ``p``.
     """
     import torch
     import torch.nn as nn
@@ -272,6 +341,17 @@ def to_torch(chain, p, state=None):
         elif isinstance(layer, L.BatchNorm):
             cls = nn.BatchNorm1d if len(ins) == 1 else nn.BatchNorm2d
             m = cls(ins[0], eps=layer.eps, momentum=layer.momentum, dtype=tdt)
+        elif isinstance(layer, (L.GRU, L.LSTM)):
+            cls = nn.GRU if isinstance(layer, L.GRU) else nn.LSTM
+            rnn = cls(ins[1], layer.hidden, batch_first=True, dtype=tdt)
+            with torch.no_grad():
+                for name, v in views.items():
+                    getattr(rnn, name + "_l0").copy_(t(v))
+            mods.append(_recurrent_output_class()(rnn, layer.return_sequences))
+            continue
+        elif isinstance(layer, L.TimeDistributed) and isinstance(layer.layer, L.TurboDense):
+            layer = layer.layer  # nn.Linear applies to the last axis of (N, T, F)
+            m = nn.Linear(ins[-1], layer.out, bias=layer.bias, dtype=tdt)
         else:
             raise ValueError(f"to_torch: layer {k} ({layer!r}) has no plain torch module")
         with torch.no_grad():

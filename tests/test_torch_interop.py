@@ -91,7 +91,10 @@ def test_float32_conversion_trains_like_the_module():
 
 
 @pytest.mark.parametrize("mods, shape, match", [
-    ([nn.Linear(3, 2), nn.GRU(2, 2)], None, r"module 1 \(GRU.*not supported"),
+    ([nn.Linear(3, 2), nn.GRU(2, 2)], None, r"module 1 \(GRU.*only batch_first=True"),
+    ([nn.GRU(2, 2, batch_first=True, num_layers=2)], (4, 2), r"num_layers=1"),
+    ([nn.LSTM(3, 2, batch_first=True)], (4, 2), r"takes sequences \(T, 3\), gets shape \(4, 2\)"),
+    ([nn.Linear(3, 2), nn.Bilinear(2, 2, 2)], None, r"module 1 \(Bilinear.*not supported"),
     ([nn.Conv2d(1, 2, 3, stride=2)], (1, 8, 8), "only stride 1"),
     ([nn.Linear(3, 2), nn.GELU()], None, "tanh approximation"),
     ([nn.Linear(3, 2), nn.LeakyReLU(0.2)], None, "only 0.01"),
@@ -112,6 +115,40 @@ def test_unsupported_modules_name_themselves(mods, shape, match):
 
 
 def test_to_torch_refuses_layers_without_a_torch_module():
-    chain = sc.SimpleChain((4, 3), sc.GRU(2))
-    with pytest.raises(ValueError, match=r"layer 0 \(GRU\(2\)\) has no plain torch module"):
+    chain = sc.SimpleChain((4, 3), sc.Conv1D(2, 2))
+    with pytest.raises(ValueError, match=r"layer 0 \(Conv1D.*\) has no plain torch module"):
         sc.to_torch(chain, sc.init_params(chain))
+
+
+def _rnn():
+    torch.manual_seed(4)
+    Out = sc.torch_interop.RecurrentOutput
+    return nn.Sequential(nn.GRU(3, 5, batch_first=True), nn.Linear(5, 4), nn.Tanh(),
+                         Out(nn.LSTM(4, 6, batch_first=True), return_sequences=True),
+                         Out(nn.GRU(6, 3, batch_first=True)), nn.Linear(3, 2))
+
+
+def test_recurrent_modules_round_trip_with_the_same_gradients():
+    """GRU / LSTM (bare: the output sequence; in RecurrentOutput: sequence or last step)
+    and a Linear on a sequence: same outputs (checked by from_torch), same dL/dx, and
+    to_torch gives the module back."""
+    net = _rnn()
+    chain, p, state = sc.from_torch(net, (7, 3), dtype=np.float64)
+    assert [type(l).__name__ for l in chain.layers] == ["GRU", "TimeDistributed", "LSTM", "GRU",
+                                                        "TurboDense"]
+    assert chain.layers[0].return_sequences and not chain.layers[3].return_sequences
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((6, 7, 3))
+    Y = rng.standard_normal((6, 2))
+    model = sc.add_loss(chain, sc.SquaredLoss(Y))
+    loss, _, gx = sc.valgrad_with_input(model, X, p)
+    back = sc.to_torch(chain, p)
+    loss_t, gx_t = _grads(back, X, Y)
+    assert_close(loss, loss_t, np.float64)
+    assert_close(gx, gx_t, np.float64)
+    chain2, p2, _ = sc.from_torch(back, (7, 3), dtype=np.float64)
+    assert repr(chain2) == repr(chain)
+    np.testing.assert_array_equal(p2, p)
+    import pickle
+
+    assert type(pickle.loads(pickle.dumps(back))[0]).__name__ == "RecurrentOutput"
