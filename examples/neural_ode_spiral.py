@@ -5,7 +5,9 @@ observed at 1000 times in [0, 25] (the dopri5 solution). Model ``dy/dt = net(y^3
 ``net`` 2 -> 50 tanh -> 2, weights normal(0, 0.1), zero biases. Each iteration takes 20
 random start points and integrates them together, as ONE 20x2 state, over the next 10
 time points with adaptive Dormand-Prince 5(4) (rtol 1e-7, atol 1e-9); loss = mean |pred -
-true|; the gradient comes from the backsolve adjoint; RMSprop(lr=1e-3); 2000 iterations.
+true|; the gradient comes from the discrete adjoint (``--adjoint backsolve``: the
+backsolve adjoint of the demo, torchdiffeq's ``odeint_adjoint``); RMSprop(lr=1e-3); 2000
+iterations.
 Everything numerical runs in numba (smallchains.ode); Python only loops over iterations.
 
     python examples/neural_ode_spiral.py                    # 2000 iterations
@@ -98,6 +100,9 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="seed of parameters and batches")
     ap.add_argument("--plot", "--png", dest="plot", default=None, metavar="PATH",
                     help="save a plot of data and fit here (PNG; needs matplotlib)")
+    ap.add_argument("--adjoint", choices=("discrete", "backsolve"), default="discrete")
+    ap.add_argument("--checkpoints", default="all",
+                    help='states kept by the discrete adjoint: "all" or a count')
     args = ap.parse_args(argv)
     if args.niters < 1 or args.test_freq < 1:
         ap.error("--niters and --test-freq must be >= 1")
@@ -108,7 +113,8 @@ def main(argv=None):
     args = parse_args(argv)
     t0 = time.perf_counter()
     t, true_y = sc.datasets.spiral(DATA_SIZE)
-    net, p, solver = make_problem(param_seed=args.seed)
+    ck = args.checkpoints if args.checkpoints == "all" else int(args.checkpoints)
+    net, p, solver = make_problem(param_seed=args.seed, adjoint=args.adjoint, checkpoints=ck)
     full = ode.Dopri5(ode.chain_rhs(net, 1, input_map=CUBE))
     opt = sc.RMSProp(1e-3)
     rng = np.random.default_rng(args.seed)
@@ -133,7 +139,7 @@ def main(argv=None):
                   f"| {time.perf_counter() - t_train:7.2f} s", flush=True)
     train_s = time.perf_counter() - t_train
     print(f"{args.niters} iterations in {train_s:.2f} s ({1e3 * train_s / args.niters:.2f} ms "
-          f"per iteration: forward solve + adjoint + RMSprop step)")
+          f"per iteration: forward solve + {args.adjoint} adjoint + RMSprop step)")
 
     if args.plot:
         plot(args.plot, t, true_y, full.solve(true_y[0], t, p), args.niters)

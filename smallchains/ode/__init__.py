@@ -23,11 +23,12 @@ from numba import njit
 from .._validate import check_dtype
 from ..compiler.runtime import aligned_zeros
 from . import dopri5 as _d5
-from .dopri5 import (MAX_STEPS_EXCEEDED, N_SCRATCH_ROWS, NOT_FINITE, RHS_SIG, RHS_VJP_SIG,
-                     STEP_UNDERFLOW, backsolve, dopri5)
+from .dopri5 import (MAX_STEPS_EXCEEDED, N_SCRATCH_ROWS, N_VJP_ROWS, NOT_FINITE, RHS_SIG,
+                     RHS_VJP_SIG, STEP_UNDERFLOW, STORAGE_FULL, backsolve, dopri5, dopri5_record,
+                     dopri5_vjp)
 
 __all__ = ["Dopri5", "ODEFunction", "ScipyAdapter", "chain_rhs", "compile_rhs", "dopri5", "backsolve",
-           "param_groups", "RHS_SIG", "RHS_VJP_SIG"]
+           "dopri5_record", "dopri5_vjp", "param_groups", "RHS_SIG", "RHS_VJP_SIG"]
 
 ODEFunction = namedtuple("ODEFunction", "rhs rhs_vjp n_state n_params work_size dtype")
 ODEFunction.__doc__ = """A right-hand side for :class:`Dopri5` / :class:`ScipyAdapter`.
@@ -162,14 +163,30 @@ def _raise_for(code: int, what: str, max_steps: int):
 
 
 class Dopri5:
-    """Adaptive Dormand-Prince 5(4) solver with a backsolve adjoint, for
-    ``du/dt = f(t, u, p)``.
+    """Adaptive Dormand-Prince 5(4) solver for ``du/dt = f(t, u, p)`` with two adjoints.
 
-    Step-size control, initial step and dense output follow torchdiffeq's ``dopri5``; the
-    adjoint follows torchdiffeq's ``odeint_adjoint`` (Chen et al., "Neural Ordinary
-    Differential Equations", NeurIPS 2018). Buffers are allocated once here, so
-    :meth:`solve` and :meth:`vjp` allocate only their outputs (or nothing, with ``out=``).
-    The object owns its scratch buffers: use one per thread (the solves release the GIL).
+    Step-size control, initial step and dense output follow torchdiffeq's ``dopri5``.
+    Buffers are allocated once here (the discrete adjoint's records grow on demand and are
+    then kept), so :meth:`solve` and :meth:`vjp` allocate only their outputs (or nothing,
+    with ``out=``). The object owns its scratch buffers: use one per thread (the solves
+    release the GIL).
+
+    Adjoints (``adjoint=``):
+
+    * ``"discrete"`` (default; discretise-then-optimise): the exact gradient of the
+      discrete solution :meth:`solve` computed, its accepted steps and dense output, with
+      the step sizes held fixed (as diffrax's ``RecursiveCheckpointAdjoint``). :meth:`solve`
+      records the steps; :meth:`vjp` walks them backwards, six VJPs of ``f`` per accepted
+      step. Memory: two floats per accepted step plus ``checkpoints`` states of
+      ``n_state`` floats. With ``checkpoints="all"`` (default) every step's start state is
+      kept and nothing is recomputed but the stages; with ``checkpoints=C`` at most ``C``
+      evenly spaced states are kept and each step's state is recomputed from the nearest
+      one (about ``steps^2 / (2 C)`` extra steps; ``C = 1``: only ``u0``).
+    * ``"backsolve"`` (Chen et al., "Neural Ordinary Differential Equations", NeurIPS
+      2018; torchdiffeq's ``odeint_adjoint``): solves the adjoint ODE backwards with the
+      state, O(1) memory in the number of steps; the gradient is that of the exact ODE
+      solution only up to the backward solve's tolerance, and can be poor for dissipative
+      or chaotic dynamics, whose backward reconstruction of ``u`` is unstable.
 
     Parameters
     ----------
@@ -190,10 +207,17 @@ class Dopri5:
         :func:`param_groups`). Default: all parameters in one group.
     max_steps : int
         Steps allowed per output interval before giving up (RuntimeError).
+    adjoint : "discrete" or "backsolve", default "discrete"
+    checkpoints : "all" or int >= 1, default "all"
+        States kept for the discrete adjoint (see above).
+
+    The backsolve options (``adjoint_rtol``, ``adjoint_atol``, ``adjoint_norm``,
+    ``param_groups``) do not affect the discrete adjoint, which solves nothing.
     """
 
     def __init__(self, f: ODEFunction, rtol=1e-7, atol=1e-9, adjoint_rtol=None,
-                 adjoint_atol=None, adjoint_norm="mixed", param_groups=None, max_steps=100_000):
+                 adjoint_atol=None, adjoint_norm="mixed", param_groups=None, max_steps=100_000,
+                 adjoint="discrete", checkpoints="all"):
         compile_rhs(f)
         self.f = f
         self.dtype = check_dtype(f.dtype)
@@ -233,6 +257,27 @@ class Dopri5:
         self._t2 = np.zeros(2, dtype=dt)
         self._stats = np.zeros(3, dtype=np.int64)
         self.stats = {}
+        if adjoint not in ("discrete", "backsolve"):
+            raise ValueError(f'adjoint must be "discrete" or "backsolve", got {adjoint!r}')
+        self.adjoint = adjoint
+        if checkpoints != "all" and (isinstance(checkpoints, bool) or not isinstance(
+                checkpoints, (int, np.integer)) or checkpoints < 1):
+            raise ValueError(f'checkpoints must be "all" or an int >= 1, got {checkpoints!r}')
+        self.checkpoints = checkpoints
+        self._recorded = None  # (t, u0, p) of the solve the records belong to
+        self._out_step = None
+        if adjoint == "discrete":
+            self._grow(64)
+            self._V = np.zeros((N_VJP_ROWS, n), dtype=dt)
+            self._ptmp = np.zeros(n_p, dtype=dt)
+            self._info = np.zeros(3, dtype=np.int64)
+
+    def _grow(self, steps):
+        """Record arrays for ``steps`` accepted steps (the states too with "all")."""
+        self._rec_t = np.zeros(steps, dtype=self.dtype)
+        self._rec_dt = np.zeros(steps, dtype=self.dtype)
+        rows = steps if self.checkpoints == "all" else int(self.checkpoints)
+        self._ckpt = np.zeros((rows, self.n_state), dtype=self.dtype)
 
     # --- validation ----------------------------------------------------------------------
     def _times(self, t):
@@ -262,6 +307,17 @@ class Dopri5:
         if not np.all(np.isfinite(x)):
             raise ValueError(f"{name} must be finite")
         return np.ascontiguousarray(x, dtype=self.dtype).reshape(lead + (self.n_state,))
+
+    @property
+    def accepted_steps(self):
+        """``(t_start, dt)`` of the accepted steps of the last :meth:`solve` with the
+        discrete adjoint (new arrays; ``t_start[0] = t[0]``): the steps whose discrete
+        solution :meth:`vjp` differentiates. None before a successful solve, or with the
+        backsolve adjoint."""
+        if self._recorded is None:
+            return None
+        k = int(self._info[0])
+        return self._rec_t[:k].copy(), self._rec_dt[:k].copy()
 
     def _set_stats(self):
         nfe, acc, rej = (int(v) for v in self._stats)
@@ -299,9 +355,26 @@ class Dopri5:
         elif (out.shape != (t.shape[0],) + shape or out.dtype != self.dtype
               or not out.flags.c_contiguous):
             raise ValueError(f"out must be a C-contiguous {(t.shape[0],) + shape} {self.dtype} array")
-        self._stats[:] = 0
-        code = dopri5(self.f.rhs, t, u0f, p, self.work, self.rtol, self.atol, self.forward_bounds,
-                      out.reshape(t.shape[0], self.n_state), self._S, self.max_steps, self._stats)
+        U = out.reshape(t.shape[0], self.n_state)
+        if self.adjoint == "discrete":
+            self._recorded = None
+            if self._out_step is None or self._out_step.shape[0] != t.shape[0]:
+                self._out_step = np.zeros(t.shape[0], dtype=np.int64)
+            while True:
+                self._stats[:] = 0
+                code = dopri5_record(self.f.rhs, t, u0f, p, self.work, self.rtol, self.atol,
+                                     self.forward_bounds, U, self._S, self.max_steps,
+                                     self._stats, self._rec_t, self._rec_dt, self._ckpt,
+                                     self._info, self._out_step)
+                if code != STORAGE_FULL:
+                    break
+                self._grow(2 * self._rec_t.shape[0])
+            if code == 0:
+                self._recorded = (t.copy(), u0f.copy(), p.copy())
+        else:
+            self._stats[:] = 0
+            code = dopri5(self.f.rhs, t, u0f, p, self.work, self.rtol, self.atol,
+                          self.forward_bounds, U, self._S, self.max_steps, self._stats)
         self._set_stats()
         _raise_for(code, "dopri5 forward solve", self.max_steps)
         return out
@@ -312,15 +385,23 @@ class Dopri5:
         Parameters
         ----------
         t : the times of the forward :meth:`solve`
-        U : ``(len(t), ...)`` the forward solution (its values reset the backward state at
-            every output time, as torchdiffeq does)
+        U : ``(len(t), ...)`` the forward solution (backsolve: its values reset the
+            backward state at every output time, as torchdiffeq does; discrete: ``U[0]``
+            must be the ``u0`` of the last :meth:`solve`)
         Ubar : same shape as ``U``: ``dL/dU``
         p : ``(n_params,)``
 
         Returns
         -------
         (u0bar, pbar): ``dL/du0`` shaped like ``U[0]``, ``dL/dp (n_params,)``; new arrays.
-        ``self.stats`` holds the backward solve's counts.
+        ``self.stats`` holds the backward pass's counts (discrete: ``nfe`` the ``f`` and
+        ``vjp`` the VJP evaluations).
+
+        Raises
+        ------
+        ValueError
+            Bad shapes; for the discrete adjoint, ``t``, ``U[0]`` or ``p`` other than those
+            of the last successful :meth:`solve` (it differentiates that solve).
         """
         if self.f.rhs_vjp is None:
             raise ValueError("this ODEFunction has no rhs_vjp: the adjoint needs one")
@@ -331,6 +412,20 @@ class Dopri5:
         p = self._params(p)
         u0bar = np.empty(self.n_state, dtype=self.dtype)
         pbar = np.empty(self.n_params, dtype=self.dtype)
+        if self.adjoint == "discrete":
+            rec = self._recorded
+            if (rec is None or not np.array_equal(rec[0], t) or not np.array_equal(rec[1], U2[0])
+                    or not np.array_equal(rec[2], p)):
+                raise ValueError("the discrete adjoint differentiates the last solve: call "
+                                 "solve(u0, t, p) first, then vjp with the same t, p and "
+                                 "U[0] = u0")
+            self._stats[:] = 0
+            dopri5_vjp(self.f.rhs, self.f.rhs_vjp, t, Ub2, p, self.work, self._rec_t,
+                       self._rec_dt, self._ckpt, self._info, self._out_step, self._V,
+                       self._ptmp, u0bar, pbar, self._stats)
+            self.stats = {"nfe": int(self._stats[0]), "vjp": int(self._stats[1]),
+                          "steps": int(self._info[0])}
+            return u0bar.reshape(np.shape(U)[1:]), pbar
         self._stats[:] = 0
         code = backsolve(self.f.rhs, self.f.rhs_vjp, t, U2, Ub2, p, self.work, self.adjoint_rtol,
                          self.adjoint_atol, self.adjoint_bounds, self._S_adj, self._Z2, self._t2,

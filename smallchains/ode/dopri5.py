@@ -51,6 +51,8 @@ _RHS, _VJP = types.FunctionType(RHS_SIG), types.FunctionType(RHS_VJP_SIG)
 MAX_STEPS_EXCEEDED = -1
 NOT_FINITE = -2
 STEP_UNDERFLOW = -3
+#: :func:`dopri5_record`: more accepted steps than its record arrays hold
+STORAGE_FULL = -4
 
 #: rows of the solver scratch array ``S`` (shape ``(N_SCRATCH_ROWS, m)``)
 N_SCRATCH_ROWS = 12
@@ -162,12 +164,50 @@ def _initial_step(adjoint, rhs, rhs_vjp, n, t0, y0, f0, p, work, rtol, atol, bou
     return min(100 * h0, h1)
 
 
+@njit(**_INLINE)
+def _record(rec, t, dt, y):
+    """Record accepted step ``s = info[0]`` (start time ``t``, size ``dt``, start state
+    ``y``) for :func:`dopri5_vjp`. ``rec = (rec_t, rec_dt, ckpt, info, out_step)``;
+    ``info = [steps, stride, checkpoints kept]``. The state is kept at every ``stride``-th
+    step in the rows of ``ckpt``; when they are full, every other one is dropped and the
+    stride doubles (so at most ``len(ckpt)`` states, evenly spaced). With one row, only
+    the initial state is kept. Returns False if ``rec_t`` is full."""
+    rec_t, rec_dt, ckpt, info = rec[0], rec[1], rec[2], rec[3]
+    s = info[0]
+    if s >= rec_t.shape[0]:
+        return False
+    rec_t[s] = t
+    rec_dt[s] = dt
+    C = ckpt.shape[0]
+    stride = info[1]
+    if s == 0 or (C > 1 and s % stride == 0):
+        slot = s // stride
+        if slot >= C:  # thin out: keep steps 0, 2 stride, 4 stride, ...
+            kept = (C + 1) // 2
+            for k in range(1, kept):
+                for i in range(y.shape[0]):
+                    ckpt[k, i] = ckpt[2 * k, i]
+            stride *= 2
+            info[1] = stride
+            info[2] = kept
+            slot = s // stride if s % stride == 0 else -1
+        if slot >= 0:
+            for i in range(y.shape[0]):
+                ckpt[slot, i] = y[i]
+            info[2] = slot + 1
+    info[0] = s + 1
+    return True
+
+
 @njit(**_OPTS)
-def _integrate(adjoint, rhs, rhs_vjp, n, ts, z0, p, work, rtol, atol, bounds, Z, S, max_steps, stats):
+def _integrate(adjoint, rhs, rhs_vjp, n, ts, z0, p, work, rtol, atol, bounds, Z, S, max_steps, stats,
+               rec=None):
     """Integrate ``dz/dt = f`` (or the adjoint system, see :func:`_eval`) from ``ts[0]``
     through the monotone ``ts``; write
     ``Z[i] = z(ts[i])`` (``Z[0] = z0``; ``z0`` may alias ``Z[0]``). ``stats`` (int64[3]) is
-    incremented by (function evaluations, accepted steps, rejected steps)."""
+    incremented by (function evaluations, accepted steps, rejected steps). With ``rec``
+    (see :func:`_record`) every accepted step is recorded and ``out_step[i]`` is set to the
+    step whose interval holds ``ts[i]`` (-1 for ``ts[0]``)."""
     m = z0.shape[0]
     # rotating rows: state and slope at the start (a) and end (b) of the last accepted
     # step, the candidate state (c) and the slope there (fc)
@@ -177,6 +217,11 @@ def _integrate(adjoint, rhs, rhs_vjp, n, ts, z0, p, work, rtol, atol, bounds, Z,
         S[yb, i] = z0[i]
     for i in range(m):
         Z[0, i] = z0[i]
+    if rec is not None:
+        rec[3][0] = 0
+        rec[3][1] = 1
+        rec[3][2] = 0
+        rec[4][0] = -1
     t_a = t_b = ts[0]
     direction = 1.0 if ts[ts.shape[0] - 1] >= ts[0] else -1.0
     _eval(adjoint, rhs, rhs_vjp, n, t_b, S[yb], p, S[fb], work)
@@ -223,6 +268,9 @@ def _integrate(adjoint, rhs, rhs_vjp, n, ts, z0, p, work, rtol, atol, bounds, Z,
                 return NOT_FINITE
             if ratio <= 1.0:
                 stats[1] += 1
+                if rec is not None:
+                    if not _record(rec, t_b, dt, y):
+                        return STORAGE_FULL
                 for i in range(m):
                     YM[i] = y[i] + dt * (M1 * k1[i] + M3 * K3[i] + M4 * K4[i] + M5 * K5[i]
                                          + M6 * K6[i] + M7 * k7[i])
@@ -236,6 +284,8 @@ def _integrate(adjoint, rhs, rhs_vjp, n, ts, z0, p, work, rtol, atol, bounds, Z,
             else:
                 lower = 1.0 if ratio < 1.0 else DFACTOR
                 dt = dt * min(IFACTOR, max(SAFETY / ratio ** (1.0 / ORDER), lower))
+        if rec is not None:
+            rec[4][j] = rec[3][0] - 1
         # 4th-order dense output on [t_a, t_b] (torchdiffeq's _interp_fit / _interp_evaluate)
         h = t_b - t_a
         x = (target - t_a) / h
@@ -301,3 +351,207 @@ def backsolve(rhs, rhs_vjp, ts, U, Ubar, p, work, rtol, atol, bounds, S, Z2, t2,
     for i in range(pbar.shape[0]):
         pbar[i] = z[2 * n + i]
     return 0
+
+
+# --- discretise-then-optimise adjoint --------------------------------------------------
+#: rows of the scratch array ``V`` of :func:`dopri5_vjp` (shape ``(N_VJP_ROWS, n)``)
+N_VJP_ROWS = 27
+_Y, _K1, _Y2, _YN, _YBAR, _K7BAR, _Y0BAR, _KB1, _TMP, _YMBAR, _DU, _PREV = (
+    0, 1, 8, 13, 14, 15, 16, 17, 23, 24, 25, 26)
+
+
+@njit(**_INLINE)
+def _stages(rhs, t, dt, V, p, work):
+    """One Dormand-Prince step from ``V[_Y]`` at ``t``: the slopes ``k1..k6`` into
+    ``V[_K1 .. _K1+5]``, the stage states ``Y2..Y6`` into ``V[_Y2 .. _Y2+4]`` and the new
+    state into ``V[_YN]``. The same arithmetic, in the same order, as :func:`_integrate`'s
+    step, so the states are bitwise those of the forward solve."""
+    y, k1, K2, K3, K4, K5, K6 = V[_Y], V[_K1], V[_K1 + 1], V[_K1 + 2], V[_K1 + 3], V[_K1 + 4], V[_K1 + 5]
+    Y2, Y3, Y4, Y5, Y6, yn = V[_Y2], V[_Y2 + 1], V[_Y2 + 2], V[_Y2 + 3], V[_Y2 + 4], V[_YN]
+    m = y.shape[0]
+    rhs(t, y, p, k1, work)
+    for i in range(m):
+        Y2[i] = y[i] + dt * (A21 * k1[i])
+    rhs(t + C2 * dt, Y2, p, K2, work)
+    for i in range(m):
+        Y3[i] = y[i] + dt * (A31 * k1[i] + A32 * K2[i])
+    rhs(t + C3 * dt, Y3, p, K3, work)
+    for i in range(m):
+        Y4[i] = y[i] + dt * (A41 * k1[i] + A42 * K2[i] + A43 * K3[i])
+    rhs(t + C4 * dt, Y4, p, K4, work)
+    for i in range(m):
+        Y5[i] = y[i] + dt * (A51 * k1[i] + A52 * K2[i] + A53 * K3[i] + A54 * K4[i])
+    rhs(t + C5 * dt, Y5, p, K5, work)
+    for i in range(m):
+        Y6[i] = y[i] + dt * (A61 * k1[i] + A62 * K2[i] + A63 * K3[i] + A64 * K4[i]
+                             + A65 * K5[i])
+    rhs(t + dt, Y6, p, K6, work)
+    for i in range(m):
+        yn[i] = y[i] + dt * (B1 * k1[i] + B3 * K3[i] + B4 * K4[i] + B5 * K5[i] + B6 * K6[i])
+
+
+@njit(**_INLINE)
+def _vjp_add(rhs_vjp, t, u, p, a, V, work, ptmp, into, pbar):
+    """``into += a^T df/du`` and ``pbar += a^T df/dp`` at ``(t, u)``."""
+    tmp = V[_TMP]
+    rhs_vjp(t, u, p, a, V[_DU], tmp, ptmp, work)
+    for i in range(tmp.shape[0]):
+        into[i] += tmp[i]
+    for i in range(pbar.shape[0]):
+        pbar[i] += ptmp[i]
+
+
+@njit(_i64(_RHS, _VJP, _vec, _mat, _vec, _vec, _vec, _vec, _mat, _ivec, _ivec, _mat, _vec, _vec,
+           _vec, _ivec), **_OPTS)
+def dopri5_vjp(rhs, rhs_vjp, ts, Ubar, p, work, rec_t, rec_dt, ckpt, info, out_step, V, ptmp,
+               u0bar, pbar, stats):
+    """Discretise-then-optimise adjoint of :func:`dopri5_record`: the exact pullback of
+    its discrete solution ``U`` (the accepted steps and the dense output at ``ts``) at
+    ``Ubar = dL/dU (len(ts), n)``, with the step sizes held fixed (they are not
+    differentiated, as in diffrax and torchode).
+
+    Walks the recorded steps backwards; for each, recomputes its state from the nearest
+    checkpoint (:func:`_record`; none with a checkpoint per step), its stages, and pulls
+    ``Ubar`` back through the dense output, the step's update and its six stages: six
+    ``rhs_vjp`` calls and six or seven ``rhs`` calls per accepted step. Writes ``u0bar``
+    (``n``) and ``pbar`` (``n_params``); ``V (N_VJP_ROWS, n)`` and ``ptmp (n_params,)`` are
+    scratch; ``stats[0]`` counts ``rhs`` calls, ``stats[1]`` ``rhs_vjp`` calls. Returns 0.
+    """
+    n = Ubar.shape[1]
+    S, stride, kept = info[0], info[1], info[2]
+    for i in range(pbar.shape[0]):
+        pbar[i] = 0.0
+    for r in range(_YBAR, _PREV + 1):
+        for i in range(n):
+            V[r, i] = 0.0
+    ybar, k7bar, y0bar, ymbar = V[_YBAR], V[_K7BAR], V[_Y0BAR], V[_YMBAR]
+    nout = ts.shape[0]
+    j = nout - 1
+    for s in range(S - 1, -1, -1):
+        t, dt = rec_t[s], rec_dt[s]
+        # the state at the start of step s, from the nearest checkpoint at or before it
+        c = 0 if ckpt.shape[0] == 1 else min(s // stride, kept - 1)
+        for i in range(n):
+            V[_Y, i] = ckpt[c, i]
+        for q in range(c * stride if ckpt.shape[0] > 1 else 0, s):
+            _stages(rhs, rec_t[q], rec_dt[q], V, p, work)
+            stats[0] += 6
+            for i in range(n):
+                V[_Y, i] = V[_YN, i]
+        _stages(rhs, t, dt, V, p, work)
+        stats[0] += 6
+        tb = t + dt
+        k7 = V[_K1 + 6]
+        if s == S - 1:
+            rhs(tb, V[_YN], p, k7, work)
+            stats[0] += 1
+        else:
+            for i in range(n):
+                k7[i] = V[_PREV, i]
+        for i in range(n):
+            V[_PREV, i] = V[_K1, i]
+        # outputs in this step: the 4th-order dense output through y0, y1, f0, f1, ymid
+        h = tb - t
+        for i in range(n):
+            y0bar[i] = 0.0
+            ymbar[i] = 0.0
+        for r in range(6):
+            for i in range(n):
+                V[_KB1 + r, i] = 0.0
+        kb1 = V[_KB1]
+        while j >= 1 and out_step[j] == s:
+            x = (ts[j] - t) / h
+            x2, x3, x4 = x * x, x * x * x, x * x * x * x
+            cy0 = 1.0 - 11.0 * x2 + 18.0 * x3 - 8.0 * x4
+            cy1 = -5.0 * x2 + 14.0 * x3 - 8.0 * x4
+            cym = 16.0 * x2 - 32.0 * x3 + 16.0 * x4
+            cf0 = h * (x - 4.0 * x2 + 5.0 * x3 - 2.0 * x4)
+            cf1 = h * (x2 - 3.0 * x3 + 2.0 * x4)
+            for i in range(n):
+                u = Ubar[j, i]
+                y0bar[i] += cy0 * u
+                ybar[i] += cy1 * u
+                ymbar[i] += cym * u
+                kb1[i] += cf0 * u
+                k7bar[i] += cf1 * u
+            j -= 1
+        # ymid = y + dt (M1 k1 + M3 k3 + M4 k4 + M5 k5 + M6 k6 + M7 k7)
+        for i in range(n):
+            g = ymbar[i]
+            y0bar[i] += g
+            kb1[i] += dt * M1 * g
+            V[_KB1 + 2, i] += dt * M3 * g
+            V[_KB1 + 3, i] += dt * M4 * g
+            V[_KB1 + 4, i] += dt * M5 * g
+            V[_KB1 + 5, i] += dt * M6 * g
+            k7bar[i] += dt * M7 * g
+        # k7 = f(t + dt, y_{s+1}) (also the next step's k1): into dL/dy_{s+1}
+        _vjp_add(rhs_vjp, tb, V[_YN], p, k7bar, V, work, ptmp, ybar, pbar)
+        stats[1] += 1
+        # y_{s+1} = y + dt (B1 k1 + B3 k3 + B4 k4 + B5 k5 + B6 k6)
+        for i in range(n):
+            g = ybar[i]
+            y0bar[i] += g
+            kb1[i] += dt * B1 * g
+            V[_KB1 + 2, i] += dt * B3 * g
+            V[_KB1 + 3, i] += dt * B4 * g
+            V[_KB1 + 4, i] += dt * B5 * g
+            V[_KB1 + 5, i] += dt * B6 * g
+        # the stages, last first: k_r = f(t + c_r dt, Y_r), Y_r = y + dt sum_q a_rq k_q
+        ybr = V[_YMBAR]  # free now: dL/dY_r of the stage being pulled back
+        for r in range(5, 0, -1):
+            for i in range(ybr.shape[0]):
+                ybr[i] = 0.0
+            cr = C2 if r == 1 else (C3 if r == 2 else (C4 if r == 3 else (C5 if r == 4 else 1.0)))
+            _vjp_add(rhs_vjp, t + cr * dt, V[_Y2 + r - 1], p, V[_KB1 + r], V, work, ptmp, ybr, pbar)
+            stats[1] += 1
+            for i in range(n):
+                g = ybr[i]
+                y0bar[i] += g
+                if r == 1:
+                    kb1[i] += dt * A21 * g
+                elif r == 2:
+                    kb1[i] += dt * A31 * g
+                    V[_KB1 + 1, i] += dt * A32 * g
+                elif r == 3:
+                    kb1[i] += dt * A41 * g
+                    V[_KB1 + 1, i] += dt * A42 * g
+                    V[_KB1 + 2, i] += dt * A43 * g
+                elif r == 4:
+                    kb1[i] += dt * A51 * g
+                    V[_KB1 + 1, i] += dt * A52 * g
+                    V[_KB1 + 2, i] += dt * A53 * g
+                    V[_KB1 + 3, i] += dt * A54 * g
+                else:
+                    kb1[i] += dt * A61 * g
+                    V[_KB1 + 1, i] += dt * A62 * g
+                    V[_KB1 + 2, i] += dt * A63 * g
+                    V[_KB1 + 3, i] += dt * A64 * g
+                    V[_KB1 + 4, i] += dt * A65 * g
+        # k1 of this step is k7 of the previous one: carried; y_s's adjoint goes on
+        for i in range(n):
+            k7bar[i] = kb1[i]
+            ybar[i] = y0bar[i]
+    # u0: the first output, the first slope f(ts[0], u0), and the steps' adjoint
+    for i in range(n):
+        V[_Y, i] = ckpt[0, i]
+    if S > 0:
+        _vjp_add(rhs_vjp, rec_t[0], V[_Y], p, k7bar, V, work, ptmp, ybar, pbar)
+        stats[1] += 1
+    for i in range(n):
+        u0bar[i] = ybar[i] + Ubar[0, i]
+    return 0
+
+
+@njit(_i64(_RHS, _vec, _vec, _vec, _vec, _f64, _f64, _ivec, _mat, _mat, _i64, _ivec, _vec, _vec,
+           _mat, _ivec, _ivec), **_OPTS)
+def dopri5_record(rhs, ts, u0, p, work, rtol, atol, bounds, U, S, max_steps, stats, rec_t, rec_dt,
+                  ckpt, info, out_step):
+    """:func:`dopri5` that also records what :func:`dopri5_vjp` needs: the start time and
+    size of every accepted step (``rec_t``, ``rec_dt``: capacity = most steps), states at
+    checkpoints (``ckpt (C, n)``: a state every ``info[1]``-th step, at most ``C``; see
+    :func:`_record`), ``info = [steps, stride, checkpoints]`` and ``out_step
+    (len(ts),)``. Returns 0, a negative error code, or :data:`STORAGE_FULL` (more
+    accepted steps than ``rec_t`` holds: enlarge it and solve again)."""
+    return _integrate(False, rhs, rhs, u0.shape[0], ts, u0, p, work, rtol, atol,
+                      bounds, U, S, max_steps, stats, (rec_t, rec_dt, ckpt, info, out_step))
