@@ -1,7 +1,10 @@
-"""Driver: bench/neural_ode.py for smallchains and torchdiffeq (1 thread, pinned), the
-gradient check, and the cold/warm compile latency; prints one markdown table.
+"""Driver: bench/neural_ode.py for smallchains (both adjoints), diffrax (both adjoints)
+and torchdiffeq, float64 and float32, at 1 and 2 threads (pinned), the gradient check,
+and the cold/warm compile latency; prints one markdown table.
 
-    python bench/run_neural_ode.py [--fast] [--outdir DIR]
+    python bench/run_neural_ode.py [--fast] [--outdir DIR] [--quick]
+
+``--quick``: float64 at 1 thread only.
 """
 import argparse
 import os
@@ -19,6 +22,7 @@ def main():
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fast", action="store_true", help="pyperf --fast")
     ap.add_argument("--outdir", default=None)
+    ap.add_argument("--quick", action="store_true", help="float64, 1 thread only")
     args = ap.parse_args()
     import pyperf
 
@@ -26,26 +30,34 @@ def main():
     os.makedirs(outdir, exist_ok=True)
     script = os.path.join(HERE, "neural_ode.py")
     means = {}
-    for impl in ("torchdiffeq", "smallchains"):
-        out = os.path.join(outdir, f"neural_ode-{impl}.json")
-        if os.path.exists(out):
-            os.remove(out)
-        cmd = [sys.executable, script, "--impl", impl, "-o", out] + (["--fast"] if args.fast else [])
-        print("+", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
-        bench = pyperf.Benchmark.load(out)
-        means[impl] = (bench.mean(), bench.stdev() if bench.get_nvalue() > 1 else 0.0)
+    impls = ("smallchains", "diffrax", "smallchains-backsolve", "diffrax-backsolve", "torchdiffeq")
+    configs = [("float64", 1)] if args.quick else [("float64", 1), ("float64", 2), ("float32", 1),
+                                                   ("float32", 2)]
+    for dtype, threads in configs:
+        for impl in impls:
+            out = os.path.join(outdir, f"neural_ode-{impl}-{dtype}-{threads}.json")
+            if os.path.exists(out):
+                os.remove(out)
+            cmd = [sys.executable, script, "--impl", impl, "--dtype", dtype, "--threads",
+                   str(threads), "-o", out] + (["--fast"] if args.fast else [])
+            print("+", " ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+            bench = pyperf.Benchmark.load(out)
+            means[impl, dtype, threads] = (bench.mean(), bench.stdev() if bench.get_nvalue() > 1 else 0.0)
     print("+ python bench/neural_ode.py --check", flush=True)
     check = subprocess.run([sys.executable, script, "--check"], check=True, capture_output=True,
                            text=True).stdout
     print(check)
     lat = C.compile_latency("--model", "ode", "--threads", "1")
-    ref = means["torchdiffeq"][0]
-    print("| impl | threads | ms per iteration (mean ± std) | speed-up vs torchdiffeq |")
-    print("|---|---:|---:|---:|")
-    for impl in ("torchdiffeq", "smallchains"):
-        m, sd = means[impl]
-        print(f"| {impl} | 1 | {1e3 * m:.3f} ± {1e3 * sd:.3f} | {ref / m:.1f}x |")
+    print("| impl | dtype | threads | ms per iteration (mean ± std) | vs diffrax | vs torchdiffeq |")
+    print("|---|---|---:|---:|---:|---:|")
+    for dtype, threads in configs:
+        for impl in impls:
+            m, sd = means[impl, dtype, threads]
+            dfx = means["diffrax", dtype, threads][0]
+            tde = means["torchdiffeq", dtype, threads][0]
+            print(f"| {impl} | {dtype} | {threads} | {1e3 * m:.3f} ± {1e3 * sd:.3f} | "
+                  f"{dfx / m:.2f}x | {tde / m:.1f}x |")
     print()
     print(check.strip().splitlines()[-1])
     print(lat.strip())

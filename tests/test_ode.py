@@ -323,7 +323,9 @@ def test_bad_solver_options():
         ode.Dopri5(f, adjoint_norm="max")
     with pytest.raises(ValueError, match="param_groups"):
         ode.Dopri5(f, param_groups=[1, 2])
-    with pytest.raises(TypeError, match="float64 only"):
+    with pytest.raises(TypeError, match="float64 or float32"):
+        ode.Dopri5(f._replace(dtype=np.float16))
+    with pytest.raises(TypeError, match="does not compile"):  # float64 functions, said float32
         ode.Dopri5(f._replace(dtype=np.float32))
     with pytest.raises(TypeError, match="numba @njit function"):
         ode.Dopri5(f._replace(rhs=lambda *a: None))
@@ -335,8 +337,10 @@ def test_bad_solver_options():
         ode.chain_rhs(NET, 3, input_map=("__import__('os')", "1"))
     with pytest.raises(ValueError, match="not a Python expression"):
         ode.chain_rhs(NET, 3, input_map=("u**", "1"))
-    with pytest.raises(TypeError, match="float64 only"):
-        ode.chain_rhs(NET, 3, dtype=np.float32)
+    with pytest.raises(TypeError, match="float64 or float32"):
+        ode.chain_rhs(NET, 3, dtype=np.int64)
+    with pytest.raises(TypeError, match="float64"):
+        ode.ScipyAdapter(ode.chain_rhs(NET, 3, dtype=np.float32))
 
 
 @njit

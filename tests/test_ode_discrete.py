@@ -196,3 +196,23 @@ def test_records_grow_for_long_solves():
     assert len(s.accepted_steps[0]) > 64  # past the initial capacity
     u0bar, pbar = s.vjp(t, U, np.ones_like(U), np.array([0.0, 1.0, -1.0, 0.0]))
     assert np.isfinite(pbar).all()
+
+
+@pytest.mark.parametrize("adjoint", ["discrete", "backsolve"])
+def test_float32_against_float64(adjoint):
+    """float32 states, parameters and network (float64 times and step arithmetic), at a
+    tolerance float32 can meet: solution and gradient as float64's to that tolerance."""
+    rng = np.random.default_rng(9)
+    u0, t = rng.uniform(-1.5, 1.5, (4, 2)), np.linspace(0.0, 2.0, 5)
+    W = rng.standard_normal((5, 4, 2))
+    out = {}
+    for dtype in (np.float64, np.float32):
+        p = neural(n_samples=4)[1].astype(dtype)
+        f = ode.chain_rhs(NET, 4, dtype, input_map=("u**3", "3*u**2"))
+        s = ode.Dopri5(f, rtol=1e-5, atol=1e-7, adjoint=adjoint)
+        U = s.solve(u0.astype(dtype), t, p)
+        u0bar, pbar = s.vjp(t, U, W.astype(dtype), p)
+        assert U.dtype == pbar.dtype == u0bar.dtype == dtype
+        out[dtype] = (U, u0bar, pbar)
+    for a, b in zip(out[np.float32], out[np.float64]):
+        assert_close(a.astype(np.float64), b, np.float64, rtol=2e-4, atol=2e-5)

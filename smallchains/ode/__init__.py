@@ -35,18 +35,23 @@ ODEFunction.__doc__ = """A right-hand side for :class:`Dopri5` / :class:`ScipyAd
 
 ``rhs(t, u, p, du, work)`` and ``rhs_vjp(t, u, p, a, du, ubar, pbar, work)``: ``@njit``
 functions compilable for :data:`RHS_SIG` / :data:`RHS_VJP_SIG` (float64 ``t``, 1-D
-C-contiguous float64 arrays; see :mod:`smallchains.ode.dopri5`); state size ``n_state``,
-``n_params``, scratch ``work_size``, ``dtype`` (float64; the solvers are float64 only)."""
+C-contiguous arrays of ``dtype``; float32: ``dopri5.rhs_signatures(np.float32)``; see
+:mod:`smallchains.ode.dopri5`); state size ``n_state``, ``n_params``, scratch
+``work_size``, ``dtype`` (float64, or float32 for :class:`Dopri5`)."""
 
 
 def compile_rhs(f: ODEFunction) -> ODEFunction:
-    """Compile ``f.rhs`` / ``f.rhs_vjp`` for :data:`RHS_SIG` / :data:`RHS_VJP_SIG` (no-op if
-    already compiled), as the numba-level :func:`dopri5` / :func:`backsolve` need; returns
-    ``f``. Raises TypeError if ``f`` is not float64 or a function is not ``@njit`` or does
-    not compile for its signature."""
-    if np.dtype(f.dtype) != np.float64:
-        raise TypeError(f"smallchains.ode solves in float64 only, got an ODEFunction of {f.dtype}")
-    for fn, sig, name in ((f.rhs, RHS_SIG, "rhs"), (f.rhs_vjp, RHS_VJP_SIG, "rhs_vjp")):
+    """Compile ``f.rhs`` / ``f.rhs_vjp`` for the signatures of ``f.dtype``
+    (:data:`RHS_SIG` / :data:`RHS_VJP_SIG` for float64; no-op if already compiled), as the
+    numba-level solvers need, and the solvers for that dtype; returns ``f``. Raises
+    TypeError if ``f.dtype`` is not float32 or float64, or a function is not ``@njit`` or
+    does not compile for its signature."""
+    dtype = np.dtype(f.dtype)
+    if dtype not in (np.float64, np.float32):
+        raise TypeError(f"smallchains.ode solves in float64 or float32, got an ODEFunction of {f.dtype}")
+    _d5.ensure_dtype(dtype)
+    sig, vjp_sig = _d5.rhs_signatures(dtype)
+    for fn, sig, name in ((f.rhs, sig, "rhs"), (f.rhs_vjp, vjp_sig, "rhs_vjp")):
         if fn is None:
             continue
         if not hasattr(fn, "compile"):
@@ -71,7 +76,10 @@ def chain_rhs(chain, n_samples: int, dtype=np.float64, input_map=None) -> ODEFun
     ----------
     chain : SimpleChain with ``n_out == n_in``
     n_samples : int >= 1
-    dtype : np.float64 (the solvers are float64 only)
+    dtype : np.float64 or np.float32
+        Of the state, the parameters and the chain's kernels. float32: the solver still
+        keeps times and its step arithmetic in float64; use ``rtol >= 1e-5``
+        (:class:`Dopri5`).
     input_map : pair, optional
         Elementwise map ``g`` applied to the state before the chain, and its derivative:
         either two expression strings in ``u`` (may use ``math`` and ``np``), e.g.
@@ -96,39 +104,41 @@ def chain_rhs(chain, n_samples: int, dtype=np.float64, input_map=None) -> ODEFun
 
     if int(n_samples) < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-    if np.dtype(dtype) != np.float64:
-        raise TypeError(f"smallchains.ode solves in float64 only, got dtype {np.dtype(dtype)}")
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float64, np.float32):
+        raise TypeError(f"smallchains.ode solves in float64 or float32, got dtype {dtype}")
     n_in, n_out = prod(chain.input_shape), prod(chain.output_shape)
     if n_in != n_out:
         raise ValueError(f"du/dt = chain(u) needs n_out == n_in, got {n_in} -> {n_out}")
     # one block for small batches (zero-padded lanes are wasted work); >= 24 lanes so the
     # block loops vectorize (see SimpleChain.kernels)
     block = min(128, max(24, -(-int(n_samples) // 8) * 8))
-    kmod, plan = get_kernels(chain.input_shape, chain.layers, np.float64, B=block,
+    kmod, plan = get_kernels(chain.input_shape, chain.layers, dtype, B=block,
                              options=chain.options)
     n, kw = int(n_samples) * n_in, plan.work_size
     extra = 0 if input_map is None else n
     if input_map is None or all(isinstance(e, str) for e in input_map):
         g, dg = (None, None) if input_map is None else input_map
-        mod = _import_generated(generate(kmod.__name__, g, dg))
-        return ODEFunction(mod.rhs, mod.rhs_vjp, n, chain.n_params, kw + extra, np.dtype(np.float64))
-    return _closure_rhs(kmod, input_map, (int(n_samples), n_in), kw, chain.n_params)
+        mod = _import_generated(generate(kmod.__name__, g, dg, dtype.name))
+        return ODEFunction(mod.rhs, mod.rhs_vjp, n, chain.n_params, kw + extra, dtype)
+    return _closure_rhs(kmod, input_map, (int(n_samples), n_in), kw, chain.n_params, dtype)
 
 
-def _closure_rhs(kmod, input_map, shape, kw, n_params) -> ODEFunction:
+def _closure_rhs(kmod, input_map, shape, kw, n_params, dtype) -> ODEFunction:
     """:func:`chain_rhs` with ``g``, ``dg`` given as jitted functions (not disk-cacheable)."""
     g, dg = input_map
     forward, valvjp = kmod.forward_batch, kmod.valvjp_batch
     n = prod(shape)
+    rhs_sig, vjp_sig = _d5.rhs_signatures(dtype)
 
-    @njit(RHS_SIG, nogil=True)
+    @njit(rhs_sig, nogil=True)
     def rhs(t, u, p, du, work):
         x = work[kw:kw + n]
         for i in range(n):
             x[i] = g(u[i])
         forward(x.reshape(shape), p, du.reshape(shape), work[:kw])
 
-    @njit(RHS_VJP_SIG, nogil=True)
+    @njit(vjp_sig, nogil=True)
     def rhs_vjp(t, u, p, a, du, ubar, pbar, work):
         x = work[kw:kw + n]
         for i in range(n):
@@ -138,7 +148,22 @@ def _closure_rhs(kmod, input_map, shape, kw, n_params) -> ODEFunction:
         for i in range(n):  # chain rule through g
             ubar[i] *= dg(u[i])
 
-    return ODEFunction(rhs, rhs_vjp, n, n_params, kw + n, np.dtype(np.float64))
+    return ODEFunction(rhs, rhs_vjp, n, n_params, kw + n, np.dtype(dtype))
+
+
+def _addresses(f):
+    """``(rhs, rhs_vjp)`` of ``f`` as :class:`smallchains.compiler.loops._Address` objects
+    (first-class functions by machine-code address), or the dispatchers themselves under
+    ``NUMBA_BOUNDSCHECK`` (whose index errors must reach Python)."""
+    import numba
+
+    from ..compiler.loops import _Address
+
+    sig, vjp_sig = _d5.rhs_signatures(f.dtype)
+    if numba.config.BOUNDSCHECK:
+        return f.rhs, f.rhs_vjp
+    return (_Address(f.rhs, sig),
+            None if f.rhs_vjp is None else _Address(f.rhs_vjp, vjp_sig))
 
 
 def param_groups(chain) -> list:
@@ -177,11 +202,12 @@ class Dopri5:
       discrete solution :meth:`solve` computed, its accepted steps and dense output, with
       the step sizes held fixed (as diffrax's ``RecursiveCheckpointAdjoint``). :meth:`solve`
       records the steps; :meth:`vjp` walks them backwards, six VJPs of ``f`` per accepted
-      step. Memory: two floats per accepted step plus ``checkpoints`` states of
-      ``n_state`` floats. With ``checkpoints="all"`` (default) every step's start state is
-      kept and nothing is recomputed but the stages; with ``checkpoints=C`` at most ``C``
-      evenly spaced states are kept and each step's state is recomputed from the nearest
-      one (about ``steps^2 / (2 C)`` extra steps; ``C = 1``: only ``u0``).
+      step. Memory: with ``checkpoints="all"`` (default) every accepted step's start state
+      and six slopes, ``7 n_state + 2`` floats per step, and the backward pass calls
+      ``f`` once in all; with ``checkpoints=C``, two floats per step plus at most ``C``
+      evenly spaced states of ``n_state`` floats, and each step's state and slopes are
+      recomputed from the nearest one (six ``f`` calls per step plus about
+      ``steps^2 / (2 C)`` extra steps; ``C = 1``: only ``u0``).
     * ``"backsolve"`` (Chen et al., "Neural Ordinary Differential Equations", NeurIPS
       2018; torchdiffeq's ``odeint_adjoint``): solves the adjoint ODE backwards with the
       state, O(1) memory in the number of steps; the gradient is that of the exact ODE
@@ -195,7 +221,9 @@ class Dopri5:
         work_size, dtype)`` with jitted functions of the signatures in
         :mod:`smallchains.ode.dopri5`.
     rtol, atol : float
-        Tolerances of the forward solve (torchdiffeq's defaults 1e-7, 1e-9).
+        Tolerances of the forward solve (torchdiffeq's defaults 1e-7, 1e-9). With a
+        float32 ``f`` the states carry about 7 digits: keep ``rtol >= 1e-5`` (tighter
+        tolerances chase rounding noise: many more steps, no better solution).
     adjoint_rtol, adjoint_atol : float, optional
         Tolerances of the backward solve (default: the forward ones, as torchdiffeq).
     adjoint_norm : "mixed" or "seminorm"
@@ -221,6 +249,10 @@ class Dopri5:
         compile_rhs(f)
         self.f = f
         self.dtype = check_dtype(f.dtype)
+        # the right-hand sides as function addresses: numba would look a dispatcher
+        # argument's machine code up on every call (measured ~40 us per solve or vjp call
+        # on the spiral demo, a third of the work); numba.config.BOUNDSCHECK: dispatchers
+        self._rhs, self._rhs_vjp = _addresses(f)
         n, n_p = int(f.n_state), int(f.n_params)
         self.n_state, self.n_params = n, n_p
         for name, v in (("rtol", rtol), ("atol", atol)):
@@ -254,7 +286,7 @@ class Dopri5:
         self._S = np.zeros((N_SCRATCH_ROWS, n), dtype=dt)
         self._S_adj = np.zeros((N_SCRATCH_ROWS, m), dtype=dt)
         self._Z2 = np.zeros((2, m), dtype=dt)
-        self._t2 = np.zeros(2, dtype=dt)
+        self._t2 = np.zeros(2, dtype=np.float64)
         self._stats = np.zeros(3, dtype=np.int64)
         self.stats = {}
         if adjoint not in ("discrete", "backsolve"):
@@ -274,14 +306,17 @@ class Dopri5:
 
     def _grow(self, steps):
         """Record arrays for ``steps`` accepted steps (the states too with "all")."""
-        self._rec_t = np.zeros(steps, dtype=self.dtype)
-        self._rec_dt = np.zeros(steps, dtype=self.dtype)
+        self._rec_t = np.zeros(steps, dtype=np.float64)
+        self._rec_dt = np.zeros(steps, dtype=np.float64)
         rows = steps if self.checkpoints == "all" else int(self.checkpoints)
         self._ckpt = np.zeros((rows, self.n_state), dtype=self.dtype)
+        # with "all", each step's six slopes too: the backward pass then calls f only once
+        self._rec_k = np.zeros((steps if self.checkpoints == "all" else 0, 6, self.n_state),
+                               dtype=self.dtype)
 
     # --- validation ----------------------------------------------------------------------
     def _times(self, t):
-        t = np.ascontiguousarray(t, dtype=self.dtype)
+        t = np.ascontiguousarray(t, dtype=np.float64)  # times are float64 for every dtype
         if t.ndim != 1 or t.shape[0] < 1:
             raise ValueError(f"t must be a 1-D array of at least one time, got shape {t.shape}")
         if not np.all(np.isfinite(t)):
@@ -362,10 +397,10 @@ class Dopri5:
                 self._out_step = np.zeros(t.shape[0], dtype=np.int64)
             while True:
                 self._stats[:] = 0
-                code = dopri5_record(self.f.rhs, t, u0f, p, self.work, self.rtol, self.atol,
+                code = dopri5_record(self._rhs, t, u0f, p, self.work, self.rtol, self.atol,
                                      self.forward_bounds, U, self._S, self.max_steps,
                                      self._stats, self._rec_t, self._rec_dt, self._ckpt,
-                                     self._info, self._out_step)
+                                     self._rec_k, self._info, self._out_step)
                 if code != STORAGE_FULL:
                     break
                 self._grow(2 * self._rec_t.shape[0])
@@ -373,7 +408,7 @@ class Dopri5:
                 self._recorded = (t.copy(), u0f.copy(), p.copy())
         else:
             self._stats[:] = 0
-            code = dopri5(self.f.rhs, t, u0f, p, self.work, self.rtol, self.atol,
+            code = dopri5(self._rhs, t, u0f, p, self.work, self.rtol, self.atol,
                           self.forward_bounds, U, self._S, self.max_steps, self._stats)
         self._set_stats()
         _raise_for(code, "dopri5 forward solve", self.max_steps)
@@ -420,14 +455,14 @@ class Dopri5:
                                  "solve(u0, t, p) first, then vjp with the same t, p and "
                                  "U[0] = u0")
             self._stats[:] = 0
-            dopri5_vjp(self.f.rhs, self.f.rhs_vjp, t, Ub2, p, self.work, self._rec_t,
-                       self._rec_dt, self._ckpt, self._info, self._out_step, self._V,
-                       self._ptmp, u0bar, pbar, self._stats)
+            dopri5_vjp(self._rhs, self._rhs_vjp, t, Ub2, p, self.work, self._rec_t,
+                       self._rec_dt, self._ckpt, self._rec_k, self._info, self._out_step,
+                       self._V, self._ptmp, u0bar, pbar, self._stats)
             self.stats = {"nfe": int(self._stats[0]), "vjp": int(self._stats[1]),
                           "steps": int(self._info[0])}
             return u0bar.reshape(np.shape(U)[1:]), pbar
         self._stats[:] = 0
-        code = backsolve(self.f.rhs, self.f.rhs_vjp, t, U2, Ub2, p, self.work, self.adjoint_rtol,
+        code = backsolve(self._rhs, self._rhs_vjp, t, U2, Ub2, p, self.work, self.adjoint_rtol,
                          self.adjoint_atol, self.adjoint_bounds, self._S_adj, self._Z2, self._t2,
                          self.max_steps, self._stats, u0bar, pbar)
         self._set_stats()
@@ -444,6 +479,8 @@ class ScipyAdapter:
     """
 
     def __init__(self, f: ODEFunction):
+        if np.dtype(f.dtype) != np.float64:
+            raise TypeError(f"ScipyAdapter works in float64 (scipy's solvers), got {np.dtype(f.dtype)}")
         compile_rhs(f)
         if not _d5.adjoint_system.signatures:  # compile once for first-class functions,
             _d5.adjoint_system.compile(_d5.ADJOINT_SYSTEM_SIG)  # then never per rhs

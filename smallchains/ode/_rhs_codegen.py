@@ -18,20 +18,20 @@ _TEMPLATE = '''\
 import math
 import numpy as np
 from numba import njit
-from smallchains.ode.dopri5 import RHS_SIG, RHS_VJP_SIG
+from smallchains.ode.dopri5 import {sig}, {vjp_sig}
 from {kmod} import N_IN, WORK_SIZE, forward_batch, valvjp_batch
 
 KW = WORK_SIZE
 
 
-@njit(RHS_SIG, nogil=True, cache=True)
+@njit({sig}, nogil=True, cache=True)
 def rhs(t, u, p, du, work):
     m = u.shape[0] // N_IN
 {load_x}
     forward_batch({x}.reshape((m, N_IN)), p, du.reshape((m, N_IN)), work[:KW])
 
 
-@njit(RHS_VJP_SIG, nogil=True, cache=True)
+@njit({vjp_sig}, nogil=True, cache=True)
 def rhs_vjp(t, u, p, a, du, ubar, pbar, work):
     m = u.shape[0] // N_IN
 {load_x}
@@ -72,10 +72,12 @@ def _expr(src: str, what: str) -> str:
     return ast.unparse(_Rename().visit(tree))
 
 
-def generate(kmod: str, g: str | None, dg: str | None) -> str:
-    """Source of the right-hand-side module over kernel module ``kmod``."""
+def generate(kmod: str, g: str | None, dg: str | None, dtype: str = "float64") -> str:
+    """Source of the right-hand-side module over kernel module ``kmod`` (of ``dtype``)."""
+    sigs = dict(sig="RHS_SIG", vjp_sig="RHS_VJP_SIG") if dtype == "float64" else \
+        dict(sig="RHS_SIG32", vjp_sig="RHS_VJP_SIG32")
     if g is None:
-        return _TEMPLATE.format(g="u", dg="1", kmod=kmod, load_x="", x="u", chain_rule="")
+        return _TEMPLATE.format(g="u", dg="1", kmod=kmod, load_x="", x="u", chain_rule="", **sigs)
     ge, dge = _expr(g, "input_map[0]"), _expr(dg, "input_map[1]")
     return _TEMPLATE.format(g=ge, dg=dge, kmod=kmod, load_x=_LOAD.format(g=ge), x="x",
-                            chain_rule=_CHAIN_RULE.format(dg=dge))
+                            chain_rule=_CHAIN_RULE.format(dg=dge), **sigs)

@@ -42,11 +42,21 @@ _INLINE = dict(_OPTS, inline="always")
 
 _f64, _vec, _mat = types.float64, types.float64[::1], types.float64[:, ::1]
 _i64, _ivec = types.int64, types.int64[::1]
-#: ``rhs(t, u, p, du, work)``
-RHS_SIG = types.void(_f64, _vec, _vec, _vec, _vec)
+
+
+def rhs_signatures(dtype):
+    """``(rhs signature, rhs_vjp signature)`` for states and parameters of ``dtype``
+    (float64 or float32; the time is float64 either way)."""
+    v = types.Array(types.float64 if np.dtype(dtype) == np.float64 else types.float32, 1, "C")
+    return (types.void(_f64, v, v, v, v), types.void(_f64, v, v, v, v, v, v, v))
+
+
+#: ``rhs(t, u, p, du, work)`` (float64; float32: :func:`rhs_signatures`)
 #: ``rhs_vjp(t, u, p, a, du, ubar, pbar, work)``
-RHS_VJP_SIG = types.void(_f64, _vec, _vec, _vec, _vec, _vec, _vec, _vec)
+RHS_SIG, RHS_VJP_SIG = rhs_signatures(np.float64)
+RHS_SIG32, RHS_VJP_SIG32 = rhs_signatures(np.float32)
 _RHS, _VJP = types.FunctionType(RHS_SIG), types.FunctionType(RHS_VJP_SIG)
+_VJP32 = types.FunctionType(RHS_VJP_SIG32)
 
 MAX_STEPS_EXCEEDED = -1
 NOT_FINITE = -2
@@ -113,7 +123,7 @@ def _call_vjp(f, t, u, p, a, du, ubar, pbar, work):
 
 @overload(_call_vjp, jit_options=dict(_INLINE))
 def _call_vjp_impl(f, t, u, p, a, du, ubar, pbar, work):
-    if f == _VJP:
+    if f == _VJP or f == _VJP32:
         def impl(f, t, u, p, a, du, ubar, pbar, work):
             f(t, u, p, a, du, ubar, pbar, work)
     else:
@@ -259,11 +269,12 @@ def _integrate(adjoint, rhs, rhs_vjp, n, ts, z0, p, work, rtol, atol, bounds, Z,
                                      + B6 * K6[i])
             _eval(adjoint, rhs, rhs_vjp, n, t_b + dt, yn, p, k7, work)
             stats[0] += 6
-            # error estimate, reusing K2 (not needed any more) as its storage
+            # error estimate, in the row of the midpoint (free until this step is accepted:
+            # the dense output after an exit of this loop always follows an acceptance)
             for i in range(m):
-                K2[i] = (E1 * k1[i] + E3 * K3[i] + E4 * K4[i] + E5 * K5[i] + E6 * K6[i]
+                YM[i] = (E1 * k1[i] + E3 * K3[i] + E4 * K4[i] + E5 * K5[i] + E6 * K6[i]
                          + E7 * k7[i])
-            ratio = _group_norm(K2, y, yn, rtol, atol, bounds, dt)
+            ratio = _group_norm(YM, y, yn, rtol, atol, bounds, dt)
             if not np.isfinite(ratio):
                 return NOT_FINITE
             if ratio <= 1.0:
@@ -271,6 +282,16 @@ def _integrate(adjoint, rhs, rhs_vjp, n, ts, z0, p, work, rtol, atol, bounds, Z,
                 if rec is not None:
                     if not _record(rec, t_b, dt, y):
                         return STORAGE_FULL
+                    K = rec[5]
+                    if K.shape[0] > 0:  # the slopes too ("all" checkpoints)
+                        srow = rec[3][0] - 1
+                        for i in range(m):
+                            K[srow, 0, i] = k1[i]
+                            K[srow, 1, i] = K2[i]
+                            K[srow, 2, i] = K3[i]
+                            K[srow, 3, i] = K4[i]
+                            K[srow, 4, i] = K5[i]
+                            K[srow, 5, i] = K6[i]
                 for i in range(m):
                     YM[i] = y[i] + dt * (M1 * k1[i] + M3 * K3[i] + M4 * K4[i] + M5 * K5[i]
                                          + M6 * K6[i] + M7 * k7[i])
@@ -361,6 +382,23 @@ _Y, _K1, _Y2, _YN, _YBAR, _K7BAR, _Y0BAR, _KB1, _TMP, _YMBAR, _DU, _PREV = (
 
 
 @njit(**_INLINE)
+def _stages_from(Ks, t, dt, V):
+    """:func:`_stages` from the recorded slopes ``Ks (6, n)`` of the step: no ``rhs``
+    calls, the same stage states bitwise."""
+    y, k1, K2, K3, K4, K5, K6 = V[_Y], V[_K1], V[_K1 + 1], V[_K1 + 2], V[_K1 + 3], V[_K1 + 4], V[_K1 + 5]
+    Y2, Y3, Y4, Y5, Y6, yn = V[_Y2], V[_Y2 + 1], V[_Y2 + 2], V[_Y2 + 3], V[_Y2 + 4], V[_YN]
+    for i in range(y.shape[0]):
+        k1[i], K2[i], K3[i], K4[i], K5[i], K6[i] = Ks[0, i], Ks[1, i], Ks[2, i], Ks[3, i], Ks[4, i], Ks[5, i]
+        Y2[i] = y[i] + dt * (A21 * k1[i])
+        Y3[i] = y[i] + dt * (A31 * k1[i] + A32 * K2[i])
+        Y4[i] = y[i] + dt * (A41 * k1[i] + A42 * K2[i] + A43 * K3[i])
+        Y5[i] = y[i] + dt * (A51 * k1[i] + A52 * K2[i] + A53 * K3[i] + A54 * K4[i])
+        Y6[i] = y[i] + dt * (A61 * k1[i] + A62 * K2[i] + A63 * K3[i] + A64 * K4[i]
+                             + A65 * K5[i])
+        yn[i] = y[i] + dt * (B1 * k1[i] + B3 * K3[i] + B4 * K4[i] + B5 * K5[i] + B6 * K6[i])
+
+
+@njit(**_INLINE)
 def _stages(rhs, t, dt, V, p, work):
     """One Dormand-Prince step from ``V[_Y]`` at ``t``: the slopes ``k1..k6`` into
     ``V[_K1 .. _K1+5]``, the stage states ``Y2..Y6`` into ``V[_Y2 .. _Y2+4]`` and the new
@@ -401,17 +439,22 @@ def _vjp_add(rhs_vjp, t, u, p, a, V, work, ptmp, into, pbar):
         pbar[i] += ptmp[i]
 
 
-@njit(_i64(_RHS, _VJP, _vec, _mat, _vec, _vec, _vec, _vec, _mat, _ivec, _ivec, _mat, _vec, _vec,
-           _vec, _ivec), **_OPTS)
-def dopri5_vjp(rhs, rhs_vjp, ts, Ubar, p, work, rec_t, rec_dt, ckpt, info, out_step, V, ptmp,
-               u0bar, pbar, stats):
+_ten = types.float64[:, :, ::1]
+
+
+@njit(_i64(_RHS, _VJP, _vec, _mat, _vec, _vec, _vec, _vec, _mat, _ten, _ivec, _ivec, _mat, _vec,
+           _vec, _vec, _ivec), **_OPTS)
+def dopri5_vjp(rhs, rhs_vjp, ts, Ubar, p, work, rec_t, rec_dt, ckpt, rec_k, info, out_step, V,
+               ptmp, u0bar, pbar, stats):
     """Discretise-then-optimise adjoint of :func:`dopri5_record`: the exact pullback of
     its discrete solution ``U`` (the accepted steps and the dense output at ``ts``) at
     ``Ubar = dL/dU (len(ts), n)``, with the step sizes held fixed (they are not
     differentiated, as in diffrax and torchode).
 
     Walks the recorded steps backwards; for each, recomputes its state from the nearest
-    checkpoint (:func:`_record`; none with a checkpoint per step), its stages, and pulls
+    checkpoint (:func:`_record`; none with a checkpoint per step), its stages (from the
+    recorded slopes ``rec_k (steps, 6, n)`` if they were kept, else by six ``rhs``
+    calls; an empty ``rec_k`` means not kept), and pulls
     ``Ubar`` back through the dense output, the step's update and its six stages: six
     ``rhs_vjp`` calls and six or seven ``rhs`` calls per accepted step. Writes ``u0bar``
     (``n``) and ``pbar`` (``n_params``); ``V (N_VJP_ROWS, n)`` and ``ptmp (n_params,)`` are
@@ -438,8 +481,11 @@ def dopri5_vjp(rhs, rhs_vjp, ts, Ubar, p, work, rec_t, rec_dt, ckpt, info, out_s
             stats[0] += 6
             for i in range(n):
                 V[_Y, i] = V[_YN, i]
-        _stages(rhs, t, dt, V, p, work)
-        stats[0] += 6
+        if rec_k.shape[0] > s:
+            _stages_from(rec_k[s], t, dt, V)
+        else:
+            _stages(rhs, t, dt, V, p, work)
+            stats[0] += 6
         tb = t + dt
         k7 = V[_K1 + 6]
         if s == S - 1:
@@ -544,14 +590,44 @@ def dopri5_vjp(rhs, rhs_vjp, ts, Ubar, p, work, rec_t, rec_dt, ckpt, info, out_s
 
 
 @njit(_i64(_RHS, _vec, _vec, _vec, _vec, _f64, _f64, _ivec, _mat, _mat, _i64, _ivec, _vec, _vec,
-           _mat, _ivec, _ivec), **_OPTS)
+           _mat, _ten, _ivec, _ivec), **_OPTS)
 def dopri5_record(rhs, ts, u0, p, work, rtol, atol, bounds, U, S, max_steps, stats, rec_t, rec_dt,
-                  ckpt, info, out_step):
+                  ckpt, rec_k, info, out_step):
     """:func:`dopri5` that also records what :func:`dopri5_vjp` needs: the start time and
     size of every accepted step (``rec_t``, ``rec_dt``: capacity = most steps), states at
     checkpoints (``ckpt (C, n)``: a state every ``info[1]``-th step, at most ``C``; see
-    :func:`_record`), ``info = [steps, stride, checkpoints]`` and ``out_step
-    (len(ts),)``. Returns 0, a negative error code, or :data:`STORAGE_FULL` (more
-    accepted steps than ``rec_t`` holds: enlarge it and solve again)."""
+    :func:`_record`), ``info = [steps, stride, checkpoints]``, ``out_step
+    (len(ts),)`` and, if ``rec_k`` has rows (``(capacity, 6, n)``; give ``(0, 6, n)``
+    not to keep them), each step's slopes ``k1..k6``. Returns 0, a negative error code,
+    or :data:`STORAGE_FULL` (more accepted steps than ``rec_t`` holds: enlarge it and
+    solve again)."""
     return _integrate(False, rhs, rhs, u0.shape[0], ts, u0, p, work, rtol, atol,
-                      bounds, U, S, max_steps, stats, (rec_t, rec_dt, ckpt, info, out_step))
+                      bounds, U, S, max_steps, stats, (rec_t, rec_dt, ckpt, info, out_step, rec_k))
+
+
+def _sigs(dtype):
+    """The signatures of the solver functions for states of ``dtype`` (times float64)."""
+    d = types.float64 if np.dtype(dtype) == np.float64 else types.float32
+    v, m, t3 = types.Array(d, 1, "C"), types.Array(d, 2, "C"), types.Array(d, 3, "C")
+    R, J = (types.FunctionType(s) for s in rhs_signatures(dtype))
+    return {
+        dopri5: _i64(R, _vec, v, v, v, _f64, _f64, _ivec, m, m, _i64, _ivec),
+        backsolve: _i64(R, J, _vec, m, m, v, v, _f64, _f64, _ivec, m, m, _vec, _i64, _ivec, v, v),
+        dopri5_vjp: _i64(R, J, _vec, m, v, v, _vec, _vec, m, t3, _ivec, _ivec, m, v, v, v, _ivec),
+        dopri5_record: _i64(R, _vec, v, v, v, _f64, _f64, _ivec, m, m, _i64, _ivec, _vec, _vec, m,
+                            t3, _ivec, _ivec),
+    }
+
+
+def ensure_dtype(dtype) -> None:
+    """Compile (or load from numba's cache) :func:`dopri5`, :func:`backsolve`,
+    :func:`dopri5_record` and :func:`dopri5_vjp` for states of ``dtype``: float64 is
+    compiled on import; float32 (float64 times and solver arithmetic, float32 states,
+    parameters and right-hand side) on first use."""
+    for fn, sig in _sigs(dtype).items():
+        if tuple(sig.args) not in fn.overloads:
+            fn._can_compile = True
+            try:
+                fn.compile(sig)
+            finally:
+                fn._can_compile = False
