@@ -14,7 +14,8 @@ def test_quantile_example(torch):
     assert Xtr.shape == (188, 1) and Ytr.shape == (188, 3) and Xte.shape == (47, 1)
     import smallchains as sc
 
-    chain = sc.SimpleChain(1, sc.TurboDense(16, "tanh"), sc.TurboDense(3))
+    # the example's network (its kernels then serve main() below too)
+    chain = sc.SimpleChain(1, sc.TurboDense(16, "tanh"), sc.TurboDense(16, "tanh"), sc.TurboDense(3))
     model = sc.add_loss(chain, sc.CustomLoss(ex.pinball, Ytr))
     diff = ex.torch_gradient_check(chain, model, Xtr, Ytr, sc.init_params(chain, seed=1))
     assert diff < 1e-12

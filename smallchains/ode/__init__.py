@@ -112,7 +112,7 @@ def chain_rhs(chain, n_samples: int, dtype=np.float64, input_map=None) -> ODEFun
         raise ValueError(f"du/dt = chain(u) needs n_out == n_in, got {n_in} -> {n_out}")
     # one block for small batches (zero-padded lanes are wasted work); >= 24 lanes so the
     # block loops vectorize (see SimpleChain.kernels)
-    block = min(128, max(24, -(-int(n_samples) // 8) * 8))
+    block = int(n_samples) if int(n_samples) < 8 else min(128, max(24, -(-int(n_samples) // 8) * 8))
     kmod, plan = get_kernels(chain.input_shape, chain.layers, dtype, B=block,
                              options=chain.options)
     n, kw = int(n_samples) * n_in, plan.work_size
@@ -238,6 +238,16 @@ class Dopri5:
     adjoint : "discrete" or "backsolve", default "discrete"
     checkpoints : "all" or int >= 1, default "all"
         States kept for the discrete adjoint (see above).
+    trajectories : int, optional
+        Solve this many independent trajectories, each with its own adaptive steps (as
+        torchode does), instead of one solve of the whole state: ``f`` is then the
+        right-hand side of ONE trajectory (e.g. ``chain_rhs(net, 1)``), ``u0`` has
+        ``trajectories`` rows of ``f.n_state`` elements, and :meth:`solve` returns ``U``
+        of shape ``(len(t), trajectories, ...)``. The trajectories run on numba's
+        threads (``n_threads``, default all); results do not depend on the thread
+        count (``dL/dp`` is summed over the trajectories in order). Discrete adjoint only.
+    n_threads : int, optional -- threads for ``trajectories`` (default
+        ``numba.get_num_threads()``).
 
     The backsolve options (``adjoint_rtol``, ``adjoint_atol``, ``adjoint_norm``,
     ``param_groups``) do not affect the discrete adjoint, which solves nothing.
@@ -245,7 +255,7 @@ class Dopri5:
 
     def __init__(self, f: ODEFunction, rtol=1e-7, atol=1e-9, adjoint_rtol=None,
                  adjoint_atol=None, adjoint_norm="mixed", param_groups=None, max_steps=100_000,
-                 adjoint="discrete", checkpoints="all"):
+                 adjoint="discrete", checkpoints="all", trajectories=None, n_threads=None):
         compile_rhs(f)
         self.f = f
         self.dtype = check_dtype(f.dtype)
@@ -298,20 +308,48 @@ class Dopri5:
         self.checkpoints = checkpoints
         self._recorded = None  # (t, u0, p) of the solve the records belong to
         self._out_step = None
+        self.trajectories = None
+        lead = ()
+        if trajectories is not None:
+            import numba
+
+            if isinstance(trajectories, bool) or not isinstance(trajectories, (int, np.integer)) \
+                    or trajectories < 1:
+                raise ValueError(f"trajectories must be an int >= 1, got {trajectories!r}")
+            if adjoint != "discrete":
+                raise ValueError("trajectories= needs the discrete adjoint")
+            self.trajectories = int(trajectories)
+            nt = numba.get_num_threads() if n_threads is None else int(n_threads)
+            if not 1 <= nt <= numba.config.NUMBA_NUM_THREADS:
+                raise ValueError(f"n_threads must be in [1, {numba.config.NUMBA_NUM_THREADS}], "
+                                 f"got {n_threads!r}")
+            self.n_threads = min(nt, self.trajectories)
+            lead = (self.trajectories,)
+            _d5.ensure_many(dt)
+            self._works = aligned_zeros((self.n_threads, max(1, int(f.work_size))), dt)
+            self._Sm = np.zeros((self.n_threads, N_SCRATCH_ROWS, n), dtype=dt)
+            self._Vm = np.zeros((self.n_threads, N_VJP_ROWS, n), dtype=dt)
+            self._ptm = np.zeros((self.n_threads, n_p), dtype=dt)
+            self._Pbar = np.zeros((self.trajectories, n_p), dtype=dt)
+            self._statm = np.zeros((self.trajectories, 3), dtype=np.int64)
+            self._codes = np.zeros(self.trajectories, dtype=np.int64)
+        self._lead = lead
         if adjoint == "discrete":
             self._grow(64)
             self._V = np.zeros((N_VJP_ROWS, n), dtype=dt)
             self._ptmp = np.zeros(n_p, dtype=dt)
-            self._info = np.zeros(3, dtype=np.int64)
+            self._info = np.zeros(lead + (3,), dtype=np.int64)
 
     def _grow(self, steps):
-        """Record arrays for ``steps`` accepted steps (the states too with "all")."""
-        self._rec_t = np.zeros(steps, dtype=np.float64)
-        self._rec_dt = np.zeros(steps, dtype=np.float64)
+        """Record arrays for ``steps`` accepted steps (the states too with "all"), per
+        trajectory with ``trajectories``."""
+        lead = self._lead
+        self._rec_t = np.zeros(lead + (steps,), dtype=np.float64)
+        self._rec_dt = np.zeros(lead + (steps,), dtype=np.float64)
         rows = steps if self.checkpoints == "all" else int(self.checkpoints)
-        self._ckpt = np.zeros((rows, self.n_state), dtype=self.dtype)
+        self._ckpt = np.zeros(lead + (rows, self.n_state), dtype=self.dtype)
         # with "all", each step's six slopes too: the backward pass then calls f only once
-        self._rec_k = np.zeros((steps if self.checkpoints == "all" else 0, 6, self.n_state),
+        self._rec_k = np.zeros(lead + (steps if self.checkpoints == "all" else 0, 6, self.n_state),
                                dtype=self.dtype)
 
     # --- validation ----------------------------------------------------------------------
@@ -351,6 +389,9 @@ class Dopri5:
         backsolve adjoint."""
         if self._recorded is None:
             return None
+        if self.trajectories:  # one pair per trajectory
+            return [(self._rec_t[i, :m].copy(), self._rec_dt[i, :m].copy())
+                    for i, m in enumerate(self._info[:, 0])]
         k = int(self._info[0])
         return self._rec_t[:k].copy(), self._rec_dt[:k].copy()
 
@@ -382,9 +423,11 @@ class Dopri5:
         """
         u0 = np.asarray(u0)
         shape = u0.shape
-        u0f = self._state(u0, "u0")
+        u0f = self._state(u0, "u0", self._lead)
         t = self._times(t)
         p = self._params(p)
+        if self.trajectories:
+            return self._solve_many(u0f, shape, t, p, out)
         if out is None:
             out = np.empty((t.shape[0],) + shape, dtype=self.dtype)
         elif (out.shape != (t.shape[0],) + shape or out.dtype != self.dtype
@@ -414,6 +457,47 @@ class Dopri5:
         _raise_for(code, "dopri5 forward solve", self.max_steps)
         return out
 
+    def _solve_many(self, u0f, shape, t, p, out):
+        k, T = self.trajectories, t.shape[0]
+        if out is None:
+            out = np.empty((T,) + shape, dtype=self.dtype)
+        elif out.shape != (T,) + shape or out.dtype != self.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous {(T,) + shape} {self.dtype} array")
+        U = out.reshape(T, k, self.n_state)
+        if self._out_step is None or self._out_step.shape[1] != T:
+            self._out_step = np.zeros((k, T), dtype=np.int64)
+            self._Ut = np.zeros((self.n_threads, T, self.n_state), dtype=self.dtype)
+        self._recorded = None
+        while True:
+            self._statm[:] = 0
+            _d5.solve_many(self._rhs, t, u0f, p, self._works, self.rtol, self.atol,
+                           self.forward_bounds, U, self._Ut, self._Sm, self.max_steps, self._statm,
+                           self._rec_t, self._rec_dt, self._ckpt, self._rec_k, self._info,
+                           self._out_step, self._codes)
+            if not (self._codes == STORAGE_FULL).any():
+                break
+            self._grow(2 * self._rec_t.shape[1])
+        tot = self._statm.sum(axis=0)
+        self.stats = {"nfe": int(tot[0]), "accepted": int(tot[1]), "rejected": int(tot[2]),
+                      "steps_per_trajectory": self._statm[:, 1].copy()}
+        bad = np.flatnonzero(self._codes)
+        if bad.size:
+            _raise_for(int(self._codes[bad[0]]), f"dopri5 forward solve of trajectory {bad[0]}",
+                       self.max_steps)
+        self._recorded = (t.copy(), u0f.copy(), p.copy())
+        return out
+
+    def _vjp_many(self, t, U2, Ub2, p, shape):
+        k = self.trajectories
+        u0bar = np.empty((k, self.n_state), dtype=self.dtype)
+        self._statm[:] = 0
+        _d5.vjp_many(self._rhs, self._rhs_vjp, t, Ub2, p, self._works, self._rec_t, self._rec_dt,
+                     self._ckpt, self._rec_k, self._info, self._out_step, self._Vm, self._ptm,
+                     self._Ut, u0bar, self._Pbar, self._statm)
+        tot = self._statm.sum(axis=0)
+        self.stats = {"nfe": int(tot[0]), "vjp": int(tot[1]), "steps": int(self._info[:, 0].sum())}
+        return u0bar.reshape(shape), self._Pbar.sum(axis=0)
+
     def vjp(self, t, U, Ubar, p):
         """Pullback of the solution map: gradients of a loss ``L(U)`` given ``dL/dU``.
 
@@ -441,7 +525,7 @@ class Dopri5:
         if self.f.rhs_vjp is None:
             raise ValueError("this ODEFunction has no rhs_vjp: the adjoint needs one")
         t = self._times(t)
-        lead = (t.shape[0],)
+        lead = (t.shape[0],) + self._lead
         U2 = self._state(U, "U", lead)
         Ub2 = self._state(Ubar, "Ubar", lead)
         p = self._params(p)
@@ -454,6 +538,8 @@ class Dopri5:
                 raise ValueError("the discrete adjoint differentiates the last solve: call "
                                  "solve(u0, t, p) first, then vjp with the same t, p and "
                                  "U[0] = u0")
+            if self.trajectories:
+                return self._vjp_many(t, U2, Ub2, p, np.shape(U)[1:])
             self._stats[:] = 0
             dopri5_vjp(self._rhs, self._rhs_vjp, t, Ub2, p, self.work, self._rec_t,
                        self._rec_dt, self._ckpt, self._rec_k, self._info, self._out_step,

@@ -34,7 +34,7 @@ Return codes of :func:`dopri5` and :func:`backsolve`: 0 success, ``MAX_STEPS_EXC
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, types
+from numba import njit, prange, types
 from numba.extending import overload
 
 _OPTS = dict(nogil=True, error_model="numpy", cache=True)
@@ -631,3 +631,68 @@ def ensure_dtype(dtype) -> None:
                 fn.compile(sig)
             finally:
                 fn._can_compile = False
+
+
+# --- many trajectories, each its own adaptive solve -------------------------------------
+
+
+def _solve_many(rhs, ts, U0, p, works, rtol, atol, bounds, U, Ut, S, max_steps, stats, rec_t,
+                rec_dt, ckpt, rec_k, info, out_step, codes):
+    """:func:`dopri5_record` for each row ``i`` of ``U0 (k, n)``, an independent trajectory
+    with its own steps, ``U[:, i] = its solution``; the trajectories are spread over the
+    threads (``works.shape[0]`` of them, round robin; thread ``th`` uses row ``th`` of
+    ``works``, ``Ut``, ``S``). Per trajectory ``i``: ``stats[i]``, the records
+    ``rec_t[i] ... out_step[i]`` and the return code ``codes[i]``. Each trajectory's result
+    does not depend on the thread count."""
+    nt = works.shape[0]
+    k = U0.shape[0]
+    for th in prange(nt):
+        for i in range(th, k, nt):
+            codes[i] = dopri5_record(rhs, ts, U0[i], p, works[th], rtol, atol, bounds, Ut[th], S[th],
+                                     max_steps, stats[i], rec_t[i], rec_dt[i], ckpt[i], rec_k[i],
+                                     info[i], out_step[i])
+            for j in range(ts.shape[0]):
+                for q in range(U0.shape[1]):
+                    U[j, i, q] = Ut[th, j, q]
+
+
+def _vjp_many(rhs, rhs_vjp, ts, Ubar, p, works, rec_t, rec_dt, ckpt, rec_k, info, out_step, V,
+              ptmp, Ubt, U0bar, Pbar, stats):
+    """:func:`dopri5_vjp` of each trajectory of :func:`_solve_many`: ``U0bar[i]`` and its
+    own ``Pbar[i]`` (summed by the caller in trajectory order, so the total does not depend
+    on the thread count)."""
+    nt = works.shape[0]
+    k = U0bar.shape[0]
+    for th in prange(nt):
+        for i in range(th, k, nt):
+            for j in range(ts.shape[0]):
+                for q in range(U0bar.shape[1]):
+                    Ubt[th, j, q] = Ubar[j, i, q]
+            dopri5_vjp(rhs, rhs_vjp, ts, Ubt[th], p, works[th], rec_t[i], rec_dt[i], ckpt[i],
+                       rec_k[i], info[i], out_step[i], V[th], ptmp[th], U0bar[i], Pbar[i], stats[i])
+
+
+solve_many = njit(parallel=True, **_OPTS)(_solve_many)
+vjp_many = njit(parallel=True, **_OPTS)(_vjp_many)
+
+
+def _many_sigs(dtype):
+    d = types.float64 if np.dtype(dtype) == np.float64 else types.float32
+    arr = [types.Array(d, nd, "C") for nd in range(5)]
+    R, J = (types.FunctionType(s) for s in rhs_signatures(dtype))
+    f2, f3, i2 = types.float64[:, ::1], types.float64[:, :, ::1], types.int64[:, ::1]
+    return {
+        solve_many: types.void(R, _vec, arr[2], arr[1], arr[2], _f64, _f64, _ivec, arr[3], arr[3],
+                               arr[3], _i64, i2, f2, f2, arr[3], arr[4], i2, i2, _ivec),
+        vjp_many: types.void(R, J, _vec, arr[3], arr[1], arr[2], f2, f2, arr[3], arr[4], i2, i2,
+                             arr[3], arr[2], arr[3], arr[2], arr[2], i2),
+    }
+
+
+def ensure_many(dtype) -> None:
+    """Compile (or load) :data:`solve_many` / :data:`vjp_many` for ``dtype`` (parallel code:
+    compiled only when independent trajectories are used)."""
+    ensure_dtype(dtype)
+    for fn, sig in _many_sigs(dtype).items():
+        if tuple(sig.args) not in fn.overloads:
+            fn.compile(sig)
