@@ -19,19 +19,34 @@ from ._validate import check_real
 from .chain import SimpleChainWithLoss
 
 
-def _penalized(cls, model, lam):
-    if not isinstance(model, SimpleChainWithLoss):
-        raise TypeError(f"{cls.__name__} expects a model with a loss (sc.add_loss(chain, loss)), "
-                        f"got {type(model).__name__}")
-    lam = check_real(cls.__name__, "lam", lam, 0.0)
-    new = object.__new__(cls)
-    new.__dict__.update(model.__dict__)
-    new.l1, new.l2 = model.l1, model.l2
-    new._inner = model
-    return new, lam
+class _Penalty(SimpleChainWithLoss):
+    """A model with one more penalty weight (``_weight``: the attribute it sets)."""
+
+    _weight = ""
+
+    def __new__(cls, model, lam):
+        if not isinstance(model, SimpleChainWithLoss):
+            raise TypeError(f"{cls.__name__} expects a model with a loss (sc.add_loss(chain, "
+                            f"loss)), got {type(model).__name__}")
+        lam = check_real(cls.__name__, "lam", lam, 0.0)
+        new = object.__new__(cls)
+        new.__dict__.update(model.__dict__)
+        new.l1, new.l2 = model.l1, model.l2
+        setattr(new, cls._weight, lam)
+        new._inner = model
+        return new
+
+    def __init__(self, model, lam):  # all done in __new__
+        pass
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self._inner!r}, {getattr(self, self._weight)!r})"
+
+    def __reduce__(self):
+        return type(self), (self._inner, getattr(self, self._weight))
 
 
-class L1Penalty(SimpleChainWithLoss):
+class L1Penalty(_Penalty):
     """``model`` with ``lam * sum |p|`` added to its loss (other penalties of ``model``
     kept, so ``L1Penalty(L2Penalty(model, a), b)`` is the elastic net).
 
@@ -48,19 +63,10 @@ class L1Penalty(SimpleChainWithLoss):
         ``lam`` is negative or not finite.
     """
 
-    def __new__(cls, model, lam):
-        new, lam = _penalized(cls, model, lam)
-        new.l1 = lam
-        return new
-
-    def __init__(self, model, lam):  # all done in __new__
-        pass
-
-    def __repr__(self):
-        return f"L1Penalty({self._inner!r}, {self.l1!r})"
+    _weight = "l1"
 
 
-class L2Penalty(SimpleChainWithLoss):
+class L2Penalty(_Penalty):
     """``model`` with ``lam * sum p^2`` added to its loss (gradient ``2 lam p``); other
     penalties of ``model`` kept.
 
@@ -75,17 +81,4 @@ class L2Penalty(SimpleChainWithLoss):
         As :class:`L1Penalty`.
     """
 
-    def __new__(cls, model, lam):
-        new, lam = _penalized(cls, model, lam)
-        new.l2 = lam
-        return new
-
-    def __init__(self, model, lam):
-        pass
-
-    def __repr__(self):
-        return f"L2Penalty({self._inner!r}, {self.l2!r})"
-
-
-L1Penalty.__reduce__ = lambda self: (L1Penalty, (self._inner, self.l1))
-L2Penalty.__reduce__ = lambda self: (L2Penalty, (self._inner, self.l2))
+    _weight = "l2"

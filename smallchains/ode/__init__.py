@@ -249,6 +249,8 @@ class Dopri5:
     n_threads : int, optional -- threads for ``trajectories`` (default
         ``numba.get_num_threads()``).
 
+    Notes
+    -----
     The backsolve options (``adjoint_rtol``, ``adjoint_atol``, ``adjoint_norm``,
     ``param_groups``) do not affect the discrete adjoint, which solves nothing.
     """
