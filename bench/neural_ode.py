@@ -222,6 +222,13 @@ def main():
         iteration = build_diffrax(net, p, "backsolve" if args.impl == "diffrax-backsolve" else "recursive")
     for y0, Y in batches[:2]:  # warm-up (compilation, allocator)
         iteration(y0, t, Y)
+    if not args.worker and args.impl != "smallchains":
+        # the gradients compared once before timing (the same first batch)
+        _, _, ref, _ = build_smallchains()
+        y0, Y = batches[0]
+        g_ref, g = ref(y0, t, Y)[1], iteration(y0, t, Y)[1]
+        print(f"dL/dp relative difference to smallchains (discrete adjoint), batch 0: "
+              f"{np.linalg.norm(g - g_ref) / np.linalg.norm(g_ref):.2e}", flush=True)
 
     def timed(loops):
         t0 = pyperf.perf_counter()

@@ -73,7 +73,7 @@ def _torch_grads(p, u0, ts, steps, W):
     return U.detach().numpy(), y0.grad.numpy(), g
 
 
-@pytest.mark.parametrize("checkpoints", ["all", 1, 2, 3])
+@pytest.mark.parametrize("checkpoints", ["all", 2])  # 1, 3, 5: bitwise the same (below)
 @pytest.mark.parametrize("direction", [1, -1], ids=["forward", "backward-in-time"])
 def test_gradient_is_autograd_of_the_same_steps(checkpoints, direction):
     f, p, s = neural(n_samples=4, input_map=(cube, dcube), checkpoints=checkpoints)
