@@ -680,7 +680,7 @@ def _many_sigs(dtype):
     d = types.float64 if np.dtype(dtype) == np.float64 else types.float32
     arr = [types.Array(d, nd, "C") for nd in range(5)]
     R, J = (types.FunctionType(s) for s in rhs_signatures(dtype))
-    f2, f3, i2 = types.float64[:, ::1], types.float64[:, :, ::1], types.int64[:, ::1]
+    f2, i2 = types.float64[:, ::1], types.int64[:, ::1]
     return {
         solve_many: types.void(R, _vec, arr[2], arr[1], arr[2], _f64, _f64, _ivec, arr[3], arr[3],
                                arr[3], _i64, i2, f2, f2, arr[3], arr[4], i2, i2, _ivec),
