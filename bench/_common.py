@@ -152,13 +152,15 @@ def glorot_params(seed: int = PARAM_SEED):
 # --------------------------------------------------------------------------
 # result table
 # --------------------------------------------------------------------------
-def fmt_table(rows, baseline_impl="torch"):
+def fmt_table(rows, baseline_impl="torch", floors=None):
     """rows: list of dicts with keys impl, threads, mean, std (seconds per
-    epoch). Returns a markdown table string."""
+    epoch). ``floors``: {threads: floor seconds} (bench/limits.py) for an
+    "x of floor" column. Returns a markdown table string."""
     base = {r["threads"]: r["mean"] for r in rows if r["impl"] == baseline_impl}
+    fl = " x of floor |" if floors else ""
     lines = [
-        "| impl | threads | µs/epoch (mean ± std) | vs torch eager | GFLOP/s |",
-        "|---|---:|---:|---:|---:|",
+        "| impl | threads | µs/epoch (mean ± std) | vs torch eager | GFLOP/s |" + fl,
+        "|---|---:|---:|---:|---:|" + "---:|" * bool(floors),
     ]
     for r in rows:
         us, sd = r["mean"] * 1e6, r["std"] * 1e6
@@ -166,8 +168,45 @@ def fmt_table(rows, baseline_impl="torch"):
         ratio = f"{b / r['mean']:.2f}x" if b else "n/a"
         gf = FLOPS_PER_EPOCH / r["mean"] / 1e9
         lines.append(f"| {r['impl']} | {r['threads']} | {us:,.1f} ± {sd:,.1f}"
-                     f" | {ratio} | {gf:.2f} |")
+                     f" | {ratio} | {gf:.2f} |" + _floor_cell(r, floors))
     return "\n".join(lines)
+
+
+def _floor_cell(r, floors):
+    if not floors:
+        return ""
+    f = floors.get(r["threads"])
+    return f" {r['mean'] / f:.2f} |" if f else " n/a |"
+
+
+def machine_floors(workload, threads):
+    """{threads: floor seconds} of ``workload`` (a name prefix of bench/limits.py's
+    workloads), measured by bench/limits.py in a subprocess (nothing else running), or
+    None if that failed."""
+    import json
+    import subprocess
+    import tempfile
+    here = os.path.dirname(os.path.abspath(__file__))
+    with tempfile.NamedTemporaryFile(suffix=".json") as fh:
+        cmd = [sys.executable, os.path.join(here, "limits.py"), "--json", fh.name,
+               "--threads", *map(str, threads)]
+        print("$", " ".join(cmd[1:]), flush=True)
+        if subprocess.run(cmd, capture_output=True).returncode != 0:
+            return None
+        with open(fh.name) as f:
+            res = json.load(f)
+    for name, fl in res["floors"].items():
+        if name.startswith(workload):
+            return {int(t): s for t, s in fl["seconds"].items()}
+    return None
+
+
+def lower_floors(a, b):
+    """The lower floor per thread count of two :func:`machine_floors` results (the faster
+    phase of a drifting machine: the stricter floor)."""
+    if not a or not b:
+        return a or b
+    return {t: min(a[t], b[t]) for t in a}
 
 
 if __name__ == "__main__":
@@ -180,6 +219,23 @@ if __name__ == "__main__":
 # --------------------------------------------------------------------------
 LENET5_N_TRAIN = 60_000
 LENET5_LR = 3e-4
+
+
+def cpu_name():
+    """The CPU model and its vector extensions, as printed beside every figure."""
+    name = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            info = fh.read()
+        for line in info.splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+        flags = info.split("flags", 1)[1].split("\n", 1)[0].split() if "flags" in info else []
+        ext = "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
+        return f"{name} ({ext}, {os.cpu_count()} logical CPUs)"
+    except OSError:
+        return name
 
 
 def matexp_chain():
@@ -227,23 +283,25 @@ def load_mnist_train(limit=None):
     return X, y
 
 
-def fmt_table_lenet5(rows):
+def fmt_table_lenet5(rows, floors=None):
     """rows: dicts with impl, batch (label str), threads, mean, std (s/epoch
-    of 60k images). Ratio = best torch mean at the same thread count / mean."""
+    of 60k images). Ratio = best torch mean at the same thread count / mean.
+    ``floors``: as :func:`fmt_table`."""
     best = {}
     for r in rows:
         if r["impl"] == "torch":
             t = r["threads"]
             best[t] = min(best.get(t, float("inf")), r["mean"])
     lines = [
-        "| impl | batch size | threads | s/epoch (mean ± std) | vs best torch |",
-        "|---|---:|---:|---:|---:|",
+        "| impl | batch size | threads | s/epoch (mean ± std) | vs best torch |"
+        + (" x of floor |" if floors else ""),
+        "|---|---:|---:|---:|---:|" + "---:|" * bool(floors),
     ]
     for r in rows:
         b = best.get(r["threads"])
         ratio = f"{b / r['mean']:.2f}x" if b else "n/a"
         lines.append(f"| {r['impl']} | {r['batch']} | {r['threads']} | "
-                     f"{r['mean']:.3f} ± {r['std']:.3f} | {ratio} |")
+                     f"{r['mean']:.3f} ± {r['std']:.3f} | {ratio} |" + _floor_cell(r, floors))
     return "\n".join(lines)
 
 

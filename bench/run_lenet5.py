@@ -55,6 +55,8 @@ def main():
                     help="dir for pyperf json files (default: fresh tmp dir)")
     ap.add_argument("--out", default=None, help="also write the table here")
     ap.add_argument("--no-compile-latency", action="store_true")
+    ap.add_argument("--no-floor", action="store_true",
+                    help="skip bench/limits.py (the 'x of floor' column)")
     ap.add_argument("--extra", default="",
                     help="extra args passed to lenet5.py, e.g. '--values 5'")
     args = ap.parse_args()
@@ -75,6 +77,7 @@ def main():
     for impl in skipped:
         print(f"skipping {impl}: not installed", flush=True)
 
+    floors = None if args.no_floor else C.machine_floors("LeNet5", args.threads)
     rows, failed = [], []
     for n in args.threads:
         for impl in impls:
@@ -103,7 +106,9 @@ def main():
                              "mean": mean, "std": std})
                 print(f"  {mean:.3f} s/epoch ({dt:.0f}s wall)", flush=True)
 
-    table = C.fmt_table_lenet5(rows)
+    if not args.no_floor:  # the machine drifts: keep the stricter of the two floors
+        floors = C.lower_floors(floors, C.machine_floors("LeNet5", args.threads))
+    table = C.fmt_table_lenet5(rows, floors=floors)
     notes = []
     if skipped:
         notes.append("skipped (not installed): " + ", ".join(skipped))

@@ -55,6 +55,8 @@ def main():
                     help="dir for pyperf json files (default: fresh tmp dir)")
     ap.add_argument("--out", default=None, help="also write the table here")
     ap.add_argument("--no-compile-latency", action="store_true")
+    ap.add_argument("--no-floor", action="store_true",
+                    help="skip bench/limits.py (the 'x of floor' column)")
     ap.add_argument("--rounds", type=int, default=5,
                     help="interleave the configurations over this many rounds (1: one "
                          "configuration after another)")
@@ -87,6 +89,7 @@ def main():
         print(f"skipping {impl}: module {REQUIRES.get(impl, impl)!r} not installed",
               flush=True)
 
+    floors = None if args.no_floor else C.machine_floors("matexp", args.threads)
     configs = [(n, impl) for n in args.threads for impl in impls]
     files = {c: os.path.join(outdir, f"matexp-{c[1]}-t{c[0]}-{stamp}.json") for c in configs}
     loops, failed, wall = {}, set(), dict.fromkeys(configs, 0.0)
@@ -112,6 +115,8 @@ def main():
                 b = pyperf.Benchmark.load(files[c])
                 loops[c] = max(run.get_loops() for run in b.get_runs())
 
+    if not args.no_floor:  # the machine drifts: keep the stricter of the two floors
+        floors = C.lower_floors(floors, C.machine_floors("matexp", args.threads))
     rows = []
     for c in configs:
         if c in failed:
@@ -126,7 +131,7 @@ def main():
 
     rows.sort(key=lambda r: (r["threads"], args.impls.index(r["impl"])
                              if r["impl"] in args.impls else 99))
-    table = C.fmt_table(rows)
+    table = C.fmt_table(rows, floors=floors)
     notes = []
     if skipped:
         notes.append("skipped (not installed): " + ", ".join(skipped))

@@ -448,16 +448,20 @@ def emit_outer_grad_vector(ctx, n_in, n_out, w_off, b_off, act, z_off):
             out += [f"{pad}g[{b_off} + o] += vsum(gb0)"]
         return out
 
-    L += [f"vz = vsplat({dt}(0.0))", f"for o in range({n_out}):", f"    do = {go_} + o * {B}",
-          f"    ao = {ctx.out_off} + o * {B}"]
+    # input tiles outer, output rows inner: one tile's 8 input rows stay in L1 while every
+    # delta row passes (rows outer streamed the whole input block once per output row)
+    L += [f"vz = vsplat({dt}(0.0))"]
+    first = 0
     if fused is not None:
+        L += [f"for o in range({n_out}):", f"    do = {go_} + o * {B}", f"    ao = {ctx.out_off} + o * {B}"]
         L += vtile(0, True)
         first = 8
-    else:
-        first = 0
     if first < fi:
-        L += [f"    for it in range({first}, {fi}, 8):"] + vtile("it", False)
+        L += [f"for it in range({first}, {fi}, 8):", f"    for o in range({n_out}):",
+              f"        do = {go_} + o * {B}"]
+        L += vtile("it", False)
     if fi < n_in:  # the last inputs: a scalar 1-row tile (delta is stored)
+        L += [f"for o in range({n_out}):", f"    do = {go_} + o * {B}"]
         L += ["    zero = " + f"{dt}(0.0)"] + [f"    e{b} = zero" for b in range(n_in - fi)]
         L += [f"    for s in range({B}):", "        dd = work[do + s]"]
         L += [f"        e{b} += dd * work[{x + (fi + b) * B} + s]" for b in range(n_in - fi)]
