@@ -260,7 +260,7 @@ def test_chunked_training_is_bitwise_one_call(monkeypatch):
     assert not np.array_equal(one["p"], p0)
 
 
-def _interrupt_during(fn, delay=0.3):
+def _interrupt_during(fn, delay=1.0):
     """Run ``fn()`` while a timer thread raises KeyboardInterrupt in this (the main) thread
     after ``delay`` seconds; returns the KeyboardInterrupt (None if ``fn`` returned)."""
     timer = threading.Timer(delay, _thread.interrupt_main)
