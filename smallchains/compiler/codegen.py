@@ -54,7 +54,7 @@ import os
 import re
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
 
@@ -109,6 +109,8 @@ class ChainPlan:
     red_lo: int = 0
     red_hi: int = 0
     loss_slot: int = 0
+    #: names of the module's layer steps in slot order (set by generate_source)
+    step_names: list = field(default_factory=list)
 
     @property
     def n_stages(self) -> int:
@@ -271,6 +273,15 @@ class _Functions:
                 lines.append(self.calls[step])
         return _indent(lines, n)
 
+    def shared_source(self, steps_from, same_steps):
+        """A loss module's stand-in for :meth:`source`: no step definitions or table, the
+        name of the module whose steps the kernels call, and for each kernel the kernel of
+        that module that runs the same steps."""
+        lines = [f"    {k!r}: {v!r}," for k, v in sorted(same_steps.items())]
+        return (f"_STEPS_FROM = {steps_from!r}  # the module whose layer steps these kernels call\n"
+                + "_SAME_STEPS = {\n" + "\n".join(lines) + "\n}\n\n\n"
+                + "def __getattr__(name):\n    return _resolve_shared(globals(), name)\n")
+
     def source(self, deps):
         """The step definitions, the step table and the kernels' ``_DEPS``."""
         layers = ", ".join(f"{n!r}: ({i}, _py_{n})" for i, n in enumerate(self.names))
@@ -426,7 +437,8 @@ import math
 import numpy as np
 from numba import carray, njit, types
 from smallchains._config import JIT_OPTIONS as _J
-from smallchains.compiler.linking import StepTable, call_step, keep_alive, resolve as _resolve
+from smallchains.compiler.linking import (StepTable, call_step, keep_alive, resolve as _resolve,
+                                          resolve_shared as _resolve_shared)
 from smallchains._fastmath import tanh_f32, tanh_f64
 from smallchains._numba_utils import like
 from smallchains.activations import gelu_grad, silu_grad
@@ -620,13 +632,20 @@ def kernel_source_hash() -> str:
 
 
 def generate_source(input_shape, layers, dtype, B=None, options=None,
-                    losses=()) -> tuple[str, ChainPlan]:
+                    losses=(), steps_from=None) -> tuple[str, ChainPlan]:
     """Source of the kernel module of a chain: forward kernels plus, for every loss kind
     valgrad and loss kernels, and the embedding kernels (numba compiles each on first use).
     ``options``: a :class:`~smallchains.compiler.options.KernelOptions` (default: tuned
     kernels for the host's register budget). ``losses``: ``(kind, source)`` pairs of
     generated losses (:meth:`smallchains.losses.Loss.kernel_source`), whose kernels the
-    module gets beside the built-ins'."""
+    module gets beside the built-ins'.
+
+    ``steps_from``: the name of the imported module of the same chain without ``losses``.
+    The source is then a *loss module*: only the valgrad and loss kernels of ``losses``
+    (and ``combine``), calling that module's layer steps through its step table, so no
+    layer code is compiled again (see :func:`smallchains.compiler.linking.resolve_shared`).
+    ``plan.step_names`` lists the steps in slot order; the caller checks they are the
+    other module's."""
     if options is None:
         options = kernel_options()
     from .. import __version__
@@ -636,8 +655,9 @@ def generate_source(input_shape, layers, dtype, B=None, options=None,
     if B is None:
         B = choose_block_size(input_shape, layers, dtype.itemsize)
     plan = plan_chain(input_shape, layers, B)
+    shared = steps_from is not None
     imports = {"smallchains.losses": set(LOSS_KERNELS.values())}
-    loss_kernels = dict(LOSS_KERNELS)
+    loss_kernels = {} if shared else dict(LOSS_KERNELS)
     loss_kernels.update((kind, f"_loss_block_{kind}") for kind, _ in losses)
     for s in plan.slots:
         for mod, names in s.layer.kernel_imports.items():
@@ -674,22 +694,28 @@ def generate_source(input_shape, layers, dtype, B=None, options=None,
     with_gx = infer + steps["pull_x", False]  # embedding kernels: inference mode
     deps = {"forward_batch": infer, "valvjp_batch": with_gx, "vjp_batch": with_gx}
     body = _TEMPLATE.format(**fmt)
-    if B == 1:
+    # a loss module: kernel -> the kernel of the module `steps_from` that runs the same steps
+    same_steps = {}
+    if shared:
+        deps = {}
+    elif B == 1:
         deps.update(forward_single=infer, valvjp_single=with_gx, vjp_single=with_gx)
         body += _SINGLE_TEMPLATE.format(
             forward_single=funcs.run(infer), pullback_single=funcs.run(steps["pull_x", False]),
             out_off=out_off, grad_a=plan.grad_a, gx_off=gx_off, n_in=plan.n_in, n_out=plan.n_out,
             n_params=plan.n_params, work_size=plan.work_size)
-    body += _BATCH_TEMPLATE.format(
-        forward=funcs.run(infer, 8), pullback=funcs.run(steps["pull_x", False], 8),
-        out_off=out_off, grad_a=plan.grad_a, gx_off=gx_off, n_in=plan.n_in, n_out=plan.n_out,
-        n_params=plan.n_params, work_size=plan.work_size)
+    if not shared:
+        body += _BATCH_TEMPLATE.format(
+            forward=funcs.run(infer, 8), pullback=funcs.run(steps["pull_x", False], 8),
+            out_off=out_off, grad_a=plan.grad_a, gx_off=gx_off, n_in=plan.n_in, n_out=plan.n_out,
+            n_params=plan.n_params, work_size=plan.work_size)
     for f_train, v_train, suffix in modes:
         f_mode = suffix if suffix is not None else "_train"
         v_mode = suffix if suffix is not None else "_infer"
         fwd = steps["forward", f_train]
-        deps["forward_range" + f_mode] = fwd
-        body += _FORWARD_TEMPLATE.format(mode=f_mode, forward=funcs.run(fwd, 8), out_off=out_off)
+        if not shared:
+            deps["forward_range" + f_mode] = fwd
+            body += _FORWARD_TEMPLATE.format(mode=f_mode, forward=funcs.run(fwd, 8), out_off=out_off)
         vfwd = steps["vforward", v_train]
         prelude = ""
         valgrad_variants = (  # (name suffix, pullback, gx store, docstring line)
@@ -699,11 +725,13 @@ def generate_source(input_shape, layers, dtype, B=None, options=None,
              "Also overwrites rows idx[lo:hi] of gx (N, N_IN) with scale * dL/dx."))
         for kind, kernel in sorted(loss_kernels.items()):
             deps[f"loss_range_{kind}{f_mode}"] = fwd
+            same_steps[f"loss_range_{kind}{f_mode}"] = f"loss_range_squared{f_mode}"
             for x, pullback, store_gx, gx_doc in valgrad_variants:
                 if v_train and plan.reducing:
                     prelude = _staged_prelude(plan, funcs, vfwd, pullback, kernel, out_off,
                                               store_gx)
                 deps[f"valgrad{x}_range_{kind}{v_mode}"] = _names(vfwd + pullback)
+                same_steps[f"valgrad{x}_range_{kind}{v_mode}"] = f"valgrad{x}_range_squared{v_mode}"
                 body += _LOSS_TEMPLATE.format(
                     prelude=prelude,
                     kind=kind, mode=v_mode, forward=funcs.run(vfwd, 8), loss_kernel=kernel,
@@ -715,18 +743,25 @@ def generate_source(input_shape, layers, dtype, B=None, options=None,
     if plan.reducing:
         body += _combine_source(plan, dtype, options)
         deps["combine"] = ()
+        same_steps["combine"] = "combine"
     if losses:
         body += "\n\nfrom smallchains._config import INLINE_OPTIONS as _JI  # noqa: E402\n"
         body += "".join(source for _, source in sorted(losses))
+    plan.step_names = list(funcs.names)
     # layer functions go between the header (imports, constants) and the range kernels
     head, sep, rest = body.partition("\n\n@njit")
-    src = head + "\n\n\n" + funcs.source(deps) + "\n" + sep + rest
-    # the step table's symbol: module name (filled in on import) and dtype (call_step checks
-    # that the arrays match it)
-    return src.replace("@TABLE@", f'"@MODULE@_steps_{dtype.name}"'), plan
+    if shared:
+        src = head + "\n\n\n" + funcs.shared_source(steps_from, same_steps) + "\n" + sep + rest
+        table = f'"{steps_from}_steps_{dtype.name}"'
+    else:
+        src = head + "\n\n\n" + funcs.source(deps) + "\n" + sep + rest
+        # the step table's symbol: module name (filled in on import) and dtype (call_step
+        # checks that the arrays match it)
+        table = f'"@MODULE@_steps_{dtype.name}"'
+    return src.replace("@TABLE@", table), plan
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # get_kernels of a loss module first gets the chain's module
 _modules: dict = {}
 
 
@@ -766,6 +801,11 @@ def get_kernels(input_shape, layers, dtype, B=None, options=None, losses=()):
     with _lock:
         hit = _modules.get(key)
         if hit is None:
-            src, plan = generate_source(input_shape, layers, dtype, B, options, losses)
+            base = get_kernels(input_shape, layers, dtype, B, options)[0] if losses else None
+            src, plan = generate_source(input_shape, layers, dtype, B, options, losses,
+                                        steps_from=base.__name__ if base else None)
+            if base is not None and plan.step_names != list(base._LAYERS):  # pragma: no cover
+                # slots would not match: a module of its own (its steps compile again)
+                src, plan = generate_source(input_shape, layers, dtype, B, options, losses)
             hit = _modules[key] = (_import_generated(src), plan)
         return hit

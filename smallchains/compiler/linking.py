@@ -260,6 +260,10 @@ def prefetch(module, name) -> None:
     """Start compiling kernel ``name``'s uncached layer steps in a helper process, so that
     this process can compile something else meanwhile; ``getattr(module, name)`` finishes."""
     namespace = vars(module)
+    if "_STEPS_FROM" in namespace:  # a loss module: its steps are the chain module's
+        if name in namespace["_SAME_STEPS"] and name not in namespace:
+            prefetch(sys.modules[namespace["_STEPS_FROM"]], namespace["_SAME_STEPS"][name])
+        return
     with _lock:
         key = (module.__name__, name)
         if name in namespace or key in _pending or name not in namespace["_DEPS"]:
@@ -288,6 +292,21 @@ def resolve(namespace: dict, name: str):
                 _marker(namespace, name).touch()
             except OSError:  # read-only cache directory: only costs a helper next time
                 pass
+    kernel = namespace["_" + name]
+    namespace[name] = kernel
+    return kernel
+
+
+def resolve_shared(namespace: dict, name: str):
+    """Module ``__getattr__`` of a generated *loss module* (the kernels of a custom,
+    weighted or Huber loss, see :func:`smallchains.compiler.codegen.generate_source`): its
+    kernels call the layer steps of the chain's own module ``_STEPS_FROM`` through that
+    module's step table. Binding them there (``getattr`` of the kernel that runs the same
+    steps, ``_SAME_STEPS``) compiles or loads each step once for every loss of the chain."""
+    same = namespace["_SAME_STEPS"].get(name)
+    if same is None:
+        raise AttributeError(f"module {namespace['__name__']!r} has no attribute {name!r}")
+    getattr(sys.modules[namespace["_STEPS_FROM"]], same)
     kernel = namespace["_" + name]
     namespace[name] = kernel
     return kernel
