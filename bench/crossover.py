@@ -213,15 +213,16 @@ def plot(res, threads, path):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ax = axes[0]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for t, style in zip(threads, ("-", "--")):
         ours = res.get(("smallchains", t), {})
         peer = res.get(("torch", t), {})
         widths = sorted({int(k.split(":")[1]) for k in ours if k.startswith("dense")})
-        for w in widths:
+        for w, color in zip(widths, colors):
             keys = sorted((k for k in ours if k.startswith(f"dense:{w}:")), key=lambda k: int(k.split(":")[2]))
             xs = [int(k.split(":")[2]) for k in keys if k in peer]
             ys = [peer[k] / ours[k] for k in keys if k in peer]
-            ax.plot(xs, ys, style, marker="o", label=f"width {w}, {t} thr")
+            ax.plot(xs, ys, style, color=color, marker="o", label=f"width {w}, {t} thr")
     ax.axhline(1, color="k", lw=0.8)
     ax.set_xscale("log"), ax.set_yscale("log")
     ax.set_xlabel("batch size"), ax.set_ylabel("torch eager time / smallchains time")
@@ -233,9 +234,11 @@ def plot(res, threads, path):
         peer = res.get(("torch", t), {})
         keys = sorted((k for k in ours if k.startswith("conv") and k in peer), key=lambda k: int(k.split(":")[1]))
         ax.plot([int(k.split(":")[1]) for k in keys], [peer[k] / ours[k] for k in keys], style,
-                marker="o", label=f"{t} thr")
+                color="k", marker="o", label=f"{t} thr")
     ax.axhline(1, color="k", lw=0.8)
     ax.set_xscale("log"), ax.set_yscale("log")
+    ax.set_xticks(list(CHANNELS), [str(c) for c in CHANNELS])
+    ax.minorticks_off()
     ax.set_xlabel("first conv channels c (second: 2c)"), ax.set_ylabel("torch eager time / smallchains time")
     ax.set_title(f"conv 28x28, batch {CONV_BATCH}, Adam step")
     ax.legend(fontsize=7)
@@ -251,10 +254,19 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json")
     ap.add_argument("--plot")
+    ap.add_argument("--from-json", help="table and plot of an earlier --json file (no runs)")
     ap.add_argument("--worker", nargs=2, metavar=("IMPL", "THREADS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args.worker[0], int(args.worker[1]), args.quick)
+        return
+    if args.from_json:
+        with open(args.from_json) as fh:
+            res = {(k.split("@")[0], int(k.split("@")[1])): v for k, v in json.load(fh).items()}
+        threads = sorted({t for _, t in res})
+        print(table(res, threads, [i for i in args.impls if any(i == j for j, _ in res)]))
+        if args.plot:
+            plot(res, threads, args.plot)
         return
     impls = [i for i in args.impls if _installed({"smallchains": "smallchains"}.get(i, i))]
     res = {}
