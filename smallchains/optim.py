@@ -1,9 +1,6 @@
 """Optimizers: a small Python object holding hyperparameters and state arrays, plus a
-numba update kernel ``update(p, g, state, hyper, t, lo, hi)`` that the compiled training
-loops call after each gradient step (``t`` is the 1-based step count). It updates the
-entries ``lo:hi`` only: every update here is elementwise, so the loops can split one
-update over the threads, each thread the slice of ``p`` it owns (see
-:func:`smallchains.compiler.loops._step`).
+numba update kernel ``update(p, g, state, hyper, t)`` that the compiled training loops
+call after each gradient step (``t`` is the 1-based step count).
 
 The state lives in the optimizer object (``opt.state``), allocated on first use for a
 given parameter vector and reused; :meth:`Optimizer.reset` clears it.
@@ -73,8 +70,7 @@ class Optimizer:
         return self.state, np.asarray(hyper, dtype=p.dtype)
 
     def update_kernel(self):
-        """The numba update kernel ``update(p, g, state, hyper, t, lo, hi)`` of this
-        optimizer (entries ``lo:hi`` of ``p`` and the state)."""
+        """The numba update kernel ``update(p, g, state, hyper, t)`` of this optimizer."""
         return globals()[UPDATE_KERNELS[self.kind][1]]
 
     def step(self, p: np.ndarray, g: np.ndarray) -> None:
@@ -84,7 +80,7 @@ class Optimizer:
                              f"and {g.shape} {g.dtype}")
         state, hyper = self.prepare(p)
         self.t += 1
-        self.update_kernel()(p, g, state, hyper, self.t, 0, p.shape[0])
+        self.update_kernel()(p, g, state, hyper, self.t)
 
 
 class Adam(Optimizer):
@@ -269,7 +265,7 @@ class RMSProp(Optimizer):
 
 
 @njit(**JIT_OPTIONS)
-def adam_update(p, g, state, hyper, t, lo, hi):
+def adam_update(p, g, state, hyper, t):
     lr, b1, b2, eps = hyper[0], hyper[1], hyper[2], hyper[3]
     # bias corrections in float64 like torch (Python floats), then cast
     bc1 = 1.0 - float(b1) ** t
@@ -279,7 +275,7 @@ def adam_update(p, g, state, hyper, t, lo, hi):
     one = like(lr, 1.0)
     m = state[0]
     v = state[1]
-    for j in range(lo, hi):
+    for j in range(p.shape[0]):
         gj = g[j]
         m[j] = b1 * m[j] + (one - b1) * gj
         v[j] = b2 * v[j] + (one - b2) * gj * gj
@@ -287,45 +283,46 @@ def adam_update(p, g, state, hyper, t, lo, hi):
 
 
 @njit(**JIT_OPTIONS)
-def adamw_update(p, g, state, hyper, t, lo, hi):
+def adamw_update(p, g, state, hyper, t):
     # hyper: lr, beta1, beta2, eps, weight_decay; torch.optim.AdamW decays first
     decay = like(hyper[0], 1.0) - hyper[0] * hyper[4]
-    for j in range(lo, hi):
+    for j in range(p.shape[0]):
         p[j] *= decay
-    adam_update(p, g, state, hyper, t, lo, hi)
+    adam_update(p, g, state, hyper, t)
 
 
 @njit(**JIT_OPTIONS)
-def sgd_update(p, g, state, hyper, t, lo, hi):
+def sgd_update(p, g, state, hyper, t):
     # hyper: lr, momentum, dampening, nesterov (0 or 1); the branches are hoisted out of
     # the loops so each loop is a plain vectorizable stream
     lr, mu, damp, nesterov = hyper[0], hyper[1], hyper[2], hyper[3]
     buf = state[0]
+    n = p.shape[0]
     if mu == 0:
-        for j in range(lo, hi):
+        for j in range(n):
             p[j] -= lr * g[j]
         return
     keep = like(lr, 1.0) - damp
     if t == 1:  # torch: the buffer starts as a copy of the first gradient (no dampening)
-        for j in range(lo, hi):
+        for j in range(n):
             buf[j] = g[j]
     else:
-        for j in range(lo, hi):
+        for j in range(n):
             buf[j] = mu * buf[j] + keep * g[j]
     if nesterov != 0:
-        for j in range(lo, hi):
+        for j in range(n):
             p[j] -= lr * (g[j] + mu * buf[j])
     else:
-        for j in range(lo, hi):
+        for j in range(n):
             p[j] -= lr * buf[j]
 
 
 @njit(**JIT_OPTIONS)
-def rmsprop_update(p, g, state, hyper, t, lo, hi):
+def rmsprop_update(p, g, state, hyper, t):
     lr, a, eps = hyper[0], hyper[1], hyper[2]
     one = like(lr, 1.0)
     v = state[0]
-    for j in range(lo, hi):
+    for j in range(p.shape[0]):
         gj = g[j]
         v[j] = a * v[j] + (one - a) * gj * gj
         p[j] -= lr * gj / (math.sqrt(v[j]) + eps)

@@ -51,36 +51,6 @@ def test_threaded_training_matches_single_thread_and_is_deterministic(dtype):
         assert_close(runs[rows][1], runs[1][1], dtype)
 
 
-@pytest.mark.parametrize("make_opt", [lambda: sc.Adam(1e-2), lambda: sc.AdamW(1e-2, weight_decay=0.1),
-                                      lambda: sc.SGD(0.05, momentum=0.9, nesterov=True),
-                                      lambda: sc.RMSProp(1e-2)], ids=["adam", "adamw", "sgd", "rmsprop"])
-def test_update_split_over_threads_matches_the_serial_update(make_opt):
-    """With several gradient rows and no penalty, clipping or frozen entries, each thread
-    sums and updates the slice of p it owns (loops._sum_update_owned); a clip_norm too
-    large to clip takes the serial sum-then-update path. Same sums, same elementwise
-    update: equal to rounding (the vectorized update loop's FMA contraction can round
-    the elements of a slice's scalar remainder one ulp apart), and bitwise reproducible.
-    Thread counts whose slices end inside a 16-entry line (numparam 4,709 here), full
-    batch and minibatches."""
-    _, X, Y, _ = _setup(n=50)
-    chain = sc.SimpleChain(3, sc.TurboDense(70, "tanh"), sc.TurboDense(59, "tanh"), sc.TurboDense(4))
-    model = sc.add_loss(chain, sc.SquaredLoss(Y))
-    assert chain.n_params >= loops.OWNED_MIN_PARAMS and chain.n_params % 16 != 0
-    p0 = random_params(chain, seed=0, dtype=X.dtype)
-    for rows in (2, 3):
-        G = sc.alloc_threaded_grad(model.chain, n_threads=rows, dtype=p0.dtype)
-        runs = []
-        for clip in (None, None, 1e300):
-            p, opt = p0.copy(), make_opt()
-            h1 = sc.train_unbatched(G, p, model, X, opt, 4, clip_norm=clip)
-            h2 = sc.train_batched(G, p, model, X, opt, 2, batch_size=16, seed=1, clip_norm=clip)
-            runs.append((p, opt.state.copy(), h1, h2))
-        assert not np.array_equal(runs[0][0], p0)
-        for a, b, c in zip(*runs):
-            np.testing.assert_array_equal(a, b)
-            np.testing.assert_allclose(a, c, rtol=1e-12, atol=1e-15)
-
-
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 numba threads")
 def test_valgrad_same_with_one_or_two_threads():
     model, X, Y, p = _setup(n=601)  # several blocks, so two threads are used

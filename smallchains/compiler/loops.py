@@ -133,11 +133,11 @@ def _regularize(p, g, reg, frozen):
 
 @njit(**INLINE_OPTIONS)
 def _apply_update(update, p, g, state, hyper, t, frozen, stash):
-    """``update(p, g, state, hyper, t, 0, n)``, with the entries ``frozen`` of ``p`` kept as
-    they were (``stash`` holds them meanwhile: a gradient row, free after the sum)."""
+    """``update(p, g, state, hyper, t)``, with the entries ``frozen`` of ``p`` kept as they
+    were (``stash`` holds them meanwhile: a gradient row, free after the sum)."""
     for i in range(frozen.shape[0]):
         stash[i] = p[frozen[i]]
-    update(p, g, state, hyper, t, 0, p.shape[0])
+    update(p, g, state, hyper, t)
     for i in range(frozen.shape[0]):
         p[frozen[i]] = stash[i]
 
@@ -146,8 +146,8 @@ def _apply_update(update, p, g, state, hyper, t, frozen, stash):
 OK, LOSS_NOT_FINITE, GRAD_NOT_FINITE = 0, 1, 2
 
 
-def _step(valgrad, combine, update, nstages, X, T, idx, lo, m, p, G, lstate, works, metas,
-          losses, g, state, hyper, t, gx, reg, frozen):
+def _step(valgrad, combine, update, nstages, X, T, idx, lo, m, scale, p, G, lstate, works,
+          metas, losses, g, state, hyper, t, gx, reg, frozen):
     """One optimizer step on rows ``idx[lo:lo+m]``, split over the ``G.shape[0]`` threads
     (thread ``k`` overwrites ``G[k]`` and ``losses[k]``; unless the loss is not finite,
     ``g`` is overwritten with their sum). ``lstate`` is the layer state, ``state`` the
@@ -157,9 +157,12 @@ def _step(valgrad, combine, update, nstages, X, T, idx, lo, m, p, G, lstate, wor
     are not touched. ``nstages``, ``combine``: the batch-statistics stages, see
     :func:`_stages` (they update the running statistics in ``lstate``). ``reg``,
     ``frozen``: penalties, gradient clipping and frozen parameters, see
-    :func:`_regularize`; the returned loss includes the penalty."""
+    :func:`_regularize`; the returned loss includes the penalty. ``scale`` is ``1 / m`` in
+    ``p``'s dtype, computed by the caller: computed here (``like(p[0], 1.0 / m)``), or with
+    ``lo`` the literal 0, numba's specialization of this parallel function ran its region
+    at half speed with 2 threads (measured on a Zen 3, a 16/32-channel conv chain, batch
+    128: 17-19 against 8.3 ms per step; the cause inside numba is not known)."""
     nt = G.shape[0]
-    scale = like(p[0], 1.0 / m)
     for k in range(nt):
         metas[k, 1] = t
     # inlined parallel loops (not a call of valgrad_threads): saves a parallel compile (~0.7 s)
@@ -170,68 +173,12 @@ def _step(valgrad, combine, update, nstages, X, T, idx, lo, m, p, G, lstate, wor
         total += losses[k]
     if not np.isfinite(total):
         return total, LOSS_NOT_FINITE
-    plain = frozen.shape[0] == 0 and reg[0] == 0 and reg[1] == 0 and not reg[2] > 0
-    if nt > 1 and plain and p.shape[0] >= OWNED_MIN_PARAMS:
-        if not _sum_update_owned(update, p, G, g, state, hyper, t, losses):
-            return total, GRAD_NOT_FINITE
-        return total, OK
     sum_rows(G, g)
     if not _all_finite(g):
         return total, GRAD_NOT_FINITE
     total += _regularize(p, g, reg, frozen)
     _apply_update(update, p, g, state, hyper, t, frozen, G[0])
     return total, OK
-
-
-#: from this many parameters on, :func:`_step` splits the gradient sum and the update over
-#: the threads (:func:`_sum_update_owned`); below, two more parallel launches (about 3.5
-#: us each, measured on a Zen 3) would cost more than the cross-core traffic they save
-OWNED_MIN_PARAMS = 4096
-
-
-@njit(**INLINE_OPTIONS)
-def _owned(n, k, nt):
-    """Thread ``k``'s slice ``lo:hi`` of a parameter vector of ``n`` entries: ``nt`` equal
-    parts, their bounds on 64-byte lines (multiples of 16 entries)."""
-    lo = 0 if k == 0 else n * k // nt // 16 * 16
-    hi = n if k == nt - 1 else n * (k + 1) // nt // 16 * 16
-    return lo, hi
-
-
-@njit(**INLINE_OPTIONS)
-def _sum_update_owned(update, p, G, g, state, hyper, t, flags):
-    """The gradient sum, finiteness check and update of :func:`_step` split over the
-    threads: thread ``k`` sums the rows of ``G`` over its slice :func:`_owned` of the
-    parameters (the same additions in the same order as :func:`sum_rows`: bitwise the
-    same ``g``), checks it, and, if every slice is finite, updates that slice of ``p``
-    and the optimizer state. Returns whether ``g`` was finite (then ``p`` was updated;
-    otherwise nothing was). ``flags`` (one entry per thread) is overwritten.
-
-    Why: the serial sum reads every other thread's gradient row and the serial update
-    writes all of ``p``, which every thread reads next step. Measured on a 2-vCPU Zen 3
-    guest, such cross-core line transfers ran at about 60 ns per 64-byte line, 0.54 ms
-    per step for 68,010 float32 parameters (bench/limits.py-style ping-pong); split, each
-    thread moves half the lines, at the same time."""
-    nt = G.shape[0]
-    n = p.shape[0]
-    for k in prange(nt):
-        lo, hi = _owned(n, k, nt)
-        for j in range(lo, hi):
-            g[j] = G[0, j]
-        for r in range(1, nt):
-            for j in range(lo, hi):
-                g[j] += G[r, j]
-        ok = True
-        for j in range(lo, hi):
-            ok &= np.isfinite(g[j])
-        flags[k] = 1.0 if ok else 0.0
-    for k in range(nt):
-        if flags[k] == 0:
-            return False
-    for k in prange(nt):
-        lo, hi = _owned(n, k, nt)
-        update(p, g, state, hyper, t, lo, hi)
-    return True
 
 
 def _train_unbatched(valgrad, combine, update, nstages, X, T, idx, p, G, lstate, works, metas,
@@ -246,13 +193,15 @@ def _train_unbatched(valgrad, combine, update, nstages, X, T, idx, p, G, lstate,
     ``info`` (not a return value) so the caller knows the steps done whenever it is
     interrupted."""
     n = idx.shape[0]
+    lo = n - n  # a run-time zero, not the literal 0 (see _step)
+    scale = like(p[0], 1.0 / n)
     for _ in range(iters):
         i = info[0]
         if lrs.shape[0] > 0:
             hyper[0] = lrs[i]
-        loss, status = _step(valgrad, combine, update, nstages, X, T, idx, 0, n, p, G, lstate,
-                             works, metas, losses, g, state, hyper, step0 + i + 1, gx, reg,
-                             frozen)
+        loss, status = _step(valgrad, combine, update, nstages, X, T, idx, lo, n, scale, p, G,
+                             lstate, works, metas, losses, g, state, hyper, step0 + i + 1, gx,
+                             reg, frozen)
         hist[i] = loss
         if status != OK:
             info[1] = status
@@ -274,9 +223,10 @@ def _train_batched(valgrad, combine, update, nstages, X, T, perm, batch_size, ns
         i = info[0]
         b = i % nbatch
         lo = b * batch_size
-        loss, status = _step(valgrad, combine, update, nstages, X, T, perm, lo,
-                             min(n, lo + batch_size) - lo, p, G, lstate, works, metas, losses, g,
-                             state, hyper, step0 + i + 1, gx, reg, frozen)
+        m = min(n, lo + batch_size) - lo
+        loss, status = _step(valgrad, combine, update, nstages, X, T, perm, lo, m,
+                             like(p[0], 1.0 / m), p, G, lstate, works, metas, losses, g, state,
+                             hyper, step0 + i + 1, gx, reg, frozen)
         hist[b] = loss
         if status != OK:
             info[1] = status
@@ -474,9 +424,8 @@ def no_combine(stage, works, state, update_running):
 
 @_memo_sig
 def update_sig(p, state, hyper):
-    """Signature of an optimizer's ``update(p, g, state, hyper, t, lo, hi)``."""
-    return types.void(_typeof(p), _typeof(p), _typeof(state), _typeof(hyper), types.int64,
-                      types.int64, types.int64)
+    """Signature of an optimizer's ``update(p, g, state, hyper, t)``."""
+    return types.void(_typeof(p), _typeof(p), _typeof(state), _typeof(hyper), types.int64)
 
 
 class _Address(WrapperAddressProtocol):
