@@ -25,6 +25,7 @@ floor" = measured time / floor. ``--json`` writes the figures for other scripts
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -38,6 +39,7 @@ sys.path.insert(0, HERE)
 import _common as C  # noqa: E402
 
 
+@functools.lru_cache(maxsize=None)
 def _kernels():
     from numba import njit
 
@@ -66,19 +68,15 @@ def _kernels():
         for c in (c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11):
             vstore(out, 0, vfma(c, m, vload(out, 0)))
 
-    @njit(nogil=True, cache=False)
-    def tanh_loop32(n, x, y):
-        for _ in range(n):
-            for k in range(x.shape[0]):
-                y[k] = tanh_f32(x[k])
+    def tanh_loop(tanh):
+        @njit(nogil=True, cache=False)
+        def loop(n, x, y):
+            for _ in range(n):
+                for k in range(x.shape[0]):
+                    y[k] = tanh(x[k])
+        return loop
 
-    @njit(nogil=True, cache=False)
-    def tanh_loop64(n, x, y):
-        for _ in range(n):
-            for k in range(x.shape[0]):
-                y[k] = tanh_f64(x[k])
-
-    return fma_loop, {np.float32: tanh_loop32, np.float64: tanh_loop64}
+    return fma_loop, {np.float32: tanh_loop(tanh_f32), np.float64: tanh_loop(tanh_f64)}
 
 
 def _run_threads(fn, nthreads):
