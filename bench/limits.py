@@ -19,8 +19,8 @@ at the measured FMA peak, plus its tanh/sigmoid evaluations at the measured cost
 and sigmoid are forward-only; their derivatives come from the output). Loss, optimizer,
 pooling and data movement are left out, so a real step is always above the floor; "x of
 floor" = measured time / floor. ``--json`` writes the figures for other scripts
-(``bench/run_matexp.py`` and ``bench/run_lenet5.py`` read them through
-:func:`measure`).
+(``bench/run_matexp.py`` and ``bench/run_lenet5.py`` run this script in a subprocess and
+read that file: ``_common.machine_floors``).
 """
 from __future__ import annotations
 
@@ -192,15 +192,6 @@ def measure(threads=(1, 2), seconds=0.3):
                              + tanhs * out["tanh_ns"][dn] * 1e-9 / t) for t in threads}
         out["floors"][name] = dict(unit=unit, samples=n, macs=macs, tanhs=tanhs, seconds=secs)
     return out
-
-
-def floor_seconds(limits, workload, threads):
-    """Floor in seconds of ``workload`` (a key of :func:`workloads`, or a prefix of one) at
-    ``threads`` from :func:`measure`'s dict."""
-    for name, f in limits["floors"].items():
-        if name.startswith(workload):
-            return f["seconds"][str(threads)]
-    raise KeyError(workload)
 
 
 def main():
