@@ -241,7 +241,14 @@ class SimpleChain:
         the expected shapes otherwise, from Python and from numba code alike; dtypes are
         checked when a kernel is compiled for the arguments' types (a numba TypingError).
         The kernels rely on nothing left in ``work`` by an earlier call: one ``work`` serves
-        the single-sample and the batch kernels. To call from your own ``@njit`` function, bind the
+        the single-sample and the batch kernels.
+
+        The kernels compute in inference mode (Dropout is the identity, BatchNorm uses its
+        running statistics). A chain with layer state (``n_state > 0``: BatchNorm) reads
+        that state from the **last** ``n_state`` elements of ``work``, which are included in
+        ``work_size`` and never written: put it there with
+        ``work = k.alloc_work(state)`` or ``k.set_state(work, state)`` (again after training
+        changes ``state``). To call from your own ``@njit`` function, bind the
         functions to module-level names first (``fwd = k.forward``) and call those globals.
 
         Parameters
@@ -254,9 +261,6 @@ class SimpleChain:
             (measured 4-5x slower for a tanh layer), so prefer 24 or more.
         """
         dtype = check_dtype(dtype)
-        if self.n_state:
-            raise NotImplementedError("embedding kernels of chains with layer state (BatchNorm) "
-                                      "are not available yet")
         if block_size is None:
             block_size = 32
         if not isinstance(block_size, (int, np.integer)) or not 1 <= block_size <= 1024:
@@ -266,7 +270,8 @@ class SimpleChain:
                                    options=self.options)
         return ChainKernels(
             prod(self.input_shape), prod(self.output_shape), self.n_params,
-            max(plan1.work_size, planb.work_size), np.dtype(dtype), int(block_size),
+            max(plan1.work_size, planb.work_size) + self.n_state, np.dtype(dtype), int(block_size),
+            self.n_state,
             forward=single.forward_single, vjp=single.vjp_single, valvjp=single.valvjp_single,
             forward_batch=batch.forward_batch, vjp_batch=batch.vjp_batch,
             valvjp_batch=batch.valvjp_batch)
@@ -320,9 +325,11 @@ class SimpleChain:
             The layer state (:func:`init_state`): required if the chain has one
             (BatchNorm's running statistics, read in inference). Not modified.
         training : bool, keyword-only, default False
-            Inference (Dropout is the identity) or training mode (Dropout draws its mask
-            from ``seed``, ``step`` and the row's index in ``X``; see docs/api.md, "Modes
-            and random numbers").
+            Inference (Dropout is the identity, BatchNorm uses the running statistics) or
+            training mode (Dropout draws its mask from ``seed``, ``step`` and the row's
+            index in ``X``; BatchNorm normalizes with the statistics of the whole ``X``
+            and does not update ``state``; see docs/api.md, "Modes and random numbers").
+            ValueError in training if BatchNorm would see one value per channel.
         seed, step : int, keyword-only
             The random key and the step counter of training mode (unused in inference).
 
@@ -334,10 +341,9 @@ class SimpleChain:
         p = check_params(self.n_params, p)
         key, step = check_random(seed, step)
         state = self._check_state(state, p.dtype)
-        if training and self._stat_sizes:
-            raise NotImplementedError("chain(X, p, training=True) with BatchNorm (batch "
-                                      "statistics) is not available yet: use valgrad or train_*")
         X2, single = check_inputs(self.input_shape, X, p.dtype)
+        if training:
+            self._check_batch_stats(X2.shape[0], "X")
         mod, plan = self._kernels(p.dtype)
         n = X2.shape[0]
         nt = max(1, min(numba.get_num_threads(), -(-n // plan.B)))
@@ -345,10 +351,19 @@ class SimpleChain:
         idx = np.arange(n)
         kernel = kernel_for(mod, plan, "forward_range", training, default=False)
         works, metas, kstate = self._workspace(plan, nt, p.dtype, key, step, state)
-        loops.call(loops.forward_threads, [(kernel, loops.forward_sig(X2, idx, p, Y))],
-                   (X2, idx, p, kstate, works, metas, Y))
+        combine, nstages = forward_stages(mod, plan, p, works, training)
+        loops.call(loops.forward_threads, [(kernel, loops.forward_sig(X2, idx, p, Y)), combine],
+                   (nstages, X2, idx, p, kstate, works, metas, Y))
         Y = Y.reshape((n,) + self.output_shape)
         return Y[0] if single else Y
+
+
+def forward_stages(mod, plan, p, works, training):
+    """``((combine kernel, its signature), nstages)`` of a forward (or loss) pass: one
+    stage per BatchNorm in training mode (its batch statistics), else none."""
+    if training and plan.reducing:
+        return (Deferred(mod, "combine"), loops.combine_sig(p, works)), len(plan.reducing)
+    return (loops.no_combine, loops.combine_sig(p, works)), 0
 
 
 def kernel_for(mod, plan, name, training, default):
@@ -366,21 +381,54 @@ def kernel_for(mod, plan, name, training, default):
 class ChainKernels:
     """Sizes and numba kernels of a chain (see :meth:`SimpleChain.kernels`)."""
 
-    def __init__(self, n_in, n_out, n_params, work_size, dtype, block_size, **kernels):
+    def __init__(self, n_in, n_out, n_params, work_size, dtype, block_size, n_state=0, **kernels):
         self.n_in, self.n_out, self.n_params, self.work_size = n_in, n_out, n_params, work_size
-        self.dtype, self.block_size = dtype, block_size
+        self.dtype, self.block_size, self.n_state = dtype, block_size, n_state
         self.forward, self.vjp, self.valvjp = kernels["forward"], kernels["vjp"], kernels["valvjp"]
         self.forward_batch = kernels["forward_batch"]
         self.vjp_batch, self.valvjp_batch = kernels["vjp_batch"], kernels["valvjp_batch"]
 
     def __repr__(self):
         return (f"ChainKernels(n_in={self.n_in}, n_out={self.n_out}, n_params={self.n_params}, "
-                f"work_size={self.work_size}, dtype={self.dtype}, block_size={self.block_size})")
+                f"work_size={self.work_size}, dtype={self.dtype}, block_size={self.block_size}, "
+                f"n_state={self.n_state})")
 
-    def alloc_work(self) -> np.ndarray:
+    def alloc_work(self, state=None) -> np.ndarray:
         """A zeroed workspace of ``work_size`` elements, 64-byte aligned (an unaligned one
-        works too, but vector loads that straddle cache lines make the kernels slower)."""
-        return aligned_zeros(self.work_size, self.dtype)
+        works too, but vector loads that straddle cache lines make the kernels slower).
+
+        ``state``: the layer state, shape ``(n_state,)`` of ``dtype``
+        (:func:`~smallchains.init_state`, updated by training), copied into the last
+        ``n_state`` elements; required (ValueError otherwise) if ``n_state > 0``, and then
+        the only way the kernels see it."""
+        work = aligned_zeros(self.work_size, self.dtype)
+        if self.n_state or state is not None:
+            self.set_state(work, state)
+        return work
+
+    def set_state(self, work, state) -> None:
+        """Copy the layer ``state`` (``(n_state,)``, ``dtype``) into the last ``n_state``
+        elements of ``work`` (``(>= work_size,)``, ``dtype``, C-contiguous), where the
+        kernels read it. Raises ValueError naming the expected shapes and dtype; on an
+        error nothing is written."""
+        if self.n_state == 0:
+            if state is None or np.size(state) == 0:
+                return
+            raise ValueError("this chain has no layer state: pass state=None")
+        if state is None:
+            raise ValueError(f"this chain has layer state ({self.n_state} elements: BatchNorm "
+                             "running statistics): pass state=sc.init_state(chain) as trained")
+        for name, a, shape in (("state", state, (self.n_state,)), ("work", work, None)):
+            if (not isinstance(a, np.ndarray) or a.dtype != self.dtype or a.ndim != 1
+                    or (shape is not None and a.shape != shape) or not a.flags.c_contiguous):
+                want = f"({self.n_state},)" if shape else f"(>= {self.work_size},)"
+                raise ValueError(f"{name} must be a C-contiguous {self.dtype} array of shape "
+                                 f"{want}, got {getattr(a, 'dtype', type(a).__name__)} "
+                                 f"{getattr(a, 'shape', '')}")
+        if work.shape[0] < self.work_size or not work.flags.writeable:
+            raise ValueError(f"work must be writeable with at least {self.work_size} elements, "
+                             f"got {work.shape[0]}")
+        work[work.shape[0] - self.n_state:] = state
 
 
 class SimpleChainWithLoss:
@@ -417,18 +465,18 @@ class SimpleChainWithLoss:
         p = check_params(self.chain.n_params, p)
         key, step = check_random(seed, step)
         state = self.chain._check_state(state, p.dtype)
-        if training and self.chain._stat_sizes:
-            raise NotImplementedError("model(X, p, training=True) with BatchNorm (batch "
-                                      "statistics) is not available yet: use valgrad")
         X2, T, mod, plan = _prepare(self, X, p, targets)
         n = X2.shape[0]
+        if training:
+            self.chain._check_batch_stats(n, "X")
         nt = max(1, min(numba.get_num_threads(), -(-n // plan.B)))
         losses = np.zeros(nt, dtype=p.dtype)
         idx = np.arange(n)
         kernel = kernel_for(mod, plan, f"loss_range_{self.loss.kernel_kind}", training, default=False)
         works, metas, kstate = self.chain._workspace(plan, nt, p.dtype, key, step, state)
-        loops.call(loops.loss_threads, [(kernel, loops.loss_sig(X2, T, idx, p))],
-                   (X2, T, idx, p, kstate, works, metas, losses, p.dtype.type(1.0 / n)))
+        combine, nstages = forward_stages(mod, plan, p, works, training)
+        loops.call(loops.loss_threads, [(kernel, loops.loss_sig(X2, T, idx, p)), combine],
+                   (nstages, X2, T, idx, p, kstate, works, metas, losses, p.dtype.type(1.0 / n)))
         return float(losses.sum()) + self.penalty_value(p)
 
     def penalty_value(self, p) -> float:

@@ -83,6 +83,36 @@ def test_training_gradient_and_running_stats_match_torch(torch, dtype, make, n, 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("make", [dense_chain, conv_chain], ids=["dense", "conv"])
+@pytest.mark.parametrize("n", [2, 37, 300])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_training_mode_forward_and_loss_match_torch(torch, dtype, make, n, threads):
+    """chain(X, p, training=True) and model(X, p, training=True): whole-batch statistics
+    (the forward stages), state read for nothing and left untouched."""
+    chain, X, T, p = setup(make, n, dtype, seed=5)
+    model = sc.add_loss(chain, sc.SquaredLoss(T))
+    state = sc.init_state(chain, dtype)
+    state[:] = np.random.default_rng(6).uniform(0.5, 2.0, state.shape)  # must not be read
+    saved = state.copy()
+    before = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        Y = chain(X, p, state=state, training=True)
+        loss = model(X, p, state=state, training=True)
+        loss_vg, _ = sc.valgrad(model, X, p, state=state)
+    finally:
+        numba.set_num_threads(before)
+    net, _ = torch_chain_model(torch, chain, p)
+    out = net(torch.from_numpy(X.astype(np.float64)))  # train mode: batch statistics
+    tl = ((out - torch.from_numpy(T.astype(np.float64))) ** 2).sum(1).mean()
+    assert Y.dtype == dtype and Y.shape == (n, 3)
+    assert_close(Y, out.detach().numpy(), dtype)
+    assert_close(np.float64(loss), tl.item(), dtype)
+    assert_close(np.float64(loss), np.float64(loss_vg), dtype)
+    np.testing.assert_array_equal(state, saved)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("make", [dense_chain, conv_chain], ids=["dense", "conv"])
 def test_eval_mode_forward_and_pullback_match_torch(torch, dtype, make):
     chain, X, T, p = setup(make, 29, dtype, seed=1)
     state = sc.init_state(chain, dtype)
@@ -145,6 +175,11 @@ def test_batch_of_one_raises_in_training_and_state_is_required():
     model = sc.add_loss(chain, sc.SquaredLoss(T))
     with pytest.raises(ValueError, match="more than one value per channel"):
         sc.valgrad(sc.add_loss(chain, sc.SquaredLoss(T[:1])), X[:1], p)
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        chain(X[:1], p, state=sc.init_state(chain), training=True)
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        sc.add_loss(chain, sc.SquaredLoss(T[:1]))(X[:1], p, state=sc.init_state(chain),
+                                                  training=True)
     G = sc.alloc_threaded_grad(chain)
     state = sc.init_state(chain)
     saved = p.copy()
@@ -262,3 +297,51 @@ def test_kernels_against_numpy_every_valid_lane_count(dtype):
             assert_close(full[:, :, :nv].reshape(C, -1), dx, dtype)
             assert (full[:, :, nv:] == 0).all()
             assert_close(g, np.concatenate([(dys * xhat).sum(1), dys.sum(1)]), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("make", [dense_chain, conv_chain], ids=["dense", "conv"])
+def test_embedding_kernels_read_the_state_from_the_end_of_work(dtype, make):
+    """chain.kernels() of a chain with BatchNorm: inference with the running statistics
+    held in the last n_state elements of work; single and batch kernels against
+    chain(X, p, state=...) and the vjp against finite differences (float64)."""
+    chain, X, T, p = setup(make, 11, dtype, seed=7)
+    state = sc.init_state(chain, dtype)
+    rng = np.random.default_rng(8)
+    for v in chain.state_views(state):
+        if v:
+            v["running_mean"][:] = rng.standard_normal(v["running_mean"].shape)
+            v["running_var"][:] = rng.uniform(0.3, 2.0, v["running_var"].shape)
+    k = chain.kernels(dtype, block_size=8)
+    assert k.n_state == chain.n_state and k.work_size > chain.n_state
+    with pytest.raises(ValueError, match="pass state=sc.init_state"):
+        k.alloc_work()
+    with pytest.raises(ValueError, match=rf"state must be .* shape \({chain.n_state},\)"):
+        k.alloc_work(state[:-1].copy())
+    work = k.alloc_work(state)
+    np.testing.assert_array_equal(work[-chain.n_state:], state)
+    Xf = X.reshape(11, -1)
+    want = chain(X, p, state=state)
+    Y = np.empty((11, k.n_out), dtype)
+    work[:-chain.n_state] = np.nan  # nothing but the state may be read before written
+    k.forward_batch(Xf, p, Y, work)
+    assert_close(Y, want, dtype)
+    y = np.empty(k.n_out, dtype)
+    k.forward(Xf[4].copy(), p, y, work)
+    assert_close(y, want[4], dtype)
+    np.testing.assert_array_equal(work[-chain.n_state:], state)  # read, never written
+    with pytest.raises(ValueError, match=f"the last {chain.n_state} of them the layer state"):
+        k.forward_batch(Xf, p, Y, work[:2 * chain.n_state].copy())
+    if dtype == np.float64:  # the batch vjp: d(sum(Ybar * Y))/dp and /dX
+        Ybar = rng.standard_normal((11, k.n_out))
+        Xbar, pbar = np.empty_like(Xf), np.empty_like(p)
+        k.vjp_batch(Xf, p, Ybar, Xbar, pbar, work)
+
+        def f(q, x=Xf):
+            out = np.empty((11, k.n_out))
+            k.forward_batch(x, q, out, work)
+            return float((out * Ybar).sum())
+
+        assert_close(pbar, central_fd(f, p), dtype, rtol=1e-6, atol=1e-8)
+        assert_close(Xbar.ravel(), central_fd(lambda v: f(p, v.reshape(Xf.shape)), Xf.ravel()),
+                     dtype, rtol=1e-6, atol=1e-8)

@@ -403,6 +403,16 @@ def _staged_prelude(plan, funcs, vfwd, pull, loss_kernel, out_off, store_gx):
     return "\n" + _indent(lines)
 
 
+def _forward_stage_prelude(plan):
+    """Start of the training forward and loss kernels of a chain with batch statistics:
+    read the stage, zero the partial sums. Stage ``j < m`` runs every block from the input
+    to the ``j``-th reducing layer and sums its statistics there; stage ``m`` is the whole
+    forward pass with the batch statistics that ``combine`` put into ``state`` (see
+    :func:`smallchains.compiler.loops._forward_threads`). Unlike the valgrad kernels', no
+    block's workspace is kept between stages: the forward pass is recomputed."""
+    return ["stage = meta[2]", f"for j in range({plan.red_lo}, {plan.red_hi}):", "    work[j] = 0"]
+
+
 def _combine_source(plan, dtype, options):
     """``combine(stage, works, state, update_running)``: the serial part of each reduction
     stage (see :func:`smallchains.compiler.loops._stages`), merging the threads' partial
@@ -452,6 +462,8 @@ N_OUT = {n_out}
 N_PARAMS = {n_params}
 WORK_SIZE = {work_size}
 N_STATE = {n_state}
+# the layer state's elements: the embedding kernels read it from the end of their work
+N_LAYER_STATE = {n_layer_state}
 META_SIZE = {meta_size}
 
 # Layer steps: C functions over raw pointers (p, g, work, state, meta), called through the
@@ -465,7 +477,7 @@ _STEP_SIG = types.void(types.CPointer(types.{dtype}), types.CPointer(types.{dtyp
 _FORWARD_TEMPLATE = '''
 
 @njit(**_J)
-def _forward_range{mode}(X, idx, lo, hi, p, state, work, meta, Y):
+def _forward_range{mode}(X, idx, lo, hi, p, state, work, meta, Y):{prelude}
     for s0 in range(lo, hi, B):
         nb = min(B, hi - s0)
         load_block(X, idx, s0, nb, work, 0, N_IN, B)
@@ -497,7 +509,7 @@ _LOSS_ONLY_TEMPLATE = '''
 
 @njit(**_J)
 def _loss_range_{kind}{mode}(X, T, idx, lo, hi, p, state, work, meta, scale):
-    total = like(scale, 0.0)
+    total = like(scale, 0.0){prelude}
     for s0 in range(lo, hi, B):
         nb = min(B, hi - s0)
         load_block(X, idx, s0, nb, work, 0, N_IN, B)
@@ -513,10 +525,10 @@ _SINGLE_TEMPLATE = '''
 def _forward_single(x, p, y, work):
     """One sample: y = chain(x; p). Overwrites y and work; allocates nothing."""
     check_contiguous(p, p, work)
-    if x.shape[0] != N_IN or y.shape[0] != N_OUT or p.shape[0] != N_PARAMS or work.shape[0] < WORK_SIZE:
+    if x.shape[0] != N_IN or y.shape[0] != N_OUT or p.shape[0] != N_PARAMS or work.shape[0] < WORK_SIZE + N_LAYER_STATE:
         raise ValueError("forward(x, p, y, work) expects x ({n_in},), p ({n_params},), y ({n_out},) "
-                         "and work of at least {work_size} elements")
-    state = meta = None  # inference steps of embeddable chains read neither
+                         "and work of at least {work_min} elements{state_msg}")
+{state_line}
     for f in range(N_IN):
         work[f] = x[f]
 {forward_single}
@@ -531,10 +543,10 @@ def _valvjp_single(x, p, ybar, y, xbar, pbar, work):
     check_contiguous(p, pbar, work)
     if (x.shape[0] != N_IN or ybar.shape[0] != N_OUT or (y.shape[0] != N_OUT and y.shape[0] != 0)
             or xbar.shape[0] != N_IN or p.shape[0] != N_PARAMS or pbar.shape[0] != N_PARAMS
-            or work.shape[0] < WORK_SIZE):
+            or work.shape[0] < WORK_SIZE + N_LAYER_STATE):
         raise ValueError("vjp / valvjp expect x, xbar ({n_in},), ybar, y ({n_out},), p, pbar "
-                         "({n_params},) and work of at least {work_size} elements")
-    state = meta = None
+                         "({n_params},) and work of at least {work_min} elements{state_msg}")
+{state_line}
     for f in range(N_IN):
         work[f] = x[f]
 {forward_single}
@@ -565,10 +577,10 @@ def _forward_batch(X, p, Y, work):
     check_contiguous(p, p, work)
     n = X.shape[0]
     if (X.shape[1] != N_IN or Y.shape[0] != n or Y.shape[1] != N_OUT or p.shape[0] != N_PARAMS
-            or work.shape[0] < WORK_SIZE):
+            or work.shape[0] < WORK_SIZE + N_LAYER_STATE):
         raise ValueError("forward_batch(X, p, Y, work) expects X (n, {n_in}), Y (n, {n_out}), "
-                         "p ({n_params},) and work of at least {work_size} elements")
-    state = meta = None  # inference steps of embeddable chains read neither
+                         "p ({n_params},) and work of at least {work_min} elements{state_msg}")
+{state_line}
     for s0 in range(0, n, B):
         nb = min(B, n - s0)
         load_rows(X, s0, nb, work, 0, N_IN, B)
@@ -586,11 +598,11 @@ def _valvjp_batch(X, p, Ybar, Y, Xbar, pbar, work):
     if (X.shape[1] != N_IN or Ybar.shape[0] != n or Ybar.shape[1] != N_OUT
             or (want_y and (Y.shape[0] != n or Y.shape[1] != N_OUT)) or Xbar.shape[0] != n
             or Xbar.shape[1] != N_IN or p.shape[0] != N_PARAMS or pbar.shape[0] != N_PARAMS
-            or work.shape[0] < WORK_SIZE):
+            or work.shape[0] < WORK_SIZE + N_LAYER_STATE):
         raise ValueError("vjp_batch / valvjp_batch expect X, Xbar (n, {n_in}), Ybar and Y (n, {n_out}) "
                          "(Y may have 0 rows), p, pbar ({n_params},) and work of at least "
-                         "{work_size} elements")
-    state = meta = None
+                         "{work_min} elements{state_msg}")
+{state_line}
     for j in range(pbar.shape[0]):
         pbar[j] = 0
     g = pbar
@@ -671,7 +683,7 @@ def generate_source(input_shape, layers, dtype, B=None, options=None,
         kernel_hash=kernel_source_hash(), imports=import_lines, n_in=plan.n_in,
         n_out=plan.n_out, n_params=plan.n_params, work_size=plan.work_size, out_off=out_off,
         kernels=options.kernels, registers=options.registers,
-        n_state=max(plan.n_state + plan.n_scratch, 1),
+        n_state=max(plan.n_state + plan.n_scratch, 1), n_layer_state=plan.n_state,
         meta_size=plan.meta_size,
     )
     funcs = _Functions()
@@ -696,6 +708,15 @@ def generate_source(input_shape, layers, dtype, B=None, options=None,
     body = _TEMPLATE.format(**fmt)
     # a loss module: kernel -> the kernel of the module `steps_from` that runs the same steps
     same_steps = {}
+    # embedding kernels: inference mode; the layer state (BatchNorm's running statistics)
+    # is the last n_state elements of work (a view past them is never read: inference
+    # steps read only the running statistics)
+    embed = dict(work_min=plan.work_size + plan.n_state, state_msg="", state_line=(
+        "    state = meta = None  # inference steps of chains without layer state read neither"))
+    if plan.n_state:
+        embed.update(state_msg=f", the last {plan.n_state} of them the layer state", state_line=(
+            "    state = work[work.shape[0] - N_LAYER_STATE:]  # the layer state, read only\n"
+            "    meta = None"))
     if shared:
         deps = {}
     elif B == 1:
@@ -703,19 +724,24 @@ def generate_source(input_shape, layers, dtype, B=None, options=None,
         body += _SINGLE_TEMPLATE.format(
             forward_single=funcs.run(infer), pullback_single=funcs.run(steps["pull_x", False]),
             out_off=out_off, grad_a=plan.grad_a, gx_off=gx_off, n_in=plan.n_in, n_out=plan.n_out,
-            n_params=plan.n_params, work_size=plan.work_size)
+            n_params=plan.n_params, **embed)
     if not shared:
         body += _BATCH_TEMPLATE.format(
             forward=funcs.run(infer, 8), pullback=funcs.run(steps["pull_x", False], 8),
             out_off=out_off, grad_a=plan.grad_a, gx_off=gx_off, n_in=plan.n_in, n_out=plan.n_out,
-            n_params=plan.n_params, work_size=plan.work_size)
+            n_params=plan.n_params, **embed)
     for f_train, v_train, suffix in modes:
         f_mode = suffix if suffix is not None else "_train"
         v_mode = suffix if suffix is not None else "_infer"
         fwd = steps["forward", f_train]
+        f_prelude = ""
+        if f_train and plan.reducing:  # batch statistics: the forward stages (see loops)
+            fwd = steps["vforward", True]
+            f_prelude = "\n" + _indent(_forward_stage_prelude(plan))
         if not shared:
-            deps["forward_range" + f_mode] = fwd
-            body += _FORWARD_TEMPLATE.format(mode=f_mode, forward=funcs.run(fwd, 8), out_off=out_off)
+            deps["forward_range" + f_mode] = _names(fwd)
+            body += _FORWARD_TEMPLATE.format(mode=f_mode, forward=funcs.run(fwd, 8), out_off=out_off,
+                                             prelude=f_prelude)
         vfwd = steps["vforward", v_train]
         prelude = ""
         valgrad_variants = (  # (name suffix, pullback, gx store, docstring line)
@@ -724,7 +750,7 @@ def generate_source(input_shape, layers, dtype, B=None, options=None,
              f"\n        store_block(gx, idx, s0, nb, work, {gx_off}, N_IN, B)",
              "Also overwrites rows idx[lo:hi] of gx (N, N_IN) with scale * dL/dx."))
         for kind, kernel in sorted(loss_kernels.items()):
-            deps[f"loss_range_{kind}{f_mode}"] = fwd
+            deps[f"loss_range_{kind}{f_mode}"] = _names(fwd)
             same_steps[f"loss_range_{kind}{f_mode}"] = f"loss_range_squared{f_mode}"
             for x, pullback, store_gx, gx_doc in valgrad_variants:
                 if v_train and plan.reducing:
@@ -739,7 +765,7 @@ def generate_source(input_shape, layers, dtype, B=None, options=None,
                     store_gx=store_gx, gx_doc=gx_doc)
             body += _LOSS_ONLY_TEMPLATE.format(kind=kind, mode=f_mode, forward=funcs.run(fwd, 8),
                                                loss_kernel=kernel, out_off=out_off,
-                                               grad_a=plan.grad_a)
+                                               grad_a=plan.grad_a, prelude=f_prelude)
     if plan.reducing:
         body += _combine_source(plan, dtype, options)
         deps["combine"] = ()

@@ -44,23 +44,37 @@ from .linking import Deferred
 from .runtime import sum_rows
 
 
-def _forward_threads(forward, X, idx, p, state, works, metas, Y):
+def _forward_threads(forward, combine, nstages, X, idx, p, state, works, metas, Y):
     """Rows ``idx`` of ``X`` -> the same rows of ``Y``, split over ``works.shape[0]`` threads.
     ``state``: the layer state; ``metas[k]``: thread ``k``'s step metadata (key and step
-    set by the caller, lane rows written by the kernel)."""
+    set by the caller, lane rows and stage written here and by the kernel). A training
+    forward pass of a chain with batch statistics first runs ``nstages`` stages (one per
+    BatchNorm), each followed by ``combine`` in thread order; the running statistics are
+    not updated. Otherwise ``nstages`` is 0."""
     nt = works.shape[0]
     n = idx.shape[0]
-    for k in prange(nt):
-        forward(X, idx, n * k // nt, n * (k + 1) // nt, p, state, works[k], metas[k], Y)
+    for stage in range(nstages + 1):
+        for k in range(nt):
+            metas[k, 2] = stage
+        for k in prange(nt):
+            forward(X, idx, n * k // nt, n * (k + 1) // nt, p, state, works[k], metas[k], Y)
+        if stage < nstages:
+            combine(stage, works, state, False)
 
 
-def _loss_threads(loss, X, T, idx, p, state, works, metas, losses, scale):
-    """Thread ``k`` overwrites ``losses[k]`` with ``scale *`` the loss sum of its rows."""
+def _loss_threads(loss, combine, nstages, X, T, idx, p, state, works, metas, losses, scale):
+    """Thread ``k`` overwrites ``losses[k]`` with ``scale *`` the loss sum of its rows
+    (after ``nstages`` batch-statistics stages, as :func:`_forward_threads`)."""
     nt = works.shape[0]
     n = idx.shape[0]
-    for k in prange(nt):
-        losses[k] = loss(X, T, idx, n * k // nt, n * (k + 1) // nt, p, state, works[k],
-                         metas[k], scale)
+    for stage in range(nstages + 1):
+        for k in range(nt):
+            metas[k, 2] = stage
+        for k in prange(nt):
+            losses[k] = loss(X, T, idx, n * k // nt, n * (k + 1) // nt, p, state, works[k],
+                             metas[k], scale)
+        if stage < nstages:
+            combine(stage, works, state, False)
 
 
 def _valgrad_threads(valgrad, combine, nstages, X, T, idx, lo, m, p, G, state, works, metas,
