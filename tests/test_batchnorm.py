@@ -18,7 +18,7 @@ DTYPES = [np.float32, np.float64]
 
 
 def dense_chain():
-    return sc.SimpleChain(6, sc.TurboDense(5, "tanh"), sc.BatchNorm(), sc.TurboDense(4, "tanh"),
+    return sc.SimpleChain(20, sc.TurboDense(5, "tanh"), sc.BatchNorm(), sc.TurboDense(4, "tanh"),
                           sc.BatchNorm(momentum=0.2, eps=1e-3), sc.TurboDense(3))
 
 

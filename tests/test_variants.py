@@ -99,6 +99,17 @@ def dense_cases():
         yield n_in, [sc.TurboDense(n_out, act, bias=k % 5 != 4)]
 
 
+def rows_cases():
+    """First dense layers that take dW from the sample-major input rows: inputs 16 .. 33
+    (every remainder of the 2-vector input tile in both dtypes, the 1-vector tile, scalar
+    inputs; strides rounded up) and 128 (the padded stride), outputs rotating over
+    1 .. 9 (every remainder of the 4-output tile); at the block sizes that have rows."""
+    for k, n_in in enumerate(list(range(16, 34)) + [128]):
+        for n_out in (1 + k % 9, 1 + (k + 4) % 9):
+            act = ACTS[(n_in + 3 * n_out) % len(ACTS)]
+            yield n_in, [sc.TurboDense(n_out, act, bias=n_out % 3 != 0)]
+
+
 def conv_cases():
     """Every kernel (KH, KW) in 1..5 x 1..5 with every padding form (valid, same, int,
     (PH, 0), (0, PW)): 125 cases; the (in, out) channel pairs 1..9 x 1..9 rotate through
@@ -126,20 +137,24 @@ def pool_cases():
             yield (1 + extra % 2, 2 * kh + extra, kw + 2 * extra), [sc.MaxPool((kh, kw))]
 
 
-def _schedule(cases, dtype, every_block):
+def _schedule(cases, dtype, every_block, blocks=None):
     """``(k, shape, layers, B, registers)`` of a sweep: every case at every block size, or
     (``every_block=False``) at one block size rotating over the cases."""
-    blocks = _block_sizes(dtype)
+    blocks = blocks or _block_sizes(dtype)
     for k, (shape, layers) in enumerate(cases):
         bs = blocks if every_block else [blocks[k % len(blocks)]]
         for B, regs in itertools.product(bs, REGISTERS):
             yield k, shape, layers, B, regs
 
 
-def _sweep(cases, dtype, every_block):
+def _rows_blocks(dtype):
+    return [B for B in _block_sizes(dtype) if B % 16 == 0]
+
+
+def _sweep(cases, dtype, every_block, blocks=None):
     """Run the interpreted comparison for all cases; returns (cases run, variants met)."""
     seen, met, count = set(), set(), 0
-    for k, shape, layers, B, regs in _schedule(cases, dtype, every_block):
+    for k, shape, layers, B, regs in _schedule(cases, dtype, every_block, blocks):
         if _check_interpreted(layers, shape, dtype, B, regs, seed=k, seen=seen):
             count += 1
             met |= variants(sc.SimpleChain(shape, *layers, registers=regs), dtype, B)
@@ -156,6 +171,14 @@ def test_dense_variants_every_width_and_block(dtype):
     count, met = _sweep(dense_cases(), dtype, every_block=True)
     SWEEP_LOG[("dense", np.dtype(dtype).name)] = (count, met)
     assert count >= 17 * 17 * len(_block_sizes(dtype))  # every shape at every block, at least once
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_dense_rows_variant_every_input_remainder(dtype):
+    count, met = _sweep(rows_cases(), dtype, every_block=True, blocks=_rows_blocks(dtype))
+    SWEEP_LOG[("dense rows", np.dtype(dtype).name)] = (count, met)
+    assert ("dense.dw", "rows") in met
+    assert count >= 19 * 2 * len(_rows_blocks(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
@@ -177,8 +200,9 @@ def test_sweeps_meet_every_variant():
     case lists, so this holds however the tests are selected)."""
     met = set()
     for dtype in DTYPES:
-        for cases, every in ((dense_cases(), True), (conv_cases(), THOROUGH)):
-            for _, shape, layers, B, regs in _schedule(cases, dtype, every):
+        for cases, every, blocks in ((dense_cases(), True, None), (conv_cases(), THOROUGH, None),
+                                     (rows_cases(), True, _rows_blocks(dtype))):
+            for _, shape, layers, B, regs in _schedule(cases, dtype, every, blocks):
                 met |= variants(sc.SimpleChain(shape, *layers, registers=regs), dtype, B)
     missing = all_variants() - met
     assert not missing, f"variants no sweep reaches: {sorted(missing)}"
@@ -197,7 +221,9 @@ def compiled_chains(k):
     conv = ((2, 9, 8), [sc.Conv(5, (3, 2), "relu", padding=(1, 0)), sc.MaxPool((2, 3)),
                         sc.Conv(3, 2, acts[5], padding=1, bias=False), sc.Flatten(),
                         sc.TurboDense(4, acts[6])])
-    return [dense, conv]
+    # a wide first layer after a Flatten: dW from the input rows at B % 16 == 0
+    wide = ((3, 3, 5), [sc.Flatten(), sc.TurboDense(7, acts[7]), sc.TurboDense(2, acts[8])])
+    return [dense, conv, wide]
 
 
 #: every activation on a layer with fewer than 8 inputs and remainder output rows, so its

@@ -27,7 +27,7 @@ from smallchains._numba_utils import like
 from smallchains._simd import VECTOR_BYTES
 from smallchains.activations import gelu_grad, silu_grad
 from smallchains.compiler.codegen import _forward_lines, _Functions, _pullback_lines, plan_chain
-from smallchains.compiler.runtime import load_rows, store_rows
+from smallchains.compiler.runtime import load_rows, load_rows_major, store_rows
 from smallchains.layers.conv import Conv, conv_variants
 from smallchains.layers.dense import TurboDense, dense_variants
 
@@ -143,6 +143,8 @@ class InterpretedChain:
                 self.steps[step](p, p, work, state, meta)
             store_rows(Y, s0, nb, work, out_off, plan.n_out, B)
             load_rows(Ybar, s0, nb, work, plan.grad_a, plan.n_out, B)
+            if plan.rows_off >= 0:  # the input rows, sample-major (a wide first dense layer)
+                load_rows_major(X, s0, nb, work, plan.rows_off, plan.rows_ld, plan.n_in, B)
             for step in pull:
                 self.steps[step](p, pbar, work, state, meta)
             if with_gx:
@@ -157,10 +159,11 @@ def variants(chain, dtype, B) -> set:
     ``dtype`` with the chain's register budget, e.g. ``("dense.dw", "tiles 2x4")``."""
     dt = f"np.{np.dtype(dtype).name}"
     regs = chain.options.registers
+    rows_slot = plan_chain(chain.input_shape, chain.layers, B).rows_slot
     out = set()
-    for layer, (ins, _) in zip(chain.layers, chain._shapes):
+    for i, (layer, (ins, _)) in enumerate(zip(chain.layers, chain._shapes)):
         if isinstance(layer, TurboDense):
-            v = dense_variants(ins[0], layer.out, B, dt, regs)
+            v = dense_variants(ins[0], layer.out, B, dt, regs, rows=i == rows_slot)
             out |= {("dense.forward", v.forward), ("dense.dx", v.dx),
                     ("dense.dw", v.dw if v.dw != "tiles" else f"tiles {v.dw_tile[0]}x{v.dw_tile[1]}")}
         elif isinstance(layer, Conv):
@@ -174,7 +177,8 @@ def variants(chain, dtype, B) -> set:
 def all_variants() -> set:
     """Every label :func:`variants` can produce (for both register budgets and dtypes)."""
     out = {("dense.forward", "vector"), ("dense.forward", "scalar"), ("dense.dx", "vector"),
-           ("dense.dx", "scalar"), ("dense.dw", "transposed"), ("dense.dw", "vector")}
+           ("dense.dx", "scalar"), ("dense.dw", "transposed"), ("dense.dw", "vector"),
+           ("dense.dw", "rows")}
     for regs in (16, 32):
         for n_in in (1, 8):
             to, ti = sc.layers.dense.dw_tile(n_in, regs)

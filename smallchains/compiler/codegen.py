@@ -109,6 +109,11 @@ class ChainPlan:
     red_lo: int = 0
     red_hi: int = 0
     loss_slot: int = 0
+    #: the slot whose weight gradient reads the input rows sample-major (a wide first
+    #: dense layer, see TurboDense.wants_input_rows) and their offset in work; -1 if none
+    rows_slot: int = -1
+    rows_off: int = -1
+    rows_ld: int = 0  # elements from one row to the next there
     #: names of the module's layer steps in slot order (set by generate_source)
     step_names: list = field(default_factory=list)
 
@@ -170,6 +175,17 @@ def plan_chain(input_shape, layers, B: int) -> ChainPlan:
         off += B * s.layer.saved_size(s.in_shape)
         cur = s.out_off
         maxf = max(maxf, prod(s.out_shape))
+    # the input rows, sample-major, for the first layer reading the input if it wants them
+    rows_slot = rows_off = -1
+    rows_ld = 0
+    for i, s in enumerate(slots):
+        wants = getattr(s.layer, "input_rows_stride", None)
+        rows_ld = wants(s.in_shape, B) if wants is not None else 0
+        if rows_ld:
+            rows_slot, rows_off = i, off
+            off += B * rows_ld
+        if rows_ld or not getattr(s.layer, "aliases_input", False):
+            break
     grad_a, grad_b = off, off + B * maxf
     off += 2 * B * maxf
     # per-thread partial sums of the layers with batch statistics, and their batch
@@ -189,7 +205,7 @@ def plan_chain(input_shape, layers, B: int) -> ChainPlan:
     work_size = -(-off // 16) * 16
     return ChainPlan(tuple(input_shape), out_shape, slots, n_params, B, work_size, grad_a, grad_b,
                      n_state, n_scratch=scratch - n_state, reducing=tuple(reducing), red_lo=red_lo,
-                     red_hi=loss_slot, loss_slot=loss_slot)
+                     red_hi=loss_slot, loss_slot=loss_slot, rows_slot=rows_slot, rows_off=rows_off, rows_ld=rows_ld)
 
 
 def _ctx(plan: ChainPlan, i: int, dtype, options: KernelOptions, **kw) -> EmitContext:
@@ -198,7 +214,9 @@ def _ctx(plan: ChainPlan, i: int, dtype, options: KernelOptions, **kw) -> EmitCo
         in_shape=s.in_shape, out_shape=s.out_shape, p_off=s.p_off,
         in_off=s.in_off, out_off=s.out_off, saved_off=s.saved_off, B=plan.B,
         layer_index=i, state_off=s.state_off, red_off=s.red_off, scratch_off=s.scratch_off,
-        dt=f"np.{np.dtype(dtype).name}", registers=options.registers, **kw,
+        dt=f"np.{np.dtype(dtype).name}", registers=options.registers,
+        rows_off=plan.rows_off if i == plan.rows_slot else -1,
+        rows_ld=plan.rows_ld if i == plan.rows_slot else 0, **kw,
     )
 
 
@@ -398,7 +416,9 @@ def _staged_prelude(plan, funcs, vfwd, pull, loss_kernel, out_off, store_gx):
     for i in range(1, m):
         lines += [f"    elif stage == {m + i}:"] + ["    " + ln for ln in per_block(calls(*pseg[i]))]
     gx = [store_gx.strip().replace(", work, ", ", wb, ")] if store_gx else []
-    lines += ["    else:"] + ["    " + ln for ln in per_block(calls(pseg[m][0]) + gx)]
+    rows = ([f"load_block_rows(X, idx, s0, nb, wb, {plan.rows_off}, {plan.rows_ld}, N_IN, B)"]
+            if plan.rows_off >= 0 else [])  # the first layer's, whose pullback is last
+    lines += ["    else:"] + ["    " + ln for ln in per_block(rows + calls(pseg[m][0]) + gx)]
     lines += [f"        return work[{plan.loss_slot}] * scale", "    return total * scale"]
     return "\n" + _indent(lines)
 
@@ -453,7 +473,7 @@ from smallchains._fastmath import tanh_f32, tanh_f64
 from smallchains._numba_utils import like
 from smallchains.activations import gelu_grad, silu_grad
 from smallchains.compiler.runtime import (
-    check_contiguous, load_block, load_rows, set_lane_rows, store_block, store_rows, sum_rows)
+    check_contiguous, load_block, load_block_rows, load_rows, load_rows_major, set_lane_rows, store_block, store_rows, sum_rows)
 {imports}
 
 B = {B}
@@ -500,7 +520,7 @@ def _valgrad{x}_range_{kind}{mode}(X, T, idx, lo, hi, p, g, state, work, meta, s
         load_block(X, idx, s0, nb, work, 0, N_IN, B)
         set_lane_rows(meta, idx, s0, nb, B)
 {forward}
-        total += {loss_kernel}(work, {out_off}, {grad_a}, T, idx, s0, N_OUT, B, nb, scale, True)
+        total += {loss_kernel}(work, {out_off}, {grad_a}, T, idx, s0, N_OUT, B, nb, scale, True){load_x_rows}
 {pullback}{store_gx}
     return total * scale
 '''
@@ -612,7 +632,7 @@ def _valvjp_batch(X, p, Ybar, Y, Xbar, pbar, work):
 {forward}
         if want_y:
             store_rows(Y, s0, nb, work, {out_off}, N_OUT, B)
-        load_rows(Ybar, s0, nb, work, {grad_a}, N_OUT, B)
+        load_rows(Ybar, s0, nb, work, {grad_a}, N_OUT, B){load_x_rows}
 {pullback}
         store_rows(Xbar, s0, nb, work, {gx_off}, N_IN, B)
 
@@ -729,7 +749,12 @@ def generate_source(input_shape, layers, dtype, B=None, options=None,
         body += _BATCH_TEMPLATE.format(
             forward=funcs.run(infer, 8), pullback=funcs.run(steps["pull_x", False], 8),
             out_off=out_off, grad_a=plan.grad_a, gx_off=gx_off, n_in=plan.n_in, n_out=plan.n_out,
-            n_params=plan.n_params, **embed)
+            n_params=plan.n_params, **embed,
+            load_x_rows=(f"\n        load_rows_major(X, s0, nb, work, {plan.rows_off}, {plan.rows_ld}, N_IN, B)"
+                         if plan.rows_off >= 0 else ""))
+    # the sample-major input rows, before the pullback (see TurboDense.wants_input_rows)
+    load_x_rows = (f"\n        load_block_rows(X, idx, s0, nb, work, {plan.rows_off}, {plan.rows_ld}, N_IN, B)"
+                   if plan.rows_off >= 0 else "")
     for f_train, v_train, suffix in modes:
         f_mode = suffix if suffix is not None else "_train"
         v_mode = suffix if suffix is not None else "_infer"
@@ -762,7 +787,7 @@ def generate_source(input_shape, layers, dtype, B=None, options=None,
                     prelude=prelude,
                     kind=kind, mode=v_mode, forward=funcs.run(vfwd, 8), loss_kernel=kernel,
                     out_off=out_off, grad_a=plan.grad_a, pullback=funcs.run(pullback, 8), x=x,
-                    store_gx=store_gx, gx_doc=gx_doc)
+                    store_gx=store_gx, gx_doc=gx_doc, load_x_rows=load_x_rows)
             body += _LOSS_ONLY_TEMPLATE.format(kind=kind, mode=f_mode, forward=funcs.run(fwd, 8),
                                                loss_kernel=kernel, out_off=out_off,
                                                grad_a=plan.grad_a, prelude=f_prelude)

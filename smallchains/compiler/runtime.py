@@ -70,6 +70,36 @@ def load_block(X, idx, s0, nb, work, off, n_feat, B):
 
 
 @njit(**INLINE_OPTIONS)
+def load_block_rows(X, idx, s0, nb, work, off, ld, n_feat, B):
+    """Copy rows ``idx[s0:s0+nb]`` of ``X (N, n_feat)`` into a sample-major block
+    (``work[off + s * ld + f]``, ``ld >= n_feat``; rows ``nb..B-1`` and the gaps zeroed):
+    the input rows as they are, for a first layer whose weight gradient reads them (dense
+    ``dw = "rows"``)."""
+    for s in range(nb):
+        r = idx[s0 + s]
+        o = off + s * ld
+        for f in range(n_feat):
+            work[o + f] = X[r, f]
+        for f in range(n_feat, ld):
+            work[o + f] = 0
+    for j in range(off + nb * ld, off + B * ld):
+        work[j] = 0
+
+
+@njit(**INLINE_OPTIONS)
+def load_rows_major(X, s0, nb, work, off, ld, n_feat, B):
+    """Like :func:`load_block_rows` for the contiguous rows ``s0:s0+nb`` of ``X``."""
+    for s in range(nb):
+        o = off + s * ld
+        for f in range(n_feat):
+            work[o + f] = X[s0 + s, f]
+        for f in range(n_feat, ld):
+            work[o + f] = 0
+    for j in range(off + nb * ld, off + B * ld):
+        work[j] = 0
+
+
+@njit(**INLINE_OPTIONS)
 def set_lane_rows(meta, idx, s0, nb, B):
     """``meta[3 + s] = idx[s0 + s]`` for the ``nb`` lanes of a block, -1 for padding lanes:
     the dataset row of every lane, which random layers key their numbers on (and batch

@@ -73,6 +73,8 @@ class EmitContext:
     state_off: int = 0  # offset of the layer's slice of the state array
     red_off: int = 0  # batch-statistics layers: per-thread partial sums (in work)
     scratch_off: int = 0  # ... and the step's batch statistics (in state, after the layers')
+    rows_off: int = -1  # the input rows sample-major (B rows of n_in), if the kernels load them
+    rows_ld: int = 0  # ... and the elements from one row to the next
 
 
 class Layer:

@@ -89,6 +89,13 @@ class TurboDense(Layer):
         # pre-activations z, kept only when f' cannot be computed from a = f(z)
         return self.out if needs_z(self.activation) else 0
 
+    def input_rows_stride(self, input_shape, B) -> int:
+        """As the chain's first layer: the row stride (elements) at which the kernels
+        should also give it the input rows sample-major (for
+        :func:`emit_outer_grad_rows`), or 0 for none."""
+        n_in = self._n_in(input_shape)
+        return rows_stride(n_in) if rows_dw(n_in, B) else 0
+
     def emit_forward(self, ctx: EmitContext) -> list:
         n_in = prod(ctx.in_shape)
         z_off = ctx.saved_off if needs_z(self.activation) else None
@@ -309,13 +316,36 @@ class DenseVariants:
     dx: str
 
 
-def dense_variants(n_in, n_out, B, dt, registers) -> DenseVariants:
+#: Fewest inputs of a first dense layer that takes dW from the sample-major input rows
+ROWS_MIN_IN = 16
+
+
+def rows_dw(n_in, B) -> bool:
+    """Whether a first dense layer of ``n_in`` inputs with blocks of ``B`` gets its dW
+    from the input rows (:func:`emit_outer_grad_rows`): ``n_in >= ROWS_MIN_IN`` and ``B``
+    a multiple of 16 (whole pairs of vectors in both dtypes)."""
+    return n_in >= ROWS_MIN_IN and B % 16 == 0
+
+
+def rows_stride(n_in) -> int:
+    """Elements from one sample-major input row to the next: ``n_in`` rounded up to 16
+    (whole 64-byte lines in float32), plus 16 where that is a multiple of 128. The dW
+    tile reads one line from each of the block's rows; at a stride of a multiple of 4 KiB
+    (1024 floats) those lines all fall in one set of the 8-way L1 and evict each other."""
+    ld = -(-n_in // 16) * 16
+    return ld + 16 if ld % 128 == 0 else ld
+
+
+def dense_variants(n_in, n_out, B, dt, registers, rows=False) -> DenseVariants:
     """The dispatch rule of the dense emitters: the variant of each part of a ``n_in ->
     n_out`` layer for blocks of ``B`` samples of ``dt`` (``"np.float32"`` /
-    ``"np.float64"``) and a budget of ``registers`` vector registers. Every input can be
-    set, so a test can reach each variant on any CPU."""
+    ``"np.float64"``) and a budget of ``registers`` vector registers; ``rows``: the
+    kernels give the layer its input rows sample-major (the chain's first layer, if
+    :func:`rows_dw`). Every input can be set, so a test can reach each variant on any CPU."""
     vec = vector_blocks(B, dt)
-    if B * _itemsize(dt) <= DW_TRANSPOSE_MAX_BYTES and n_in >= 8:
+    if rows:
+        dw = "rows"
+    elif B * _itemsize(dt) <= DW_TRANSPOSE_MAX_BYTES and n_in >= 8:
         dw = "transposed"
     elif vec and n_in >= 8:
         dw = "vector"
@@ -498,6 +528,63 @@ def emit_outer_grad_transposed(B, dt, d_off, x_off, n_out, n_in, w_off, scratch)
     return L
 
 
+def emit_outer_grad_rows(B, dt, d_off, rows_off, ld, n_out, n_in, w_off):
+    """Lines adding ``dW[o, i] += sum_s d[o, s] x[s, i]`` from the input rows sample-major
+    (``x[s, i]`` at ``work[rows_off + s * ld + i]``, see
+    :func:`smallchains.compiler.runtime.load_block_rows`; ``d`` feature-major at
+    ``d_off``): a matrix product with no horizontal sums. Register tiles of
+    :data:`GEMM_TILE_O` outputs x 2 vectors of inputs accumulate over the block's
+    samples (per sample: 2 row loads, a broadcast of ``d`` per output, 8 FMAs), then add
+    into ``g`` once; input tiles outer, so each tile's columns of the rows stay in L1
+    while all outputs pass. Remainders: a 1-vector input tile, scalar inputs, fewer
+    outputs. The feature-major tiles reduce each of their ``n_in * n_out`` sums
+    horizontally per block."""
+    V = vector_lanes(dt)
+    TO = GEMM_TILE_O
+
+    def tile(o, to, i, nv, pad):
+        # o, i: loop variables ("o", "i") or ints; nv: vectors of inputs (1 or 2)
+        ob = f"{d_off} + o * {B}" if o == "o" else str(d_off + o * B)
+        gb = (f"{w_off} + o * {n_in}" if o == "o" else str(w_off + o * n_in)) + \
+            (f" + {i}" if i == "i" else (f" + {i}" if i else ""))
+        xb = f"{rows_off} + {i}" if i == "i" else str(rows_off + i)
+        out = [f"{pad}db = {ob}", f"{pad}gw = {gb}", f"{pad}xb = {xb}"]
+        out += [f"{pad}c{a}_{h} = vz" for a in range(to) for h in range(nv)]
+        out += [f"{pad}for s in range({B}):", f"{pad}    xs = xb + s * {ld}"]
+        out += [f"{pad}    x{h} = vload(work, {at('xs', h * V)})" for h in range(nv)]
+        for a in range(to):
+            out += [f"{pad}    d{a} = vsplat(work[{at('db', a * B)} + s])"]
+            out += [f"{pad}    c{a}_{h} = vfma(d{a}, x{h}, c{a}_{h})" for h in range(nv)]
+        out += [f"{pad}vadd_into(g, {at('gw', a * n_in + h * V)}, c{a}_{h}, 0, {V})"
+                for a in range(to) for h in range(nv)]
+        return out
+
+    def outputs(i, nv, pad):
+        full = n_out // TO * TO
+        out = []
+        if full:
+            out += [f"{pad}for o in range(0, {full}, {TO}):"] + tile("o", TO, i, nv, pad + "    ")
+        if full < n_out:
+            out += tile(full, n_out - full, i, nv, pad)
+        return out
+
+    f2 = n_in // (2 * V) * 2 * V
+    f1 = n_in // V * V
+    L = [f"# dW += delta x^T from the sample-major input rows, tiles of {TO} outputs x "
+         f"2 vectors of inputs", f"vz = vsplat({dt}(0.0))"]
+    if f2:
+        L += [f"for i in range(0, {f2}, {2 * V}):"] + outputs("i", 2, "    ")
+    if f2 < f1:
+        L += outputs(f2, 1, "")
+    if f1 < n_in:  # the last inputs, scalar
+        L += [f"for o in range({n_out}):", f"    db = {d_off} + o * {B}",
+              f"    gw = {w_off} + o * {n_in}", f"    for i in range({f1}, {n_in}):",
+              f"        e = {dt}(0.0)", f"        for s in range({B}):",
+              f"            e += work[db + s] * work[{rows_off} + s * {ld} + i]",
+              "        g[gw + i] += e"]
+    return L
+
+
 def emit_affine_pullback(ctx, n_in, n_out, w_off, b_off, act, z_off):
     """Lines of the pullback of :func:`emit_affine` for one block.
 
@@ -515,8 +602,11 @@ def emit_affine_pullback(ctx, n_in, n_out, w_off, b_off, act, z_off):
     # dW[o, i] = sum_s delta[o, s] x[i, s]: small blocks vectorized over i (transposed x,
     # after a delta pass), others in register tiles vectorized over the samples, whose first
     # input tile computes delta
-    dw = dense_variants(n_in, n_out, B, dt, ctx.registers).dw
-    if dw == "transposed":
+    dw = dense_variants(n_in, n_out, B, dt, ctx.registers, rows=ctx.rows_off >= 0).dw
+    if dw == "rows":
+        L += emit_delta_pass(B, dt, go_, z_off, a_off, n_out, b_off, act)
+        L += emit_outer_grad_rows(B, dt, go_, ctx.rows_off, ctx.rows_ld, n_out, n_in, w_off)
+    elif dw == "transposed":
         L += emit_delta_pass(B, dt, go_, z_off, a_off, n_out, b_off, act)
         L += emit_outer_grad_transposed(B, dt, go_, x, n_out, n_in, w_off, gi_)
     elif dw == "vector":
