@@ -304,7 +304,8 @@ class DenseVariants:
     """Which tuned code a dense layer gets (see :func:`dense_variants`).
 
     ``forward``: ``"vector"`` (:func:`emit_gemm_vector` register tiles) or ``"scalar"``
-    (CHUNK-input loops that LLVM vectorizes over the samples). ``dw``: ``"transposed"``
+    (CHUNK-input loops that LLVM vectorizes over the samples). ``dw``: ``"rows"``
+    (:func:`emit_outer_grad_rows`), ``"transposed"``
     (:func:`emit_outer_grad_transposed`), ``"vector"`` (:func:`emit_outer_grad_vector`)
     or ``"tiles"`` (:func:`emit_outer_grad`, register tile ``dw_tile``). ``dx``:
     ``"vector"`` (:func:`emit_gemm_vector` over ``W^T``) or ``"scalar"``
