@@ -18,7 +18,7 @@ DTYPES = [np.float32, np.float64]
 
 
 def dense_chain():
-    return sc.SimpleChain(20, sc.TurboDense(5, "tanh"), sc.BatchNorm(), sc.TurboDense(4, "tanh"),
+    return sc.SimpleChain(6, sc.TurboDense(5, "tanh"), sc.BatchNorm(), sc.TurboDense(4, "tanh"),
                           sc.BatchNorm(momentum=0.2, eps=1e-3), sc.TurboDense(3))
 
 
@@ -26,6 +26,11 @@ def conv_chain():
     return sc.SimpleChain((2, 7, 6), sc.Conv(3, 3, "relu"), sc.BatchNorm(), sc.MaxPool(2),
                           sc.Flatten(), sc.TurboDense(4), sc.BatchNorm(momentum=0.3),
                           sc.TurboDense(3))
+
+
+def wide_chain():
+    # a first layer of 530 inputs reads the input rows sample-major (dense dW "rows")
+    return sc.SimpleChain(530, sc.TurboDense(5, "tanh"), sc.BatchNorm(), sc.TurboDense(3))
 
 
 def random_affine(chain, p, rng):
@@ -46,7 +51,7 @@ def setup(make, n, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("make", [dense_chain, conv_chain], ids=["dense", "conv"])
+@pytest.mark.parametrize("make", [dense_chain, conv_chain, wide_chain], ids=["dense", "conv", "wide"])
 @pytest.mark.parametrize("n", [2, 37, 300])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_training_gradient_and_running_stats_match_torch(torch, dtype, make, n, threads):
@@ -69,8 +74,14 @@ def test_training_gradient_and_running_stats_match_torch(torch, dtype, make, n, 
     tl = ((out - torch.from_numpy(T.astype(np.float64))) ** 2).sum(1).mean()
     tl.backward()
     assert_close(np.float64(loss), tl.item(), dtype)
-    assert_close(g, torch_flat(pmods, grad=True), dtype)
-    assert_close(gx, x.grad.numpy(), dtype)
+    g_t = torch_flat(pmods, grad=True)
+    # BatchNorm of two values: the first layer's exact gradient is about 0, and float32
+    # rounding of its 530-term products leaves about 1e-5 of the gradient's scale (the
+    # reference kernels 2.4e-5): absolute tolerance there
+    tol = dict(atol=2e-5 * np.abs(g_t).max()) if (make is wide_chain and n == 2
+                                                   and dtype == np.float32) else {}
+    assert_close(g, g_t, dtype, **tol)
+    assert_close(gx, x.grad.numpy(), dtype, **tol)
     # one SGD step: p moved by the gradient, the running statistics as torch's after the
     # same forward (state never enters p or the optimizer)
     assert_close(p1, p - np.asarray(0.05, dtype) * g, dtype)
@@ -215,10 +226,11 @@ def test_init_state_views_and_bad_hyperparameters():
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_recompute_path_matches_resume_path(monkeypatch, threads):
+@pytest.mark.parametrize("make", [conv_chain, wide_chain], ids=["conv", "wide"])
+def test_recompute_path_matches_resume_path(monkeypatch, threads, make):
     """Rows beyond the stage-workspace budget recompute every stage from the input; both
     paths give the same gradient and running statistics (to rounding)."""
-    chain, X, T, p = setup(conv_chain, 70, np.float64, seed=5)
+    chain, X, T, p = setup(make, 70, np.float64, seed=5)
     model = sc.add_loss(chain, sc.SquaredLoss(T))
     results = []
     before = numba.get_num_threads()

@@ -99,11 +99,19 @@ def dense_cases():
         yield n_in, [sc.TurboDense(n_out, act, bias=k % 5 != 4)]
 
 
+@pytest.fixture
+def small_rows(monkeypatch):
+    """The input-rows dW from 16 inputs (the library uses it from ROWS_MIN_IN = 512; the
+    emitted code is the same, and interpreted sweeps of 512-input layers would take long)."""
+    monkeypatch.setattr(sc.layers.dense, "ROWS_MIN_IN", 16)
+
+
 def rows_cases():
-    """First dense layers that take dW from the sample-major input rows: inputs 16 .. 33
-    (every remainder of the 2-vector input tile in both dtypes, the 1-vector tile, scalar
-    inputs; strides rounded up) and 128 (the padded stride), outputs rotating over
-    1 .. 9 (every remainder of the 4-output tile); at the block sizes that have rows."""
+    """First dense layers that take dW from the sample-major input rows (with
+    ``small_rows``): inputs 16 .. 33 (every remainder of the 2-vector input tile in both
+    dtypes, the 1-vector tile, scalar inputs; strides rounded up) and 128 (the padded
+    stride), outputs rotating over 1 .. 9 (every remainder of the 4-output tile); at the
+    block sizes that have rows."""
     for k, n_in in enumerate(list(range(16, 34)) + [128]):
         for n_out in (1 + k % 9, 1 + (k + 4) % 9):
             act = ACTS[(n_in + 3 * n_out) % len(ACTS)]
@@ -174,7 +182,7 @@ def test_dense_variants_every_width_and_block(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-def test_dense_rows_variant_every_input_remainder(dtype):
+def test_dense_rows_variant_every_input_remainder(dtype, small_rows):
     count, met = _sweep(rows_cases(), dtype, every_block=True, blocks=_rows_blocks(dtype))
     SWEEP_LOG[("dense rows", np.dtype(dtype).name)] = (count, met)
     assert ("dense.dw", "rows") in met
@@ -195,7 +203,7 @@ def test_maxpool_every_window(dtype):
     assert count >= 27 * len(_block_sizes(dtype))
 
 
-def test_sweeps_meet_every_variant():
+def test_sweeps_meet_every_variant(small_rows):
     """The cases above reach every variant the dispatch rules can choose (computed from the
     case lists, so this holds however the tests are selected)."""
     met = set()
@@ -222,7 +230,7 @@ def compiled_chains(k):
                         sc.Conv(3, 2, acts[5], padding=1, bias=False), sc.Flatten(),
                         sc.TurboDense(4, acts[6])])
     # a wide first layer after a Flatten: dW from the input rows at B % 16 == 0
-    wide = ((3, 3, 5), [sc.Flatten(), sc.TurboDense(7, acts[7]), sc.TurboDense(2, acts[8])])
+    wide = ((1, 7, 77), [sc.Flatten(), sc.TurboDense(7, acts[7]), sc.TurboDense(2, acts[8])])
     return [dense, conv, wide]
 
 
