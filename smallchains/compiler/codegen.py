@@ -110,7 +110,7 @@ class ChainPlan:
     red_hi: int = 0
     loss_slot: int = 0
     #: the slot whose weight gradient reads the input rows sample-major (a wide first
-    #: dense layer, see TurboDense.wants_input_rows) and their offset in work; -1 if none
+    #: dense layer, see TurboDense.input_rows_stride) and their offset in work; -1 if none
     rows_slot: int = -1
     rows_off: int = -1
     rows_ld: int = 0  # elements from one row to the next there
@@ -752,7 +752,7 @@ def generate_source(input_shape, layers, dtype, B=None, options=None,
             n_params=plan.n_params, **embed,
             load_x_rows=(f"\n        load_rows_major(X, s0, nb, work, {plan.rows_off}, {plan.rows_ld}, N_IN, B)"
                          if plan.rows_off >= 0 else ""))
-    # the sample-major input rows, before the pullback (see TurboDense.wants_input_rows)
+    # the sample-major input rows, before the pullback (see TurboDense.input_rows_stride)
     load_x_rows = (f"\n        load_block_rows(X, idx, s0, nb, work, {plan.rows_off}, {plan.rows_ld}, N_IN, B)"
                    if plan.rows_off >= 0 else "")
     for f_train, v_train, suffix in modes:
