@@ -318,11 +318,13 @@ class DenseVariants:
 
 
 #: Fewest inputs of a first dense layer that takes dW from the sample-major input rows.
-#: Measured on a Zen 3 (in-process, valgrad of 1,024 rows): a win from 784 inputs on
-#: (network 2's 784 -> 128 at B = 16, network 1's 1024 -> 64 at B = 32: backward about
-#: 2x faster); no clear difference for 128 to 512 inputs; slower for 64 inputs (64 -> 16
-#: tanh at B = 32: valgrad 116 -> 200 us), where the fused-delta vector tiles win. Tests
-#: lower it to reach the variant with small layers.
+#: Measured on a Zen 4 (AVX-512, 32-register tiles), in-process A/B against the previous
+#: variants: 784 -> 128 relu at B = 16 (the default block there), 320 rows, backward
+#: 1,366-1,381 us (transposed input block) against 778-999 us; 1024 -> 64 at B = 32
+#: (vector tiles before) within the run-to-run noise; no clear difference for 128 to 512
+#: inputs; slower for 64 inputs (64 -> 16 tanh at B = 32: valgrad 116 -> 200 us per 1,024
+#: rows), where the fused-delta vector tiles win. Tests lower it to reach the variant with
+#: small layers.
 ROWS_MIN_IN = 512
 
 
