@@ -351,18 +351,21 @@ class SimpleChain:
         idx = np.arange(n)
         kernel = kernel_for(mod, plan, "forward_range", training, default=False)
         works, metas, kstate = self._workspace(plan, nt, p.dtype, key, step, state)
-        combine, nstages = forward_stages(mod, plan, p, works, training)
+        combine, nstages = stage_kernels(mod, plan, p, works, training)
         loops.call(loops.forward_threads, [(kernel, loops.forward_sig(X2, idx, p, Y)), combine],
                    (nstages, X2, idx, p, kstate, works, metas, Y))
         Y = Y.reshape((n,) + self.output_shape)
         return Y[0] if single else Y
 
 
-def forward_stages(mod, plan, p, works, training):
-    """``((combine kernel, its signature), nstages)`` of a forward (or loss) pass: one
-    stage per BatchNorm in training mode (its batch statistics), else none."""
+def stage_kernels(mod, plan, p, works, training, backward=False):
+    """``((combine kernel, its signature), nstages)`` of the batch-statistics stages of a
+    pass in training mode: one per BatchNorm for a forward (or loss) pass, two with
+    ``backward`` (a gradient step, :attr:`ChainPlan.n_stages`); none in inference or
+    without BatchNorm."""
     if training and plan.reducing:
-        return (Deferred(mod, "combine"), loops.combine_sig(p, works)), len(plan.reducing)
+        n = plan.n_stages if backward else len(plan.reducing)
+        return (Deferred(mod, "combine"), loops.combine_sig(p, works)), n
     return (loops.no_combine, loops.combine_sig(p, works)), 0
 
 
@@ -474,7 +477,7 @@ class SimpleChainWithLoss:
         idx = np.arange(n)
         kernel = kernel_for(mod, plan, f"loss_range_{self.loss.kernel_kind}", training, default=False)
         works, metas, kstate = self.chain._workspace(plan, nt, p.dtype, key, step, state)
-        combine, nstages = forward_stages(mod, plan, p, works, training)
+        combine, nstages = stage_kernels(mod, plan, p, works, training)
         loops.call(loops.loss_threads, [(kernel, loops.loss_sig(X2, T, idx, p)), combine],
                    (nstages, X2, T, idx, p, kstate, works, metas, losses, p.dtype.type(1.0 / n)))
         return float(losses.sum()) + self.penalty_value(p)

@@ -13,10 +13,9 @@ import numba
 import numpy as np
 
 from .compiler import loops
-from .compiler.linking import Deferred
 from .compiler.runtime import aligned_zeros
 from ._validate import check_count, check_dtype, check_inputs, check_params, check_random
-from .chain import SimpleChainWithLoss, kernel_for, remove_loss
+from .chain import SimpleChainWithLoss, kernel_for, remove_loss, stage_kernels
 from .optim import Optimizer
 
 
@@ -44,10 +43,8 @@ def _check_out(out, p, name="out"):
 
 
 def _combine(mod, plan, p, works, training):
-    """``((combine kernel, its signature), nstages)`` of the batch-statistics stages."""
-    if training and plan.reducing:
-        return (Deferred(mod, "combine"), loops.combine_sig(p, works)), plan.n_stages
-    return (loops.no_combine, loops.combine_sig(p, works)), 0
+    """``((combine kernel, its signature), nstages)`` of a gradient step's stages."""
+    return stage_kernels(mod, plan, p, works, training, backward=True)
 
 
 def _train_kernels(model, mod, plan, opt, X2, T, idx, p, gx, state, hyper, training, works):

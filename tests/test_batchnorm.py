@@ -33,6 +33,17 @@ def wide_chain():
     return sc.SimpleChain(530, sc.TurboDense(5, "tanh"), sc.BatchNorm(), sc.TurboDense(3))
 
 
+def random_state(chain, dtype, seed):
+    """Running statistics away from their initial values; returns (state, the rng)."""
+    state = sc.init_state(chain, dtype)
+    rng = np.random.default_rng(seed)
+    for v in chain.state_views(state):
+        if v:
+            v["running_mean"][:] = rng.standard_normal(v["running_mean"].shape)
+            v["running_var"][:] = rng.uniform(0.3, 2.0, v["running_var"].shape)
+    return state, rng
+
+
 def random_affine(chain, p, rng):
     for layer, v in zip(chain.layers, chain.param_views(p)):
         if isinstance(layer, sc.BatchNorm):
@@ -126,12 +137,7 @@ def test_training_mode_forward_and_loss_match_torch(torch, dtype, make, n, threa
 @pytest.mark.parametrize("make", [dense_chain, conv_chain], ids=["dense", "conv"])
 def test_eval_mode_forward_and_pullback_match_torch(torch, dtype, make):
     chain, X, T, p = setup(make, 29, dtype, seed=1)
-    state = sc.init_state(chain, dtype)
-    rng = np.random.default_rng(2)
-    for v in chain.state_views(state):
-        if v:
-            v["running_mean"][:] = rng.standard_normal(v["running_mean"].shape)
-            v["running_var"][:] = rng.uniform(0.3, 2.0, v["running_var"].shape)
+    state, rng = random_state(chain, dtype, seed=2)
     saved = state.copy()
     model = sc.add_loss(chain, sc.SquaredLoss(T))
     Y = chain(X, p, state=state)
@@ -318,12 +324,7 @@ def test_embedding_kernels_read_the_state_from_the_end_of_work(dtype, make):
     held in the last n_state elements of work; single and batch kernels against
     chain(X, p, state=...) and the vjp against finite differences (float64)."""
     chain, X, T, p = setup(make, 11, dtype, seed=7)
-    state = sc.init_state(chain, dtype)
-    rng = np.random.default_rng(8)
-    for v in chain.state_views(state):
-        if v:
-            v["running_mean"][:] = rng.standard_normal(v["running_mean"].shape)
-            v["running_var"][:] = rng.uniform(0.3, 2.0, v["running_var"].shape)
+    state, rng = random_state(chain, dtype, seed=8)
     k = chain.kernels(dtype, block_size=8)
     assert k.n_state == chain.n_state and k.work_size > chain.n_state
     with pytest.raises(ValueError, match="pass state=sc.init_state"):

@@ -119,6 +119,30 @@ def test_fit_many_with_penalty_clip_and_frozen_equals_train_unbatched():
         np.testing.assert_array_equal(r.history, h)
 
 
+def test_exact_arithmetic_is_compiled_on_its_own():
+    """The penalty and clipping arithmetic must keep IEEE semantics in every training loop
+    (the bitwise test above depends on it). numba inlines ``inline="always"`` callees at
+    the level of its IR, where they take the caller's fast-math flags: such a function's
+    own ``fastmath=False`` would be silently ignored. Check both the options and the
+    compiled code of a fast-math caller."""
+    from numba import njit
+
+    from smallchains.compiler import loops
+
+    opts = loops._regularize.targetoptions
+    assert opts["fastmath"] is False and opts.get("inline", "never") == "never"
+
+    @njit(fastmath=True)
+    def caller(p, g, reg, frozen):
+        return loops._regularize(p, g, reg, frozen)
+
+    p = np.ones(4, np.float32)
+    caller(p, p.copy(), np.zeros(3, np.float32), np.zeros(0, np.int64))
+    ir = "\n".join(caller.inspect_llvm().values())
+    penalty = [ln for ln in ir.splitlines() if "fadd" in ln or "fmul" in ln]
+    assert penalty and not [ln for ln in penalty if " fast " in ln or "contract" in ln]
+
+
 def test_frozen_mask_equals_layer_indices():
     chain = get_chain("deep")
     views = chain.param_views(np.arange(chain.n_params, dtype=np.float64))

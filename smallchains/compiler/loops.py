@@ -116,15 +116,18 @@ def _all_finite(g):
     return ok
 
 
-# Without fast-math: inlined into each training loop and fit_many's worker, with
-# ``contract`` and ``reassoc`` LLVM fused ``g + 2 l2 p`` and ordered the norm's sum
-# differently per loop (measured on a Zen 4 with 512-bit vectors: fit_many and
-# train_unbatched 1-30 ulp apart after 5 AdamW steps with an L2 penalty). Plain IEEE
-# operations give every loop the same bits.
-_EXACT_INLINE = dict(INLINE_OPTIONS, fastmath=False)
+# Without fast-math, and compiled on its own (not ``inline="always"``): numba inlines at
+# the level of its own IR, so an inlined callee's operations take the CALLER's fast-math
+# flags whatever its own options say (tests/test_regularization.py checks this). Inlined
+# with fast-math into each training loop, LLVM fused ``g + 2 l2 p`` and ordered the norm's
+# sum differently per loop (measured on a Zen 4 with 512-bit vectors: fit_many and
+# train_unbatched 1-30 ulp apart after 5 AdamW steps with an L2 penalty). A separate
+# function keeps plain IEEE operations even where LLVM inlines it, so every loop gets the
+# same bits; it runs once per step, so the call costs nothing measurable.
+_EXACT = dict(JIT_OPTIONS, fastmath=False)
 
 
-@njit(**_EXACT_INLINE)
+@njit(**_EXACT)
 def _regularize(p, g, reg, frozen):
     """Between the summed gradient ``g`` of a step and its update: add the penalty
     ``reg[0] * sum |p| + reg[1] * sum p^2`` to ``g`` (its gradient; ``sign(0) = 0``) and
@@ -325,7 +328,7 @@ def _fit_worker(valgrad, combine, update, nstages, X, T, order, fits, batched, P
 
 
 #: :func:`_regularize` callable from Python (valgrad of a penalized model)
-regularize = njit(**dict(JIT_OPTIONS, fastmath=False))(_regularize.py_func)
+regularize = _regularize
 forward_threads = njit(parallel=True, **JIT_OPTIONS)(_forward_threads)
 loss_threads = njit(parallel=True, **JIT_OPTIONS)(_loss_threads)
 valgrad_threads = njit(parallel=True, **JIT_OPTIONS)(_valgrad_threads)
