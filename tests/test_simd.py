@@ -8,7 +8,7 @@ import pytest
 from numba import njit
 from numba.core.errors import TypingError
 
-from smallchains._simd import (lanes, vadd, vadd_into, vfma, vload, vmul, vrelu, vsplat, vstore,
+from smallchains._simd import (lanes, vadd, vadd_into, vfma, vload, vmul, vrelu, vrelu_grad, vsplat, vstore,
                                vsub, vsum, vsum4, vsum8)
 
 
@@ -97,6 +97,25 @@ def test_vrelu_matches_scalar_max_including_nan_and_signed_zero(dtype):
     _relu_scalar(a, ref)
     np.testing.assert_array_equal(got, ref)
     np.testing.assert_array_equal(np.signbit(got), np.signbit(ref))
+
+
+@njit
+def _relu_grad(g, a, out, V):
+    for i in range(0, g.size, V):
+        vstore(out, i, vrelu_grad(vload(g, i), vload(a, i)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_vrelu_grad_passes_g_exactly_where_the_output_is_positive(dtype):
+    """Lane by lane ``g if a > 0 else 0``: a NaN, zero (of either sign) or negative output
+    gives 0 whatever g is; a positive one passes g bit for bit (NaN, inf, -0.0 too)."""
+    a = np.array([np.nan, -0.0, 0.0, -1.5, 2.0, np.inf, -np.inf, 1e-30], dtype)
+    g = np.array([1.0, np.nan, np.inf, 4.0, -0.0, np.nan, 7.0, -3.25], dtype)
+    got = np.full_like(g, 99.0)
+    _relu_grad(g, a, got, lanes(np.dtype(dtype).itemsize))
+    expect = np.where(a > 0, g, dtype(0.0))
+    np.testing.assert_array_equal(got, expect)
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(expect))
 
 
 def test_typing_errors_name_what_was_expected():

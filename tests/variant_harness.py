@@ -72,6 +72,10 @@ def vrelu(v):
     return np.where(v < 0, v.dtype.type(0), v)
 
 
+def vrelu_grad(g, a):
+    return np.where(a > 0, g, g.dtype.type(0))
+
+
 def vsum(v):
     return v.sum(dtype=v.dtype)
 
@@ -96,7 +100,7 @@ def _carray(ptr, shape):
 _NAMESPACE = dict(np=np, math=math, tanh_f32=tanh_f32, tanh_f64=tanh_f64, like=like,
                   gelu_grad=gelu_grad, silu_grad=silu_grad, carray=_carray,
                   keep_alive=lambda p, g, work: None, vload=vload, vstore=vstore, vsplat=vsplat,
-                  vfma=vfma, vadd=vadd, vsub=vsub, vmul=vmul, vrelu=vrelu, vsum=vsum,
+                  vfma=vfma, vadd=vadd, vsub=vsub, vmul=vmul, vrelu=vrelu, vrelu_grad=vrelu_grad, vsum=vsum,
                   vsum4=vsum4, vsum8=vsum8, vadd_into=vadd_into)
 
 
@@ -161,16 +165,22 @@ def variants(chain, dtype, B) -> set:
     regs = chain.options.registers
     rows_slot = plan_chain(chain.input_shape, chain.layers, B).rows_slot
     out = set()
-    for i, (layer, (ins, _)) in enumerate(zip(chain.layers, chain._shapes)):
+    for i, (layer, (ins, outs)) in enumerate(zip(chain.layers, chain._shapes)):
         if isinstance(layer, TurboDense):
             v = dense_variants(ins[0], layer.out, B, dt, regs, rows=i == rows_slot)
             out |= {("dense.forward", v.forward), ("dense.dx", v.dx),
                     ("dense.dw", v.dw if v.dw != "tiles" else f"tiles {v.dw_tile[0]}x{v.dw_tile[1]}")}
+            if layer.activation.name == "relu" and v.dw != "tiles":  # dW after a delta pass
+                out.add(("relu delta pass", "vector" if B % _lanes(dtype) == 0 else "scalar"))
         elif isinstance(layer, Conv):
             v = conv_variants(B, dt, regs, layer.activation)
+            if layer.activation.name == "relu":
+                row = outs[1] * outs[2] * B
+                out.add(("relu delta pass", "vector" if row % _lanes(dtype) == 0 else "scalar"))
             out |= {("conv.forward", v.forward + (" relu-in-registers" if v.relu_in_registers else "")),
                     ("conv.weight_grad", f"{v.weight_grad} co-tile {v.wgrad_co_tile}"),
-                    ("conv.input_grad", f"scalar taps {min(v.corr_taps, 1024)}")}
+                    ("conv.input_grad", f"vector tile {v.input_grad_tile[0]}x{v.input_grad_tile[1]}"
+                     if v.input_grad == "vector" else f"scalar taps {min(v.corr_taps, 1024)}")}
     return out
 
 
@@ -178,7 +188,7 @@ def all_variants() -> set:
     """Every label :func:`variants` can produce (for both register budgets and dtypes)."""
     out = {("dense.forward", "vector"), ("dense.forward", "scalar"), ("dense.dx", "vector"),
            ("dense.dx", "scalar"), ("dense.dw", "transposed"), ("dense.dw", "vector"),
-           ("dense.dw", "rows")}
+           ("dense.dw", "rows"), ("relu delta pass", "vector"), ("relu delta pass", "scalar")}
     for regs in (16, 32):
         for n_in in (1, 8):
             to, ti = sc.layers.dense.dw_tile(n_in, regs)
@@ -186,7 +196,8 @@ def all_variants() -> set:
         v = conv_variants(1, "np.float32", regs, sc.get_activation("relu"))
         out |= {("conv.weight_grad", f"vector co-tile {v.wgrad_co_tile}"),
                 ("conv.weight_grad", f"scalar co-tile {v.wgrad_co_tile}"),
-                ("conv.input_grad", f"scalar taps {v.corr_taps}")}
+                ("conv.input_grad", f"scalar taps {v.corr_taps}"),
+                ("conv.input_grad", "vector tile {}x{}".format(*v.input_grad_tile))}
     out |= {("conv.forward", "scalar"), ("conv.forward", "vector"),
             ("conv.forward", "vector relu-in-registers")}
     return out

@@ -47,7 +47,7 @@ class TurboDense(Layer):
     activation: Activation
     bias: bool
     kernel_imports = {"smallchains._simd": ("vadd", "vadd_into", "vfma", "vload", "vmul", "vrelu",
-                                            "vsplat", "vstore", "vsub", "vsum", "vsum4", "vsum8")}
+                                            "vrelu_grad", "vsplat", "vstore", "vsub", "vsum", "vsum4", "vsum8")}
 
     def __init__(self, out: int, activation="identity", bias: bool = True):
         if not isinstance(out, (int, np.integer)) or isinstance(out, bool) or out < 1:
@@ -445,7 +445,19 @@ def emit_delta_pass(row, dt, g_off, z_off, a_off, n, b_off, act):
     """One pass over ``n`` rows of ``row`` elements (a feature's ``B`` lanes; a conv
     channel's pixels x lanes): ``delta = dL/da * f'`` written over ``dL/da`` at ``g_off``
     and, unless ``b_off`` is None, each row's sum added to ``g[b_off + o]`` (the bias
-    gradient). For the dW paths that cannot compute delta in their first tile."""
+    gradient). For the dW paths that cannot compute delta in their first tile.
+
+    relu with rows of whole vectors gets explicit vectors
+    (:func:`smallchains._simd.vrelu_grad`): from the scalar loop LLVM makes a masked store
+    of the zeros, measured on a Zen 3 at 0.67-0.87 ns per element, in L1 or L2 alike
+    (LeNet5's first conv pullback: 5-7 ms of its 12 per 2,048 images)."""
+    V = vector_lanes(dt)
+    if act.name == "relu" and row % V == 0:
+        L = [f"vz = vsplat({dt}(0.0))", f"for o in range({n}):", f"    r = o * {row}",
+             "    gb = vz", f"    for s in range(0, {row}, {V}):",
+             f"        d = vrelu_grad(vload(work, {g_off} + r + s), vload(work, {a_off} + r + s))",
+             f"        vstore(work, {g_off} + r + s, d)", "        gb = vadd(gb, d)"]
+        return L + ([f"    g[{b_off} + o] += vsum(gb)"] if b_off is not None else [])
     L = [f"for o in range({n}):", f"    r = o * {row}", f"    gb = {dt}(0.0)", f"    for s in range({row}):"]
     L += emit_delta(act, dt, f"{g_off} + r + s", f"{z_off} + r + s", f"{a_off} + r + s", " " * 8)
     return L + ([f"    g[{b_off} + o] += gb"] if b_off is not None else [])
