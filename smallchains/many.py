@@ -32,7 +32,7 @@ import numba
 import numpy as np
 
 from ._validate import check_count, check_dtype, check_inputs, check_random
-from .chain import SimpleChainWithLoss, init_params, init_state, kernel_for
+from .chain import SimpleChainWithLoss, init_params, init_state, kernel_for, stage_kernels
 from .compiler import loops
 from .compiler.runtime import aligned_zeros
 from .optim import Adam, Optimizer
@@ -317,8 +317,7 @@ def _run_group(fits, iters, epochs, batch_size, shuffle, dtype, training, n_thre
              _own_lines(chain.n_params, dtype)) for _ in range(nt)]
     gx = np.empty((0, plan.n_in), dtype)
     valgrad = kernel_for(mod, plan, f"valgrad_range_{model.loss.kernel_kind}", training, default=True)
-    from .train import _combine
-    combine, nstages = _combine(mod, plan, P[0], bufs[0][2], training)
+    combine, nstages = stage_kernels(mod, plan, P[0], bufs[0][2], training, backward=True)
     kernels = [(valgrad, loops.valgrad_sig(Xa, Ta, order, P[0], gx)), combine,
                (opt.update_kernel(), loops.update_sig(P[0], OS[0], H[0]))]
 

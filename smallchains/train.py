@@ -42,16 +42,11 @@ def _check_out(out, p, name="out"):
     return out
 
 
-def _combine(mod, plan, p, works, training):
-    """``((combine kernel, its signature), nstages)`` of a gradient step's stages."""
-    return stage_kernels(mod, plan, p, works, training, backward=True)
-
-
 def _train_kernels(model, mod, plan, opt, X2, T, idx, p, gx, state, hyper, training, works):
     """The chain's valgrad kernel, its combine kernel and the optimizer's update, with
     their signatures; and the number of reduction stages."""
     valgrad = kernel_for(mod, plan, f"valgrad_range_{model.loss.kernel_kind}", training, default=True)
-    combine, nstages = _combine(mod, plan, p, works, training)
+    combine, nstages = stage_kernels(mod, plan, p, works, training, backward=True)
     return [(valgrad, loops.valgrad_sig(X2, T, idx, p, gx)), combine,
             (opt.update_kernel(), loops.update_sig(p, state, hyper))], nstages
 
@@ -117,7 +112,7 @@ def _valgrad(model, X, p, out, x_out, want_x, training, seed, step, state):
     works, metas, kstate = model.chain._workspace(plan, nt, p.dtype, key, step, state, blocks)
     kernel = kernel_for(mod, plan, f"valgrad_{'x_' if want_x else ''}range_{model.loss.kernel_kind}",
                         training, default=True)
-    combine, nstages = _combine(mod, plan, p, works, training)
+    combine, nstages = stage_kernels(mod, plan, p, works, training, backward=True)
     idx = np.arange(n)
     loops.call(loops.valgrad_threads, [(kernel, loops.valgrad_sig(X2, T, idx, p, gx)), combine],
                (nstages, X2, T, idx, 0, n, p, G, kstate, works, metas, losses,

@@ -29,7 +29,7 @@ from smallchains.activations import gelu_grad, silu_grad
 from smallchains.compiler.codegen import _forward_lines, _Functions, _pullback_lines, plan_chain
 from smallchains.compiler.runtime import load_rows, load_rows_major, store_rows
 from smallchains.layers.conv import Conv, conv_variants
-from smallchains.layers.dense import TurboDense, dense_variants
+from smallchains.layers.dense import TurboDense, delta_pass_variant, dense_variants
 
 
 # --- numpy stand-ins for smallchains._simd (same lane counts: 32-byte vectors) ----------
@@ -171,12 +171,12 @@ def variants(chain, dtype, B) -> set:
             out |= {("dense.forward", v.forward), ("dense.dx", v.dx),
                     ("dense.dw", v.dw if v.dw != "tiles" else f"tiles {v.dw_tile[0]}x{v.dw_tile[1]}")}
             if layer.activation.name == "relu" and v.dw != "tiles":  # dW after a delta pass
-                out.add(("relu delta pass", "vector" if B % _lanes(dtype) == 0 else "scalar"))
+                out.add(("relu delta pass", delta_pass_variant(layer.activation, B, dt)))
         elif isinstance(layer, Conv):
             v = conv_variants(B, dt, regs, layer.activation)
             if layer.activation.name == "relu":
                 row = outs[1] * outs[2] * B
-                out.add(("relu delta pass", "vector" if row % _lanes(dtype) == 0 else "scalar"))
+                out.add(("relu delta pass", delta_pass_variant(layer.activation, row, dt)))
             out |= {("conv.forward", v.forward + (" relu-in-registers" if v.relu_in_registers else "")),
                     ("conv.weight_grad", f"{v.weight_grad} co-tile {v.wgrad_co_tile}"),
                     ("conv.input_grad", f"vector tile {v.input_grad_tile[0]}x{v.input_grad_tile[1]}"

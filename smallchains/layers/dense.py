@@ -441,6 +441,12 @@ def _vector_delta(act, dt, pad, store):
     return L + [f"{pad}vstore(work, do + s, d0)"] * store + [f"{pad}gb0 = vadd(gb0, d0)"]
 
 
+def delta_pass_variant(act, row, dt):
+    """Which code :func:`emit_delta_pass` emits for rows of ``row`` elements of ``dt``:
+    ``"vector"`` (relu, rows of whole vectors) or ``"scalar"``."""
+    return "vector" if act.name == "relu" and row % vector_lanes(dt) == 0 else "scalar"
+
+
 def emit_delta_pass(row, dt, g_off, z_off, a_off, n, b_off, act):
     """One pass over ``n`` rows of ``row`` elements (a feature's ``B`` lanes; a conv
     channel's pixels x lanes): ``delta = dL/da * f'`` written over ``dL/da`` at ``g_off``
@@ -452,7 +458,7 @@ def emit_delta_pass(row, dt, g_off, z_off, a_off, n, b_off, act):
     of the zeros, measured on a Zen 3 at 0.67-0.87 ns per element, in L1 or L2 alike
     (LeNet5's first conv pullback: 5-7 ms of its 12 per 2,048 images)."""
     V = vector_lanes(dt)
-    if act.name == "relu" and row % V == 0:
+    if delta_pass_variant(act, row, dt) == "vector":
         L = [f"vz = vsplat({dt}(0.0))", f"for o in range({n}):", f"    r = o * {row}",
              "    gb = vz", f"    for s in range(0, {row}, {V}):",
              f"        d = vrelu_grad(vload(work, {g_off} + r + s), vload(work, {a_off} + r + s))",
