@@ -170,6 +170,47 @@ def test_truncated_numba_cache_files_are_recompiled(tmp_path, suffix):
 
 
 # --------------------------------------------------------------------------------------
+# 3b. cached training loops in a process whose threading layer has not started
+
+# a fresh process trains a small chain with train_batched or train_unbatched
+_TRAIN_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import smallchains as sc
+    chain = sc.SimpleChain(3, sc.TurboDense(17, "tanh"), sc.TurboDense(1))
+    X = np.random.default_rng(0).standard_normal((64, 3)).astype(np.float32)
+    model = sc.add_loss(chain, sc.SquaredLoss(X[:, :1].copy()))
+    p = sc.init_params(chain, seed=0)
+    G = sc.alloc_threaded_grad(chain, 2)
+    if sys.argv[1] == "batched":
+        h = sc.train_batched(G, p, model, X, sc.Adam(1e-3), 2, batch_size=16)
+    else:
+        h = sc.train_unbatched(G, p, model, X, sc.Adam(1e-3), 2)
+    print(np.asarray(h).tobytes().hex(), p.tobytes().hex())
+""")
+
+
+def test_training_loop_cached_after_its_parallel_step_was_loaded(tmp_path):
+    """Process 1 compiles train_batched_loop and the parallel _step it calls; process 2
+    loads _step from the cache and compiles train_unbatched_loop, whose cache entry numba
+    (0.68) then writes without "start the threading layer on load"; process 3 loads that
+    entry before anything started the layer. Without loops._compile starting the layer
+    first, process 3 aborted: "LLVM ERROR: Symbol not found: allocate_sched"."""
+    env = dict(os.environ, SMALLCHAINS_CACHE_DIR=str(tmp_path / "kernels"),
+               NUMBA_CACHE_DIR=str(tmp_path / "numba"))  # the loops' own entries too
+
+    def run(which):
+        r = subprocess.run([sys.executable, "-c", _TRAIN_SCRIPT, which], env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, f"{which}: exit {r.returncode}: {r.stderr[-2000:]}"
+        return r.stdout
+
+    run("batched")
+    compiled = run("unbatched")
+    assert run("unbatched") == compiled  # loaded from the cache, same results
+
+
+# --------------------------------------------------------------------------------------
 # 4. clear_cache and cache_info
 
 def test_cache_info_and_clear_cache_without_cache_dir(tmp_path, monkeypatch):

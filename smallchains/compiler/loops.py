@@ -348,10 +348,18 @@ _lock = threading.Lock()
 
 def _compile(dispatcher, sig):
     """Compile ``dispatcher`` for ``sig`` (a signature, or a tuple of argument types), or
-    load it from numba's cache, if needed."""
+    load it from numba's cache, if needed.
+
+    numba's threading layer is started first. The training loops are not parallel
+    themselves but contain the parallel :func:`_step`; numba 0.68 records "start the
+    threading layer on load" in a cache entry only when the parallel callee was compiled in
+    that process, not when it was itself loaded from the cache. A training loop compiled
+    after :func:`_step` was loaded therefore left an entry whose loading, in a process that
+    had not started the layer yet, aborted in LLVM ("Symbol not found: allocate_sched")."""
     key = tuple(sig.args) if hasattr(sig, "args") else tuple(sig)
     if key in dispatcher.overloads:
         return
+    numba.get_num_threads()  # starts the threading layer once per process
     with _lock:
         if key in dispatcher.overloads:
             return
