@@ -22,11 +22,24 @@ from numba import types
 from numba.core import cgutils, errors
 from numba.extending import intrinsic, models, register_model
 
+from . import _cpu
+
 __all__ = ["VECTOR_BYTES", "Vec", "lanes", "vload", "vstore", "vsplat", "vfma", "vadd", "vsub",
            "vmul", "vrelu", "vrelu_grad", "vsum", "vsum4", "vsum8", "vadd_into"]
 
-#: bytes per vector: 32 (AVX2 ymm registers; an AVX-512 machine runs them too)
+#: bytes per vector of the functions here: 32 (AVX2 ymm registers). The 64-byte (AVX-512
+#: zmm) versions of the two functions that choose a width, ``vload`` and ``vsplat``, are
+#: in :mod:`smallchains._simd64`; every other function takes its width from its arguments.
 VECTOR_BYTES = 32
+
+
+def vector_bytes(registers: int) -> int:
+    """Bytes per vector of the kernels tuned for a budget of ``registers`` vector
+    registers: 64 (AVX-512 zmm) for 32 registers, else 32 (AVX2 ymm). The tile shapes
+    count registers, the vectors fill them: an AVX-512 core that runs two 512-bit FMAs
+    per cycle doubles its multiply-add rate over ymm (measured on an Emerald Rapids Xeon,
+    ``bench/limits.py``: 91.7 GFLOP/s float32 with ymm, 181.7 with zmm)."""
+    return 64 if registers >= 32 else 32
 
 
 class Vec(types.Type):
@@ -45,13 +58,10 @@ class _VecModel(models.PrimitiveModel):
         super().__init__(dmm, fe_type, ir.VectorType(elt, fe_type.lanes))
 
 
-def lanes(itemsize: int) -> int:
-    """Lanes of a vector of ``itemsize``-byte floats (8 float32, 4 float64)."""
-    return VECTOR_BYTES // itemsize
-
-
-def _lanes(dtype):
-    return lanes(dtype.bitwidth // 8)
+def lanes(itemsize: int, registers: int = 16) -> int:
+    """Lanes of a vector of ``itemsize``-byte floats for a budget of ``registers`` (16: 8
+    float32 or 4 float64; 32: 16 or 8), see :func:`vector_bytes`."""
+    return vector_bytes(registers) // itemsize
 
 
 def _vec_ptr(context, builder, arrty, arr, idx, idxty, vt):
@@ -71,16 +81,39 @@ def _check_array(arr, idx, write=False):
         raise errors.TypingError(f"expected an integer index, got {idx}")
 
 
-@intrinsic
-def vload(typingctx, arr, idx):
-    """``arr[idx : idx + lanes]`` as a vector (no alignment needed)."""
-    _check_array(arr, idx)
-    vt = Vec(arr.dtype, _lanes(arr.dtype))
+def width_functions(nbytes: int):
+    """``(vload, vsplat)`` for vectors of ``nbytes`` bytes (32 or 64): the two functions
+    whose result width is not given by a vector argument."""
 
-    def codegen(context, builder, sig, args):
-        vptr = _vec_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], vt)
-        return builder.load(vptr, align=arr.dtype.bitwidth // 8)
-    return vt(arr, idx), codegen
+    @intrinsic
+    def vload(typingctx, arr, idx):
+        """``arr[idx : idx + lanes]`` as a vector (no alignment needed)."""
+        _check_array(arr, idx)
+        vt = Vec(arr.dtype, nbytes * 8 // arr.dtype.bitwidth)
+
+        def codegen(context, builder, sig, args):
+            vptr = _vec_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], vt)
+            return builder.load(vptr, align=arr.dtype.bitwidth // 8)
+        return vt(arr, idx), codegen
+
+    @intrinsic
+    def vsplat(typingctx, x):
+        """A vector with ``x`` (a float32 or float64 scalar) in every lane."""
+        if x not in (types.float32, types.float64):
+            raise errors.TypingError(f"vsplat: expected a float32 or float64 scalar, got {x}")
+        vt = Vec(x, nbytes * 8 // x.bitwidth)
+
+        def codegen(context, builder, sig, args):
+            llty = context.get_value_type(vt)
+            one = builder.insert_element(ir.Constant(llty, ir.Undefined), args[0], ir.IntType(32)(0))
+            mask = ir.Constant(ir.VectorType(ir.IntType(32), vt.lanes), [0] * vt.lanes)
+            return builder.shuffle_vector(one, ir.Constant(llty, ir.Undefined), mask)
+        return vt(x), codegen
+
+    return vload, vsplat
+
+
+vload, vsplat = width_functions(VECTOR_BYTES)
 
 
 @intrinsic
@@ -95,21 +128,6 @@ def vstore(typingctx, arr, idx, v):
         builder.store(args[2], vptr, align=arr.dtype.bitwidth // 8)
         return context.get_dummy_value()
     return types.void(arr, idx, v), codegen
-
-
-@intrinsic
-def vsplat(typingctx, x):
-    """A vector with ``x`` (a float32 or float64 scalar) in every lane."""
-    if x not in (types.float32, types.float64):
-        raise errors.TypingError(f"vsplat: expected a float32 or float64 scalar, got {x}")
-    vt = Vec(x, _lanes(x))
-
-    def codegen(context, builder, sig, args):
-        llty = context.get_value_type(vt)
-        one = builder.insert_element(ir.Constant(llty, ir.Undefined), args[0], ir.IntType(32)(0))
-        mask = ir.Constant(ir.VectorType(ir.IntType(32), vt.lanes), [0] * vt.lanes)
-        return builder.shuffle_vector(one, ir.Constant(llty, ir.Undefined), mask)
-    return vt(x), codegen
 
 
 def _same_vecs(*vs):
@@ -175,8 +193,25 @@ def vrelu_grad(typingctx, g, a):
         zero = ir.Constant(vt, None)
         # an empty inline asm hides that the kept value was loaded from the address the
         # result is stored to: LLVM's DAG combine of store(select(c, load p, 0), p) into a
-        # masked store (LLVM PR 145176) cannot match; it costs no instruction
-        kept = builder.asm(ir.FunctionType(vt, [vt]), "", "=x,0", [args[0]], False)
+        # masked store (LLVM PR 145176) cannot match; it costs no instruction. A register
+        # operand must be a legal vector type of the target: 512-bit ones only where LLVM
+        # uses zmm (smallchains._cpu), otherwise the value passes in 256-bit halves.
+        bits = g.lanes * g.dtype.bitwidth
+        if bits <= 256 or _cpu.PREFER_512:
+            kept = builder.asm(ir.FunctionType(vt, [vt]), "", "=v,0" if bits > 256 else "=x,0",
+                               [args[0]], False)
+        else:
+            n = 256 // g.dtype.bitwidth
+            parts = []
+            for k in range(0, g.lanes, n):
+                half = _shuffle(builder, args[0], args[0], list(range(k, k + n)))
+                ht = half.type
+                parts.append(builder.asm(ir.FunctionType(ht, [ht]), "", "=x,0", [half], False))
+            while len(parts) > 1:
+                m = parts[0].type.count
+                parts = [_shuffle(builder, parts[i], parts[i + 1], list(range(2 * m)))
+                         for i in range(0, len(parts), 2)]
+            kept = parts[0]
         return builder.select(builder.fcmp_ordered(">", args[1], zero), kept, zero)
     return g(g, a), codegen
 
@@ -207,43 +242,63 @@ def _shuffle(builder, a, b, idx):
 
 @intrinsic
 def vsum8(typingctx, c0, c1, c2, c3, c4, c5, c6, c7):
-    """For 8-lane vectors: the vector whose lane ``k`` is the sum of the lanes of ``ck``
-    (8 horizontal sums in one transposing tree of 7 adds and 14 shuffles, 3 levels deep;
-    8 separate horizontal sums take 7 instructions each)."""
+    """The 8-lane vector whose lane ``k`` is the sum of the lanes of ``ck`` (vectors of 8 or
+    more lanes; wider ones are first folded to 8 by adding halves): 8 horizontal sums in
+    one transposing tree of 7 adds and 14 shuffles, 3 levels deep (8 separate horizontal
+    sums take 7 instructions each)."""
     _same_vecs(c0, c1, c2, c3, c4, c5, c6, c7)
-    if c0.lanes != 8:
-        raise errors.TypingError(f"vsum8 needs 8-lane vectors, got {c0}")
+    if c0.lanes < 8 or c0.lanes & (c0.lanes - 1):
+        raise errors.TypingError(f"vsum8 needs vectors of 8, 16, ... lanes, got {c0}")
+    out = Vec(c0.dtype, 8)
 
     def codegen(context, builder, sig, args):
         def hadd(a, b):
             # [a0+a1, a2+a3, b0+b1, b2+b3, a4+a5, a6+a7, b4+b5, b6+b7] (vhaddps' order)
             return builder.fadd(_shuffle(builder, a, b, [0, 2, 8, 10, 4, 6, 12, 14]),
                                 _shuffle(builder, a, b, [1, 3, 9, 11, 5, 7, 13, 15]))
-        h0 = hadd(hadd(args[0], args[1]), hadd(args[2], args[3]))  # c0..c3 halves
-        h1 = hadd(hadd(args[4], args[5]), hadd(args[6], args[7]))  # c4..c7 halves
+        c = _fold(builder, args, 8)
+        h0 = hadd(hadd(c[0], c[1]), hadd(c[2], c[3]))  # c0..c3 halves
+        h1 = hadd(hadd(c[4], c[5]), hadd(c[6], c[7]))  # c4..c7 halves
         lo = _shuffle(builder, h0, h1, [0, 1, 2, 3, 8, 9, 10, 11])
         hi = _shuffle(builder, h0, h1, [4, 5, 6, 7, 12, 13, 14, 15])
         return builder.fadd(lo, hi)
-    return c0(c0, c1, c2, c3, c4, c5, c6, c7), codegen
+    return out(c0, c1, c2, c3, c4, c5, c6, c7), codegen
+
+
+def _fold(builder, vs, n):
+    """Each vector of ``vs`` folded to ``n`` lanes by adding its halves (one shuffle pair and
+    add per halving: 16 -> 8 lanes is one ``vextractf64x4`` and one add)."""
+    out = []
+    for v in vs:
+        m = v.type.count
+        while m > n:
+            m //= 2
+            v = builder.fadd(_shuffle(builder, v, v, list(range(m))),
+                             _shuffle(builder, v, v, list(range(m, 2 * m))))
+        out.append(v)
+    return out
 
 
 @intrinsic
 def vsum4(typingctx, c0, c1, c2, c3):
-    """For 4-lane vectors (float64): the vector whose lane ``k`` is the sum of the lanes of
-    ``ck`` (one transposing tree: 3 adds and 6 shuffles)."""
+    """The 4-lane vector whose lane ``k`` is the sum of the lanes of ``ck`` (vectors of 4 or
+    more lanes, wider ones first folded to 4): one transposing tree of 3 adds and 6
+    shuffles."""
     _same_vecs(c0, c1, c2, c3)
-    if c0.lanes != 4:
-        raise errors.TypingError(f"vsum4 needs 4-lane vectors, got {c0}")
+    if c0.lanes < 4 or c0.lanes & (c0.lanes - 1):
+        raise errors.TypingError(f"vsum4 needs vectors of 4, 8, ... lanes, got {c0}")
+    out = Vec(c0.dtype, 4)
 
     def codegen(context, builder, sig, args):
         def hadd(a, b):
             # [a0+a1, b0+b1, a2+a3, b2+b3] (vhaddpd's order)
             return builder.fadd(_shuffle(builder, a, b, [0, 4, 2, 6]),
                                 _shuffle(builder, a, b, [1, 5, 3, 7]))
-        h0, h1 = hadd(args[0], args[1]), hadd(args[2], args[3])
+        c = _fold(builder, args, 4)
+        h0, h1 = hadd(c[0], c[1]), hadd(c[2], c[3])
         return builder.fadd(_shuffle(builder, h0, h1, [0, 1, 4, 5]),
                             _shuffle(builder, h0, h1, [2, 3, 6, 7]))
-    return c0(c0, c1, c2, c3), codegen
+    return out(c0, c1, c2, c3), codegen
 
 
 @intrinsic(prefer_literal=True)

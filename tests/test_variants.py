@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 
 import smallchains as sc
+from smallchains._simd import lanes as sc_lanes
 from smallchains.compiler.codegen import get_kernels
 from variant_harness import (InterpretedChain, all_variants, block_sizes, rel_err, tolerance,
                              variants)
@@ -44,8 +45,9 @@ REGISTERS = [16, 32]
 WIDTHS = range(1, 18)
 
 
-def _block_sizes(dtype):
-    return block_sizes(dtype, default=1)  # the default B is covered by the compiled tests
+def _block_sizes(dtype, registers=16):
+    # each budget at its own vectors' remainders; the default B is covered by the compiled tests
+    return block_sizes(dtype, default=1, registers=registers)
 
 
 def _data(chain, dtype, n, seed):
@@ -146,17 +148,19 @@ def pool_cases():
 
 
 def _schedule(cases, dtype, every_block, blocks=None):
-    """``(k, shape, layers, B, registers)`` of a sweep: every case at every block size, or
+    """``(k, shape, layers, B, registers)`` of a sweep: every case at every block size of
+    each budget (``blocks(dtype, registers)``, default :func:`_block_sizes`), or
     (``every_block=False``) at one block size rotating over the cases."""
-    blocks = blocks or _block_sizes(dtype)
+    blocks = blocks or _block_sizes
     for k, (shape, layers) in enumerate(cases):
-        bs = blocks if every_block else [blocks[k % len(blocks)]]
-        for B, regs in itertools.product(bs, REGISTERS):
-            yield k, shape, layers, B, regs
+        for regs in REGISTERS:
+            bl = blocks(dtype, regs)
+            for B in (bl if every_block else [bl[k % len(bl)]]):
+                yield k, shape, layers, B, regs
 
 
-def _rows_blocks(dtype):
-    return [B for B in _block_sizes(dtype) if B % 16 == 0]
+def _rows_blocks(dtype, registers=16):
+    return [B for B in _block_sizes(dtype, registers) if B % 16 == 0]
 
 
 def _sweep(cases, dtype, every_block, blocks=None):
@@ -183,9 +187,9 @@ def test_dense_variants_every_width_and_block(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 def test_dense_rows_variant_every_input_remainder(dtype, small_rows):
-    count, met = _sweep(rows_cases(), dtype, every_block=True, blocks=_rows_blocks(dtype))
+    count, met = _sweep(rows_cases(), dtype, every_block=True, blocks=_rows_blocks)
     SWEEP_LOG[("dense rows", np.dtype(dtype).name)] = (count, met)
-    assert ("dense.dw", "rows") in met
+    assert {("dense.dw", "rows 32B"), ("dense.dw", "rows 64B")} <= met
     assert count >= 19 * 2 * len(_rows_blocks(dtype))
 
 
@@ -209,7 +213,7 @@ def test_sweeps_meet_every_variant(small_rows):
     met = set()
     for dtype in DTYPES:
         for cases, every, blocks in ((dense_cases(), True, None), (conv_cases(), THOROUGH, None),
-                                     (rows_cases(), True, _rows_blocks(dtype))):
+                                     (rows_cases(), True, _rows_blocks)):
             for _, shape, layers, B, regs in _schedule(cases, dtype, every, blocks):
                 met |= variants(sc.SimpleChain(shape, *layers, registers=regs), dtype, B)
     missing = all_variants() - met
@@ -241,17 +245,18 @@ EVERY_ACTIVATION = (3, [sc.TurboDense(w, act) for w, act in zip([7, 5, 3] * 3, A
 
 
 def _compiled_configs():
-    """(dtype, registers, block size). Per dtype: two vectors (explicit-vector tiles, dW
-    transposed) and four (vector dW) under one budget each, lanes - 1 (scalar, transposed)
-    and three vectors + 1 (scalar, register-tiled dW); together they meet every variant
+    """(dtype, registers, block size). Per dtype and budget, with that budget's vectors
+    (32 bytes for 16 registers, 64 for 32): four vectors (explicit-vector tiles, vector
+    dW) under each, lanes - 1 (scalar, dW transposed) under 32 and three vectors + 1
+    (scalar, register-tiled dW) under 16; together they meet every variant
     (test_compiled_configs_meet_every_variant). The thorough profile adds lanes + 1 and the
     other budget of each."""
     out = []
     for dtype in DTYPES:
-        V = 32 // np.dtype(dtype).itemsize
-        sizes = [(16, 2 * V), (32, V - 1), (16, 3 * V + 1), (32, 4 * V)]
+        V, W = (sc_lanes(np.dtype(dtype).itemsize, r) for r in (16, 32))  # lanes per budget
+        sizes = [(16, 4 * V), (32, W - 1), (16, 3 * V + 1), (32, 4 * W)]
         if THOROUGH:
-            sizes += [(32, 2 * V), (16, V - 1), (32, 3 * V + 1), (16, 4 * V), (16, V + 1), (32, V + 1)]
+            sizes += [(32, 2 * W), (16, V - 1), (32, 3 * W + 1), (16, 2 * V), (16, V + 1), (32, W + 1)]
         out += [(dtype, r, b) for r, b in sizes]
     return out
 
@@ -264,7 +269,8 @@ COMPILED = _compiled_configs()
 def test_compiled_variants_match_reference(dtype, registers, B):
     # activations rotate with the budget (the B = 1 modules are shared by a budget's configs)
     chains = compiled_chains(registers // 8)
-    if B <= 2 * (32 // np.dtype(dtype).itemsize):  # the budgets' first configs per dtype
+    V = sc_lanes(np.dtype(dtype).itemsize, registers)
+    if B == (4 * V if registers == 16 else V - 1):  # the budgets' first configs per dtype
         chains.append(EVERY_ACTIVATION)
     for k, (shape, layers) in enumerate(chains):
         chain = sc.SimpleChain(shape, *layers, registers=registers)

@@ -24,7 +24,7 @@ import numpy as np
 import smallchains as sc
 from smallchains._fastmath import tanh_f32, tanh_f64
 from smallchains._numba_utils import like
-from smallchains._simd import VECTOR_BYTES
+from smallchains._simd import lanes, vector_bytes
 from smallchains.activations import gelu_grad, silu_grad
 from smallchains.compiler.codegen import _forward_lines, _Functions, _pullback_lines, plan_chain
 from smallchains.compiler.runtime import load_rows, load_rows_major, store_rows
@@ -32,24 +32,27 @@ from smallchains.layers.conv import Conv, conv_variants
 from smallchains.layers.dense import TurboDense, delta_pass_variant, dense_variants
 
 
-# --- numpy stand-ins for smallchains._simd (same lane counts: 32-byte vectors) ----------
+# --- numpy stand-ins for smallchains._simd / _simd64 (the same lane counts) -------------
 
-def _lanes(dtype):
-    return VECTOR_BYTES // np.dtype(dtype).itemsize
+def _lanes(dtype, registers=16):
+    return lanes(np.dtype(dtype).itemsize, registers)
 
 
-def vload(arr, i):
-    assert i >= 0 and i + _lanes(arr.dtype) <= arr.size, "vload out of bounds"
-    return arr[i:i + _lanes(arr.dtype)].copy()
+def width_functions(registers):
+    """``vload``, ``vsplat`` of the vectors of a ``registers`` budget (32 or 64 bytes)."""
+    def vload(arr, i):
+        n = _lanes(arr.dtype, registers)
+        assert i >= 0 and i + n <= arr.size, "vload out of bounds"
+        return arr[i:i + n].copy()
+
+    def vsplat(x):
+        return np.full(_lanes(x.dtype, registers), x, dtype=x.dtype)
+    return dict(vload=vload, vsplat=vsplat)
 
 
 def vstore(arr, i, v):
     assert i >= 0 and i + v.size <= arr.size, "vstore out of bounds"
     arr[i:i + v.size] = v
-
-
-def vsplat(x):
-    return np.full(_lanes(x.dtype), x, dtype=x.dtype)
 
 
 def vfma(a, b, c):
@@ -99,7 +102,7 @@ def _carray(ptr, shape):
 
 _NAMESPACE = dict(np=np, math=math, tanh_f32=tanh_f32, tanh_f64=tanh_f64, like=like,
                   gelu_grad=gelu_grad, silu_grad=silu_grad, carray=_carray,
-                  keep_alive=lambda p, g, work: None, vload=vload, vstore=vstore, vsplat=vsplat,
+                  keep_alive=lambda p, g, work: None, vstore=vstore,
                   vfma=vfma, vadd=vadd, vsub=vsub, vmul=vmul, vrelu=vrelu, vrelu_grad=vrelu_grad, vsum=vsum,
                   vsum4=vsum4, vsum8=vsum8, vadd_into=vadd_into)
 
@@ -117,7 +120,8 @@ class InterpretedChain:
         self.forward = _forward_lines(self.plan, self.dtype, True, funcs, chain.options)
         self.pull_x, self.gx_off = _pullback_lines(self.plan, self.dtype, True, funcs, chain.options)
         self.pull_train, _ = _pullback_lines(self.plan, self.dtype, False, funcs, chain.options)
-        ns = dict(_NAMESPACE, N_PARAMS=self.plan.n_params, WORK_SIZE=self.plan.work_size,
+        ns = dict(_NAMESPACE, **width_functions(chain.options.registers),
+                  N_PARAMS=self.plan.n_params, WORK_SIZE=self.plan.work_size,
                   N_STATE=max(self.plan.n_state, 1), META_SIZE=self.plan.meta_size)
         for d in funcs.defs:
             exec(d, ns)  # noqa: S102 - our own generated code
@@ -163,52 +167,59 @@ def variants(chain, dtype, B) -> set:
     ``dtype`` with the chain's register budget, e.g. ``("dense.dw", "tiles 2x4")``."""
     dt = f"np.{np.dtype(dtype).name}"
     regs = chain.options.registers
+    w = f" {vector_bytes(regs)}B"  # explicit vectors: 32-byte (ymm) or 64-byte (zmm) code
+
+    def vec(kind):
+        return kind + w if kind.startswith("vector") else kind
     rows_slot = plan_chain(chain.input_shape, chain.layers, B).rows_slot
     out = set()
     for i, (layer, (ins, outs)) in enumerate(zip(chain.layers, chain._shapes)):
         if isinstance(layer, TurboDense):
             v = dense_variants(ins[0], layer.out, B, dt, regs, rows=i == rows_slot)
-            out |= {("dense.forward", v.forward), ("dense.dx", v.dx),
-                    ("dense.dw", v.dw if v.dw != "tiles" else f"tiles {v.dw_tile[0]}x{v.dw_tile[1]}")}
+            out |= {("dense.forward", vec(v.forward)), ("dense.dx", vec(v.dx)),
+                    ("dense.dw", v.dw + w * (v.dw in ("vector", "rows")) if v.dw != "tiles"
+                     else f"tiles {v.dw_tile[0]}x{v.dw_tile[1]}")}
             if layer.activation.name == "relu" and v.dw != "tiles":  # dW after a delta pass
-                out.add(("relu delta pass", delta_pass_variant(layer.activation, B, dt)))
+                out.add(("relu delta pass", vec(delta_pass_variant(layer.activation, B, dt, regs))))
         elif isinstance(layer, Conv):
             v = conv_variants(B, dt, regs, layer.activation)
             if layer.activation.name == "relu":
                 row = outs[1] * outs[2] * B
-                out.add(("relu delta pass", delta_pass_variant(layer.activation, row, dt)))
-            out |= {("conv.forward", v.forward + (" relu-in-registers" if v.relu_in_registers else "")),
-                    ("conv.weight_grad", f"{v.weight_grad} co-tile {v.wgrad_co_tile}"),
-                    ("conv.input_grad", f"vector tile {v.input_grad_tile[0]}x{v.input_grad_tile[1]}"
+                out.add(("relu delta pass", vec(delta_pass_variant(layer.activation, row, dt, regs))))
+            out |= {("conv.forward", vec(v.forward + (" relu-in-registers" if v.relu_in_registers else ""))),
+                    ("conv.weight_grad", f"{vec(v.weight_grad)} co-tile {v.wgrad_co_tile}"),
+                    ("conv.input_grad", f"vector{w} tile {v.input_grad_tile[0]}x{v.input_grad_tile[1]}"
                      if v.input_grad == "vector" else f"scalar taps {min(v.corr_taps, 1024)}")}
     return out
 
 
 def all_variants() -> set:
     """Every label :func:`variants` can produce (for both register budgets and dtypes)."""
-    out = {("dense.forward", "vector"), ("dense.forward", "scalar"), ("dense.dx", "vector"),
-           ("dense.dx", "scalar"), ("dense.dw", "transposed"), ("dense.dw", "vector"),
-           ("dense.dw", "rows"), ("relu delta pass", "vector"), ("relu delta pass", "scalar")}
+    out = {("dense.forward", "scalar"), ("dense.dx", "scalar"), ("dense.dw", "transposed"),
+           ("relu delta pass", "scalar"), ("conv.forward", "scalar")}
     for regs in (16, 32):
+        w = f" {vector_bytes(regs)}B"
+        out |= {("dense.forward", "vector" + w), ("dense.dx", "vector" + w), ("dense.dw", "vector" + w),
+                ("dense.dw", "rows" + w), ("relu delta pass", "vector" + w),
+                ("conv.forward", "vector" + w), ("conv.forward", "vector relu-in-registers" + w)}
         for n_in in (1, 8):
             to, ti = sc.layers.dense.dw_tile(n_in, regs)
             out.add(("dense.dw", f"tiles {to}x{ti}"))
         v = conv_variants(1, "np.float32", regs, sc.get_activation("relu"))
-        out |= {("conv.weight_grad", f"vector co-tile {v.wgrad_co_tile}"),
+        out |= {("conv.weight_grad", f"vector{w} co-tile {v.wgrad_co_tile}"),
                 ("conv.weight_grad", f"scalar co-tile {v.wgrad_co_tile}"),
                 ("conv.input_grad", f"scalar taps {v.corr_taps}"),
-                ("conv.input_grad", "vector tile {}x{}".format(*v.input_grad_tile))}
-    out |= {("conv.forward", "scalar"), ("conv.forward", "vector"),
-            ("conv.forward", "vector relu-in-registers")}
+                ("conv.input_grad", f"vector{w} tile {v.input_grad_tile[0]}x{v.input_grad_tile[1]}")}
     return out
 
 
-def block_sizes(dtype, default) -> list:
-    """The block sizes that reach each remainder and variant: 1, lanes - 1, lanes,
-    lanes + 1, two vectors (the explicit-vector tiles; dW transposed, 64 bytes per
-    feature), three vectors + 1 (scalar code with register-tiled dW), four vectors (vector
-    dW), and the chain's default."""
-    V = _lanes(dtype)
+def block_sizes(dtype, default, registers=16) -> list:
+    """The block sizes that reach each remainder and variant under a budget of
+    ``registers`` (its vectors: 32 or 64 bytes): 1, lanes - 1, lanes, lanes + 1, two
+    vectors (the explicit-vector tiles; dW transposed at 64 bytes per feature), three
+    vectors + 1 (scalar code with register-tiled dW), four vectors (vector dW), and the
+    chain's default."""
+    V = _lanes(dtype, registers)
     return sorted({1, V - 1, V, V + 1, 2 * V, 3 * V + 1, 4 * V, default})
 
 

@@ -63,6 +63,7 @@ import numpy as np
 from .. import _config
 from ..layers.base import STEP_BREAK, EmitContext
 from .options import KernelOptions, kernel_options
+from .._simd import lanes, vector_bytes
 
 #: Bytes of per-thread block workspace aimed for (fits in L2 alongside the weights).
 TARGET_BLOCK_BYTES = 64 * 1024
@@ -147,7 +148,11 @@ def _shapes(input_shape, layers):
     return slots, shape, off
 
 
-def choose_block_size(input_shape, layers, itemsize) -> int:
+def choose_block_size(input_shape, layers, itemsize, registers=16) -> int:
+    """Samples per block: about :data:`TARGET_BLOCK_BYTES` of workspace per block, clipped
+    to [MIN_BLOCK, MAX_BLOCK], a multiple of 16 and of two vectors (the explicit-vector
+    tiles' step: 32 float32 samples with the 64-byte vectors of a 32-register budget)."""
+    step = max(16, 2 * lanes(itemsize, registers))
     slots, _, _ = _shapes(input_shape, layers)
     per_sample = prod(input_shape) + sum(
         prod(s.out_shape) + s.layer.saved_size(s.in_shape) for s in slots
@@ -155,7 +160,7 @@ def choose_block_size(input_shape, layers, itemsize) -> int:
     per_sample += 2 * max([prod(input_shape)] + [prod(s.out_shape) for s in slots])
     b = TARGET_BLOCK_BYTES // (per_sample * itemsize)
     b = max(MIN_BLOCK, min(MAX_BLOCK, b))
-    return int(b // 16 * 16)
+    return int(max(step, b // step * step))
 
 
 def plan_chain(input_shape, layers, B: int) -> ChainPlan:
@@ -685,15 +690,17 @@ def generate_source(input_shape, layers, dtype, B=None, options=None,
 
     dtype = np.dtype(dtype)
     if B is None:
-        B = choose_block_size(input_shape, layers, dtype.itemsize)
+        B = choose_block_size(input_shape, layers, dtype.itemsize, options.registers)
     plan = plan_chain(input_shape, layers, B)
     shared = steps_from is not None
     imports = {"smallchains.losses": set(LOSS_KERNELS.values())}
     loss_kernels = {} if shared else dict(LOSS_KERNELS)
     loss_kernels.update((kind, f"_loss_block_{kind}") for kind, _ in losses)
+    # the 64-byte vector functions under the same names for a 32-register budget
+    simd = "smallchains._simd64" if vector_bytes(options.registers) == 64 else "smallchains._simd"
     for s in plan.slots:
         for mod, names in s.layer.kernel_imports.items():
-            imports.setdefault(mod, set()).update(names)
+            imports.setdefault(simd if mod == "smallchains._simd" else mod, set()).update(names)
     import_lines = "\n".join(
         f"from {mod} import {', '.join(sorted(names))}" for mod, names in sorted(imports.items()))
     out_off = plan.slots[-1].out_off if plan.slots else 0

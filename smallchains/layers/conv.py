@@ -185,9 +185,9 @@ class Conv(Layer):
         rows = (PH, PH + H) if PH else None
         v = conv_variants(B, dt, ctx.registers, act)
         if v.forward == "vector" and v.relu_in_registers:
-            return L + emit_correlate_vector(*args, src_rows=rows, relu=True)
+            return L + emit_correlate_vector(*args, src_rows=rows, relu=True, registers=ctx.registers)
         if v.forward == "vector":
-            L += emit_correlate_vector(*args, src_rows=rows)
+            L += emit_correlate_vector(*args, src_rows=rows, registers=ctx.registers)
         else:
             L += emit_correlate(*args, src_rows=rows, registers=ctx.registers)
         return L + emit_activation_pass(ctx, Co * Ho * Wo, act, z_off if needs_z(act) else None)
@@ -204,14 +204,15 @@ class Conv(Layer):
         v = conv_variants(B, dt, ctx.registers, act)
         L = [f"# pullback of conv {C}x{H}x{W} -> {Co}x{Ho}x{Wo}, {KH}x{KW}, padding {PH}x{PW}"]
         L += emit_delta_pass(Ho * Wo * B, dt, go, zo, ctx.out_off, Co,
-                             w + Co * C * KH * KW if self.bias else None, act)
+                             w + Co * C * KH * KW if self.bias else None, act, ctx.registers)
         L += emit_conv_weight_grad(B, dt, go, Co, Ho, Wo, src, C, Hp, Wp, (KH, KW), w,
                                    vector=v.weight_grad == "vector", registers=ctx.registers)
         if ctx.need_gin is False:
             return L
         if v.input_grad == "vector":  # straight into the unpadded input gradient
             body = emit_conv_input_grad_vector(B, dt, go, Co, Ho, Wo, ctx.gin_off, C, H, W,
-                                               (PH, PW), (KH, KW), w, v.input_grad_tile)
+                                               (PH, PW), (KH, KW), w, v.input_grad_tile,
+                                               registers=ctx.registers)
             return L + [f"if {ctx.need_gin}:"] + ["    " + ln for ln in body]
         # dL/d(input): full correlation of the zero-padded delta with the flipped kernel
         Hd, Wd = Ho + 2 * (KH - 1), Wo + 2 * (KW - 1)
@@ -263,7 +264,7 @@ class ConvVariants:
 def conv_variants(B, dt, registers, act) -> ConvVariants:
     """The dispatch rule of the conv emitters for blocks of ``B`` samples of ``dt``, a
     budget of ``registers`` vector registers (16 or 32) and activation ``act``."""
-    vec = vector_blocks(B, dt)
+    vec = vector_blocks(B, dt, registers)
     kind = "vector" if vec else "scalar"
     return ConvVariants(kind, vec and act.name == "relu", kind, wgrad_co_tile(registers),
                         kind, input_grad_tile(registers), corr_taps(registers))
@@ -330,7 +331,7 @@ def emit_correlate(B, dt, src, Cs, Hs, Ws, dst, Cd, Hd, Wd, K, init_expr, w_base
 
 
 def emit_correlate_vector(B, dt, src, Cs, Hs, Ws, dst, Cd, Hd, Wd, K, init_expr, w_base, w_tap,
-                          src_rows=None, relu=False):
+                          src_rows=None, relu=False, *, registers):
     """:func:`emit_correlate` with explicit vectors (:mod:`smallchains._simd`), for blocks of
     whole vectors: tiles of :data:`CORR_TILE_O` output channels by two vectors of the lanes
     of one output pixel keep their accumulators in registers over all ``Cs * KH * KW``
@@ -338,9 +339,10 @@ def emit_correlate_vector(B, dt, src, Cs, Hs, Ws, dst, Cd, Hd, Wd, K, init_expr,
     code adds every group of taps into the output in memory. With ``src_rows = (lo, hi)``
     each output row runs only the kernel rows that read source rows in ``[lo, hi)``. With
     ``relu``, ``max(., 0)`` is applied before the store (no activation pass). Needs ``B`` a
-    multiple of two vectors and ``w_tap`` linear in ``ky``."""
+    multiple of two vectors (:func:`~smallchains.layers.dense.vector_lanes` for
+    ``registers``) and ``w_tap`` linear in ``ky``."""
     KH, KW = K
-    V = vector_lanes(dt)
+    V = vector_lanes(dt, registers)
     slope = w_tap(1, 0) - w_tap(0, 0) if KH > 1 else 0
     base = [w_tap(0, kx) for kx in range(KW)]
     if B % (2 * V) or any(w_tap(ky, kx) != base[kx] + ky * slope for ky in range(KH) for kx in range(KW)):
@@ -403,7 +405,8 @@ def input_grad_tile(registers):
     return (2, 4) if registers >= 32 else (1, 4)
 
 
-def emit_conv_input_grad_vector(B, dt, d_off, Co, Ho, Wo, dst, C, H, W, P, K, w_off, tile):
+def emit_conv_input_grad_vector(B, dt, d_off, Co, Ho, Wo, dst, C, H, W, P, K, w_off, tile, *,
+                                registers):
     """Lines for the input gradient of a convolution, for blocks of whole vector pairs:
     ``dst[ci, y, x] = sum w[co, ci, ky, kx] delta[co, y + PH - ky, x + PW - kx]`` over the
     taps whose delta pixel exists (``0 <= y + PH - ky < Ho``, ``0 <= x + PW - kx < Wo``),
@@ -417,10 +420,11 @@ def emit_conv_input_grad_vector(B, dt, d_off, Co, Ho, Wo, dst, C, H, W, P, K, w_
     2.25 times the arithmetic for LeNet5's 16 -> 6 channel gradient of a 12 x 12 input.
     Tiles of ``tile[0]`` input channels x ``tile[1]`` pixels x two vectors of lanes keep
     their accumulators in registers over all ``Co * KH * KW`` taps and store once (see
-    :func:`input_grad_tile`)."""
+    :func:`input_grad_tile`; vectors of :func:`~smallchains.layers.dense.vector_lanes` for
+    ``registers``)."""
     KH, KW = K
     PH, PW = P
-    V = vector_lanes(dt)
+    V = vector_lanes(dt, registers)
     if B % (2 * V):
         raise ValueError("emit_conv_input_grad_vector needs blocks of whole vector pairs")
     tc, R = tile
@@ -496,7 +500,7 @@ def emit_conv_weight_grad(B, dt, d_off, Co, Ho, Wo, src, Ci, Hs, Ws, K, w_off, v
     nrow = Wo * B
     CO_TILE = wgrad_co_tile(registers)
     full = Co // CO_TILE * CO_TILE
-    step, zero = (vector_lanes(dt), "vz") if vector else (1, "zero")
+    step, zero = (vector_lanes(dt, registers), "vz") if vector else (1, "zero")
 
     def tile(c0, tc, pad):
         acc = [f"a{a}_{kx}" for a in range(tc) for kx in range(KW)]

@@ -146,16 +146,18 @@ def _itemsize(dt):
     return np.dtype(dt.removeprefix("np.")).itemsize
 
 
-def vector_lanes(dt):
-    """Lanes of an explicit vector of the kernel dtype ``dt`` (``"np.float32"``: 8)."""
-    return lanes(_itemsize(dt))
+def vector_lanes(dt, registers):
+    """Lanes of an explicit vector of the kernel dtype ``dt`` for a budget of
+    ``registers`` (``"np.float32"``: 8 for 16 registers, 16 for 32; see
+    :func:`smallchains._simd.vector_bytes`)."""
+    return lanes(_itemsize(dt), registers)
 
 
-def vector_blocks(B, dt):
+def vector_blocks(B, dt, registers):
     """Whether blocks of ``B`` samples of ``dt`` get the explicit-vector tiles
     (:mod:`smallchains._simd`): ``B`` a multiple of two vectors. The single-sample
     (``B = 1``) kernels keep the scalar code."""
-    return B % (2 * vector_lanes(dt)) == 0
+    return B % (2 * vector_lanes(dt, registers)) == 0
 
 
 # Forward tile: GEMM_TILE_O outputs x 2 vectors of samples, accumulated over all inputs in
@@ -224,7 +226,7 @@ def emit_activation_pass(ctx, n, act, z_off):
 
 
 def emit_gemm_vector(B, dt, m_off, row_stride, col_stride, n_rows, n_cols, v_off, out_off,
-                     b_off=None, relu=False):
+                     b_off=None, relu=False, *, registers):
     """Lines overwriting ``out[r, s] = b[r] + sum_k M[r, k] v[k, s]`` for ``r < n_rows``
     (``M[r, k]`` at ``p[m_off + r * row_stride + k * col_stride]``, ``b`` at ``p[b_off]``
     or zero; ``v``, ``out`` feature-major blocks of ``B`` samples at the work offsets).
@@ -235,8 +237,9 @@ def emit_gemm_vector(B, dt, m_off, row_stride, col_stride, n_rows, n_cols, v_off
     term: 2 sample loads, 4 broadcasts of ``M``, 8 FMAs) and store once. Measured on a Zen
     3 (matexp forward, in-process A/B against the scalar CHUNK loops, which add into
     ``out`` in memory): 32 -> 16 167.6 -> 145.7 us per epoch (tanh pass included), 16 -> 4
-    16.5 -> 14.1, 4 -> 32 114.5 -> 112.3."""
-    V = vector_lanes(dt)
+    16.5 -> 14.1, 4 -> 32 114.5 -> 112.3. Vectors of :func:`vector_lanes` for
+    ``registers``."""
+    V = vector_lanes(dt, registers)
 
     def tile(r, tr, pad):
         # r: the loop variable "r" or an int (the remainder rows)
@@ -277,7 +280,7 @@ def emit_affine_vector(ctx, n_in, n_out, w_off, b_off, act, z_off):
          f"{GEMM_TILE_O} outputs x 2 vectors of samples"]
     relu = act.code == RELU  # applied in registers; other activations get a pass
     L += emit_gemm_vector(ctx.B, ctx.dt, w_off, n_in, 1, n_out, n_in, ctx.in_off, ctx.out_off, b_off,
-                          relu=relu)
+                          relu=relu, registers=ctx.registers)
     return L if relu else L + emit_activation_pass(ctx, n_out, act, z_off)
 
 
@@ -350,7 +353,7 @@ def dense_variants(n_in, n_out, B, dt, registers, rows=False) -> DenseVariants:
     ``"np.float64"``) and a budget of ``registers`` vector registers; ``rows``: the
     kernels give the layer its input rows sample-major (the chain's first layer, if
     :func:`rows_dw`). Every input can be set, so a test can reach each variant on any CPU."""
-    vec = vector_blocks(B, dt)
+    vec = vector_blocks(B, dt, registers)
     if rows:
         dw = "rows"
     elif B * _itemsize(dt) <= DW_TRANSPOSE_MAX_BYTES and n_in >= 8:
@@ -441,13 +444,13 @@ def _vector_delta(act, dt, pad, store):
     return L + [f"{pad}vstore(work, do + s, d0)"] * store + [f"{pad}gb0 = vadd(gb0, d0)"]
 
 
-def delta_pass_variant(act, row, dt):
+def delta_pass_variant(act, row, dt, registers):
     """Which code :func:`emit_delta_pass` emits for rows of ``row`` elements of ``dt``:
-    ``"vector"`` (relu, rows of whole vectors) or ``"scalar"``."""
-    return "vector" if act.name == "relu" and row % vector_lanes(dt) == 0 else "scalar"
+    ``"vector"`` (relu, rows of whole vectors for ``registers``) or ``"scalar"``."""
+    return "vector" if act.name == "relu" and row % vector_lanes(dt, registers) == 0 else "scalar"
 
 
-def emit_delta_pass(row, dt, g_off, z_off, a_off, n, b_off, act):
+def emit_delta_pass(row, dt, g_off, z_off, a_off, n, b_off, act, registers):
     """One pass over ``n`` rows of ``row`` elements (a feature's ``B`` lanes; a conv
     channel's pixels x lanes): ``delta = dL/da * f'`` written over ``dL/da`` at ``g_off``
     and, unless ``b_off`` is None, each row's sum added to ``g[b_off + o]`` (the bias
@@ -457,8 +460,8 @@ def emit_delta_pass(row, dt, g_off, z_off, a_off, n, b_off, act):
     (:func:`smallchains._simd.vrelu_grad`): from the scalar loop LLVM makes a masked store
     of the zeros, measured on a Zen 3 at 0.67-0.87 ns per element, in L1 or L2 alike
     (LeNet5's first conv pullback: 5-7 ms of its 12 per 2,048 images)."""
-    V = vector_lanes(dt)
-    if delta_pass_variant(act, row, dt) == "vector":
+    V = vector_lanes(dt, registers)
+    if delta_pass_variant(act, row, dt, registers) == "vector":
         L = [f"vz = vsplat({dt}(0.0))", f"for o in range({n}):", f"    r = o * {row}",
              "    gb = vz", f"    for s in range(0, {row}, {V}):",
              f"        d = vrelu_grad(vload(work, {g_off} + r + s), vload(work, {a_off} + r + s))",
@@ -472,7 +475,7 @@ def emit_delta_pass(row, dt, g_off, z_off, a_off, n, b_off, act):
 def emit_outer_grad_vector(ctx, n_in, n_out, w_off, b_off, act, z_off):
     """The dW and db part of :func:`emit_affine_pullback` with explicit vectors
     (``n_in >= 8``): per output row, tiles of 8 inputs accumulate 8 vectors over the block,
-    then :func:`smallchains._simd.vsum8` (float32; two :func:`~smallchains._simd.vsum4`
+    then :func:`smallchains._simd.vsum8` (8 or more lanes; two :func:`~smallchains._simd.vsum4`
     for float64's 4 lanes) reduces them to the 8 sums at once and they are added to ``g``
     as vectors (the scalar tiles of :func:`emit_outer_grad` end in 8 separate horizontal
     sums). The first tile computes delta for identity, tanh and
@@ -480,11 +483,12 @@ def emit_outer_grad_vector(ctx, n_in, n_out, w_off, b_off, act, z_off):
     use a scalar tile. Measured on a Zen 3 (matexp, in-process A/B): the 32 -> 16 tanh
     pullback 252.0 -> 243.1 us per epoch without the fused delta."""
     B, dt, go_, x = ctx.B, ctx.dt, ctx.gout_off, ctx.in_off
-    V = vector_lanes(dt)
+    V = vector_lanes(dt, ctx.registers)
     fi = n_in // 8 * 8
     store = ctx.need_gin is not False or n_in > 8
     fused = _vector_delta(act, dt, " " * 8, store)
-    L = emit_delta_pass(B, dt, go_, z_off, ctx.out_off, n_out, b_off, act) if fused is None else []
+    L = emit_delta_pass(B, dt, go_, z_off, ctx.out_off, n_out, b_off, act,
+                        ctx.registers) if fused is None else []
 
     def vtile(i, first):
         pad = "    " if first else "        "
@@ -495,7 +499,7 @@ def emit_outer_grad_vector(ctx, n_in, n_out, w_off, b_off, act, z_off):
         out += fused if first else [f"{pad}    d0 = vload(work, do + s)"]
         out += [f"{pad}    c{b} = vfma(d0, vload(work, {at('xo', b * B)} + s), c{b})" for b in range(8)]
         gw = f"{w_off} + o * {n_in}{'' if i == 0 else f' + {i}'}"
-        if V == 8:
+        if V >= 8:  # wider vectors are folded to 8 lanes first
             out += [f"{pad}vadd_into(g, {gw}, vsum8({', '.join(f'c{b}' for b in range(8))}), 0, 8)"]
         else:
             out += [f"{pad}vadd_into(g, {gw}, vsum4(c0, c1, c2, c3), 0, 4)",
@@ -554,7 +558,7 @@ def emit_outer_grad_transposed(B, dt, d_off, x_off, n_out, n_in, w_off, scratch)
     return L
 
 
-def emit_outer_grad_rows(B, dt, d_off, rows_off, ld, n_out, n_in, w_off):
+def emit_outer_grad_rows(B, dt, d_off, rows_off, ld, n_out, n_in, w_off, registers):
     """Lines adding ``dW[o, i] += sum_s d[o, s] x[s, i]`` from the input rows sample-major
     (``x[s, i]`` at ``work[rows_off + s * ld + i]``, see
     :func:`smallchains.compiler.runtime.load_block_rows`; ``d`` feature-major at
@@ -564,8 +568,8 @@ def emit_outer_grad_rows(B, dt, d_off, rows_off, ld, n_out, n_in, w_off):
     into ``g`` once; input tiles outer, so each tile's columns of the rows stay in L1
     while all outputs pass. Remainders: a 1-vector input tile, scalar inputs, fewer
     outputs. The feature-major tiles reduce each of their ``n_in * n_out`` sums
-    horizontally per block."""
-    V = vector_lanes(dt)
+    horizontally per block. Vectors of :func:`vector_lanes` for ``registers``."""
+    V = vector_lanes(dt, registers)
     TO = GEMM_TILE_O
 
     def tile(o, to, i, nv, pad):
@@ -630,10 +634,10 @@ def emit_affine_pullback(ctx, n_in, n_out, w_off, b_off, act, z_off):
     # input tile computes delta
     dw = dense_variants(n_in, n_out, B, dt, ctx.registers, rows=ctx.rows_off >= 0).dw
     if dw == "rows":
-        L += emit_delta_pass(B, dt, go_, z_off, a_off, n_out, b_off, act)
-        L += emit_outer_grad_rows(B, dt, go_, ctx.rows_off, ctx.rows_ld, n_out, n_in, w_off)
+        L += emit_delta_pass(B, dt, go_, z_off, a_off, n_out, b_off, act, ctx.registers)
+        L += emit_outer_grad_rows(B, dt, go_, ctx.rows_off, ctx.rows_ld, n_out, n_in, w_off, ctx.registers)
     elif dw == "transposed":
-        L += emit_delta_pass(B, dt, go_, z_off, a_off, n_out, b_off, act)
+        L += emit_delta_pass(B, dt, go_, z_off, a_off, n_out, b_off, act, ctx.registers)
         L += emit_outer_grad_transposed(B, dt, go_, x, n_out, n_in, w_off, gi_)
     elif dw == "vector":
         L += emit_outer_grad_vector(ctx, n_in, n_out, w_off, b_off, act, z_off)
@@ -644,7 +648,7 @@ def emit_affine_pullback(ctx, n_in, n_out, w_off, b_off, act, z_off):
         return L
     vector_dx = dense_variants(n_in, n_out, B, dt, ctx.registers).dx == "vector"
     return L + [f"if {ctx.need_gin}:"] + ["    " + l for l in emit_input_grad(B, dt, go_, gi_, w_off, n_in, n_out,
-                                                                               vector_dx)]
+                                                                               vector_dx, ctx.registers)]
 
 
 # dL/dx tile: GX_IN inputs share each loaded delta vector, GX_OUT outputs per pass (their
@@ -655,7 +659,7 @@ def emit_affine_pullback(ctx, n_in, n_out, w_off, b_off, act, z_off):
 GX_IN, GX_OUT = 2, 4
 
 
-def emit_input_grad(B, dt, d_off, gx_off, w_off, n_in, n_out, vector):
+def emit_input_grad(B, dt, d_off, gx_off, w_off, n_in, n_out, vector, registers):
     """Lines overwriting ``gx[i, s] = sum_o W[o, i] d[o, s]`` (``W (n_out, n_in)`` at
     ``p[w_off]``; ``d``, ``gx`` feature-major blocks at ``d_off``, ``gx_off``). With
     ``vector`` (blocks of whole vectors: :func:`dense_variants`) :func:`emit_gemm_vector`
@@ -663,7 +667,7 @@ def emit_input_grad(B, dt, d_off, gx_off, w_off, n_in, n_out, vector):
     passes (a loop, so wide layers stay short source) add."""
     if vector:
         return [f"# dL/dx = W^T delta, register tiles of {GEMM_TILE_O} inputs x 2 vectors of samples"] + \
-            emit_gemm_vector(B, dt, w_off, 1, n_in, n_in, n_out, d_off, gx_off)
+            emit_gemm_vector(B, dt, w_off, 1, n_in, n_in, n_out, d_off, gx_off, registers=registers)
     ti = GX_IN if n_in % GX_IN == 0 else 1
 
     def one_pass(o, to, op, pad):
