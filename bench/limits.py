@@ -5,9 +5,11 @@
 Measures, with nothing else running:
 
 * **FMA peak**: a register-only loop of fused multiply-adds on the explicit vectors the
-  generated kernels use (:mod:`smallchains._simd`, 32-byte vectors: 8 float32 / 4
-  float64 lanes), 12 independent accumulators (enough to cover FMA latency on two
-  pipes; 14 of AVX2's 16 registers), no memory traffic. GFLOP/s counts 2 per lane per
+  generated kernels use on this CPU (:func:`smallchains._simd.vector_bytes` of the
+  default register budget: 32-byte vectors, 8 float32 / 4 float64 lanes, without
+  AVX-512; 64-byte ones, 16 / 8 lanes, with it; ``--vector-bytes`` overrides), 12
+  independent accumulators (enough to cover FMA latency on two pipes; 14 of AVX2's 16
+  registers), no memory traffic. GFLOP/s counts 2 per lane per
   FMA. At N threads, N Python threads run it at once (the loop is ``nogil``), so the
   figure shows whether the cores have their own FMA units.
 * **tanh cost**: nanoseconds per element of the kernels' float32/float64 tanh
@@ -39,12 +41,27 @@ sys.path.insert(0, HERE)
 import _common as C  # noqa: E402
 
 
+def vector_bytes():
+    """Bytes per vector of the FMA loop: ``--vector-bytes``, else the kernels' width for
+    the default register budget."""
+    if VECTOR_BYTES_OVERRIDE:
+        return VECTOR_BYTES_OVERRIDE
+    from smallchains._simd import vector_bytes as width
+    from smallchains.compiler.options import default_registers
+    return width(default_registers())
+
+
+VECTOR_BYTES_OVERRIDE = None
+
+
 @functools.lru_cache(maxsize=None)
 def _kernels():
     from numba import njit
 
     from smallchains._fastmath import tanh_f32, tanh_f64
-    from smallchains._simd import vfma, vload, vstore, vsplat
+    from smallchains._simd import vfma, vstore, width_functions
+
+    vload, vsplat = width_functions(vector_bytes())
 
     @njit(nogil=True, cache=False)
     def fma_loop(n, a, out):
@@ -104,7 +121,7 @@ def fma_peak(dtype, nthreads, seconds=0.3, repeats=5):
     ``repeats`` runs of about ``seconds`` each)."""
     fma_loop, _ = _kernels()
     dt = np.dtype(dtype)
-    lanes = 32 // dt.itemsize
+    lanes = vector_bytes() // dt.itemsize
     a = np.full(2 + lanes, 0.5, dtype=dt)
     a[0], a[1] = 0.999, 1e-3
     out = np.zeros(lanes, dtype=dt)
@@ -199,9 +216,13 @@ def main():
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--seconds", type=float, default=0.3, help="length of one FMA run")
     ap.add_argument("--json", help="write the figures to this file")
+    ap.add_argument("--vector-bytes", type=int, choices=(32, 64),
+                    help="width of the FMA loop's vectors (default: the kernels' on this CPU)")
     args = ap.parse_args()
+    global VECTOR_BYTES_OVERRIDE
+    VECTOR_BYTES_OVERRIDE = args.vector_bytes
     res = measure(tuple(args.threads), args.seconds)
-    print(f"CPU: {C.cpu_name()}")
+    print(f"CPU: {C.cpu_name()}; FMA loop on {vector_bytes()}-byte vectors")
     print("| dtype | " + " | ".join(f"FMA peak, {t} thr (GFLOP/s)" for t in args.threads)
           + " | tanh (ns/element, 1 thr) |")
     print("|---|" + "---:|" * (len(args.threads) + 1))
