@@ -41,27 +41,21 @@ sys.path.insert(0, HERE)
 import _common as C  # noqa: E402
 
 
-def vector_bytes():
-    """Bytes per vector of the FMA loop: ``--vector-bytes``, else the kernels' width for
-    the default register budget."""
-    if VECTOR_BYTES_OVERRIDE:
-        return VECTOR_BYTES_OVERRIDE
-    from smallchains._simd import vector_bytes as width
+def kernel_vector_bytes():
+    """Bytes per vector of the generated kernels for the default register budget."""
+    from smallchains._simd import vector_bytes
     from smallchains.compiler.options import default_registers
-    return width(default_registers())
-
-
-VECTOR_BYTES_OVERRIDE = None
+    return vector_bytes(default_registers())
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels():
+def _kernels(nbytes=32):
     from numba import njit
 
     from smallchains._fastmath import tanh_f32, tanh_f64
     from smallchains._simd import vfma, vstore, width_functions
 
-    vload, vsplat = width_functions(vector_bytes())
+    vload, vsplat = width_functions(nbytes)
 
     @njit(nogil=True, cache=False)
     def fma_loop(n, a, out):
@@ -116,12 +110,13 @@ def _run_threads(fn, nthreads):
     return max(done) - t0
 
 
-def fma_peak(dtype, nthreads, seconds=0.3, repeats=5):
+def fma_peak(dtype, nthreads, seconds=0.3, repeats=5, nbytes=None):
     """GFLOP/s of the register-only FMA loop in ``dtype`` on ``nthreads`` threads (best of
     ``repeats`` runs of about ``seconds`` each)."""
-    fma_loop, _ = _kernels()
+    nbytes = nbytes or kernel_vector_bytes()
+    fma_loop, _ = _kernels(nbytes)
     dt = np.dtype(dtype)
-    lanes = vector_bytes() // dt.itemsize
+    lanes = nbytes // dt.itemsize
     a = np.full(2 + lanes, 0.5, dtype=dt)
     a[0], a[1] = 0.999, 1e-3
     out = np.zeros(lanes, dtype=dt)
@@ -194,13 +189,13 @@ def workloads():
     }
 
 
-def measure(threads=(1, 2), seconds=0.3):
+def measure(threads=(1, 2), seconds=0.3, nbytes=None):
     """The figures as a dict: ``fma_gflops[dtype][threads]``, ``tanh_ns[dtype]``, and
     ``floors[workload] = {unit, samples, macs, tanhs, seconds: {threads: s}}`` (float32)."""
     out = {"fma_gflops": {}, "tanh_ns": {}, "floors": {}}
     for dt in (np.float32, np.float64):
         name = np.dtype(dt).name
-        out["fma_gflops"][name] = {str(t): fma_peak(dt, t, seconds) for t in threads}
+        out["fma_gflops"][name] = {str(t): fma_peak(dt, t, seconds, nbytes=nbytes) for t in threads}
         out["tanh_ns"][name] = tanh_ns(dt)
     for name, (chain, n, unit, dt) in workloads().items():
         macs, tanhs = chain_costs(chain)
@@ -219,10 +214,9 @@ def main():
     ap.add_argument("--vector-bytes", type=int, choices=(32, 64),
                     help="width of the FMA loop's vectors (default: the kernels' on this CPU)")
     args = ap.parse_args()
-    global VECTOR_BYTES_OVERRIDE
-    VECTOR_BYTES_OVERRIDE = args.vector_bytes
-    res = measure(tuple(args.threads), args.seconds)
-    print(f"CPU: {C.cpu_name()}; FMA loop on {vector_bytes()}-byte vectors")
+    nbytes = args.vector_bytes or kernel_vector_bytes()
+    res = measure(tuple(args.threads), args.seconds, nbytes)
+    print(f"CPU: {C.cpu_name()}; FMA loop on {nbytes}-byte vectors")
     print("| dtype | " + " | ".join(f"FMA peak, {t} thr (GFLOP/s)" for t in args.threads)
           + " | tanh (ns/element, 1 thr) |")
     print("|---|" + "---:|" * (len(args.threads) + 1))
