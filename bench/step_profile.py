@@ -1,6 +1,7 @@
 """Per-layer-step times of a chain's generated code: where a training step's time goes.
 
-    python bench/step_profile.py [--model {lenet5,mnist_mlp}] [--block B] [--registers 16|32]
+    python bench/step_profile.py [--model {lenet5,mnist_mlp,cifar_dense}] [--block B]
+                                 [--registers 16|32]
                                  [--dtype float32|float64] [--repeats 5]
 
 Builds the chain's layer steps exactly as the compiler generates them for blocks of
@@ -27,7 +28,9 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 
 import smallchains as sc  # noqa: E402
-from smallchains import _simd  # noqa: E402
+from smallchains import _simd, _simd64  # noqa: E402
+from smallchains._cpu import vector_registers  # noqa: E402
+from smallchains._simd import vector_bytes  # noqa: E402
 from smallchains._fastmath import tanh_f32, tanh_f64  # noqa: E402
 from smallchains._numba_utils import like  # noqa: E402
 from smallchains.activations import gelu_grad, silu_grad  # noqa: E402
@@ -38,6 +41,9 @@ def model(name, registers):
     if name == "lenet5":
         from lenet5_mnist import lenet5
         c = lenet5()
+    elif name == "cifar_dense":  # network 1 of issue 14
+        c = sc.SimpleChain(1024, sc.TurboDense(64, "sigmoid"), sc.TurboDense(32, "sigmoid"),
+                           sc.TurboDense(10))
     else:  # network 2 of issue 14 without its Dropout
         c = sc.SimpleChain(784, sc.TurboDense(128, "relu"), sc.TurboDense(10))
     return sc.SimpleChain(c.input_shape, *c.layers, registers=registers)
@@ -55,9 +61,10 @@ def _carray(a, shape):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", choices=["lenet5", "mnist_mlp"], default="lenet5")
+    ap.add_argument("--model", choices=["lenet5", "mnist_mlp", "cifar_dense"], default="lenet5")
     ap.add_argument("--block", type=int, default=16)
-    ap.add_argument("--registers", type=int, choices=[16, 32], default=16)
+    ap.add_argument("--registers", type=int, choices=[16, 32], default=vector_registers(),
+                    help="register budget (default: this CPU's, 32 with AVX-512)")
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     ap.add_argument("--repeats", type=int, default=5)
     a = ap.parse_args(argv)
@@ -70,7 +77,8 @@ def main(argv=None):
               gelu_grad=gelu_grad, silu_grad=silu_grad, carray=_carray, keep_alive=_keep_alive,
               N_PARAMS=plan.n_params, WORK_SIZE=plan.work_size, N_STATE=max(plan.n_state, 1),
               META_SIZE=plan.meta_size)
-    ns.update({k: getattr(_simd, k) for k in _simd.__all__})
+    simd = _simd64 if vector_bytes(a.registers) == 64 else _simd  # as codegen imports them
+    ns.update({k: getattr(simd, k) for k in simd.__all__})
     for d in funcs.defs:
         exec(d, ns)  # noqa: S102 - the library's own generated code
     opts = dict(fastmath=True, error_model="numpy")
