@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import _thread
 import threading
-import time
 
 import numba
 import numpy as np
@@ -245,22 +244,19 @@ def _interrupt_during(fn, delay=1.0):
     return None
 
 
-def _count_lasting(seconds, run, trial=2000):
-    """How many iterations (steps or epochs) of ``run(n)`` take about ``seconds``, timed on
-    this machine: a fixed count finished before the interrupt on a fast CPU (Zen 5: 10**6
-    steps of this tiny chain in under a second)."""
-    t0 = time.perf_counter()
-    run(trial)
-    per = max(time.perf_counter() - t0, 1e-9) / trial
-    return max(10 ** 6, int(seconds / per))
+#: steps (or one-batch epochs) of the interrupted runs: many seconds on any machine, so the
+#: interrupt (after 1 s) comes long before the end. 10**6 finished within the second on a
+#: Zen 5 in CI (under 1 us per step of this 50-sample chain); timing a short trial run
+#: to size it does not work, as its chunks start at one step each (see
+#: sctrain.CHUNK_SECONDS) and it measured 10-60 us per step.
+LONG_RUN = 2 * 10 ** 7
 
 
 def test_keyboard_interrupt_stops_train_unbatched_after_a_completed_step():
     model, X, Y, p0 = _setup(n=50, seed=5)
     G = sc.alloc_threaded_grad(model.chain, n_threads=2, dtype=np.float64)
     sc.train_unbatched(G, p0.copy(), model, X, sc.Adam(1e-3), 2)  # compiled before the timer
-    # about 20 s of steps: the interrupt (after 1 s) comes long before the end
-    iters = _count_lasting(20, lambda n: sc.train_unbatched(G, p0.copy(), model, X, sc.Adam(1e-3), n))
+    iters = LONG_RUN
     p, opt = p0.copy(), sc.Adam(1e-3)
     err = _interrupt_during(lambda: sc.train_unbatched(G, p, model, X, opt, iters))
     assert err is not None
@@ -284,8 +280,7 @@ def test_keyboard_interrupt_stops_train_batched_after_a_completed_step():
     model, X, Y, p0 = _setup(n=50, seed=6)
     G = sc.alloc_threaded_grad(model.chain, n_threads=2, dtype=np.float64)
     sc.train_batched(G, p0.copy(), model, X, sc.SGD(1e-3), 2, batch_size=50, shuffle=False)
-    epochs = _count_lasting(20, lambda n: sc.train_batched(G, p0.copy(), model, X, sc.SGD(1e-3), n,
-                                                           batch_size=50, shuffle=False))
+    epochs = LONG_RUN
     p, opt = p0.copy(), sc.SGD(1e-3, momentum=0.9)
     err = _interrupt_during(lambda: sc.train_batched(G, p, model, X, opt, epochs, batch_size=50,
                                                      shuffle=False))
