@@ -44,7 +44,11 @@ class SimpleChain:
         above the CPU's spills registers and runs slower); for tests and tuning.
     block_size : int or None, keyword-only
         Samples per block of the compiled kernels (a multiple of 16 in ``[16, 1024]``).
-        Default: chosen so one block's workspace is about 64 KB (at least 16). Chains of
+        Default: chosen so one block's workspace is about 64 KB, a multiple of two
+        vectors. The explicit-vector tiles need that multiple: 32 float32 (16 float64)
+        samples with the 64-byte vectors of a 32-register budget, 16 otherwise; a block
+        size that is not one runs the scalar tiles (on a Zen 5, the 784-128-10 MLP of
+        ``bench/mnist_mlp.py`` trained 2.6x slower at ``block_size=16``). Chains of
         many tiny layers (recurrent models) spend most of a small block in per-block
         overhead and run faster with larger blocks: on a Zen 3, LSTNet's training step
         (``smallchains.models.lstnet``, batch 500) took 804 us at the default 16 and 297
