@@ -34,7 +34,8 @@ from smallchains._simd import vector_bytes  # noqa: E402
 from smallchains._fastmath import tanh_f32, tanh_f64  # noqa: E402
 from smallchains._numba_utils import like  # noqa: E402
 from smallchains.activations import gelu_grad, silu_grad  # noqa: E402
-from smallchains.compiler.codegen import _forward_lines, _Functions, _pullback_lines, plan_chain  # noqa: E402
+from smallchains.compiler.codegen import (_forward_lines, _Functions, _pullback_lines,  # noqa: E402
+                                         choose_block_size, plan_chain)
 
 
 def model(name, registers):
@@ -62,13 +63,15 @@ def _carray(a, shape):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=["lenet5", "mnist_mlp", "cifar_dense"], default="lenet5")
-    ap.add_argument("--block", type=int, default=16)
+    ap.add_argument("--block", type=int, default=None,
+                    help="samples per block (default: the compiler's choice for the budget)")
     ap.add_argument("--registers", type=int, choices=[16, 32], default=vector_registers(),
                     help="register budget (default: this CPU's, 32 with AVX-512)")
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     ap.add_argument("--repeats", type=int, default=5)
     a = ap.parse_args(argv)
-    chain, dt, B = model(a.model, a.registers), np.dtype(a.dtype), a.block
+    chain, dt = model(a.model, a.registers), np.dtype(a.dtype)
+    B = a.block or choose_block_size(chain.input_shape, chain.layers, dt.itemsize, a.registers)
     plan = plan_chain(chain.input_shape, chain.layers, B)
     funcs = _Functions()
     fwd = _forward_lines(plan, dt, True, funcs, chain.options)

@@ -251,17 +251,11 @@ def _interrupt_during(fn, delay=1.0):
     return None
 
 
-#: steps of the interrupted unbatched run: many seconds of this 50-sample chain on any
-#: machine, so the interrupt (after 1 s) comes long before the end. The batched run's one-batch epochs each return to Python: 10**6 of them
-#: take many seconds.
-LONG_RUN = 2 * 10 ** 7
-
-
 def test_keyboard_interrupt_stops_train_unbatched_after_a_completed_step():
     model, X, Y, p0 = _setup(n=50, seed=5)
     G = sc.alloc_threaded_grad(model.chain, n_threads=2, dtype=np.float64)
     sc.train_unbatched(G, p0.copy(), model, X, sc.Adam(1e-3), 2)  # compiled before the timer
-    iters = LONG_RUN
+    iters = 10 ** 6  # many seconds: the interrupt comes long before the end
     p, opt = p0.copy(), sc.Adam(1e-3)
     err = _interrupt_during(lambda: sc.train_unbatched(G, p, model, X, opt, iters))
     assert err is not None
