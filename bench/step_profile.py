@@ -17,6 +17,7 @@ a step's time; use it to find the step to work on, and bench/lenet5.py for the s
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 import sys
@@ -28,6 +29,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 
 import smallchains as sc  # noqa: E402
+from smallchains import models  # noqa: E402
 from smallchains import _simd, _simd64  # noqa: E402
 from smallchains._cpu import vector_registers  # noqa: E402
 from smallchains._simd import vector_bytes  # noqa: E402
@@ -45,6 +47,10 @@ def model(name, registers):
     elif name == "cifar_dense":  # network 1 of issue 14
         c = sc.SimpleChain(1024, sc.TurboDense(64, "sigmoid"), sc.TurboDense(32, "sigmoid"),
                            sc.TurboDense(10))
+    elif name == "tpa_lstm":  # issue 15's benchmark size
+        c = models.tpa_lstm(10, 10)
+    elif name == "lstnet":
+        c = models.lstnet(20, 10)
     else:  # network 2 of issue 14 without its Dropout
         c = sc.SimpleChain(784, sc.TurboDense(128, "relu"), sc.TurboDense(10))
     return sc.SimpleChain(c.input_shape, *c.layers, registers=registers)
@@ -62,7 +68,7 @@ def _carray(a, shape):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", choices=["lenet5", "mnist_mlp", "cifar_dense"], default="lenet5")
+    ap.add_argument("--model", choices=["lenet5", "mnist_mlp", "cifar_dense", "tpa_lstm", "lstnet"], default="lenet5")
     ap.add_argument("--block", type=int, default=None,
                     help="samples per block (default: the compiler's choice for the budget)")
     ap.add_argument("--registers", type=int, choices=[16, 32], default=vector_registers(),
@@ -81,6 +87,10 @@ def main(argv=None):
               N_PARAMS=plan.n_params, WORK_SIZE=plan.work_size, N_STATE=max(plan.n_state, 1),
               META_SIZE=plan.meta_size)
     simd = _simd64 if vector_bytes(a.registers) == 64 else _simd  # as codegen imports them
+    for slot in plan.slots:  # the kernels the generated steps call, as codegen imports them
+        for mod, names in slot.layer.kernel_imports.items():
+            m = importlib.import_module(mod)
+            ns.update({n: getattr(m, n) for n in names})
     ns.update({k: getattr(simd, k) for k in simd.__all__})
     for d in funcs.defs:
         exec(d, ns)  # noqa: S102 - the library's own generated code

@@ -80,7 +80,7 @@ def lstnet(n_series, window, *, conv_filters=2, conv_width=3, hidden=3, skip=4, 
                        **chain_options)
 
 
-def tpa_lstm(n_series, window, *, hidden=10, layers=2, filters=32, n_out=1, block_size=128,
+def tpa_lstm(n_series, window, *, hidden=10, layers=2, filters=32, n_out=1, block_size=64,
              **chain_options) -> SimpleChain:
     """TPA-LSTM (Shih, Sun and Lee, "Temporal Pattern Attention for Multivariate Time
     Series Forecasting", Machine Learning 108, 2019; FluxArchitectures.jl's ``TPALSTM``)::
@@ -98,9 +98,12 @@ def tpa_lstm(n_series, window, *, hidden=10, layers=2, filters=32, n_out=1, bloc
         Defaults: the FluxBench benchmark's sizes (hidden 10, 2 LSTM layers, 32 filters).
     n_out : int
         Outputs (the next value of ``n_out`` series).
-    block_size : int or None, default 128
-        :class:`SimpleChain`'s ``block_size``: 128 ran the benchmark's training step
-        (batch 300) in 3.9-4.6 ms against 11.2 ms at the automatic 16 (Zen 3, 1 thread).
+    block_size : int or None, default 64
+        :class:`SimpleChain`'s ``block_size`` (a multiple of two vectors, so the LSTM and
+        attention get their register tiles): measured on an AVX-512 Xeon with those
+        tiles, the benchmark's training step (batch 300) took 659 / 419 us at 1 / 2
+        threads at 64, 820 / 410 at 32, 864 / 598 at 128, 758 / 425 at 160 (the
+        workspace of 128 lanes no longer stays in L2, and 300 samples fill 3 blocks).
     **chain_options
         Passed to :class:`SimpleChain`.
 

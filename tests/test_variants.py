@@ -147,6 +147,21 @@ def pool_cases():
             yield (1 + extra % 2, 2 * kh + extra, kw + 2 * extra), [sc.MaxPool((kh, kw))]
 
 
+def sequence_cases():
+    """LSTM widths 1..9 (4H gate rows; every remainder of the 4-column dW and GEMM tiles
+    over the inputs F and the hidden state H), lengths T 1..3, alone as the first layer
+    (the training path without dL/dx, valvjp with it) and stacked (dL/dh of every step
+    into the first); temporal pattern attention with 1..9 filters over T - 1 = 1..3
+    earlier states of m = 1..9 features (every row and column remainder of its tiles)."""
+    for k, H in enumerate(range(1, 10)):
+        F, T = 1 + (4 * k + 2) % 9, 1 + k % 3
+        yield (T, F), [sc.LSTM(H, return_sequences=k % 2 == 0)]
+        yield (T, F), [sc.LSTM(H, return_sequences=True), sc.LSTM(1 + (H + 4) % 9)]
+    for k, filters in enumerate(range(1, 10)):
+        T, m = 2 + k % 3, 1 + (5 * k + 3) % 9
+        yield (T, m), [sc.TemporalPatternAttention(filters)]
+
+
 def _schedule(cases, dtype, every_block, blocks=None):
     """``(k, shape, layers, B, registers)`` of a sweep: every case at every block size of
     each budget (``blocks(dtype, registers)``, default :func:`_block_sizes`), or
@@ -201,6 +216,14 @@ def test_conv_variants_every_channel_pair(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_sequence_variants_every_width_and_block(dtype):
+    count, met = _sweep(sequence_cases(), dtype, every_block=True)
+    SWEEP_LOG[("lstm, tpa", np.dtype(dtype).name)] = (count, met)
+    assert {("lstm", "vector 32B"), ("lstm", "vector 64B"), ("tpa", "vector 32B"), ("tpa", "vector 64B")} <= met
+    assert count >= 27 * len(_block_sizes(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 def test_maxpool_every_window(dtype):
     count, _ = _sweep(pool_cases(), dtype, every_block=True)
     SWEEP_LOG[("maxpool", np.dtype(dtype).name)] = (count, set())
@@ -213,7 +236,7 @@ def test_sweeps_meet_every_variant(small_rows):
     met = set()
     for dtype in DTYPES:
         for cases, every, blocks in ((dense_cases(), True, None), (conv_cases(), THOROUGH, None),
-                                     (rows_cases(), True, _rows_blocks)):
+                                     (rows_cases(), True, _rows_blocks), (sequence_cases(), True, None)):
             for _, shape, layers, B, regs in _schedule(cases, dtype, every, blocks):
                 met |= variants(sc.SimpleChain(shape, *layers, registers=regs), dtype, B)
     missing = all_variants() - met
@@ -235,7 +258,11 @@ def compiled_chains(k):
                         sc.TurboDense(4, acts[6])])
     # a wide first layer after a Flatten: dW from the input rows at B % 16 == 0
     wide = ((1, 7, 77), [sc.Flatten(), sc.TurboDense(7, acts[7]), sc.TurboDense(2, acts[8])])
-    return [dense, conv, wide]
+    # the sequence layers' tiles: stacked LSTMs (every step's dL/dh, dL/dx of both) and the
+    # attention, after a per-step dense layer
+    seq = ((3, 4), [sc.TimeDistributed(sc.TurboDense(5, acts[2])), sc.LSTM(6, return_sequences=True),
+                    sc.LSTM(3, return_sequences=True), sc.TemporalPatternAttention(5), sc.TurboDense(2)])
+    return [dense, conv, wide, seq]
 
 
 #: every activation on a layer with fewer than 8 inputs and remainder output rows, so its

@@ -17,6 +17,7 @@ earlier block) shows up as NaN.
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -29,7 +30,9 @@ from smallchains.activations import gelu_grad, silu_grad
 from smallchains.compiler.codegen import _forward_lines, _Functions, _pullback_lines, plan_chain
 from smallchains.compiler.runtime import load_rows, load_rows_major, store_rows
 from smallchains.layers.conv import Conv, conv_variants
+from smallchains.layers.attention import TemporalPatternAttention
 from smallchains.layers.dense import TurboDense, delta_pass_variant, dense_variants
+from smallchains.layers.recurrent import LSTM, sequence_variant
 
 
 # --- numpy stand-ins for smallchains._simd / _simd64 (the same lane counts) -------------
@@ -107,6 +110,18 @@ _NAMESPACE = dict(np=np, math=math, tanh_f32=tanh_f32, tanh_f64=tanh_f64, like=l
                   vsum4=vsum4, vsum8=vsum8, vadd_into=vadd_into)
 
 
+def _layer_kernels(plan):
+    """The compiled kernels the layers' steps call (their ``kernel_imports``, the
+    recurrent loop nests among them), except the vector functions replaced above."""
+    out = {}
+    for slot in plan.slots:
+        for mod, names in slot.layer.kernel_imports.items():
+            if mod != "smallchains._simd":
+                m = importlib.import_module(mod)
+                out.update((n, getattr(m, n)) for n in names)
+    return out
+
+
 class InterpretedChain:
     """The layer steps of ``chain`` (tuned or reference per ``chain.options``) for blocks of
     ``B`` samples of ``dtype``, run in Python. Same plan, offsets and step code as the
@@ -121,6 +136,7 @@ class InterpretedChain:
         self.pull_x, self.gx_off = _pullback_lines(self.plan, self.dtype, True, funcs, chain.options)
         self.pull_train, _ = _pullback_lines(self.plan, self.dtype, False, funcs, chain.options)
         ns = dict(_NAMESPACE, **width_functions(chain.options.registers),
+                  **_layer_kernels(self.plan),
                   N_PARAMS=self.plan.n_params, WORK_SIZE=self.plan.work_size,
                   N_STATE=max(self.plan.n_state, 1), META_SIZE=self.plan.meta_size)
         for d in funcs.defs:
@@ -190,18 +206,23 @@ def variants(chain, dtype, B) -> set:
                     ("conv.weight_grad", f"{vec(v.weight_grad)} co-tile {v.wgrad_co_tile}"),
                     ("conv.input_grad", f"vector{w} tile {v.input_grad_tile[0]}x{v.input_grad_tile[1]}"
                      if v.input_grad == "vector" else f"scalar taps {min(v.corr_taps, 1024)}")}
+        elif isinstance(layer, (LSTM, TemporalPatternAttention)):
+            name = "lstm" if isinstance(layer, LSTM) else "tpa"
+            out.add((name, vec(sequence_variant(B, dt, regs))))
     return out
 
 
 def all_variants() -> set:
     """Every label :func:`variants` can produce (for both register budgets and dtypes)."""
     out = {("dense.forward", "scalar"), ("dense.dx", "scalar"), ("dense.dw", "transposed"),
-           ("relu delta pass", "scalar"), ("conv.forward", "scalar")}
+           ("relu delta pass", "scalar"), ("conv.forward", "scalar"),
+           ("lstm", "reference"), ("tpa", "reference")}
     for regs in (16, 32):
         w = f" {vector_bytes(regs)}B"
         out |= {("dense.forward", "vector" + w), ("dense.dx", "vector" + w), ("dense.dw", "vector" + w),
                 ("dense.dw", "rows" + w), ("relu delta pass", "vector" + w),
-                ("conv.forward", "vector" + w), ("conv.forward", "vector relu-in-registers" + w)}
+                ("conv.forward", "vector" + w), ("conv.forward", "vector relu-in-registers" + w),
+                ("lstm", "vector" + w), ("tpa", "vector" + w)}
         for n_in in (1, 8):
             to, ti = sc.layers.dense.dw_tile(n_in, regs)
             out.add(("dense.dw", f"tiles {to}x{ti}"))
@@ -251,5 +272,11 @@ def tolerance(chain, dtype, n) -> float:
         elif isinstance(layer, Conv):
             kh, kw = layer.kernel_size
             K += max(ins[0] * kh * kw, outs[0] * kh * kw, n * outs[1] * outs[2])
+        elif isinstance(layer, LSTM):  # gates over F + H terms, dW over T steps of n samples
+            T, F = ins
+            K += max(F + layer.hidden, 4 * layer.hidden, n * T) * T  # errors carried over T steps
+        elif isinstance(layer, TemporalPatternAttention):
+            T, m = ins
+            K += max(T * m, layer.filters * m, n * m)
         # MaxPool and Flatten reduce nothing: their results must match exactly
     return 8 * float(np.finfo(np.float32).eps) * K

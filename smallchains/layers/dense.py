@@ -226,10 +226,12 @@ def emit_activation_pass(ctx, n, act, z_off):
 
 
 def emit_gemm_vector(B, dt, m_off, row_stride, col_stride, n_rows, n_cols, v_off, out_off,
-                     b_off=None, relu=False, *, registers):
+                     b_off=None, relu=False, *, registers, more=(), b2_off=None, v_row=None,
+                     out_row=None):
     """Lines overwriting ``out[r, s] = b[r] + sum_k M[r, k] v[k, s]`` for ``r < n_rows``
     (``M[r, k]`` at ``p[m_off + r * row_stride + k * col_stride]``, ``b`` at ``p[b_off]``
-    or zero; ``v``, ``out`` feature-major blocks of ``B`` samples at the work offsets).
+    or zero; ``v``, ``out`` feature-major blocks of ``B`` samples at the work offsets, ints
+    or the names of offsets set by the surrounding code).
     With ``relu``, ``out = max(., 0)`` (applied in registers before the store).
 
     Explicit vectors (:mod:`smallchains._simd`): tiles of :data:`GEMM_TILE_O` rows by two
@@ -238,29 +240,41 @@ def emit_gemm_vector(B, dt, m_off, row_stride, col_stride, n_rows, n_cols, v_off
     3 (matexp forward, in-process A/B against the scalar CHUNK loops, which add into
     ``out`` in memory): 32 -> 16 167.6 -> 145.7 us per epoch (tanh pass included), 16 -> 4
     16.5 -> 14.1, 4 -> 32 114.5 -> 112.3. Vectors of :func:`vector_lanes` for
-    ``registers``."""
+    ``registers``.
+
+    ``more``: further products summed into the same accumulators, each ``(m_off,
+    row_stride, col_stride, n_cols, v_off)`` as above (an LSTM's gates: ``W_ih x_t +
+    W_hh h_{t-1}``); ``b2_off``: a second bias added to ``b``; ``v_row``, ``out_row``:
+    elements from one row of ``v`` (of the first product) or of ``out`` to the next, if not
+    ``B``."""
     V = vector_lanes(dt, registers)
+    products = [(m_off, row_stride, col_stride, n_cols, v_off, v_row or B)] + [m + (B,) for m in more]
+    orow_ = out_row or B
 
     def tile(r, tr, pad):
         # r: the loop variable "r" or an int (the remainder rows)
-        mr = f"{m_off} + r * {row_stride}" if r == "r" else str(m_off + r * row_stride)
-        orow = f"{out_off} + r * {B}" if r == "r" else str(out_off + r * B)
-        out = [f"{pad}mr = {mr}", f"{pad}orow = {orow}"]
+        orow = f"{out_off} + r * {orow_}" if r == "r" else at(out_off, r * orow_)
+        out = [f"{pad}orow = {orow}"]
+        for j, (mo, rs, _, _, _, _) in enumerate(products):
+            out += [f"{pad}mr{j or ''} = " + (f"{mo} + r * {rs}" if r == "r" else str(mo + r * rs))]
         if b_off is not None:
             br = f"{b_off} + r" if r == "r" else str(b_off + r)
-            out += [f"{pad}b{a} = vsplat(p[{at(br, a)}])" for a in range(tr)]
+            b2 = "" if b2_off is None else (f"{b2_off} + r" if r == "r" else str(b2_off + r))
+            out += [f"{pad}b{a} = vsplat(p[{at(br, a)}]" + (f" + p[{at(b2, a)}])" if b2 else ")")
+                    for a in range(tr)]
         else:
             out += [f"{pad}b{a} = vsplat({dt}(0.0))" for a in range(tr)]
         out += [f"{pad}for s in range(0, {B}, {2 * V}):"]
         out += [f"{pad}    t{a}_{h} = b{a}" for a in range(tr) for h in range(2)]
-        k = "k" if col_stride == 1 else f"k * {col_stride}"
-        out += [f"{pad}    for k in range({n_cols}):", f"{pad}        vk = {v_off} + k * {B} + s",
-                f"{pad}        v0 = vload(work, vk)", f"{pad}        v1 = vload(work, vk + {V})",
-                f"{pad}        mk = mr + {k}"]
-        out += [f"{pad}        m{a} = vsplat(p[{at('mk', a * row_stride)}])" for a in range(tr)]
-        out += [f"{pad}        t{a}_{h} = vfma(m{a}, v{h}, t{a}_{h})" for a in range(tr) for h in range(2)]
+        for j, (_, rs, cs, nc, vo, vr) in enumerate(products):
+            k = "k" if cs == 1 else f"k * {cs}"
+            out += [f"{pad}    for k in range({nc}):", f"{pad}        vk = {vo} + k * {vr} + s",
+                    f"{pad}        v0 = vload(work, vk)", f"{pad}        v1 = vload(work, vk + {V})",
+                    f"{pad}        mk = mr{j or ''} + {k}"]
+            out += [f"{pad}        m{a} = vsplat(p[{at('mk', a * rs)}])" for a in range(tr)]
+            out += [f"{pad}        t{a}_{h} = vfma(m{a}, v{h}, t{a}_{h})" for a in range(tr) for h in range(2)]
         f = "vrelu({})" if relu else "{}"
-        out += [f"{pad}    vstore(work, {at('orow', a * B + h * V)} + s, {f.format(f't{a}_{h}')})"
+        out += [f"{pad}    vstore(work, {at('orow', a * orow_ + h * V)} + s, {f.format(f't{a}_{h}')})"
                 for a in range(tr) for h in range(2)]
         return out
 
