@@ -289,15 +289,11 @@ class TemporalPatternAttention(Layer):
         the saved ``HC, a, alpha, v``, the last state ``h`` and the pullback's scratch
         ``dv, da, ds, dHC`` (as :func:`_layout` and :func:`tpa_pullback`)."""
         T, m, k, B = self._args(ctx)
-        L, w, sv = T - 1, ctx.p_off, ctx.saved_off
-        C, c = w, w + k * L
-        Wa = c + k
-        Wh = Wa + k * m
-        Wv = Wh + m * m
-        hc, a, al, v = sv, sv + m * k * B, sv + (m * k + k) * B, sv + (m * k + k + m) * B
+        L, C, c, Wa, Wh, Wv, hc, a, al, v, h = _layout.py_func(ctx.in_off, T, m, k, B, ctx.p_off,
+                                                               ctx.saved_off)
         dv = v + k * B
         da, ds = dv + k * B, dv + 2 * k * B
-        return (T, m, k, B, L), (C, c, Wa, Wh, Wv), (hc, a, al, v, ctx.in_off + L * m * B), (dv, da, ds, ds + m * B)
+        return (T, m, k, B, L), (C, c, Wa, Wh, Wv), (hc, a, al, v, h), (dv, da, ds, ds + m * B)
 
     def emit_forward_reference(self, ctx: EmitContext):
         T, m, k, B = self._args(ctx)

@@ -334,7 +334,7 @@ def _lstm_bptt_start(work, dh, dc, gout, seq, T, H, B):
 
 
 @njit(**INLINE_OPTIONS)
-def _lstm_bptt(p, work, sv, T, H, B, w, hist, gates, da, dh, dc, gout, seq, F):
+def _lstm_bptt(p, work, T, H, B, w, gates, da, dh, dc, gout, seq, F):
     """The recurrence of :func:`lstm_pullback`: the steps in reverse, ``dL/d(gate
     pre-activations)`` of every step into ``da`` ``(T, 4H)`` (all offsets absolute)."""
     G = 4 * H
@@ -361,7 +361,7 @@ def lstm_pullback(p, g, work, x, sv, F, T, H, B, w, hist, gates, da, dh, dc, gou
     whh = w + G * F
     bih = whh + G * H
     bhh = bih + G
-    _lstm_bptt(p, work, sv, T, H, B, w, hist, gates, da, dh, dc, gout, seq, F)
+    _lstm_bptt(p, work, T, H, B, w, gates, da, dh, dc, gout, seq, F)
     if need_gin:  # dL/dx_t = W_ih^T da_t (after the recurrence: measured 2x faster than in it)
         for t in range(T):
             _gemm_t(p, w, F, G, F, work, da + t * G * B, gin + t * F * B, B, False)
