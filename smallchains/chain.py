@@ -15,6 +15,7 @@ import numpy as np
 
 from ._validate import check_dtype, check_inputs, check_params, check_random
 from .compiler import get_kernels, loops
+from .compiler.codegen import choose_block_size
 from .compiler.linking import Deferred
 from .compiler.options import default_registers, kernel_options
 from .compiler.runtime import aligned_zeros
@@ -47,8 +48,13 @@ class SimpleChain:
         Default: chosen so one block's workspace is about 64 KB, a multiple of two
         vectors. The explicit-vector tiles need that multiple: 32 float32 (16 float64)
         samples with the 64-byte vectors of a 32-register budget, 16 otherwise; a block
-        size that is not one runs the scalar tiles (on a Zen 5, the 784-128-10 MLP of
-        ``bench/mnist_mlp.py`` trained 2.6x slower at ``block_size=16``). Chains of
+        size that is not one runs the scalar tiles of most layers (dense layers have
+        tiles of one vector too). Default in :func:`~smallchains.train_batched` for a
+        chain of dense, dropout and shape layers: if each thread's share of a minibatch
+        fills at most half a default block, blocks of that share rounded up to 16 (the
+        784-128-10 MLP of ``bench/mnist_mlp.py``, batch 32 on two threads: 16-sample
+        blocks, on an AVX-512 Xeon 409 -> 316 ms per epoch); that compiles the kernels
+        once more for that block size. Chains of
         many tiny layers (recurrent models) spend most of a small block in per-block
         overhead and run faster with larger blocks: on a Zen 3, LSTNet's training step
         (``smallchains.models.lstnet``, batch 500) took 804 us at the default 16 and 297
@@ -201,18 +207,34 @@ class SimpleChain:
                                  f"{per_sample} value(s) per channel")
 
     # --- compiled kernels ----------------------------------------------------------------
-    def _kernels(self, dtype, loss=None):
+    def _kernels(self, dtype, loss=None, block_size=None):
         """``(module, plan)`` of the chain's kernels; with ``loss`` a loss whose block kernel
-        is generated (weighted, Huber, custom), the module that has its kernels too."""
+        is generated (weighted, Huber, custom), the module that has its kernels too;
+        ``block_size`` overrides the chain's (:meth:`_train_block`)."""
         extra = loss.kernel_source() if loss is not None else None
+        B = self.block_size if block_size is None else block_size
         # memoized per chain (get_kernels' own key hashes every layer's spec on each call)
-        memo_key = (dtype, extra[0] if extra else None)
+        memo_key = (dtype, extra[0] if extra else None, B)
         hit = self._kernel_memo.get(memo_key)
         if hit is None:
             hit = self._kernel_memo[memo_key] = get_kernels(
-                self.input_shape, self.layers, dtype, B=self.block_size, options=self.options,
+                self.input_shape, self.layers, dtype, B=B, options=self.options,
                 losses=(extra,) if extra else ())
         return hit
+
+    def _train_block(self, rows, n_threads, dtype):
+        """Block size for training steps of ``rows`` rows split over ``n_threads``, or None
+        for the chain's own: if no ``block_size`` was given, every layer keeps its tiles at
+        small blocks (``small_blocks``: dense, dropout, shape layers) and each thread's
+        share rounded up to 16 is at most half the default block, that share (a 32-row
+        minibatch on two threads: 16-sample blocks, not half-empty 32-sample ones)."""
+        if self.block_size is not None or not all(getattr(l, "small_blocks", False) for l in self.layers):
+            return None
+        share = -(-rows // n_threads)
+        B = max(16, -(-share // 16) * 16)
+        default = choose_block_size(self.input_shape, self.layers, np.dtype(dtype).itemsize,
+                                    self.options.registers)
+        return B if 2 * B <= default else None
 
     def kernels(self, dtype=np.float32, block_size=None) -> "ChainKernels":
         """Numba kernels for embedding: callable from Python and from users' ``@njit`` code

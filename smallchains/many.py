@@ -274,7 +274,10 @@ def _run_group(fits, iters, epochs, batch_size, shuffle, dtype, training, n_thre
 
     model = fits[0].model
     chain = model.chain
-    mod, plan = chain._kernels(np.dtype(dtype), model.loss)
+    batched = epochs is not None
+    # each fit runs on one thread: the block train_batched(batch_size=...) picks at one thread
+    B = chain._train_block(batch_size, 1, dtype) if batched and batch_size else None
+    mod, plan = chain._kernels(np.dtype(dtype), model.loss, B)
     nf = len(fits)
     # the data blocks of all fits in one X / T, each block once (the shared X is one block;
     # fits on "rows" of it index it, without copies)
@@ -290,7 +293,6 @@ def _run_group(fits, iters, epochs, batch_size, shuffle, dtype, training, n_thre
         table[k, loops.FIT_ROWS] = f.n
     Xa = X_parts[0] if len(X_parts) == 1 else np.ascontiguousarray(np.concatenate(X_parts))
     Ta = T_parts[0] if len(T_parts) == 1 else np.ascontiguousarray(np.concatenate(T_parts))
-    batched = epochs is not None
     bs = np.array([f.n if not batched else (batch_size or default_batch_size(plan.B, 1, f.n))
                    for f in fits], np.int64)
     nb = -(-np.array([f.n for f in fits]) // bs)

@@ -1,6 +1,8 @@
 """Optimizers: a small Python object holding hyperparameters and state arrays, plus a
-numba update kernel ``update(p, g, state, hyper, t)`` that the compiled training loops
-call after each gradient step (``t`` is the 1-based step count).
+numba update kernel ``update(p, g, state, hyper, t, lo, hi)`` that the compiled training
+loops call after each gradient step (``t`` is the 1-based step count) on the entries
+``lo <= j < hi`` of ``p`` and its state: elementwise, so the threads of a step each update
+a slice (:func:`smallchains.compiler.loops._step`).
 
 The state lives in the optimizer object (``opt.state``), allocated on first use for a
 given parameter vector and reused; :meth:`Optimizer.reset` clears it.
@@ -70,7 +72,8 @@ class Optimizer:
         return self.state, np.asarray(hyper, dtype=p.dtype)
 
     def update_kernel(self):
-        """The numba update kernel ``update(p, g, state, hyper, t)`` of this optimizer."""
+        """The numba update kernel ``update(p, g, state, hyper, t, lo, hi)`` of this
+        optimizer (entries ``lo <= j < hi``)."""
         return globals()[UPDATE_KERNELS[self.kind][1]]
 
     def step(self, p: np.ndarray, g: np.ndarray) -> None:
@@ -80,7 +83,7 @@ class Optimizer:
                              f"and {g.shape} {g.dtype}")
         state, hyper = self.prepare(p)
         self.t += 1
-        self.update_kernel()(p, g, state, hyper, self.t)
+        self.update_kernel()(p, g, state, hyper, self.t, 0, p.shape[0])
 
 
 class Adam(Optimizer):
@@ -264,8 +267,13 @@ class RMSProp(Optimizer):
                 check_real("RMSProp", "eps", self.eps, 0.0, low_open=True)]
 
 
+# Each update reads and writes its slice through views (p[lo:hi]): a loop over
+# range(lo, hi) indexes with a signed j that numba must check for negative wraparound, and
+# LLVM then does not vectorize it (measured: SGD over 101,770 float32, 59 against 9 us).
+
+
 @njit(**JIT_OPTIONS)
-def adam_update(p, g, state, hyper, t):
+def adam_update(p, g, state, hyper, t, lo, hi):
     lr, b1, b2, eps = hyper[0], hyper[1], hyper[2], hyper[3]
     # bias corrections in float64 like torch (Python floats), then cast
     bc1 = 1.0 - float(b1) ** t
@@ -273,56 +281,56 @@ def adam_update(p, g, state, hyper, t):
     step = like(lr, float(lr) / bc1)
     bc2_sqrt = like(lr, math.sqrt(bc2))
     one = like(lr, 1.0)
-    m = state[0]
-    v = state[1]
-    for j in range(p.shape[0]):
-        gj = g[j]
+    pp, gg, m, v = p[lo:hi], g[lo:hi], state[0, lo:hi], state[1, lo:hi]
+    for j in range(pp.shape[0]):
+        gj = gg[j]
         m[j] = b1 * m[j] + (one - b1) * gj
         v[j] = b2 * v[j] + (one - b2) * gj * gj
-        p[j] -= step * (m[j] / (math.sqrt(v[j]) / bc2_sqrt + eps))
+        pp[j] -= step * (m[j] / (math.sqrt(v[j]) / bc2_sqrt + eps))
 
 
 @njit(**JIT_OPTIONS)
-def adamw_update(p, g, state, hyper, t):
+def adamw_update(p, g, state, hyper, t, lo, hi):
     # hyper: lr, beta1, beta2, eps, weight_decay; torch.optim.AdamW decays first
     decay = like(hyper[0], 1.0) - hyper[0] * hyper[4]
-    for j in range(p.shape[0]):
-        p[j] *= decay
-    adam_update(p, g, state, hyper, t)
+    pp = p[lo:hi]
+    for j in range(pp.shape[0]):
+        pp[j] *= decay
+    adam_update(p, g, state, hyper, t, lo, hi)
 
 
 @njit(**JIT_OPTIONS)
-def sgd_update(p, g, state, hyper, t):
+def sgd_update(p, g, state, hyper, t, lo, hi):
     # hyper: lr, momentum, dampening, nesterov (0 or 1); the branches are hoisted out of
     # the loops so each loop is a plain vectorizable stream
     lr, mu, damp, nesterov = hyper[0], hyper[1], hyper[2], hyper[3]
-    buf = state[0]
-    n = p.shape[0]
+    pp, gg, buf = p[lo:hi], g[lo:hi], state[0, lo:hi]
+    n = pp.shape[0]
     if mu == 0:
         for j in range(n):
-            p[j] -= lr * g[j]
+            pp[j] -= lr * gg[j]
         return
     keep = like(lr, 1.0) - damp
     if t == 1:  # torch: the buffer starts as a copy of the first gradient (no dampening)
         for j in range(n):
-            buf[j] = g[j]
+            buf[j] = gg[j]
     else:
         for j in range(n):
-            buf[j] = mu * buf[j] + keep * g[j]
+            buf[j] = mu * buf[j] + keep * gg[j]
     if nesterov != 0:
         for j in range(n):
-            p[j] -= lr * (g[j] + mu * buf[j])
+            pp[j] -= lr * (gg[j] + mu * buf[j])
     else:
         for j in range(n):
-            p[j] -= lr * buf[j]
+            pp[j] -= lr * buf[j]
 
 
 @njit(**JIT_OPTIONS)
-def rmsprop_update(p, g, state, hyper, t):
+def rmsprop_update(p, g, state, hyper, t, lo, hi):
     lr, a, eps = hyper[0], hyper[1], hyper[2]
     one = like(lr, 1.0)
-    v = state[0]
-    for j in range(p.shape[0]):
-        gj = g[j]
+    pp, gg, v = p[lo:hi], g[lo:hi], state[0, lo:hi]
+    for j in range(pp.shape[0]):
+        gj = gg[j]
         v[j] = a * v[j] + (one - a) * gj * gj
-        p[j] -= lr * gj / (math.sqrt(v[j]) + eps)
+        pp[j] -= lr * gj / (math.sqrt(v[j]) + eps)

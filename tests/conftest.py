@@ -254,6 +254,17 @@ def _torch_rnn(torch, layer, n_in, views, dtype):
 # --------------------------------------------------------------------------------------
 # fixtures
 
+@pytest.fixture(params=[False, True], ids=["serial-update", "split-update"])
+def split_update(request, monkeypatch):
+    """Both ways a step on several threads may sum the gradient rows and update ``p``: on
+    one thread, or split over the threads (``smallchains.train.update_slices``; the test
+    chains are below its parameter count, so True lowers it to 0)."""
+    if request.param:
+        import smallchains.train
+        monkeypatch.setattr(smallchains.train, "PARALLEL_UPDATE_PARAMS", 0)
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def torch():
     """The torch module (float64 reference autograd); skips the test without torch."""

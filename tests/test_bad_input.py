@@ -227,7 +227,7 @@ def test_loss_nan_after_diverging(reg):
 DIVERGING = dict(lr=1e13, momentum=0.9)
 
 
-def test_nonfinite_gradient_with_finite_loss_is_not_applied(reg):
+def test_nonfinite_gradient_with_finite_loss_is_not_applied(reg, split_update):
     model, X, Y, p, G = reg
     p0 = p.copy()
     opt = sc.SGD(**DIVERGING)
@@ -248,7 +248,7 @@ def test_nonfinite_gradient_with_finite_loss_is_not_applied(reg):
     np.testing.assert_array_equal(e.value.history, hist)
 
 
-def test_nonfinite_gradient_in_train_batched_is_not_applied(reg):
+def test_nonfinite_gradient_in_train_batched_is_not_applied(reg, split_update):
     """Full batches, no shuffling: epoch e is step e of the unbatched run above."""
     model, X, Y, p, G = reg
     p0 = p.copy()

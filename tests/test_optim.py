@@ -204,7 +204,7 @@ def test_update_kernels_allocate_nothing(kind, dtype):
     kernel = opt.update_kernel()
     assert kernel is getattr(optim, optim.UPDATE_KERNELS[kind][1])
     fresh = njit(**dict(JIT_OPTIONS, cache=False))(kernel.py_func)
-    fresh(p, np.ones_like(p), state, hyper, 1)
+    fresh(p, np.ones_like(p), state, hyper, 1, 0, p.shape[0])
     assert p[0] != 1.0  # it ran
     (sig,) = fresh.signatures
     found = sorted(set(_ALLOC.findall(fresh.inspect_llvm(sig))))

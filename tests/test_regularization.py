@@ -46,7 +46,7 @@ _RUNS = [(c, b, np.float64) for c in sorted(CASES) for b in (False, True)] + [
 @pytest.mark.parametrize("case, batched, dtype", _RUNS,
                          ids=[f"{c}-{'batched' if b else 'unbatched'}-{np.dtype(d).name}"
                               for c, b, d in _RUNS])
-def test_training_matches_torch(torch, case, batched, dtype):
+def test_training_matches_torch(torch, case, batched, dtype, split_update):
     l1, l2, clip, frozen, opt_name = CASES[case]
     X, Y = make_data("deep", 40, seed=0)
     chain = get_chain("deep")
@@ -90,6 +90,33 @@ def test_training_matches_torch(torch, case, batched, dtype):
         mask[sc.frozen_indices(chain, frozen)] = True
         np.testing.assert_array_equal(p[mask], p0.astype(dtype)[mask])
         assert (p[~mask] != p0.astype(dtype)[~mask]).all()
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_split_update_equals_serial_update_bitwise(monkeypatch, batched, dtype):
+    """The parallel sum and update of a step (each thread its slice of p) give the same bits
+    as the serial ones, with penalties, clipping and frozen parameters."""
+    import smallchains.train
+    X, Y = make_data("deep", 40, seed=0)
+    chain = get_chain("deep")
+    model = _penalized(sc.add_loss(chain, sc.SquaredLoss(Y)), 0.01, 0.02)
+    out = []
+    for threshold in (None, 0):
+        if threshold is not None:
+            monkeypatch.setattr(smallchains.train, "PARALLEL_UPDATE_PARAMS", threshold)
+        assert (smallchains.train.update_slices(chain.n_params, 2) is None) == (threshold is None)
+        p = random_params(chain, seed=0).astype(dtype)
+        G = sc.alloc_threaded_grad(chain, 2, dtype)
+        opt = sc.AdamW(1e-2, weight_decay=0.1)
+        kw = dict(clip_norm=0.5, frozen=[0])
+        if batched:
+            h = sc.train_batched(G, p, model, X.astype(dtype), opt, 3, batch_size=16, seed=1, **kw)
+        else:
+            h = sc.train_unbatched(G, p, model, X.astype(dtype), opt, 5, **kw)
+        out.append((p, h, opt.state.copy()))
+    for a, b in zip(*out):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_penalized_valgrad_matches_finite_differences():

@@ -274,14 +274,14 @@ EVERY_ACTIVATION = (3, [sc.TurboDense(w, act) for w, act in zip([7, 5, 3] * 3, A
 def _compiled_configs():
     """(dtype, registers, block size). Per dtype and budget, with that budget's vectors
     (32 bytes for 16 registers, 64 for 32): four vectors (explicit-vector tiles, vector
-    dW) under each, lanes - 1 (scalar, dW transposed) under 32 and three vectors + 1
-    (scalar, register-tiled dW) under 16; together they meet every variant
+    dW) and three vectors (dense one-vector tiles) under each, lanes - 1 (scalar, dW
+    transposed) under 32 and three vectors + 1 (scalar, register-tiled dW) under 16; together they meet every variant
     (test_compiled_configs_meet_every_variant). The thorough profile adds lanes + 1 and the
     other budget of each."""
     out = []
     for dtype in DTYPES:
         V, W = (sc_lanes(np.dtype(dtype).itemsize, r) for r in (16, 32))  # lanes per budget
-        sizes = [(16, 4 * V), (32, W - 1), (16, 3 * V + 1), (32, 4 * W)]
+        sizes = [(16, 4 * V), (32, W - 1), (16, 3 * V + 1), (32, 4 * W), (32, 3 * W), (16, 3 * V)]
         if THOROUGH:
             sizes += [(32, 2 * W), (16, V - 1), (32, 3 * W + 1), (16, 2 * V), (16, V + 1), (32, W + 1)]
         out += [(dtype, r, b) for r, b in sizes]

@@ -220,6 +220,7 @@ def all_variants() -> set:
     for regs in (16, 32):
         w = f" {vector_bytes(regs)}B"
         out |= {("dense.forward", "vector" + w), ("dense.dx", "vector" + w), ("dense.dw", "vector" + w),
+                ("dense.forward", "vector1" + w), ("dense.dx", "vector1" + w),
                 ("dense.dw", "rows" + w), ("relu delta pass", "vector" + w),
                 ("conv.forward", "vector" + w), ("conv.forward", "vector relu-in-registers" + w),
                 ("lstm", "vector" + w), ("tpa", "vector" + w)}
@@ -238,10 +239,10 @@ def block_sizes(dtype, default, registers=16) -> list:
     """The block sizes that reach each remainder and variant under a budget of
     ``registers`` (its vectors: 32 or 64 bytes): 1, lanes - 1, lanes, lanes + 1, two
     vectors (the explicit-vector tiles; dW transposed at 64 bytes per feature), three
-    vectors + 1 (scalar code with register-tiled dW), four vectors (vector dW), and the
-    chain's default."""
+    vectors (the dense one-vector tiles, looping), three vectors + 1 (scalar code with
+    register-tiled dW), four vectors (vector dW), and the chain's default."""
     V = _lanes(dtype, registers)
-    return sorted({1, V - 1, V, V + 1, 2 * V, 3 * V + 1, 4 * V, default})
+    return sorted({1, V - 1, V, V + 1, 2 * V, 3 * V, 3 * V + 1, 4 * V, default})
 
 
 def rel_err(a, b) -> float:

@@ -158,13 +158,32 @@ def _regularize(p, g, reg, frozen):
 
 @njit(**INLINE_OPTIONS)
 def _apply_update(update, p, g, state, hyper, t, frozen, stash):
-    """``update(p, g, state, hyper, t)``, with the entries ``frozen`` of ``p`` kept as they
-    were (``stash`` holds them meanwhile: a gradient row, free after the sum)."""
+    """``update`` of all of ``p`` on one thread, with the entries ``frozen`` of ``p`` kept
+    as they were (``stash`` holds them meanwhile: a gradient row, free after the sum)."""
     for i in range(frozen.shape[0]):
         stash[i] = p[frozen[i]]
-    update(p, g, state, hyper, t)
+    update(p, g, state, hyper, t, 0, p.shape[0])
     for i in range(frozen.shape[0]):
         p[frozen[i]] = stash[i]
+
+
+@njit(**INLINE_OPTIONS)
+def _sum_finite(G, g, lo, hi):
+    """``g[j] = G[0, j] + G[1, j] + ...`` (fixed row order, as :func:`sum_rows`) for ``lo <=
+    j < hi``; returns whether all of them are finite."""
+    out = g[lo:hi]  # a view: see the note above smallchains.optim.adam_update
+    n = out.shape[0]
+    first = G[0, lo:hi]
+    for j in range(n):
+        out[j] = first[j]
+    for t in range(1, G.shape[0]):
+        row = G[t, lo:hi]
+        for j in range(n):
+            out[j] += row[j]
+    ok = True
+    for j in range(n):
+        ok &= np.isfinite(out[j])
+    return ok
 
 
 #: status codes of :func:`_step` and of ``info[1]`` of the training loops
@@ -172,7 +191,7 @@ OK, LOSS_NOT_FINITE, GRAD_NOT_FINITE = 0, 1, 2
 
 
 def _step(valgrad, combine, update, nstages, X, T, idx, lo, m, scale, p, G, lstate, works,
-          metas, losses, g, state, hyper, t, gx, reg, frozen):
+          metas, losses, g, state, hyper, t, gx, reg, frozen, slices):
     """One optimizer step on rows ``idx[lo:lo+m]``, split over the ``G.shape[0]`` threads
     (thread ``k`` overwrites ``G[k]`` and ``losses[k]``; unless the loss is not finite,
     ``g`` is overwritten with their sum). ``lstate`` is the layer state, ``state`` the
@@ -182,7 +201,10 @@ def _step(valgrad, combine, update, nstages, X, T, idx, lo, m, scale, p, G, lsta
     are not touched. ``nstages``, ``combine``: the batch-statistics stages, see
     :func:`_stages` (they update the running statistics in ``lstate``). ``reg``,
     ``frozen``: penalties, gradient clipping and frozen parameters, see
-    :func:`_regularize`; the returned loss includes the penalty. ``scale`` is ``1 / m`` in
+    :func:`_regularize`; the returned loss includes the penalty. ``slices``: None (the
+    sum of the gradient rows and the update run on one thread) or ``G.shape[0] + 1``
+    bounds: thread ``k`` sums and updates entries ``slices[k]:slices[k+1]``
+    (:func:`smallchains.train.update_slices`). ``scale`` is ``1 / m`` in
     ``p``'s dtype, computed by the caller: computed here (``like(p[0], 1.0 / m)``), or with
     ``lo`` the literal 0, numba's specialization of this parallel function ran its region
     at half speed with 2 threads (measured on a Zen 3, a 16/32-channel conv chain, batch
@@ -198,16 +220,39 @@ def _step(valgrad, combine, update, nstages, X, T, idx, lo, m, scale, p, G, lsta
         total += losses[k]
     if not np.isfinite(total):
         return total, LOSS_NOT_FINITE
-    sum_rows(G, g)
-    if not _all_finite(g):
-        return total, GRAD_NOT_FINITE
-    total += _regularize(p, g, reg, frozen)
-    _apply_update(update, p, g, state, hyper, t, frozen, G[0])
-    return total, OK
+    if slices is None:  # decided when compiled (numba prunes the other branch): no more
+        # parallel regions, whose compile cost about 0.7 s each
+        sum_rows(G, g)
+        if not _all_finite(g):
+            return total, GRAD_NOT_FINITE
+        total += _regularize(p, g, reg, frozen)
+        _apply_update(update, p, g, state, hyper, t, frozen, G[0])
+        return total, OK
+    else:
+        # each thread sums and updates its slice of the parameters: the serial sum read
+        # every other thread's gradient row across the cores, and each thread then read
+        # all of the updated p back
+        for k in prange(nt):  # losses[k]: free after the total; the slice's finite flag
+            losses[k] = like(p[0], 1.0 if _sum_finite(G, g, slices[k], slices[k + 1]) else 0.0)
+        ok = True
+        for k in range(nt):
+            ok &= losses[k] != like(p[0], 0.0)
+        if not ok:
+            return total, GRAD_NOT_FINITE
+        total += _regularize(p, g, reg, frozen)
+        stash = G[0]  # the frozen entries of p, as in _apply_update
+        for i in range(frozen.shape[0]):
+            stash[i] = p[frozen[i]]
+        for k in prange(nt):
+            update(p, g, state, hyper, t, slices[k], slices[k + 1])
+        for i in range(frozen.shape[0]):
+            p[frozen[i]] = stash[i]
+        return total, OK
 
 
 def _train_unbatched(valgrad, combine, update, nstages, X, T, idx, p, G, lstate, works, metas,
-                     losses, g, state, hyper, step0, iters, hist, gx, info, lrs, reg, frozen):
+                     losses, g, state, hyper, step0, iters, hist, gx, info, lrs, reg, frozen,
+                     slices):
     """Up to ``iters`` full-batch steps, continuing after the ``info[0]`` steps done so far.
 
     Step ``i = info[0]`` (0-based within the run) writes its loss to ``hist[i]``, uses
@@ -226,7 +271,7 @@ def _train_unbatched(valgrad, combine, update, nstages, X, T, idx, p, G, lstate,
             hyper[0] = lrs[i]
         loss, status = _step(valgrad, combine, update, nstages, X, T, idx, lo, n, scale, p, G,
                              lstate, works, metas, losses, g, state, hyper, step0 + i + 1, gx,
-                             reg, frozen)
+                             reg, frozen, slices)
         hist[i] = loss
         if status != OK:
             info[1] = status
@@ -236,7 +281,7 @@ def _train_unbatched(valgrad, combine, update, nstages, X, T, idx, p, G, lstate,
 
 def _train_batched(valgrad, combine, update, nstages, X, T, perm, batch_size, nsteps, p, G,
                    lstate, works, metas, losses, g, state, hyper, step0, hist, gx, info, reg,
-                   frozen):
+                   frozen, slices):
     """Up to ``nsteps`` minibatch steps over ``perm`` (``b = info[0] % nbatch`` is the next
     minibatch of the epoch; a last partial batch is a smaller step), stopping at the end of
     the epoch. Step ``i = info[0]`` writes its loss to ``hist[b]``, uses optimizer step
@@ -251,7 +296,7 @@ def _train_batched(valgrad, combine, update, nstages, X, T, perm, batch_size, ns
         m = min(n, lo + batch_size) - lo
         loss, status = _step(valgrad, combine, update, nstages, X, T, perm, lo, m,
                              like(p[0], 1.0 / m), p, G, lstate, works, metas, losses, g, state,
-                             hyper, step0 + i + 1, gx, reg, frozen)
+                             hyper, step0 + i + 1, gx, reg, frozen, slices)
         hist[b] = loss
         if status != OK:
             info[1] = status
@@ -457,8 +502,9 @@ def no_combine(stage, works, state, update_running):
 
 @_memo_sig
 def update_sig(p, state, hyper):
-    """Signature of an optimizer's ``update(p, g, state, hyper, t)``."""
-    return types.void(_typeof(p), _typeof(p), _typeof(state), _typeof(hyper), types.int64)
+    """Signature of an optimizer's ``update(p, g, state, hyper, t, lo, hi)``."""
+    return types.void(_typeof(p), _typeof(p), _typeof(state), _typeof(hyper), types.int64,
+                      types.int64, types.int64)
 
 
 class _Address(WrapperAddressProtocol):

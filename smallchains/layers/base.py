@@ -84,6 +84,11 @@ class Layer:
     kernel_imports: dict = {}
     #: True if the layer's output IS its input (same workspace; e.g. Flatten).
     aliases_input: bool = False
+    #: True if the layer's tuned code is as fast per sample at blocks of one vector (16
+    #: float32 at 32 registers) as at larger ones (dense, dropout, shape layers): then
+    #: :func:`~smallchains.train_batched` may train at such blocks when a minibatch is
+    #: small for the threads (``SimpleChain._train_block``).
+    small_blocks: bool = False
 
     def output_shape(self, input_shape: tuple) -> tuple:
         raise NotImplementedError

@@ -635,6 +635,7 @@ class Flatten(Layer):
     block layout is already flat, so the output shares the input's workspace."""
 
     aliases_input = True
+    small_blocks = True
 
     def __repr__(self):
         return "Flatten()"

@@ -46,6 +46,7 @@ class TurboDense(Layer):
     out: int
     activation: Activation
     bias: bool
+    small_blocks = True
     kernel_imports = {"smallchains._simd": ("vadd", "vadd_into", "vfma", "vload", "vmul", "vrelu",
                                             "vrelu_grad", "vsplat", "vstore", "vsub", "vsum", "vsum4", "vsum8")}
 
@@ -160,6 +161,15 @@ def vector_blocks(B, dt, registers):
     return B % (2 * vector_lanes(dt, registers)) == 0
 
 
+def gemm_vectors(B, dt, registers):
+    """Vectors of samples per tile of :func:`emit_gemm_vector` for blocks of ``B`` samples of
+    ``dt``: 2 for whole pairs of vectors (:func:`vector_blocks`), 1 for an odd number of
+    whole vectors (a 16-sample float32 block with the 16-lane vectors of 32 registers: two
+    threads' halves of a 32-sample minibatch), else 0 (no register tiles)."""
+    V = vector_lanes(dt, registers)
+    return 2 if B % (2 * V) == 0 else (1 if B % V == 0 else 0)
+
+
 # Forward tile: GEMM_TILE_O outputs x 2 vectors of samples, accumulated over all inputs in
 # registers (4 x 2 accumulators + 2 input vectors + 4 broadcast weights = 14 of AVX2's 16).
 GEMM_TILE_O = 4
@@ -168,7 +178,7 @@ GEMM_TILE_O = 4
 def emit_affine(ctx, n_in, n_out, w_off, b_off, act, z_off):
     """Lines computing ``a = f(W x + b)`` for one block (``W (n_out, n_in)`` row-major at
     ``p[w_off]``, ``b`` at ``p[b_off]`` or none). ``z`` is stored at ``z_off`` if given."""
-    if dense_variants(n_in, n_out, ctx.B, ctx.dt, ctx.registers).forward == "vector":
+    if dense_variants(n_in, n_out, ctx.B, ctx.dt, ctx.registers).forward.startswith("vector"):
         return emit_affine_vector(ctx, n_in, n_out, w_off, b_off, act, z_off)
     B, dt, x = ctx.B, ctx.dt, ctx.in_off
     L = [f"# dense {n_in} -> {n_out} ({act.name}): a = f(W x + b)",
@@ -236,7 +246,9 @@ def emit_gemm_vector(B, dt, m_off, row_stride, col_stride, n_rows, n_cols, v_off
 
     Explicit vectors (:mod:`smallchains._simd`): tiles of :data:`GEMM_TILE_O` rows by two
     vectors of samples keep their accumulators in registers over all ``n_cols`` terms (per
-    term: 2 sample loads, 4 broadcasts of ``M``, 8 FMAs) and store once. Measured on a Zen
+    term: 2 sample loads, 4 broadcasts of ``M``, 8 FMAs) and store once. Blocks of an odd
+    number of vectors (:func:`gemm_vectors` 1) get tiles of ``2 * GEMM_TILE_O`` rows by one
+    vector: the same 8 accumulators (per term: 1 sample load, 8 broadcasts, 8 FMAs). Measured on a Zen
     3 (matexp forward, in-process A/B against the scalar CHUNK loops, which add into
     ``out`` in memory): 32 -> 16 167.6 -> 145.7 us per epoch (tanh pass included), 16 -> 4
     16.5 -> 14.1, 4 -> 32 114.5 -> 112.3. Vectors of :func:`vector_lanes` for
@@ -248,6 +260,10 @@ def emit_gemm_vector(B, dt, m_off, row_stride, col_stride, n_rows, n_cols, v_off
     elements from one row of ``v`` (of the first product) or of ``out`` to the next, if not
     ``B``."""
     V = vector_lanes(dt, registers)
+    nv = gemm_vectors(B, dt, registers)
+    if not nv:
+        raise ValueError(f"emit_gemm_vector: blocks of {B} samples are not whole vectors of {V}")
+    TO = GEMM_TILE_O * 2 // nv
     products = [(m_off, row_stride, col_stride, n_cols, v_off, v_row or B)] + [m + (B,) for m in more]
     orow_ = out_row or B
 
@@ -264,24 +280,24 @@ def emit_gemm_vector(B, dt, m_off, row_stride, col_stride, n_rows, n_cols, v_off
                     for a in range(tr)]
         else:
             out += [f"{pad}b{a} = vsplat({dt}(0.0))" for a in range(tr)]
-        out += [f"{pad}for s in range(0, {B}, {2 * V}):"]
-        out += [f"{pad}    t{a}_{h} = b{a}" for a in range(tr) for h in range(2)]
+        out += [f"{pad}for s in range(0, {B}, {nv * V}):"]
+        out += [f"{pad}    t{a}_{h} = b{a}" for a in range(tr) for h in range(nv)]
         for j, (_, rs, cs, nc, vo, vr) in enumerate(products):
             k = "k" if cs == 1 else f"k * {cs}"
-            out += [f"{pad}    for k in range({nc}):", f"{pad}        vk = {vo} + k * {vr} + s",
-                    f"{pad}        v0 = vload(work, vk)", f"{pad}        v1 = vload(work, vk + {V})",
-                    f"{pad}        mk = mr{j or ''} + {k}"]
+            out += [f"{pad}    for k in range({nc}):", f"{pad}        vk = {vo} + k * {vr} + s"]
+            out += [f"{pad}        v{h} = vload(work, {at('vk', h * V)})" for h in range(nv)]
+            out += [f"{pad}        mk = mr{j or ''} + {k}"]
             out += [f"{pad}        m{a} = vsplat(p[{at('mk', a * rs)}])" for a in range(tr)]
-            out += [f"{pad}        t{a}_{h} = vfma(m{a}, v{h}, t{a}_{h})" for a in range(tr) for h in range(2)]
+            out += [f"{pad}        t{a}_{h} = vfma(m{a}, v{h}, t{a}_{h})" for a in range(tr) for h in range(nv)]
         f = "vrelu({})" if relu else "{}"
         out += [f"{pad}    vstore(work, {at('orow', a * orow_ + h * V)} + s, {f.format(f't{a}_{h}')})"
-                for a in range(tr) for h in range(2)]
+                for a in range(tr) for h in range(nv)]
         return out
 
-    full = n_rows // GEMM_TILE_O * GEMM_TILE_O
+    full = n_rows // TO * TO
     L = []
     if full:
-        L += [f"for r in range(0, {full}, {GEMM_TILE_O}):"] + tile("r", GEMM_TILE_O, "    ")
+        L += [f"for r in range(0, {full}, {TO}):"] + tile("r", TO, "    ")
     if full < n_rows:
         L += tile(full, n_rows - full, "")
     return L
@@ -290,8 +306,9 @@ def emit_gemm_vector(B, dt, m_off, row_stride, col_stride, n_rows, n_cols, v_off
 def emit_affine_vector(ctx, n_in, n_out, w_off, b_off, act, z_off):
     """:func:`emit_affine` for blocks of whole vectors: ``z = W x + b`` by
     :func:`emit_gemm_vector`, then one activation pass."""
+    nv = gemm_vectors(ctx.B, ctx.dt, ctx.registers)
     L = [f"# dense {n_in} -> {n_out} ({act.name}): z = W x + b, register tiles of "
-         f"{GEMM_TILE_O} outputs x 2 vectors of samples"]
+         f"{GEMM_TILE_O * 2 // nv} outputs x {nv} vector(s) of samples"]
     relu = act.code == RELU  # applied in registers; other activations get a pass
     L += emit_gemm_vector(ctx.B, ctx.dt, w_off, n_in, 1, n_out, n_in, ctx.in_off, ctx.out_off, b_off,
                           relu=relu, registers=ctx.registers)
@@ -320,12 +337,13 @@ def dw_tile(n_in, registers):
 class DenseVariants:
     """Which tuned code a dense layer gets (see :func:`dense_variants`).
 
-    ``forward``: ``"vector"`` (:func:`emit_gemm_vector` register tiles) or ``"scalar"``
+    ``forward``: ``"vector"`` (:func:`emit_gemm_vector` register tiles of two vectors of
+    samples), ``"vector1"`` (its tiles of one vector, :func:`gemm_vectors`) or ``"scalar"``
     (CHUNK-input loops that LLVM vectorizes over the samples). ``dw``: ``"rows"``
     (:func:`emit_outer_grad_rows`), ``"transposed"``
     (:func:`emit_outer_grad_transposed`), ``"vector"`` (:func:`emit_outer_grad_vector`)
     or ``"tiles"`` (:func:`emit_outer_grad`, register tile ``dw_tile``). ``dx``:
-    ``"vector"`` (:func:`emit_gemm_vector` over ``W^T``) or ``"scalar"``
+    ``"vector"`` / ``"vector1"`` (:func:`emit_gemm_vector` over ``W^T``) or ``"scalar"``
     (:func:`emit_input_grad`'s passes)."""
 
     forward: str
@@ -376,8 +394,8 @@ def dense_variants(n_in, n_out, B, dt, registers, rows=False) -> DenseVariants:
         dw = "vector"
     else:
         dw = "tiles"
-    return DenseVariants("vector" if vec else "scalar", dw, dw_tile(n_in, registers),
-                         "vector" if vec else "scalar")
+    gemm = {2: "vector", 1: "vector1", 0: "scalar"}[gemm_vectors(B, dt, registers)]
+    return DenseVariants(gemm, dw, dw_tile(n_in, registers), gemm)
 
 
 def emit_outer_grad(B, dt, d_off, x_off, n_out, n_in, w_off, delta=None, registers=16):
@@ -660,7 +678,7 @@ def emit_affine_pullback(ctx, n_in, n_out, w_off, b_off, act, z_off):
         L += emit_outer_grad(B, dt, go_, x, n_out, n_in, w_off, delta, ctx.registers)
     if ctx.need_gin is False:
         return L
-    vector_dx = dense_variants(n_in, n_out, B, dt, ctx.registers).dx == "vector"
+    vector_dx = dense_variants(n_in, n_out, B, dt, ctx.registers).dx != "scalar"
     return L + [f"if {ctx.need_gin}:"] + ["    " + l for l in emit_input_grad(B, dt, go_, gi_, w_off, n_in, n_out,
                                                                                vector_dx, ctx.registers)]
 
@@ -680,7 +698,9 @@ def emit_input_grad(B, dt, d_off, gx_off, w_off, n_in, n_out, vector, registers)
     (``W`` read transposed); otherwise the first pass over the outputs stores and later
     passes (a loop, so wide layers stay short source) add."""
     if vector:
-        return [f"# dL/dx = W^T delta, register tiles of {GEMM_TILE_O} inputs x 2 vectors of samples"] + \
+        nv = gemm_vectors(B, dt, registers)
+        return [f"# dL/dx = W^T delta, register tiles of {GEMM_TILE_O * 2 // nv} inputs x {nv} "
+                "vector(s) of samples"] + \
             emit_gemm_vector(B, dt, w_off, 1, n_in, n_in, n_out, d_off, gx_off, registers=registers)
     ti = GX_IN if n_in % GX_IN == 0 else 1
 

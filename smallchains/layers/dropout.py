@@ -86,6 +86,7 @@ class Dropout(Layer):
 
     rate: float
     kernel_imports = {"smallchains.layers.dropout": ("dropout_apply", "dropout_apply_reference")}
+    small_blocks = True
 
     def __init__(self, rate):
         object.__setattr__(self, "rate", check_real("Dropout", "rate", rate, 0.0, 1.0))
