@@ -25,7 +25,7 @@ from numba.extending import intrinsic, models, register_model
 from . import _cpu
 
 __all__ = ["VECTOR_BYTES", "Vec", "lanes", "vload", "vstore", "vsplat", "vfma", "vadd", "vsub",
-           "vmul", "vrelu", "vrelu_grad", "vsum", "vsum4", "vsum8", "vadd_into"]
+           "vmul", "vrelu", "vrelu_grad", "vsum", "vsum4", "vsum8", "vadd_into", "transpose8"]
 
 #: bytes per vector of the functions here: 32 (AVX2 ymm registers). The 64-byte (AVX-512
 #: zmm) versions of the two functions that choose a width, ``vload`` and ``vsplat``, are
@@ -322,3 +322,47 @@ def vadd_into(typingctx, arr, idx, v, first, count):
         builder.store(builder.fadd(old, piece), vptr, align=arr.dtype.bitwidth // 8)
         return context.get_dummy_value()
     return types.void(arr, idx, v, first, count), codegen
+
+
+@intrinsic
+def transpose8(typingctx, arr, src, src_stride, dst, dst_stride):
+    """``arr[dst + j * dst_stride + i] = arr[src + i * src_stride + j]`` for ``i, j < 8``
+    (the ranges must not overlap): an 8 x 8 block transposed in registers, 8 vector loads
+    of 8 lanes, the three-level shuffle network of ``unpcklps`` / ``shufps`` /
+    ``vperm2f128`` (24 shuffles) and 8 vector stores, where a scalar copy takes 64 loads
+    and 64 stores."""
+    _check_array(arr, src, write=True)
+    for name, t in (("src_stride", src_stride), ("dst", dst), ("dst_stride", dst_stride)):
+        if not isinstance(t, types.Integer):
+            raise errors.TypingError(f"transpose8: {name} must be an integer, got {t}")
+    vt = Vec(arr.dtype, 8)
+
+    def codegen(context, builder, sig, args):
+        a, s0, ss, d0, ds = args
+        aty = sig.args[0]
+
+        def at(base, bty, stride, sty, k):
+            i = builder.add(context.cast(builder, base, bty, types.intp),
+                            builder.mul(context.cast(builder, stride, sty, types.intp),
+                                        context.get_constant(types.intp, k)))
+            return _vec_ptr(context, builder, aty, a, i, types.intp, vt)
+
+        align = aty.dtype.bitwidth // 8
+        r = [builder.load(at(s0, sig.args[1], ss, sig.args[2], k), align=align) for k in range(8)]
+        t = []
+        for k in range(0, 8, 2):  # rows 2k, 2k+1 interleaved (within 128-bit halves)
+            t += [_shuffle(builder, r[k], r[k + 1], [0, 8, 1, 9, 4, 12, 5, 13]),
+                  _shuffle(builder, r[k], r[k + 1], [2, 10, 3, 11, 6, 14, 7, 15])]
+        u = []
+        for k in (0, 4):  # pairs of 64 bits: columns j, j + 4 of 4 rows
+            for a_, b_ in ((t[k], t[k + 2]), (t[k + 1], t[k + 3])):
+                u += [_shuffle(builder, a_, b_, [0, 1, 8, 9, 4, 5, 12, 13]),
+                      _shuffle(builder, a_, b_, [2, 3, 10, 11, 6, 7, 14, 15])]
+        # u[0..3]: columns 0..3 (and 4..7) of rows 0-3; u[4..7]: the same of rows 4-7
+        for j in range(4):
+            lo = _shuffle(builder, u[j], u[j + 4], [0, 1, 2, 3, 8, 9, 10, 11])
+            hi = _shuffle(builder, u[j], u[j + 4], [4, 5, 6, 7, 12, 13, 14, 15])
+            builder.store(lo, at(d0, sig.args[3], ds, sig.args[4], j), align=align)
+            builder.store(hi, at(d0, sig.args[3], ds, sig.args[4], j + 4), align=align)
+        return context.get_dummy_value()
+    return types.void(arr, src, src_stride, dst, dst_stride), codegen

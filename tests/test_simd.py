@@ -12,7 +12,7 @@ from numba.core.errors import TypingError
 
 from smallchains import _simd, _simd64
 from smallchains._simd import (lanes, vadd, vadd_into, vfma, vload, vmul, vrelu, vrelu_grad, vsplat, vstore,
-                               vsub, vsum, vsum4, vsum8)
+                               vsub, vsum, vsum4, vsum8, transpose8)
 
 
 @njit
@@ -238,3 +238,55 @@ def test_vrelu_grad_in_256_bit_halves(monkeypatch):
         out = np.empty(V, dtype)
         halves(g, a, out)
         np.testing.assert_array_equal(out, np.where(a > 0, g, dtype(0.0)))
+
+
+@njit
+def _transpose8(a, src, ss, dst, ds):
+    transpose8(a, src, ss, dst, ds)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_transpose8_moves_exactly_the_8x8_block(dtype):
+    a = np.random.default_rng(0).standard_normal(400).astype(dtype)
+    before = a.copy()
+    _transpose8(a, 3, 11, 150, 13)  # odd offsets and strides: unaligned rows
+    expected = before.copy()
+    for i in range(8):
+        for j in range(8):
+            expected[150 + j * 13 + i] = before[3 + i * 11 + j]
+    np.testing.assert_array_equal(a, expected)  # and nothing else written
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n_feat, B, nb", [(8, 16, 16), (13, 16, 11), (523, 32, 32),
+                                           (520, 32, 5), (1024, 16, 16)])
+def test_load_block_and_rows_equals_both_gathers(dtype, n_feat, B, nb):
+    """The training kernels' one gather (rows, then the block transposed from them) gives
+    the feature-major block of load_block and the rows of load_block_rows, bit for bit,
+    padding lanes and gaps zero."""
+    from smallchains.compiler.runtime import load_block, load_block_and_rows, load_block_rows
+    from smallchains.layers.dense import rows_stride
+
+    @njit
+    def both(X, idx, s0, nb, work, rows_off, ld, n_feat, B):
+        load_block(X, idx, s0, nb, work, 0, n_feat, B)
+        load_block_rows(X, idx, s0, nb, work, rows_off, ld, n_feat, B)
+
+    @njit
+    def one(X, idx, s0, nb, work, rows_off, ld, n_feat, B):
+        load_block_and_rows(X, idx, s0, nb, work, 0, rows_off, ld, n_feat, B)
+
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((50, n_feat)).astype(dtype)
+    idx = rng.permutation(50)
+    ld = rows_stride(n_feat)
+    rows_off = n_feat * B + 16
+    out = []
+    for f in (both, one):
+        work = np.full(rows_off + B * ld + 16, np.nan, dtype)
+        f(X, idx, 7, nb, work, rows_off, ld, n_feat, B)
+        out.append(work)
+    np.testing.assert_array_equal(out[0], out[1])
+    block = out[1][:n_feat * B].reshape(n_feat, B)
+    np.testing.assert_array_equal(block[:, :nb], X[idx[7:7 + nb]].T)
+    assert (block[:, nb:] == 0).all()

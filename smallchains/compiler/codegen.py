@@ -478,7 +478,7 @@ from smallchains._fastmath import tanh_f32, tanh_f64
 from smallchains._numba_utils import like
 from smallchains.activations import gelu_grad, silu_grad
 from smallchains.compiler.runtime import (
-    check_contiguous, load_block, load_block_rows, load_rows, load_rows_major, set_lane_rows, store_block, store_rows, sum_rows)
+    check_contiguous, load_block, load_block_and_rows, load_block_rows, load_rows, load_rows_major, set_lane_rows, store_block, store_rows, sum_rows)
 {imports}
 
 B = {B}
@@ -522,10 +522,10 @@ def _valgrad{x}_range_{kind}{mode}(X, T, idx, lo, hi, p, g, state, work, meta, s
         g[j] = 0
     for s0 in range(lo, hi, B):
         nb = min(B, hi - s0)
-        load_block(X, idx, s0, nb, work, 0, N_IN, B)
+        {load_in}
         set_lane_rows(meta, idx, s0, nb, B)
 {forward}
-        total += {loss_kernel}(work, {out_off}, {grad_a}, T, idx, s0, N_OUT, B, nb, scale, True){load_x_rows}
+        total += {loss_kernel}(work, {out_off}, {grad_a}, T, idx, s0, N_OUT, B, nb, scale, True)
 {pullback}{store_gx}
     return total * scale
 '''
@@ -759,9 +759,10 @@ def generate_source(input_shape, layers, dtype, B=None, options=None,
             n_params=plan.n_params, **embed,
             load_x_rows=(f"\n        load_rows_major(X, s0, nb, work, {plan.rows_off}, {plan.rows_ld}, N_IN, B)"
                          if plan.rows_off >= 0 else ""))
-    # the sample-major input rows, before the pullback (see TurboDense.input_rows_stride)
-    load_x_rows = (f"\n        load_block_rows(X, idx, s0, nb, work, {plan.rows_off}, {plan.rows_ld}, N_IN, B)"
-                   if plan.rows_off >= 0 else "")
+    # the input block; with the sample-major input rows for the first layer's weight
+    # gradient (see TurboDense.input_rows_stride), the block transposed from them
+    load_in = (f"load_block_and_rows(X, idx, s0, nb, work, 0, {plan.rows_off}, {plan.rows_ld}, N_IN, B)"
+               if plan.rows_off >= 0 else "load_block(X, idx, s0, nb, work, 0, N_IN, B)")
     for f_train, v_train, suffix in modes:
         f_mode = suffix if suffix is not None else "_train"
         v_mode = suffix if suffix is not None else "_infer"
@@ -794,7 +795,7 @@ def generate_source(input_shape, layers, dtype, B=None, options=None,
                     prelude=prelude,
                     kind=kind, mode=v_mode, forward=funcs.run(vfwd, 8), loss_kernel=kernel,
                     out_off=out_off, grad_a=plan.grad_a, pullback=funcs.run(pullback, 8), x=x,
-                    store_gx=store_gx, gx_doc=gx_doc, load_x_rows=load_x_rows)
+                    store_gx=store_gx, gx_doc=gx_doc, load_in=load_in)
             body += _LOSS_ONLY_TEMPLATE.format(kind=kind, mode=f_mode, forward=funcs.run(fwd, 8),
                                                loss_kernel=kernel, out_off=out_off,
                                                grad_a=plan.grad_a, prelude=f_prelude)
