@@ -8,8 +8,34 @@ import numbers
 from math import prod
 
 import numpy as np
+from numba import njit
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+# Without fast-math (isfinite must not be assumed true) and not through numpy: for the 50,000
+# CIFAR images (51 million float32) np.isfinite(X).all() took 12 ms per call, most of it
+# page faults of its 51 MB temporary, and train_batched pays it once per call (an epoch of
+# network 1 at 2 threads is about 70 ms); this loop takes 5.3 ms (Zen 5) and allocates
+# nothing.
+@njit(nogil=True, cache=True, error_model="numpy")
+def _all_finite_flat(a):
+    ok = True
+    for j in range(a.shape[0]):
+        ok &= np.isfinite(a[j])
+    return ok
+
+
+#: arrays of at least this many elements are checked by the compiled loop (smaller ones
+#: by numpy, which costs less than a dispatcher call there)
+_COMPILED_CHECK_SIZE = 1 << 16
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """Whether every element of the float array ``a`` is finite."""
+    if a.size >= _COMPILED_CHECK_SIZE and a.dtype in FLOAT_DTYPES and a.flags.c_contiguous:
+        return bool(_all_finite_flat(a.reshape(-1)))
+    return bool(np.isfinite(a).all())
 
 
 def check_dtype(dtype) -> np.dtype:
@@ -70,7 +96,7 @@ def check_inputs(input_shape: tuple, X, dtype, *, allow_single: bool = True, nam
     if X.shape[0] == 0:
         raise ValueError(f"{name} is an empty batch (N = 0); need at least one sample")
     Xf = X.reshape(X.shape[0], prod(in_shape))
-    if not np.isfinite(Xf).all():
+    if not all_finite(Xf):
         bad = np.argwhere(~np.isfinite(Xf))[0]
         raise ValueError(f"{name} contains NaN or Inf (first at sample {bad[0]})")
     dtype = np.dtype(dtype)

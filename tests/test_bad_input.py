@@ -78,6 +78,24 @@ def test_bad_X_rejected(reg, bad, call):
     _rejects(call, model, make(X), p, G, exc, match)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_nonfinite_X_found_in_large_arrays(dtype, value):
+    """Arrays of 2**16 elements or more are checked by a compiled loop, smaller ones by
+    numpy: both find one bad value anywhere, read-only arrays included."""
+    from smallchains._validate import _COMPILED_CHECK_SIZE, all_finite, check_inputs
+    n = _COMPILED_CHECK_SIZE // 3 + 5  # rows of 3: above the size
+    X = np.random.default_rng(0).standard_normal((n, 3)).astype(dtype)
+    assert all_finite(X)
+    for row in (0, n // 2, n - 1):
+        Xb = X.copy()
+        Xb[row, 2] = value
+        Xb.flags.writeable = row != n // 2
+        with pytest.raises(ValueError, match=rf"NaN or Inf \(first at sample {row}\)"):
+            check_inputs((3,), Xb, dtype)
+        assert not all_finite(Xb) and not all_finite(Xb[:10 + row])
+
+
 def test_X_huge_but_finite_float64_ok(reg):
     model, X, Y, p, G = reg
     X = X.copy()
