@@ -50,7 +50,7 @@ class SimpleChain:
         samples with the 64-byte vectors of a 32-register budget, 16 otherwise; a block
         size that is not one runs the scalar tiles of most layers (dense layers have
         tiles of one vector too). Default in :func:`~smallchains.train_batched` for a
-        chain of dense, dropout and shape layers: if each thread's share of a minibatch
+        chain without recurrent layers: if each thread's share of a minibatch
         fills at most half a default block, blocks of that share rounded up to 16 (the
         784-128-10 MLP of ``bench/mnist_mlp.py``, batch 32 on two threads: 16-sample
         blocks, on an AVX-512 Xeon 409 -> 316 ms per epoch); that compiles the kernels
@@ -225,7 +225,7 @@ class SimpleChain:
     def _train_block(self, rows, n_threads, dtype):
         """Block size for training steps of ``rows`` rows split over ``n_threads``, or None
         for the chain's own: if no ``block_size`` was given, every layer keeps its tiles at
-        small blocks (``small_blocks``: dense, dropout, shape layers) and each thread's
+        small blocks (``small_blocks``: all but the recurrent layers) and each thread's
         share rounded up to 16 is at most half the default block, that share (a 32-row
         minibatch on two threads: 16-sample blocks, not half-empty 32-sample ones)."""
         if self.block_size is not None or not all(getattr(l, "small_blocks", False) for l in self.layers):

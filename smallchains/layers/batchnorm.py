@@ -216,6 +216,8 @@ class BatchNorm(Layer):
         ``momentum`` or ``eps`` out of range; an input that is not ``(C,)`` or ``(C, H, W)``.
     """
 
+    small_blocks = True
+
     momentum: float
     eps: float
     reduces_batch = True

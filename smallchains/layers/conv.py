@@ -94,6 +94,8 @@ class Conv(Layer):
         Non-positive sizes, a bad padding, ``"same"`` with an even kernel size.
     """
 
+    small_blocks = True
+
     out_channels: int
     kernel_size: tuple
     activation: Activation
@@ -547,6 +549,8 @@ class MaxPool(Layer):
     kernel_size : int or (int, int), default 2
         ``k`` for ``k x k`` windows, or ``(KH, KW)``. Stored as a tuple in ``k``.
     """
+
+    small_blocks = True
 
     k: tuple
 
