@@ -180,10 +180,7 @@ def _sum_finite(G, g, lo, hi):
         row = G[t, lo:hi]
         for j in range(n):
             out[j] += row[j]
-    ok = True
-    for j in range(n):
-        ok &= np.isfinite(out[j])
-    return ok
+    return _all_finite(out)
 
 
 #: status codes of :func:`_step` and of ``info[1]`` of the training loops
