@@ -14,6 +14,12 @@ Measures, with nothing else running:
   figure shows whether the cores have their own FMA units.
 * **tanh cost**: nanoseconds per element of the kernels' float32/float64 tanh
   (:mod:`smallchains._fastmath`) over a 4,096-element vector (in L1), one thread.
+* **input gather**: for each workload, seconds per epoch to copy its input rows (float32,
+  random data of the workload's shape) in a shuffled order into a block buffer of 160
+  rows, as every training step does before its first layer; at N threads each thread
+  copies its share of each minibatch-sized slice at once. No arithmetic floor counts this
+  memory traffic, and kernels cannot hide it: a workload whose gather is a large part of
+  its floor cannot come near that floor (network 1: 205 MB of rows per epoch).
 
 Then prints each benchmark workload's arithmetic floor at 1 and 2 threads: its
 multiply-adds (forward, weight gradients, input gradients except the first layer's)
@@ -87,7 +93,18 @@ def _kernels(nbytes=32):
                     y[k] = tanh(x[k])
         return loop
 
-    return fma_loop, {np.float32: tanh_loop(tanh_f32), np.float64: tanh_loop(tanh_f64)}
+    @njit(nogil=True, cache=False)
+    def gather_loop(X, idx, lo, hi, buf):
+        # rows idx[lo:hi] of X copied, in order, into the rows of buf (reused cyclically)
+        nb = buf.shape[0]
+        for s in range(lo, hi):
+            r = idx[s]
+            row = buf[(s - lo) % nb]
+            for f in range(X.shape[1]):
+                row[f] = X[r, f]
+
+    return (fma_loop, {np.float32: tanh_loop(tanh_f32), np.float64: tanh_loop(tanh_f64)},
+            gather_loop)
 
 
 def _run_threads(fn, nthreads):
@@ -114,7 +131,7 @@ def fma_peak(dtype, nthreads, seconds=0.3, repeats=5, nbytes=None):
     """GFLOP/s of the register-only FMA loop in ``dtype`` on ``nthreads`` threads (best of
     ``repeats`` runs of about ``seconds`` each)."""
     nbytes = nbytes or kernel_vector_bytes()
-    fma_loop, _ = _kernels(nbytes)
+    fma_loop = _kernels(nbytes)[0]
     dt = np.dtype(dtype)
     lanes = nbytes // dt.itemsize
     a = np.full(2 + lanes, 0.5, dtype=dt)
@@ -136,7 +153,7 @@ def fma_peak(dtype, nthreads, seconds=0.3, repeats=5, nbytes=None):
 
 def tanh_ns(dtype, repeats=5):
     """Nanoseconds per element of the kernels' tanh in ``dtype``, one thread."""
-    _, loops = _kernels()
+    loops = _kernels()[1]
     fn = loops[np.dtype(dtype).type]
     x = np.linspace(-4, 4, 4096).astype(dtype)
     y = np.empty_like(x)
@@ -148,6 +165,33 @@ def tanh_ns(dtype, repeats=5):
         fn(n, x, y)
         best = min(best, time.perf_counter() - t0)
     return best / (n * x.size) * 1e9
+
+
+def gather_seconds(n, features, nthreads, repeats=3, seed=0):
+    """Seconds to copy the ``n`` rows of an ``(n, features)`` float32 array in a shuffled
+    order into a 160-row buffer, each of ``nthreads`` threads copying a contiguous share of
+    the shuffled order (best of ``repeats``; inputs under 2 million rows are copied several
+    times per run, and the time divided)."""
+    gather_loop = _kernels()[2]
+    rng = np.random.default_rng(seed)
+    X = rng.random((n, features), dtype=np.float32)
+    idx = rng.permutation(n)
+    bufs = [np.zeros((160, features), np.float32) for _ in range(nthreads)]
+    bounds = [n * k // nthreads for k in range(nthreads + 1)]
+    gather_loop(X, idx, 0, min(n, 1000), bufs[0])
+    loops = max(1, 2_000_000 // n)  # small inputs: many epochs per thread start
+    best = 1e9
+    for _ in range(repeats):
+        it = iter(range(nthreads))
+        lock = threading.Lock()
+
+        def one():
+            with lock:
+                k = next(it)
+            for _ in range(loops):
+                gather_loop(X, idx, bounds[k], bounds[k + 1], bufs[k])
+        best = min(best, _run_threads(one, nthreads) / loops)
+    return best
 
 
 # --- workloads ---------------------------------------------------------------------
@@ -178,7 +222,8 @@ def workloads():
     """name -> (chain, samples per timed unit, unit, dtype) of the bench/ workloads."""
     import smallchains as sc
     return {
-        "matexp (bench/matexp.py)": (C.matexp_chain(), C.N_SAMPLES, "epoch (one step)", np.float32),
+        "matexp (bench/matexp.py)": (C.matexp_chain(), C.N_SAMPLES, "epoch (one step)",
+                                     np.float32),
         "LeNet5 (bench/lenet5.py)": (C.lenet5_chain(), 60_000, "epoch", np.float32),
         "CIFAR dense, net 1 (bench/cifar_dense.py)": (
             sc.SimpleChain(1024, sc.TurboDense(64, "sigmoid"), sc.TurboDense(32, "sigmoid"),
@@ -191,7 +236,8 @@ def workloads():
 
 def measure(threads=(1, 2), seconds=0.3, nbytes=None):
     """The figures as a dict: ``fma_gflops[dtype][threads]``, ``tanh_ns[dtype]``, and
-    ``floors[workload] = {unit, samples, macs, tanhs, seconds: {threads: s}}`` (float32)."""
+    ``floors[workload] = {unit, samples, macs, tanhs, seconds: {threads: s},
+    gather_seconds: {threads: s}}`` (float32)."""
     out = {"fma_gflops": {}, "tanh_ns": {}, "floors": {}}
     for dt in (np.float32, np.float64):
         name = np.dtype(dt).name
@@ -202,7 +248,9 @@ def measure(threads=(1, 2), seconds=0.3, nbytes=None):
         dn = np.dtype(dt).name
         secs = {str(t): n * (2 * macs / (out["fma_gflops"][dn][str(t)] * 1e9)
                              + tanhs * out["tanh_ns"][dn] * 1e-9 / t) for t in threads}
-        out["floors"][name] = dict(unit=unit, samples=n, macs=macs, tanhs=tanhs, seconds=secs)
+        gather = {str(t): gather_seconds(n, int(np.prod(chain.input_shape)), t) for t in threads}
+        out["floors"][name] = dict(unit=unit, samples=n, macs=macs, tanhs=tanhs, seconds=secs,
+                                   gather_seconds=gather)
     return out
 
 
@@ -225,10 +273,12 @@ def main():
               + f" | {res['tanh_ns'][dt]:.3f} |")
     print()
     print("| workload (float32) | unit | MACs/sample | tanh/sample | "
-          + " | ".join(f"floor {t} thr" for t in args.threads) + " |")
-    print("|---|---|---:|---:|" + "---:|" * len(args.threads))
+          + " | ".join(f"floor {t} thr" for t in args.threads) + " | "
+          + " | ".join(f"input gather {t} thr" for t in args.threads) + " |")
+    print("|---|---|---:|---:|" + "---:|" * 2 * len(args.threads))
     for name, f in res["floors"].items():
-        cells = " | ".join(_fmt(f["seconds"][str(t)]) for t in args.threads)
+        cells = " | ".join(_fmt(f[key][str(t)]) for key in ("seconds", "gather_seconds")
+                           for t in args.threads)
         print(f"| {name} | {f['unit']} | {f['macs']:,} | {f['tanhs']} | {cells} |")
     if args.json:
         with open(args.json, "w") as fh:

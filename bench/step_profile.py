@@ -1,6 +1,7 @@
 """Per-layer-step times of a chain's generated code: where a training step's time goes.
 
-    python bench/step_profile.py [--model {lenet5,mnist_mlp,cifar_dense}] [--block B]
+    python bench/step_profile.py [--model {lenet5,mnist_mlp,cifar_dense,tpa_lstm,lstnet,
+                                           matexp}] [--block B]
                                  [--registers 16|32]
                                  [--dtype float32|float64] [--repeats 5]
 
@@ -49,6 +50,9 @@ def model(name, registers):
                            sc.TurboDense(10))
     elif name == "tpa_lstm":  # issue 15's benchmark size
         c = models.tpa_lstm(10, 10)
+    elif name == "matexp":  # bench/matexp.py's 4 -> 32 tanh -> 16 tanh -> 4
+        c = sc.SimpleChain(4, sc.TurboDense(32, "tanh"), sc.TurboDense(16, "tanh"),
+                           sc.TurboDense(4))
     elif name == "lstnet":
         c = models.lstnet(20, 10)
     else:  # network 2 of issue 14 without its Dropout
@@ -68,7 +72,8 @@ def _carray(a, shape):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", choices=["lenet5", "mnist_mlp", "cifar_dense", "tpa_lstm", "lstnet"], default="lenet5")
+    ap.add_argument("--model", choices=["lenet5", "mnist_mlp", "cifar_dense", "tpa_lstm", "lstnet",
+                                        "matexp"], default="lenet5")
     ap.add_argument("--block", type=int, default=None,
                     help="samples per block (default: the compiler's choice for the budget)")
     ap.add_argument("--registers", type=int, choices=[16, 32], default=vector_registers(),
