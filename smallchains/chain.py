@@ -320,8 +320,8 @@ class SimpleChain:
 
     def _workspace(self, plan, n_threads: int, dtype, key=0, step=0, state=None, blocks=1):
         """``(works, metas, kstate)``: per-thread workspaces ``(n_threads, work_size)``,
-        step metadata ``(n_threads, meta_size)`` int64 with ``metas[:, 0] = key`` and
-        ``metas[:, 1] = step``, and the kernels' state (the layer state ``state``, copied
+        step metadata ``(n_threads, meta_size)`` int64 with ``metas[:, 0] = key``,
+        ``metas[:, 1] = step`` and ``metas[:, -1] = 0``, and the kernels' state (the layer state ``state``, copied
         in, then one step's batch statistics), allocated once per (Python thread, dtype,
         block, count, ``blocks``: workspaces per thread, see :meth:`_stage_blocks`)."""
         cache = getattr(self._tls, "works", None)
@@ -335,6 +335,7 @@ class SimpleChain:
                                np.zeros(max(plan.n_state + plan.n_scratch, 1), dtype))
         hit[1][:, 0] = np.uint64(key).astype(np.int64)
         hit[1][:, 1] = step
+        hit[1][:, -1] = 0  # the range kernels zero g themselves (loops._zero_grad_rows)
         if state is not None:
             hit[2][:plan.n_state] = state
         return hit

@@ -119,6 +119,46 @@ def test_split_update_equals_serial_update_bitwise(monkeypatch, batched, dtype):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("arch", ["deep", "batchnorm"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_split_sum_leaves_no_stale_gradient(monkeypatch, arch, dtype):
+    """With the split sum, the gradient rows are zeroed by the sum for the next step, not by
+    the range kernels. A G full of NaN from the caller, a frozen last layer (whose entries
+    of p wait in G[0] during the update), a BatchNorm chain (the staged kernels), and then
+    valgrad and serial training on the same chain (whose cached step metadata the split
+    path marked) all give the serial path's bits."""
+    import smallchains.train
+    default = smallchains.train.PARALLEL_UPDATE_PARAMS
+    if arch == "deep":
+        X, Y = make_data("deep", 40, seed=5)
+        chain = get_chain("deep")
+    else:
+        rng = np.random.default_rng(5)
+        X, Y = rng.standard_normal((40, 6)), rng.standard_normal((40, 3))
+        chain = sc.SimpleChain(6, sc.TurboDense(5, "tanh"), sc.BatchNorm(), sc.TurboDense(3))
+    model = sc.add_loss(chain, sc.SquaredLoss(Y.astype(dtype)))
+    X = X.astype(dtype)
+    frozen = [len(chain.layers) - 1]
+    out = []
+    for split in (False, True):
+        monkeypatch.setattr(smallchains.train, "PARALLEL_UPDATE_PARAMS", 0 if split else default)
+        assert (smallchains.train.update_slices(chain.n_params, 2) is None) != split
+        p = random_params(chain, seed=1).astype(dtype)
+        state = sc.init_state(chain, dtype) if chain.n_state else None
+        G = np.full((2, chain.n_params), np.nan, dtype)
+        opt = sc.AdamW(1e-2, weight_decay=0.1)
+        h1 = sc.train_batched(G, p, model, X, opt, 2, batch_size=16, seed=2, frozen=frozen,
+                              state=state)
+        loss, g = sc.valgrad(model, X, p, state=state)
+        monkeypatch.setattr(smallchains.train, "PARALLEL_UPDATE_PARAMS", default)
+        h2 = sc.train_batched(G, p, model, X, opt, 1, batch_size=16, seed=3, frozen=frozen,
+                              state=state)
+        out.append((p, h1, np.array([loss]), g, h2) + (() if state is None else (state,)))
+    assert np.isfinite(out[0][3]).all() and (out[0][3] != 0).any()
+    for a, b in zip(*out):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_penalized_valgrad_matches_finite_differences():
     X, Y = make_data("deep", 21, seed=2)
     chain = get_chain("deep")

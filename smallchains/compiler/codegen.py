@@ -36,7 +36,11 @@ when it has none). ``meta`` is the calling thread's int64 row of ``plan.meta_siz
 elements: ``meta[0]`` the random key (seed), ``meta[1]`` the optimizer step, ``meta[2]``
 the stage of a batch-statistics pass (below), set by the caller; the range kernels write
 ``meta[3 + s]``, the dataset row of lane ``s`` of the current block (-1 for a padding
-lane). Random layers read them (:mod:`smallchains.layers.dropout`).
+lane). Random layers read them (:mod:`smallchains.layers.dropout`). The last element,
+``meta[3 + B]``, is 0 unless the caller has already zeroed the gradient ``g``: the
+``valgrad`` range kernels then accumulate into it without zeroing it first (the training
+step's split sum zeroes each gradient row's slice right after reading it, see
+:func:`smallchains.compiler.loops._step`).
 
 Nothing parallel is generated: :mod:`smallchains.compiler.loops` holds the threaded
 drivers and training loops once for all chains and receives these range kernels as
@@ -125,8 +129,9 @@ class ChainPlan:
 
     @property
     def meta_size(self) -> int:
-        """Elements of a thread's ``meta`` row: key, step, stage, one row index per lane."""
-        return 3 + self.B
+        """Elements of a thread's ``meta`` row: key, step, stage, one row index per lane,
+        the caller's "g is zero" flag."""
+        return 4 + self.B
 
     @property
     def n_in(self) -> int:
@@ -387,7 +392,8 @@ def _staged_prelude(plan, funcs, vfwd, pull, loss_kernel, out_off, store_gx):
     input, its statistics; stage ``m``: the rest of the forward pass, the loss (summed in
     ``work[LOSS]``), the pullback down to the last reducing layer's output, its gradient
     statistics; stage ``m + i``: the pullback on to the next reducing layer; stage ``2m``:
-    the rest. ``g`` is zeroed in stage ``m`` only, so it sums over the stages. Block ``b``
+    the rest. ``g`` is zeroed in stage ``m`` only (unless the caller has), so it sums over
+    the stages. Block ``b``
     uses ``work[b * WORK_SIZE:(b + 1) * WORK_SIZE]`` (its own partial sums too: the
     combine kernel merges every slice). Otherwise every stage starts from the input (the
     block loop below)."""
@@ -412,7 +418,8 @@ def _staged_prelude(plan, funcs, vfwd, pull, loss_kernel, out_off, store_gx):
     for j in range(m):
         body = (["load_block(X, idx, s0, nb, wb, 0, N_IN, B)"] if j == 0 else []) + calls(*fseg[j])
         lines += [f"    {'if' if j == 0 else 'elif'} stage == {j}:"] + ["    " + ln for ln in per_block(body)]
-    lines += [f"    elif stage == {m}:", "        for j in range(g.shape[0]):", "            g[j] = 0",
+    lines += [f"    elif stage == {m}:", "        if meta[META_SIZE - 1] == 0:  # else the caller has",
+              "            for j in range(g.shape[0]):  # zeroed g", "                g[j] = 0",
               f"        work[{plan.loss_slot}] = 0"]
     body = (calls(fseg[m][0])
             + [f"work[{plan.loss_slot}] += {loss_kernel}(wb, {out_off}, {plan.grad_a}, T, idx, s0, "
@@ -518,8 +525,9 @@ def _valgrad{x}_range_{kind}{mode}(X, T, idx, lo, hi, p, g, state, work, meta, s
     \"\"\"Overwrite g with scale * dL/dp over rows idx[lo:hi]; return scale * loss sum.
     {gx_doc}\"\"\"
     total = like(scale, 0.0){prelude}
-    for j in range(g.shape[0]):
-        g[j] = 0
+    if meta[META_SIZE - 1] == 0:  # else the caller has zeroed g
+        for j in range(g.shape[0]):
+            g[j] = 0
     for s0 in range(lo, hi, B):
         nb = min(B, hi - s0)
         {load_in}
