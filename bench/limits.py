@@ -17,7 +17,7 @@ Measures, with nothing else running:
 * **input gather**: for each workload, seconds per epoch to copy its input rows (float32,
   random data of the workload's shape) in a shuffled order into a block buffer of 160
   rows, as every training step does before its first layer; at N threads each thread
-  copies its share of each minibatch-sized slice at once. No arithmetic floor counts this
+  copies a contiguous share of the shuffled order at once. No arithmetic floor counts this
   memory traffic, and kernels cannot hide it: a workload whose gather is a large part of
   its floor cannot come near that floor (network 1: 205 MB of rows per epoch).
 
@@ -108,16 +108,16 @@ def _kernels(nbytes=32):
 
 
 def _run_threads(fn, nthreads):
-    """Wall seconds of ``fn()`` run by ``nthreads`` threads started together."""
+    """Wall seconds of ``fn(k)`` run by threads ``k = 0 .. nthreads - 1`` started together."""
     barrier = threading.Barrier(nthreads + 1)
     done = []
 
-    def work():
+    def work(k):
         barrier.wait()
-        fn()
+        fn(k)
         done.append(time.perf_counter())
 
-    ts = [threading.Thread(target=work) for _ in range(nthreads)]
+    ts = [threading.Thread(target=work, args=(k,)) for k in range(nthreads)]
     for t in ts:
         t.start()
     barrier.wait()
@@ -146,7 +146,7 @@ def fma_peak(dtype, nthreads, seconds=0.3, repeats=5, nbytes=None):
             break
         n *= 2
     n = int(n * seconds / max(time.perf_counter() - t0, 1e-9))
-    best = min(_run_threads(lambda: fma_loop(n, a, np.zeros(lanes, dtype=dt)), nthreads)
+    best = min(_run_threads(lambda k: fma_loop(n, a, np.zeros(lanes, dtype=dt)), nthreads)
                for _ in range(repeats))
     return nthreads * n * 12 * lanes * 2 / best / 1e9
 
@@ -181,15 +181,10 @@ def gather_seconds(n, features, nthreads, repeats=3, seed=0):
     gather_loop(X, idx, 0, min(n, 1000), bufs[0])
     loops = max(1, 2_000_000 // n)  # small inputs: many epochs per thread start
     best = 1e9
+    def one(k):
+        for _ in range(loops):
+            gather_loop(X, idx, bounds[k], bounds[k + 1], bufs[k])
     for _ in range(repeats):
-        it = iter(range(nthreads))
-        lock = threading.Lock()
-
-        def one():
-            with lock:
-                k = next(it)
-            for _ in range(loops):
-                gather_loop(X, idx, bounds[k], bounds[k + 1], bufs[k])
         best = min(best, _run_threads(one, nthreads) / loops)
     return best
 

@@ -321,9 +321,10 @@ class SimpleChain:
     def _workspace(self, plan, n_threads: int, dtype, key=0, step=0, state=None, blocks=1):
         """``(works, metas, kstate)``: per-thread workspaces ``(n_threads, work_size)``,
         step metadata ``(n_threads, meta_size)`` int64 with ``metas[:, 0] = key``,
-        ``metas[:, 1] = step`` and ``metas[:, -1] = 0``, and the kernels' state (the layer state ``state``, copied
-        in, then one step's batch statistics), allocated once per (Python thread, dtype,
-        block, count, ``blocks``: workspaces per thread, see :meth:`_stage_blocks`)."""
+        ``metas[:, 1] = step`` and ``metas[:, -1] = 0``, and the kernels' state (the layer
+        state ``state``, copied in, then one step's batch statistics), allocated once per
+        (Python thread, dtype, block, count, ``blocks``: workspaces per thread, see
+        :meth:`_stage_blocks`)."""
         cache = getattr(self._tls, "works", None)
         if cache is None:
             cache = self._tls.works = {}

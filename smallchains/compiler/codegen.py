@@ -393,9 +393,8 @@ def _staged_prelude(plan, funcs, vfwd, pull, loss_kernel, out_off, store_gx):
     ``work[LOSS]``), the pullback down to the last reducing layer's output, its gradient
     statistics; stage ``m + i``: the pullback on to the next reducing layer; stage ``2m``:
     the rest. ``g`` is zeroed in stage ``m`` only (unless the caller has), so it sums over
-    the stages. Block ``b``
-    uses ``work[b * WORK_SIZE:(b + 1) * WORK_SIZE]`` (its own partial sums too: the
-    combine kernel merges every slice). Otherwise every stage starts from the input (the
+    the stages. Block ``b`` uses ``work[b * WORK_SIZE:(b + 1) * WORK_SIZE]`` (its own
+    partial sums too: the combine kernel merges every slice). Otherwise every stage starts from the input (the
     block loop below)."""
     m = len(plan.reducing)
     fseg, pseg = _segments(vfwd), _segments(pull)

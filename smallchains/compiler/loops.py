@@ -195,11 +195,9 @@ def _sum_finite(G, g, lo, hi):
 def _zero_grad_rows(G, metas, slices):
     """Before the first step of a training loop: with ``slices`` (the split sum, which
     leaves ``G`` zero for the next step, see :func:`_sum_finite`), zero ``G`` and tell the
-    ``valgrad`` range kernels not to (the last element of each ``metas`` row); without,
-    they zero their row themselves (the flag is set either way: ``metas`` may be reused
-    from a call with the other path)."""
-    for k in range(G.shape[0]):
-        metas[k, metas.shape[1] - 1] = 0
+    ``valgrad`` range kernels not to (the last element of each ``metas`` row, which
+    :meth:`smallchains.SimpleChain._workspace` hands out as 0); without, they zero their
+    row themselves."""
     if slices is not None:
         for k in range(G.shape[0]):
             metas[k, metas.shape[1] - 1] = 1
@@ -227,9 +225,9 @@ def _step(valgrad, combine, update, nstages, X, T, idx, lo, m, scale, p, G, lsta
     bounds: thread ``k`` sums and updates entries ``slices[k]:slices[k+1]``
     (:func:`smallchains.train.update_slices`) and zeroes them in every row of ``G`` after
     the sum; ``G`` must then be zero when the step starts and the ``metas`` rows say so
-    (:func:`_zero_grad_rows`), and the range kernels add their gradients into it. ``scale`` is ``1 / m`` in
-    ``p``'s dtype, computed by the caller: computed here (``like(p[0], 1.0 / m)``), or with
-    ``lo`` the literal 0, numba's specialization of this parallel function ran its region
+    (:func:`_zero_grad_rows`), and the range kernels add their gradients into it.
+    ``scale`` is ``1 / m`` in ``p``'s dtype, computed by the caller: computed here
+    (``like(p[0], 1.0 / m)``), or with ``lo`` the literal 0, numba's specialization of this parallel function ran its region
     at half speed with 2 threads (measured on a Zen 3, a 16/32-channel conv chain, batch
     128: 17-19 against 8.3 ms per step; the cause inside numba is not known)."""
     nt = G.shape[0]
