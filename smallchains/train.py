@@ -7,13 +7,14 @@ fixed order, so results are deterministic for a fixed thread count.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numba
 import numpy as np
 
 from .compiler import loops
-from .compiler.runtime import aligned_zeros
+from .compiler.runtime import ALIGN_BYTES, aligned_zeros
 from ._validate import check_count, check_dtype, check_inputs, check_params, check_random
 from .chain import SimpleChainWithLoss, kernel_for, remove_loss, stage_kernels
 from .optim import Optimizer
@@ -87,6 +88,41 @@ def _check_G(G, p):
     if not G.flags.c_contiguous or not G.flags.writeable:
         raise ValueError("G must be writeable and C-contiguous")
     return G
+
+
+_grad_rows_tls = threading.local()
+
+
+def _aligned_grad_rows(G):
+    """The per-thread gradient rows a training loop accumulates into: ``G`` itself when
+    every row starts on a 64-byte line (``ALIGN_BYTES``), else a zeroed ``(n_threads,
+    stride)`` array whose rows do (``stride``: ``n_params`` rounded up to a line; cached per
+    Python thread, dtype and size; the loops zero what they use, so it carries nothing
+    from one call to the next). ``alloc_threaded_grad`` aligns only the first row unless
+    ``n_params`` is a multiple of a line. Measured on a Zen 4 at 2 threads, network 1 of
+    issue 14 (68,970 float32 parameters, ``python bench/jit_profile.py cifar_dense``):
+    thread 1's first-layer pullback, which adds into its row with vector loads and
+    stores that then all straddle two lines, took 49 ms of CPU per epoch against thread
+    0's 39 (with 10 logits replaced by 16, which aligns the rows: 40 and 39), and thread 0
+    waited for it."""
+    isz = G.dtype.itemsize
+    if G.ctypes.data % ALIGN_BYTES == 0 and G.shape[1] * isz % ALIGN_BYTES == 0:
+        return G
+    stride = -(-G.shape[1] * isz // ALIGN_BYTES) * ALIGN_BYTES // isz  # see _copy_rows_back
+    cache = getattr(_grad_rows_tls, "rows", None)
+    if cache is None:
+        cache = _grad_rows_tls.rows = {}
+    key = (G.dtype.str, G.shape[0], stride)
+    if key not in cache:
+        cache[key] = aligned_zeros((G.shape[0], stride), G.dtype)
+    return cache[key]
+
+
+def _copy_rows_back(rows, G):
+    """End of a training call: ``G`` gets what the loops left in ``rows`` (its rows
+    hold what they would have held had the loops used ``G``)."""
+    if rows is not G:
+        G[:] = rows[:, :G.shape[1]]
 
 
 def _valgrad(model, X, p, out, x_out, want_x, training, seed, step, state):
@@ -482,8 +518,10 @@ def train_unbatched(G, p, model, X, opt, iters, *, state=None, callback=None, re
     t0 = opt.t
     loop = loops.train_unbatched_loop
 
+    rows = _aligned_grad_rows(G)
+
     def args(k):
-        return (nstages, X2, T, idx, p, G, *ws, losses, g, state, hyper, t0, k, hist, gx, info, lrs,
+        return (nstages, X2, T, idx, p, rows, *ws, losses, g, state, hyper, t0, k, hist, gx, info, lrs,
                 *reg)
 
     if iters:
@@ -514,6 +552,7 @@ def train_unbatched(G, p, model, X, opt, iters, *, state=None, callback=None, re
     finally:
         opt.t = t0 + int(info[0])
         _save_state(user_state, ws, plan)
+        _copy_rows_back(rows, G)
         bar.close()
     return hist
 
@@ -761,8 +800,10 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
     t0 = opt.t
     loop = loops.train_batched_loop
 
+    rows = _aligned_grad_rows(G)
+
     def args(k):
-        return (nstages, X2, T, perm, batch_size, k, p, G, *ws, losses, g, state, hyper, t0, hist,
+        return (nstages, X2, T, perm, batch_size, k, p, rows, *ws, losses, g, state, hyper, t0, hist,
                 gx, info, *reg)
 
     if epochs:
@@ -805,5 +846,6 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
     finally:
         opt.t = t0 + int(info[0])
         _save_state(user_state, ws, plan)
+        _copy_rows_back(rows, G)
         bar.close()
     return val.result(out, p, ws[0], plan)

@@ -405,3 +405,39 @@ def test_accuracy_and_loss_matches_numpy():
     reg = make_model("deep", np.zeros((3,) + get_chain("deep").output_shape))
     with pytest.raises(TypeError, match="classification"):
         sc.accuracy_and_loss(reg, np.zeros((3,) + get_chain("deep").input_shape), random_params(reg.chain))
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+def test_unaligned_gradient_rows_train_like_aligned_ones(offset):
+    """train_batched and train_unbatched accumulate into 64-byte aligned per-thread rows:
+    G itself when its rows are aligned, else rows of their own, copied into G at the end.
+    Both give the same bits (p, losses, G), on 2 threads, with the split gradient sum
+    (n_params >= 16,384) and without (train_unbatched on one thread's rows)."""
+    chain = sc.SimpleChain(200, sc.TurboDense(96, "tanh"), sc.TurboDense(16))  # 20,912 params
+    assert chain.n_params % 16 == 0 and chain.n_params >= 16384
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((250, 200)).astype(np.float32)
+    y = rng.integers(0, 16, 250)
+    model = sc.add_loss(chain, sc.LogitCrossEntropyLoss(y))
+    before = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        results = []
+        for G in (sc.alloc_threaded_grad(chain, n_threads=2),
+                  np.full(2 * chain.n_params + offset + 16, np.nan, np.float32)):
+            if G.ndim == 1:  # rows starting 4 * offset + ... bytes off a line: not aligned
+                base = (-G.ctypes.data // 4) % 16 + 1 + offset
+                G = G[base:base + 2 * chain.n_params].reshape(2, chain.n_params)
+                assert G.ctypes.data % 64 != 0 and sctrain._aligned_grad_rows(G) is not G
+            else:
+                assert sctrain._aligned_grad_rows(G) is G
+            p = sc.init_params(chain, seed=1)
+            h1 = sc.train_batched(G, p, model, X, sc.Adam(1e-2), 2, batch_size=64, seed=5)
+            G1 = G.copy()
+            h2 = sc.train_unbatched(G[:1], p, model, X, sc.Adam(1e-2), 3)
+            results.append((p, h1, h2, G1, G.copy()))
+        assert np.all(np.isfinite(results[1][4][0]))  # the caller's G got the rows
+    finally:
+        numba.set_num_threads(before)
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
