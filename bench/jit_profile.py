@@ -92,7 +92,7 @@ def demangle(name: str) -> str:
     parts, i = [], 3
     while i < len(name) and name[i].isdigit():
         j = i
-        while name[j].isdigit():
+        while j < len(name) and name[j].isdigit():
             j += 1
         n = int(name[i:j])
         parts.append(name[j:j + n])

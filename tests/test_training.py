@@ -425,7 +425,7 @@ def test_unaligned_gradient_rows_train_like_aligned_ones(offset):
         results = []
         for G in (sc.alloc_threaded_grad(chain, n_threads=2),
                   np.full(2 * chain.n_params + offset + 16, np.nan, np.float32)):
-            if G.ndim == 1:  # rows starting 4 * offset + ... bytes off a line: not aligned
+            if G.ndim == 1:  # a view starting (1 + offset) * 4 bytes past a line
                 base = (-G.ctypes.data // 4) % 16 + 1 + offset
                 G = G[base:base + 2 * chain.n_params].reshape(2, chain.n_params)
                 assert G.ctypes.data % 64 != 0 and sctrain._aligned_grad_rows(G) is not G
