@@ -61,8 +61,23 @@ def check_params(n_params: int, p, *, writable: bool = False, name: str = "p") -
     return p
 
 
-def check_inputs(input_shape: tuple, X, dtype, *, allow_single: bool = True, name: str = "X"):
+def check_finite(Xf: np.ndarray, name: str = "X"):
+    """Raise ``ValueError`` naming the first sample (row of ``Xf``) with a NaN or Inf."""
+    if not all_finite(Xf):
+        raise nonfinite_error(Xf, name)
+
+
+def nonfinite_error(Xf: np.ndarray, name: str = "X") -> ValueError:
+    """The ``ValueError`` for the rows ``Xf`` that hold a NaN or Inf (the first named)."""
+    bad = np.argwhere(~np.isfinite(Xf))[0]
+    return ValueError(f"{name} contains NaN or Inf (first at sample {bad[0]})")
+
+
+def check_inputs(input_shape: tuple, X, dtype, *, allow_single: bool = True, name: str = "X",
+                 finite: bool = True):
     """Validate ``X`` of shape ``(N, *input_shape)`` (or one sample ``input_shape``).
+    ``finite=False``: not checked for NaN and Inf here (the caller's kernels do that, see
+    :func:`smallchains.train_batched`).
 
     Returns ``(X2, single)``: ``X2`` is a C-contiguous ``(N, prod(input_shape))`` array of
     ``dtype`` -- a view of ``X`` when possible, else ONE copy (non-contiguous, read-only,
@@ -96,9 +111,8 @@ def check_inputs(input_shape: tuple, X, dtype, *, allow_single: bool = True, nam
     if X.shape[0] == 0:
         raise ValueError(f"{name} is an empty batch (N = 0); need at least one sample")
     Xf = X.reshape(X.shape[0], prod(in_shape))
-    if not all_finite(Xf):
-        bad = np.argwhere(~np.isfinite(Xf))[0]
-        raise ValueError(f"{name} contains NaN or Inf (first at sample {bad[0]})")
+    if finite:
+        check_finite(Xf, name)
     dtype = np.dtype(dtype)
     if Xf.dtype.itemsize > dtype.itemsize and np.abs(Xf).max() > np.finfo(dtype).max:
         raise ValueError(f"{name} has values beyond the {dtype} range (max |x| = {np.abs(Xf).max():.3g}); "

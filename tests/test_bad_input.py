@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import numba
 import numpy as np
 import pytest
 
@@ -577,3 +578,75 @@ def test_bad_optimizer_settings_and_state(reg):
         sc.train_unbatched(G.astype(np.float32), p.astype(np.float32), model, X, opt, 1)
     with pytest.raises(ValueError, match=r"p and g must be 1-D with equal shape and dtype"):
         sc.Adam().step(p.copy(), np.ones(3))
+
+
+# --------------------------------------------------------------------------------------
+# NaN / Inf in X found by the training kernels (train_batched skips its up-front scan)
+
+KERNEL_CHECK_CHAINS = {
+    # first layer's dW from the input rows (load_block_and_rows checks the rows it copies)
+    "rows": lambda: sc.SimpleChain(512, sc.TurboDense(8, "relu"), sc.TurboDense(3)),
+    # a narrow first layer (load_block, then block_finite); relu after maxing NaN away
+    "block": lambda: sc.SimpleChain(6, sc.TurboDense(5, "relu"), sc.TurboDense(3)),
+    "conv": lambda: sc.SimpleChain((1, 6, 6), sc.Conv(2, 3, "relu"), sc.MaxPool(2), sc.Flatten(),
+                                   sc.TurboDense(3)),
+}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", list(KERNEL_CHECK_CHAINS))
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_nonfinite_X_found_by_the_training_kernels(kind, dtype, threads, value, monkeypatch):
+    """train_batched finds a NaN or Inf in X in the gather of its minibatch (the up-front
+    scan is disabled here, so only the kernels can find it), after earlier minibatches
+    were applied, and undoes the run: the same ValueError as the scan's, with p, G, the
+    optimizer's state and step count as before the call, for an optimizer that had state
+    and for a fresh one."""
+    import smallchains.train as sctrain
+    chain = KERNEL_CHECK_CHAINS[kind]()
+    assert sctrain._kernels_check_X(chain._kernels(np.dtype(dtype))[1])
+    scans = []
+    monkeypatch.setattr(sctrain, "check_finite", lambda X2, name="X": scans.append(name))
+    rng = np.random.default_rng(0)
+    n = 97
+    X = rng.standard_normal((n,) + chain.input_shape).astype(dtype)
+    y = rng.integers(0, 3, n)
+    model = sc.add_loss(chain, sc.LogitCrossEntropyLoss(y))
+    p = sc.init_params(chain, seed=1, dtype=dtype)
+    G = sc.alloc_threaded_grad(chain, n_threads=threads, dtype=dtype)
+    before = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        used = sc.Adam(1e-2)
+        sc.train_batched(G, p, model, X, used, 1, batch_size=10, seed=3)  # has state now
+        # the bad sample: in the last minibatches of the shuffled epoch, after others
+        order = np.random.default_rng(3).permutation(n)
+        bad = int(order[-3])
+        Xb = X.copy()
+        Xb.reshape(n, -1)[bad, -1] = value
+        for opt in (used, sc.Adam(1e-2)):
+            t, st = opt.t, None if opt.state is None else opt.state.copy()
+            with unchanged(Xb, p, G), pytest.raises(ValueError, match=rf"NaN or Inf \(first at sample {bad}\)"):
+                sc.train_batched(G, p, model, Xb, opt, 1, batch_size=10, seed=3)
+            assert opt.t == t
+            assert (opt.state is None) if st is None else np.array_equal(opt.state, st)
+    finally:
+        numba.set_num_threads(before)
+    assert scans == []  # the kernels found it
+
+
+def test_nonfinite_X_scanned_up_front_with_batch_statistics(monkeypatch):
+    """Chains with BatchNorm (staged kernels) keep the up-front scan of X."""
+    import smallchains.train as sctrain
+    chain = sc.SimpleChain(6, sc.TurboDense(5), sc.BatchNorm(), sc.TurboDense(3))
+    assert not sctrain._kernels_check_X(chain._kernels(np.dtype(np.float64))[1])
+    X = np.random.default_rng(0).standard_normal((40, 6))
+    X[33, 2] = np.nan
+    model = sc.add_loss(chain, sc.LogitCrossEntropyLoss(np.arange(40) % 3))
+    p, state = sc.init_params(chain, dtype=np.float64), sc.init_state(chain, dtype=np.float64)
+    G = sc.alloc_threaded_grad(chain, n_threads=1, dtype=np.float64)
+    opt = sc.Adam(1e-2)
+    with unchanged(p, G, state), pytest.raises(ValueError, match=r"NaN or Inf \(first at sample 33\)"):
+        sc.train_batched(G, p, model, X, opt, 1, batch_size=8, state=state, seed=0)
+    assert opt.t == 0 and opt.state is None

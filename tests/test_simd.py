@@ -287,6 +287,7 @@ def test_load_block_and_rows_equals_both_gathers(dtype, n_feat, B, nb):
         f(X, idx, 7, nb, work, rows_off, ld, n_feat, B)
         out.append(work)
     np.testing.assert_array_equal(out[0], out[1])
+    assert out[1][rows_off + B * ld] == nb  # the row count after the rows
     block = out[1][:n_feat * B].reshape(n_feat, B)
     np.testing.assert_array_equal(block[:, :nb], X[idx[7:7 + nb]].T)
     assert (block[:, nb:] == 0).all()

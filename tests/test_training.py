@@ -441,3 +441,55 @@ def test_unaligned_gradient_rows_train_like_aligned_ones(offset):
         numba.set_num_threads(before)
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("registers", [16, 32])
+def test_train_block_rule(registers):
+    """_train_block: small shares get blocks of the share rounded up to 16; chains whose
+    first layer takes dW from the input rows get the fewest blocks of at most
+    WIDE_TRAIN_BLOCK_MAX holding each thread's share; others, and chains given a
+    block_size, keep their own block (None)."""
+    wide = sc.SimpleChain(1024, sc.TurboDense(64, "sigmoid"), sc.TurboDense(10), registers=registers)
+    default = wide._kernels(np.float32)[1].B
+    assert wide._train_block(300, 2, np.float32) == 160
+    assert wide._train_block(300, 1, np.float32) == 304
+    assert wide._train_block(1024, 2, np.float32) == 256  # 512 rows: two blocks of 256
+    assert wide._train_block(2000, 1, np.float32) == 288  # 7 blocks of 2000 / 7 -> 288
+    assert wide._train_block(10, 1, np.float32) == (16 if 32 <= default else None)
+    assert wide._train_block(default, 1, np.float32) is None  # the default block itself
+    narrow = sc.SimpleChain(64, sc.TurboDense(64, "tanh"), sc.TurboDense(10), registers=registers)
+    assert narrow._train_block(300, 2, np.float32) is None
+    given = sc.SimpleChain(1024, sc.TurboDense(64), sc.TurboDense(10), block_size=32)
+    assert given._train_block(300, 2, np.float32) is None
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("registers", [16, 32])
+def test_wide_training_blocks_train_like_the_default_block(threads, registers):
+    """A wide first layer trains at the larger blocks of _train_block (here a partial
+    160-sample block per thread, or one of 304) to the same parameters and losses, to
+    float64 rounding, as at an explicit 16-sample block, and both match the reference
+    kernels."""
+    layers = lambda: (sc.TurboDense(24, "sigmoid"), sc.TurboDense(5))  # noqa: E731
+    rng = np.random.default_rng(11)
+    X = rng.random((600, 512))
+    y = rng.integers(0, 5, 600)
+    chains = [sc.SimpleChain(512, *layers(), registers=registers),
+              sc.SimpleChain(512, *layers(), registers=registers, block_size=16),
+              sc.SimpleChain(512, *layers(), kernels="reference")]
+    assert chains[0]._train_block(300, threads, np.float64) == (160 if threads == 2 else 304)
+    before = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        out = []
+        for chain in chains:
+            model = sc.add_loss(chain, sc.LogitCrossEntropyLoss(y))
+            p = sc.init_params(chain, seed=2, dtype=np.float64)
+            G = sc.alloc_threaded_grad(chain, n_threads=threads, dtype=np.float64)
+            h = sc.train_batched(G, p, model, X, sc.Adam(1e-2), 2, batch_size=300, seed=4)
+            out.append((p, h))
+    finally:
+        numba.set_num_threads(before)
+    for p, h in out[1:]:
+        np.testing.assert_allclose(out[0][0], p, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(out[0][1], h, rtol=1e-10)

@@ -168,6 +168,26 @@ def choose_block_size(input_shape, layers, itemsize, registers=16) -> int:
     return int(max(step, b // step * step))
 
 
+def _input_rows(slots, B):
+    """``(slot, stride)`` of the first layer reading the chain's input (past layers that
+    alias it) if that layer wants the input rows sample-major at blocks of ``B``
+    (``input_rows_stride``, a dense layer taking dW from them), else ``(-1, 0)``."""
+    for i, s in enumerate(slots):
+        wants = getattr(s.layer, "input_rows_stride", None)
+        ld = wants(s.in_shape, B) if wants is not None else 0
+        if ld:
+            return i, ld
+        if not getattr(s.layer, "aliases_input", False):
+            break
+    return -1, 0
+
+
+def takes_input_rows(input_shape, layers, B) -> bool:
+    """Whether the chain's first layer takes its weight gradient from the input rows at
+    blocks of ``B`` (a wide first dense layer, :func:`~smallchains.layers.dense.rows_dw`)."""
+    return _input_rows(_shapes(input_shape, layers)[0], B)[1] > 0
+
+
 def plan_chain(input_shape, layers, B: int) -> ChainPlan:
     """Lay out parameters and the per-thread workspace of ``B``-sample blocks."""
     slots, out_shape, n_params = _shapes(input_shape, layers)
@@ -186,16 +206,11 @@ def plan_chain(input_shape, layers, B: int) -> ChainPlan:
         cur = s.out_off
         maxf = max(maxf, prod(s.out_shape))
     # the input rows, sample-major, for the first layer reading the input if it wants them
-    rows_slot = rows_off = -1
-    rows_ld = 0
-    for i, s in enumerate(slots):
-        wants = getattr(s.layer, "input_rows_stride", None)
-        rows_ld = wants(s.in_shape, B) if wants is not None else 0
-        if rows_ld:
-            rows_slot, rows_off = i, off
-            off += B * rows_ld
-        if rows_ld or not getattr(s.layer, "aliases_input", False):
-            break
+    rows_slot, rows_ld = _input_rows(slots, B)
+    rows_off = -1
+    if rows_ld:  # the rows, then their count (see load_block_rows), 16 elements for it
+        rows_off = off
+        off += B * rows_ld + 16
     grad_a, grad_b = off, off + B * maxf
     off += 2 * B * maxf
     # per-thread partial sums of the layers with batch statistics, and their batch
@@ -484,7 +499,7 @@ from smallchains._fastmath import tanh_f32, tanh_f64
 from smallchains._numba_utils import like
 from smallchains.activations import gelu_grad, silu_grad
 from smallchains.compiler.runtime import (
-    check_contiguous, load_block, load_block_and_rows, load_block_rows, load_rows, load_rows_major, set_lane_rows, store_block, store_rows, sum_rows)
+    check_contiguous, load_block, load_block_and_rows, load_block_checked, load_block_rows, load_rows, load_rows_major, set_lane_rows, store_block, store_rows, sum_rows)
 {imports}
 
 B = {B}
@@ -523,18 +538,21 @@ _LOSS_TEMPLATE = '''
 def _valgrad{x}_range_{kind}{mode}(X, T, idx, lo, hi, p, g, state, work, meta, scale, gx):
     \"\"\"Overwrite g with scale * dL/dp over rows idx[lo:hi]; return scale * loss sum.
     {gx_doc}\"\"\"
-    total = like(scale, 0.0){prelude}
+    total = like(scale, 0.0)
+    finite = True{prelude}
     if meta[META_SIZE - 1] == 0:  # else the caller has zeroed g
         for j in range(g.shape[0]):
             g[j] = 0
     for s0 in range(lo, hi, B):
         nb = min(B, hi - s0)
-        {load_in}
+        finite &= {load_in}
         set_lane_rows(meta, idx, s0, nb, B)
 {forward}
         total += {loss_kernel}(work, {out_off}, {grad_a}, T, idx, s0, N_OUT, B, nb, scale, True)
 {pullback}{store_gx}
-    return total * scale
+    # NaN if an input value was not: the loss check of the training step then stops it
+    # before its update (smallchains.train_batched names the sample)
+    return total * scale if finite else like(scale, np.nan)
 '''
 
 _LOSS_ONLY_TEMPLATE = '''
@@ -769,7 +787,7 @@ def generate_source(input_shape, layers, dtype, B=None, options=None,
     # the input block; with the sample-major input rows for the first layer's weight
     # gradient (see TurboDense.input_rows_stride), the block transposed from them
     load_in = (f"load_block_and_rows(X, idx, s0, nb, work, 0, {plan.rows_off}, {plan.rows_ld}, N_IN, B)"
-               if plan.rows_off >= 0 else "load_block(X, idx, s0, nb, work, 0, N_IN, B)")
+               if plan.rows_off >= 0 else "load_block_checked(X, idx, s0, nb, work, 0, N_IN, B)")
     for f_train, v_train, suffix in modes:
         f_mode = suffix if suffix is not None else "_train"
         v_mode = suffix if suffix is not None else "_infer"

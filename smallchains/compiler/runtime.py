@@ -70,21 +70,51 @@ def load_block(X, idx, s0, nb, work, off, n_feat, B):
                 work[off + f * B + s] = 0
 
 
+# The loaders of the training kernels also say whether every value they copied is finite
+# (train_batched then skips its up-front scan of X, see smallchains.train): without
+# fast-math, which may assume finite values, and compiled on their own, since an inlined
+# callee takes the caller's fast-math flags (see smallchains.compiler.loops._EXACT).
+_EXACT = dict(JIT_OPTIONS, fastmath=False)
+
+
+@njit(**_EXACT)
+def block_finite(work, off, n):
+    """Whether ``work[off:off+n]`` is all finite (no early exit: vectorizes)."""
+    ok = True
+    for j in range(off, off + n):
+        ok &= np.isfinite(work[j])
+    return ok
+
+
 @njit(**INLINE_OPTIONS)
+def load_block_checked(X, idx, s0, nb, work, off, n_feat, B):
+    """:func:`load_block`, then whether the block is all finite (:func:`block_finite`)."""
+    load_block(X, idx, s0, nb, work, off, n_feat, B)
+    return block_finite(work, off, n_feat * B)
+
+
+@njit(**_EXACT)
 def load_block_rows(X, idx, s0, nb, work, off, ld, n_feat, B):
     """Copy rows ``idx[s0:s0+nb]`` of ``X (N, n_feat)`` into a sample-major block
-    (``work[off + s * ld + f]``, ``ld >= n_feat``; rows ``nb..B-1`` and the gaps zeroed):
-    the input rows as they are, for a first layer whose weight gradient reads them (dense
-    ``dw = "rows"``)."""
+    (``work[off + s * ld + f]``, ``ld >= n_feat``; rows ``nb..B-1`` and the gaps zeroed),
+    and ``nb`` after them (``work[off + B * ld]``, so the weight gradient skips padding
+    rows): the input rows as they are, for a first layer whose weight gradient reads them
+    (dense ``dw = "rows"``). Returns whether the rows are all finite (checked as they are
+    copied)."""
+    ok = True
     for s in range(nb):
         r = idx[s0 + s]
         o = off + s * ld
         for f in range(n_feat):
-            work[o + f] = X[r, f]
+            x = X[r, f]
+            work[o + f] = x
+            ok &= np.isfinite(x)
         for f in range(n_feat, ld):
             work[o + f] = 0
     for j in range(off + nb * ld, off + B * ld):
         work[j] = 0
+    work[off + B * ld] = nb
+    return ok
 
 
 @njit(**INLINE_OPTIONS)
@@ -98,8 +128,8 @@ def load_block_and_rows(X, idx, s0, nb, work, off, rows_off, ld, n_feat, B):
     29.0 ms per epoch for both gathers (:func:`load_block` then :func:`load_block_rows`),
     28.7 with this function's transpose as a scalar loop, 19.6 with ``transpose8``; the
     rows alone 14.2-14.7 (copying and transposing 8 rows at a time, while they are in L1,
-    was no faster)."""
-    load_block_rows(X, idx, s0, nb, work, rows_off, ld, n_feat, B)
+    was no faster). Returns whether the rows are all finite (see :func:`load_block_rows`)."""
+    ok = load_block_rows(X, idx, s0, nb, work, rows_off, ld, n_feat, B)
     f8 = n_feat // 8 * 8
     for s in range(0, B, 8):  # 8 rows of the (cached) sample-major block at a time
         r = rows_off + s * ld
@@ -108,6 +138,7 @@ def load_block_and_rows(X, idx, s0, nb, work, off, rows_off, ld, n_feat, B):
         for f in range(f8, n_feat):
             for k in range(8):
                 work[off + f * B + s + k] = work[r + k * ld + f]
+    return ok
 
 
 @njit(**INLINE_OPTIONS)
@@ -121,6 +152,7 @@ def load_rows_major(X, s0, nb, work, off, ld, n_feat, B):
             work[o + f] = 0
     for j in range(off + nb * ld, off + B * ld):
         work[j] = 0
+    work[off + B * ld] = nb
 
 
 @njit(**INLINE_OPTIONS)

@@ -595,8 +595,10 @@ def emit_outer_grad_rows(B, dt, d_off, rows_off, ld, n_out, n_in, w_off, registe
     (``x[s, i]`` at ``work[rows_off + s * ld + i]``, see
     :func:`smallchains.compiler.runtime.load_block_rows`; ``d`` feature-major at
     ``d_off``): a matrix product with no horizontal sums. Register tiles of
-    :data:`GEMM_TILE_O` outputs x 2 vectors of inputs accumulate over the block's
-    samples (per sample: 2 row loads, a broadcast of ``d`` per output, 8 FMAs), then add
+    :data:`GEMM_TILE_O` outputs x 2 vectors of inputs accumulate over the block's ``nr``
+    filled rows (the count the loaders write at ``work[rows_off + B * ld]``; padding rows
+    are skipped, which network 1 of issue 14, 150 rows in a 160-sample block, spends 6%
+    of its dW on otherwise) (per sample: 2 row loads, a broadcast of ``d`` per output, 8 FMAs), then add
     into ``g`` once; input tiles outer, so each tile's columns of the rows stay in L1
     while all outputs pass. Remainders: a 1-vector input tile, scalar inputs, fewer
     outputs. The feature-major tiles reduce each of their ``n_in * n_out`` sums
@@ -612,7 +614,7 @@ def emit_outer_grad_rows(B, dt, d_off, rows_off, ld, n_out, n_in, w_off, registe
         xb = f"{rows_off} + {i}" if i == "i" else str(rows_off + i)
         out = [f"{pad}db = {ob}", f"{pad}gw = {gb}", f"{pad}xb = {xb}"]
         out += [f"{pad}c{a}_{h} = vz" for a in range(to) for h in range(nv)]
-        out += [f"{pad}for s in range({B}):", f"{pad}    xs = xb + s * {ld}"]
+        out += [f"{pad}for s in range(nr):", f"{pad}    xs = xb + s * {ld}"]
         out += [f"{pad}    x{h} = vload(work, {at('xs', h * V)})" for h in range(nv)]
         for a in range(to):
             out += [f"{pad}    d{a} = vsplat(work[{at('db', a * B)} + s])"]
@@ -633,7 +635,8 @@ def emit_outer_grad_rows(B, dt, d_off, rows_off, ld, n_out, n_in, w_off, registe
     f2 = n_in // (2 * V) * 2 * V
     f1 = n_in // V * V
     L = [f"# dW += delta x^T from the sample-major input rows, tiles of {TO} outputs x "
-         f"2 vectors of inputs", f"vz = vsplat({dt}(0.0))"]
+         f"2 vectors of inputs, over the block's nr filled rows (not its padding rows)",
+         f"vz = vsplat({dt}(0.0))", f"nr = int(work[{rows_off + B * ld}])"]
     if f2:
         L += [f"for i in range(0, {f2}, {2 * V}):"] + outputs("i", 2, "    ")
     if f2 < f1:
@@ -641,7 +644,7 @@ def emit_outer_grad_rows(B, dt, d_off, rows_off, ld, n_out, n_in, w_off, registe
     if f1 < n_in:  # the last inputs, scalar
         L += [f"for o in range({n_out}):", f"    db = {d_off} + o * {B}",
               f"    gw = {w_off} + o * {n_in}", f"    for i in range({f1}, {n_in}):",
-              f"        e = {dt}(0.0)", f"        for s in range({B}):",
+              f"        e = {dt}(0.0)", f"        for s in range(nr):",
               f"            e += work[db + s] * work[{rows_off} + s * {ld} + i]",
               "        g[gw + i] += e"]
     return L
