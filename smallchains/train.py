@@ -312,7 +312,7 @@ def _check_clip(clip_norm):
 
 
 def _train_setup(G, p, model, X, opt, seed, state, training, batch_size=None, batched=False,
-                 clip_norm=None, frozen=None):
+                 clip_norm=None, frozen=None, kernel_checks=False):
     """Validated arrays, kernels, optimizer state and workspaces of a training run; a
     batched run gets its minibatch size (``batch_size`` or :func:`default_batch_size`).
     The last item is ``(reg, frozen, slices)`` of the compiled step (see
@@ -323,7 +323,7 @@ def _train_setup(G, p, model, X, opt, seed, state, training, batch_size=None, ba
     p = check_params(model.chain.n_params, p, writable=True)
     G = _check_G(G, p)
     X2, T, mod, plan = _prepare(model, X, p, step_rows=batch_size if batched else None,
-                                n_threads=G.shape[0], kernel_checks=batched)
+                                n_threads=G.shape[0], kernel_checks=kernel_checks)
     key, _ = check_random(seed)
     user_state = model.chain._check_state(state, p.dtype)
     state, hyper = opt.prepare(p)
@@ -782,7 +782,12 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
         ``history`` and ``batch_losses`` as above.
     TypeError, ValueError
         Bad input (e.g. ``G`` with zero rows, a float ``epochs`` or ``batch_size``),
-        raised before anything is modified.
+        raised before anything is modified. A NaN or Inf in ``X`` gives the same
+        ``ValueError`` as everywhere (naming the first such sample) and leaves everything
+        as it was too, but for chains without BatchNorm it is found by the training
+        kernels as they gather its minibatch (no pass over all of ``X`` before training):
+        the steps before it are then undone (``p``, ``opt.state``, ``opt.t`` and ``G``
+        restored from copies taken at the start; see docs/api.md).
 
     Notes
     -----
@@ -798,12 +803,12 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
     opt_state = getattr(opt, "state", None)  # None until the optimizer's first run (opt checked below)
     (p, G, X2, T, mod, plan, state, hyper, ws, gx, losses, g, user_state,
      batch_size, reg) = _train_setup(G, p, model, X, opt, seed, state, training, batch_size, True,
-                                     clip_norm, frozen)
+                                     clip_norm, frozen, kernel_checks=epochs > 0)
     val.check(p)
     # X not scanned for NaN and Inf up front: the kernels find one in the gather of its
     # minibatch, and the run is then undone (these copies) before the ValueError
     undo = (p.copy(), None if opt_state is None else state.copy(), G.copy()) \
-        if _kernels_check_X(plan) else None
+        if epochs > 0 and _kernels_check_X(plan) else None
     bad_X = None
     n = X2.shape[0]
     if training:

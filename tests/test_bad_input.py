@@ -650,3 +650,17 @@ def test_nonfinite_X_scanned_up_front_with_batch_statistics(monkeypatch):
     with unchanged(p, G, state), pytest.raises(ValueError, match=r"NaN or Inf \(first at sample 33\)"):
         sc.train_batched(G, p, model, X, opt, 1, batch_size=8, state=state, seed=0)
     assert opt.t == 0 and opt.state is None
+
+
+def test_nonfinite_X_rejected_by_train_batched_without_epochs():
+    """With no epochs to run, the kernels never see X: train_batched scans it up front."""
+    chain = KERNEL_CHECK_CHAINS["block"]()
+    X = np.random.default_rng(0).standard_normal((20, 6))
+    X[7, 0] = np.inf
+    model = sc.add_loss(chain, sc.LogitCrossEntropyLoss(np.arange(20) % 3))
+    p = sc.init_params(chain, dtype=np.float64)
+    G = sc.alloc_threaded_grad(chain, n_threads=1, dtype=np.float64)
+    opt = sc.Adam(1e-2)
+    with unchanged(p, G), pytest.raises(ValueError, match=r"NaN or Inf \(first at sample 7\)"):
+        sc.train_batched(G, p, model, X, opt, 0, batch_size=8)
+    assert opt.t == 0 and opt.state is None
