@@ -105,6 +105,8 @@ def main(argv=None):
     p = (0.1 * rng.standard_normal(plan.n_params)).astype(dt)
     g = np.zeros_like(p)
     work = rng.standard_normal(plan.work_size).astype(dt)
+    if plan.rows_off >= 0:  # the rows dW reads its row count there (the loaders write it)
+        work[plan.rows_off + B * plan.rows_ld] = B
     state, meta = np.zeros(max(plan.n_state, 1), dt), np.zeros(plan.meta_size, np.int64)
     order = list(fwd) + list(pull)
     for name in order:  # compile, and leave every step's inputs as a real pass leaves them

@@ -76,8 +76,8 @@ def nonfinite_error(Xf: np.ndarray, name: str = "X") -> ValueError:
 def check_inputs(input_shape: tuple, X, dtype, *, allow_single: bool = True, name: str = "X",
                  finite: bool = True):
     """Validate ``X`` of shape ``(N, *input_shape)`` (or one sample ``input_shape``).
-    ``finite=False``: not checked for NaN and Inf here (the caller's kernels do that, see
-    :func:`smallchains.train_batched`).
+    ``finite=False``: not checked for NaN and Inf here unless it is converted to a narrower
+    float (the caller's kernels check it, see :func:`smallchains.train_batched`).
 
     Returns ``(X2, single)``: ``X2`` is a C-contiguous ``(N, prod(input_shape))`` array of
     ``dtype`` -- a view of ``X`` when possible, else ONE copy (non-contiguous, read-only,
@@ -111,9 +111,9 @@ def check_inputs(input_shape: tuple, X, dtype, *, allow_single: bool = True, nam
     if X.shape[0] == 0:
         raise ValueError(f"{name} is an empty batch (N = 0); need at least one sample")
     Xf = X.reshape(X.shape[0], prod(in_shape))
-    if finite:
-        check_finite(Xf, name)
     dtype = np.dtype(dtype)
+    if finite or Xf.dtype.itemsize > dtype.itemsize:  # before the range check, which a NaN
+        check_finite(Xf, name)  # or Inf would mislead (and the cast would make new Infs)
     if Xf.dtype.itemsize > dtype.itemsize and np.abs(Xf).max() > np.finfo(dtype).max:
         raise ValueError(f"{name} has values beyond the {dtype} range (max |x| = {np.abs(Xf).max():.3g}); "
                          f"they cannot be converted to the parameter dtype {dtype}")

@@ -15,8 +15,8 @@ import numpy as np
 
 from .compiler import loops
 from .compiler.runtime import ALIGN_BYTES, aligned_zeros
-from ._validate import (check_count, check_dtype, check_finite, check_inputs, check_params,
-                        check_random, nonfinite_error)
+from ._validate import (check_count, check_dtype, check_inputs, check_params, check_random,
+                        nonfinite_error)
 from .chain import SimpleChainWithLoss, kernel_for, remove_loss, stage_kernels
 from .optim import Optimizer
 
@@ -27,26 +27,25 @@ def _prepare(model, X, p, targets=None, step_rows=None, n_threads=1, kernel_chec
     (:meth:`SimpleChain._train_block`). ``kernel_checks``: X is not scanned for NaN and Inf
     here if the training kernels check it as they load it (see :func:`_kernels_check_X`)."""
     chain, loss = model.chain, model.loss
-    X2, _ = check_inputs(chain.input_shape, X, p.dtype, allow_single=False, finite=False)
+    X2, _ = check_inputs(chain.input_shape, X, p.dtype, allow_single=False,
+                         finite=not (kernel_checks and _kernels_check_X(chain)))
     T = loss.prepare_targets(chain.output_shape, X2.shape[0], p.dtype, targets)
     # from the batch size alone (not the data's rows), so fit_many's fits pick the same block
     B = None if step_rows is None else chain._train_block(step_rows, n_threads, p.dtype)
     mod, plan = chain._kernels(p.dtype, loss, B)
-    if not (kernel_checks and _kernels_check_X(plan)):
-        check_finite(X2)
     return X2, T, mod, plan
 
 
-def _kernels_check_X(plan) -> bool:
-    """Whether the valgrad kernels of ``plan`` see every input value as they load it and
-    return a NaN loss for a block with a NaN or Inf (the generated ``valgrad_range``
-    kernels, through :func:`~smallchains.compiler.runtime.load_block_rows` or
-    :func:`~smallchains.compiler.runtime.block_finite`): all chains but those with batch
-    statistics, whose staged kernels load blocks in their own loop. train_batched then
-    skips its up-front scan of X (network 1 of issue 14 on a Zen 4: 6 ms per call on one
-    thread for the 205 MB of CIFAR, of an epoch of about 100 ms at 2 threads) and reads
-    each value once, in the minibatch gather."""
-    return not plan.reducing
+def _kernels_check_X(chain) -> bool:
+    """Whether the training valgrad kernels of ``chain`` see every input value as they
+    load it and return a NaN loss for a block with a NaN or Inf (the generated
+    ``valgrad_range`` kernels, through :func:`~smallchains.compiler.runtime.load_block_rows`
+    or :func:`~smallchains.compiler.runtime.block_finite`): all chains but those with
+    batch statistics (``plan.reducing`` not empty), whose staged kernels load blocks in
+    their own loop. train_batched then skips its up-front scan of X (network 1 of issue 14
+    on a Zen 4: 6 ms per call on one thread for the 205 MB of CIFAR, of an epoch of about
+    100 ms at 2 threads) and reads each value once, in the minibatch gather."""
+    return not any(getattr(layer, "reduces_batch", False) for layer in chain.layers)
 
 
 def _check_model(model):
@@ -808,7 +807,7 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
     # X not scanned for NaN and Inf up front: the kernels find one in the gather of its
     # minibatch, and the run is then undone (these copies) before the ValueError
     undo = (p.copy(), None if opt_state is None else state.copy(), G.copy()) \
-        if epochs > 0 and _kernels_check_X(plan) else None
+        if epochs > 0 and _kernels_check_X(model.chain) else None
     bad_X = None
     n = X2.shape[0]
     if training:
@@ -850,7 +849,9 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
                 opt.t = t0 + int(info[0])
                 if info[1] != loops.OK:
                     b = int(info[0]) - e * nbatch
-                    if undo is not None and info[1] == loops.LOSS_NOT_FINITE and \
+                    # the first epoch visits every row: a value not finite from the start is
+                    # found there (one written into X later, by a callback say, is not undone)
+                    if undo is not None and e == 0 and info[1] == loops.LOSS_NOT_FINITE and \
                             not np.isfinite(X2[perm[b * batch_size:(b + 1) * batch_size]]).all():
                         bad_X = nonfinite_error(X2)
                         info[0] = 0  # nothing applied: opt.t as before

@@ -605,9 +605,9 @@ def test_nonfinite_X_found_by_the_training_kernels(kind, dtype, threads, value, 
     and for a fresh one."""
     import smallchains.train as sctrain
     chain = KERNEL_CHECK_CHAINS[kind]()
-    assert sctrain._kernels_check_X(chain._kernels(np.dtype(dtype))[1])
+    assert sctrain._kernels_check_X(chain) and not chain._kernels(np.dtype(dtype))[1].reducing
     scans = []
-    monkeypatch.setattr(sctrain, "check_finite", lambda X2, name="X": scans.append(name))
+    monkeypatch.setattr(sc._validate, "check_finite", lambda X2, name="X": scans.append(name))
     rng = np.random.default_rng(0)
     n = 97
     X = rng.standard_normal((n,) + chain.input_shape).astype(dtype)
@@ -640,7 +640,7 @@ def test_nonfinite_X_scanned_up_front_with_batch_statistics(monkeypatch):
     """Chains with BatchNorm (staged kernels) keep the up-front scan of X."""
     import smallchains.train as sctrain
     chain = sc.SimpleChain(6, sc.TurboDense(5), sc.BatchNorm(), sc.TurboDense(3))
-    assert not sctrain._kernels_check_X(chain._kernels(np.dtype(np.float64))[1])
+    assert not sctrain._kernels_check_X(chain) and chain._kernels(np.dtype(np.float64))[1].reducing
     X = np.random.default_rng(0).standard_normal((40, 6))
     X[33, 2] = np.nan
     model = sc.add_loss(chain, sc.LogitCrossEntropyLoss(np.arange(40) % 3))
@@ -664,3 +664,39 @@ def test_nonfinite_X_rejected_by_train_batched_without_epochs():
     with unchanged(p, G), pytest.raises(ValueError, match=r"NaN or Inf \(first at sample 7\)"):
         sc.train_batched(G, p, model, X, opt, 0, batch_size=8)
     assert opt.t == 0 and opt.state is None
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_nonfinite_float64_X_for_float32_p_named_before_the_range_check(value):
+    """float64 X for float32 p is scanned before its float32-range check (an Inf is not
+    "beyond the float32 range", and a NaN must not hide a large finite value)."""
+    chain = KERNEL_CHECK_CHAINS["block"]()
+    X = np.random.default_rng(0).standard_normal((20, 6))
+    X[2, 1] = 1e300
+    X[7, 0] = value
+    model = sc.add_loss(chain, sc.LogitCrossEntropyLoss(np.arange(20) % 3))
+    p = sc.init_params(chain)
+    G = sc.alloc_threaded_grad(chain, n_threads=1)
+    with unchanged(p, G), pytest.raises(ValueError, match=r"NaN or Inf \(first at sample 7\)"):
+        sc.train_batched(G, p, model, X, sc.Adam(1e-2), 1, batch_size=8)
+
+
+def test_nan_written_into_X_after_the_first_epoch_is_not_undone():
+    """A NaN that appears in X during training (here a callback writes it after epoch 2)
+    is found as a non-finite loss: the epochs before stay applied (FloatingPointError, as
+    for any loss), not undone as a bad input would be."""
+    chain = KERNEL_CHECK_CHAINS["block"]()
+    X = np.random.default_rng(0).standard_normal((20, 6))
+    model = sc.add_loss(chain, sc.LogitCrossEntropyLoss(np.arange(20) % 3))
+    p = sc.init_params(chain, dtype=np.float64)
+    p0 = p.copy()
+    G = sc.alloc_threaded_grad(chain, n_threads=1, dtype=np.float64)
+    opt = sc.Adam(1e-2)
+
+    def spoil(epoch, loss, p):
+        if epoch == 2:
+            X[5, 0] = np.nan
+
+    with pytest.raises(FloatingPointError, match="in epoch 3"):
+        sc.train_batched(G, p, model, X, opt, 4, batch_size=8, seed=0, callback=spoil)
+    assert opt.t >= 6 and not np.array_equal(p, p0)  # 2 epochs of 3 steps applied

@@ -536,8 +536,8 @@ _LOSS_TEMPLATE = '''
 
 @njit(**_J)
 def _valgrad{x}_range_{kind}{mode}(X, T, idx, lo, hi, p, g, state, work, meta, scale, gx):
-    \"\"\"Overwrite g with scale * dL/dp over rows idx[lo:hi]; return scale * loss sum.
-    {gx_doc}\"\"\"
+    \"\"\"Overwrite g with scale * dL/dp over rows idx[lo:hi]; return scale * loss sum
+    (NaN if an input value is NaN or Inf). {gx_doc}\"\"\"
     total = like(scale, 0.0)
     finite = True{prelude}
     if meta[META_SIZE - 1] == 0:  # else the caller has zeroed g

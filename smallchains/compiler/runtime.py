@@ -71,9 +71,11 @@ def load_block(X, idx, s0, nb, work, off, n_feat, B):
 
 
 # The loaders of the training kernels also say whether every value they copied is finite
-# (train_batched then skips its up-front scan of X, see smallchains.train): without
-# fast-math, which may assume finite values, and compiled on their own, since an inlined
-# callee takes the caller's fast-math flags (see smallchains.compiler.loops._EXACT).
+# (train_batched then skips its up-front scan of X, see smallchains.train). The checks
+# (load_block_rows, block_finite) are compiled without fast-math and on their own, not
+# inlined: an inlined callee takes the caller's fast-math flags (see
+# smallchains.compiler.loops._EXACT), and fast-math may assume finite values (ours has no
+# nnan/ninf today, see smallchains._config, but the checks must not depend on that).
 _EXACT = dict(JIT_OPTIONS, fastmath=False)
 
 
