@@ -20,6 +20,9 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 # zero check of the default ``"python"`` model, which otherwise blocks vectorization.
 JIT_OPTIONS = dict(nogil=True, fastmath=FASTMATH, error_model="numpy", cache=True)
 INLINE_OPTIONS = dict(JIT_OPTIONS, inline="always")
+# Plain IEEE arithmetic, for functions compiled on their own (not inlined: an inlined
+# callee takes its caller's fast-math flags), see smallchains.compiler.loops._regularize.
+EXACT_OPTIONS = dict(JIT_OPTIONS, fastmath=False)
 # A generated chain's per-layer steps: C functions over raw pointers, called through a
 # table of addresses from the chain's kernels (see smallchains.compiler.linking).
 CFUNC_OPTIONS = dict(nopython=True, fastmath=FASTMATH, error_model="numpy", cache=True)

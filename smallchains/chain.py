@@ -252,7 +252,8 @@ class SimpleChain:
             return B
         if takes_input_rows(self.input_shape, self.layers, default):
             blocks = -(-share // WIDE_TRAIN_BLOCK_MAX)
-            B = -(-(-(-share // blocks)) // 16) * 16
+            per_block = -(-share // blocks)
+            B = -(-per_block // 16) * 16
             return None if B == default else B
         return None
 

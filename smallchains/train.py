@@ -25,10 +25,10 @@ def _prepare(model, X, p, targets=None, step_rows=None, n_threads=1, kernel_chec
     """Validated inputs and targets, and the kernels; ``step_rows``: the rows of each
     training step over ``n_threads``, which may choose a smaller block
     (:meth:`SimpleChain._train_block`). ``kernel_checks``: X is not scanned for NaN and Inf
-    here if the training kernels check it as they load it (see :func:`_kernels_check_X`)."""
+    here, the training kernels check it as they load it (see :func:`_kernels_check_X`)."""
     chain, loss = model.chain, model.loss
     X2, _ = check_inputs(chain.input_shape, X, p.dtype, allow_single=False,
-                         finite=not (kernel_checks and _kernels_check_X(chain)))
+                         finite=not kernel_checks)
     T = loss.prepare_targets(chain.output_shape, X2.shape[0], p.dtype, targets)
     # from the batch size alone (not the data's rows), so fit_many's fits pick the same block
     B = None if step_rows is None else chain._train_block(step_rows, n_threads, p.dtype)
@@ -40,7 +40,7 @@ def _kernels_check_X(chain) -> bool:
     """Whether the training valgrad kernels of ``chain`` see every input value as they
     load it and return a NaN loss for a block with a NaN or Inf (the generated
     ``valgrad_range`` kernels, through :func:`~smallchains.compiler.runtime.load_block_rows`
-    or :func:`~smallchains.compiler.runtime.block_finite`): all chains but those with
+    or :func:`~smallchains.compiler.runtime.load_block_checked`): all chains but those with
     batch statistics (``plan.reducing`` not empty), whose staged kernels load blocks in
     their own loop. train_batched then skips its up-front scan of X (network 1 of issue 14
     on a Zen 4: 6 ms per call on one thread for the 205 MB of CIFAR, of an epoch of about
@@ -800,14 +800,16 @@ def train_batched(G, p, model, X, opt, epochs, *, batch_size=None, shuffle=True,
         batch_size = check_count(batch_size, "batch_size", 1)
     val = _Validation(model, validation, restore_best, patience)
     opt_state = getattr(opt, "state", None)  # None until the optimizer's first run (opt checked below)
+    # X not scanned for NaN and Inf up front: the kernels find one in the gather of its
+    # minibatch, and the run is then undone (the copies `undo`) before the ValueError
+    _check_model(model)
+    kernel_checks = epochs > 0 and _kernels_check_X(model.chain)
     (p, G, X2, T, mod, plan, state, hyper, ws, gx, losses, g, user_state,
      batch_size, reg) = _train_setup(G, p, model, X, opt, seed, state, training, batch_size, True,
-                                     clip_norm, frozen, kernel_checks=epochs > 0)
+                                     clip_norm, frozen, kernel_checks=kernel_checks)
     val.check(p)
-    # X not scanned for NaN and Inf up front: the kernels find one in the gather of its
-    # minibatch, and the run is then undone (these copies) before the ValueError
     undo = (p.copy(), None if opt_state is None else state.copy(), G.copy()) \
-        if epochs > 0 and _kernels_check_X(model.chain) else None
+        if kernel_checks else None
     bad_X = None
     n = X2.shape[0]
     if training:

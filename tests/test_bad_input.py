@@ -586,7 +586,7 @@ def test_bad_optimizer_settings_and_state(reg):
 KERNEL_CHECK_CHAINS = {
     # first layer's dW from the input rows (load_block_and_rows checks the rows it copies)
     "rows": lambda: sc.SimpleChain(512, sc.TurboDense(8, "relu"), sc.TurboDense(3)),
-    # a narrow first layer (load_block, then block_finite); relu after maxing NaN away
+    # a narrow first layer (load_block, then a finite check of the block); relu after maxing NaN away
     "block": lambda: sc.SimpleChain(6, sc.TurboDense(5, "relu"), sc.TurboDense(3)),
     "conv": lambda: sc.SimpleChain((1, 6, 6), sc.Conv(2, 3, "relu"), sc.MaxPool(2), sc.Flatten(),
                                    sc.TurboDense(3)),

@@ -38,7 +38,7 @@ from numba import njit, prange, typeof, types
 from numba.experimental.function_type import WrapperAddressProtocol
 from numba.extending import typeof_impl
 
-from .._config import INLINE_OPTIONS, JIT_OPTIONS
+from .._config import EXACT_OPTIONS, INLINE_OPTIONS, JIT_OPTIONS
 from .._numba_utils import fetch_add, like
 from .linking import Deferred
 from .runtime import sum_rows
@@ -124,10 +124,7 @@ def _all_finite(g):
 # train_unbatched 1-30 ulp apart after 5 AdamW steps with an L2 penalty). A separate
 # function keeps plain IEEE operations even where LLVM inlines it, so every loop gets the
 # same bits; it runs once per step, so the call costs nothing measurable.
-_EXACT = dict(JIT_OPTIONS, fastmath=False)
-
-
-@njit(**_EXACT)
+@njit(**EXACT_OPTIONS)
 def _regularize(p, g, reg, frozen):
     """Between the summed gradient ``g`` of a step and its update: add the penalty
     ``reg[0] * sum |p| + reg[1] * sum p^2`` to ``g`` (its gradient; ``sign(0) = 0``) and

@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .._config import INLINE_OPTIONS, JIT_OPTIONS
+from .._config import EXACT_OPTIONS, INLINE_OPTIONS, JIT_OPTIONS
 from .._simd import transpose8
+from .._validate import _all_finite_flat
 
 # Workspace alignment in bytes: one cache line, so no vector load of a block row is split
 # across two lines. In the training workspaces block offsets are multiples of 16 elements
@@ -72,30 +73,19 @@ def load_block(X, idx, s0, nb, work, off, n_feat, B):
 
 # The loaders of the training kernels also say whether every value they copied is finite
 # (train_batched then skips its up-front scan of X, see smallchains.train). The checks
-# (load_block_rows, block_finite) are compiled without fast-math and on their own, not
-# inlined: an inlined callee takes the caller's fast-math flags (see
-# smallchains.compiler.loops._EXACT), and fast-math may assume finite values (ours has no
-# nnan/ninf today, see smallchains._config, but the checks must not depend on that).
-_EXACT = dict(JIT_OPTIONS, fastmath=False)
-
-
-@njit(**_EXACT)
-def block_finite(work, off, n):
-    """Whether ``work[off:off+n]`` is all finite (no early exit: vectorizes)."""
-    ok = True
-    for j in range(off, off + n):
-        ok &= np.isfinite(work[j])
-    return ok
+# (load_block_rows, and _all_finite_flat, X's own scan) are compiled without fast-math
+# and on their own (EXACT_OPTIONS), so they do not rest on the kernels' fast-math flags
+# leaving out nnan and ninf (see smallchains._config).
 
 
 @njit(**INLINE_OPTIONS)
 def load_block_checked(X, idx, s0, nb, work, off, n_feat, B):
-    """:func:`load_block`, then whether the block is all finite (:func:`block_finite`)."""
+    """:func:`load_block`, then whether the block is all finite."""
     load_block(X, idx, s0, nb, work, off, n_feat, B)
-    return block_finite(work, off, n_feat * B)
+    return _all_finite_flat(work[off:off + n_feat * B])
 
 
-@njit(**_EXACT)
+@njit(**EXACT_OPTIONS)
 def load_block_rows(X, idx, s0, nb, work, off, ld, n_feat, B):
     """Copy rows ``idx[s0:s0+nb]`` of ``X (N, n_feat)`` into a sample-major block
     (``work[off + s * ld + f]``, ``ld >= n_feat``; rows ``nb..B-1`` and the gaps zeroed),
