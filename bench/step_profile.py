@@ -37,7 +37,7 @@ from smallchains._simd import vector_bytes  # noqa: E402
 from smallchains._fastmath import tanh_f32, tanh_f64  # noqa: E402
 from smallchains._numba_utils import like  # noqa: E402
 from smallchains.activations import gelu_grad, silu_grad  # noqa: E402
-from smallchains.compiler.codegen import (_forward_lines, _Functions, _pullback_lines,  # noqa: E402
+from smallchains.compiler.codegen import (_forward_lines, _Functions, _pullback_lines, forward_reads_rows,  # noqa: E402
                                          choose_block_size, plan_chain)
 
 
@@ -85,7 +85,9 @@ def main(argv=None):
     B = a.block or choose_block_size(chain.input_shape, chain.layers, dt.itemsize, a.registers)
     plan = plan_chain(chain.input_shape, chain.layers, B)
     funcs = _Functions()
-    fwd = _forward_lines(plan, dt, True, funcs, chain.options)
+    # the training kernels' steps (the first layer's forward from the input rows, if so)
+    fwd = _forward_lines(plan, dt, True, funcs, chain.options,
+                         rows_in=forward_reads_rows(plan, chain.options))
     pull, _ = _pullback_lines(plan, dt, False, funcs, chain.options)
     ns = dict(np=np, math=math, tanh_f32=tanh_f32, tanh_f64=tanh_f64, like=like,
               gelu_grad=gelu_grad, silu_grad=silu_grad, carray=_carray, keep_alive=_keep_alive,

@@ -70,9 +70,10 @@ def _compare(tuned, ref, chain, dtype, n, what):
         assert err <= tol, f"{what}: {name} relative error {err:.3g} > {tol:.3g}"
 
 
-def _check_interpreted(layers, input_shape, dtype, B, registers, seed, seen):
-    """Tuned (``registers``) vs reference, both interpreted; skipped (returns False) if the
-    tuned step code equals that of a shape already checked under another budget."""
+def _check_interpreted(layers, input_shape, dtype, B, registers, seed, seen, tail=1):
+    """Tuned (``registers``) vs reference, both interpreted, over a full block and a
+    partial one of ``tail`` rows; skipped (returns False) if the tuned step code equals
+    that of a shape already checked under another budget."""
     tuned = sc.SimpleChain(input_shape, *layers, registers=registers)
     it = InterpretedChain(tuned, dtype, B)
     key = (tuple(sorted(it.steps_source.items())), np.dtype(dtype).name, B)
@@ -81,7 +82,7 @@ def _check_interpreted(layers, input_shape, dtype, B, registers, seed, seen):
     seen.add(key)
     ref = sc.SimpleChain(input_shape, *layers, kernels="reference")
     ir = InterpretedChain(ref, dtype, B)
-    n = B + 1  # one full block and one partial block
+    n = B + tail  # one full block and one partial block
     X, p, Ybar = _data(tuned, dtype, n, seed)
     what = f"{tuned!r} registers={registers} {np.dtype(dtype).name} B={B}"
     for with_gx in (True, False):
@@ -110,10 +111,11 @@ def small_rows(monkeypatch):
 
 def rows_cases():
     """First dense layers that take dW from the sample-major input rows (with
-    ``small_rows``): inputs 16 .. 33 (every remainder of the 2-vector input tile in both
-    dtypes, the 1-vector tile, scalar inputs; strides rounded up) and 128 (the padded
-    stride), outputs rotating over 1 .. 9 (every remainder of the 4-output tile); at the
-    block sizes that have rows."""
+    ``small_rows``), and with 32 registers their training forward too: inputs 16 .. 33
+    (every remainder of the 2-vector input tile in both dtypes, the 1-vector tile, scalar
+    inputs; strides rounded up) and 128 (the padded stride), outputs rotating over 1 .. 9
+    (every remainder of the dW's 4-output tile and of the forward's 6-output tile, odd and
+    even); at the block sizes that have rows."""
     for k, n_in in enumerate(list(range(16, 34)) + [128]):
         for n_out in (1 + k % 9, 1 + (k + 4) % 9):
             act = ACTS[(n_in + 3 * n_out) % len(ACTS)]
@@ -178,11 +180,12 @@ def _rows_blocks(dtype, registers=16):
     return [B for B in _block_sizes(dtype, registers) if B % 16 == 0]
 
 
-def _sweep(cases, dtype, every_block, blocks=None):
-    """Run the interpreted comparison for all cases; returns (cases run, variants met)."""
+def _sweep(cases, dtype, every_block, blocks=None, tails=1):
+    """Run the interpreted comparison for all cases, with partial blocks of 1 row or (case
+    ``k``) ``1 + k % tails`` rows; returns (cases run, variants met)."""
     seen, met, count = set(), set(), 0
     for k, shape, layers, B, regs in _schedule(cases, dtype, every_block, blocks):
-        if _check_interpreted(layers, shape, dtype, B, regs, seed=k, seen=seen):
+        if _check_interpreted(layers, shape, dtype, B, regs, seed=k, seen=seen, tail=1 + k % tails):
             count += 1
             met |= variants(sc.SimpleChain(shape, *layers, registers=regs), dtype, B)
     return count, met
@@ -202,9 +205,10 @@ def test_dense_variants_every_width_and_block(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 def test_dense_rows_variant_every_input_remainder(dtype, small_rows):
-    count, met = _sweep(rows_cases(), dtype, every_block=True, blocks=_rows_blocks)
+    # partial blocks of 1 .. 4 rows: every remainder of the rows forward's 4-sample groups
+    count, met = _sweep(rows_cases(), dtype, every_block=True, blocks=_rows_blocks, tails=4)
     SWEEP_LOG[("dense rows", np.dtype(dtype).name)] = (count, met)
-    assert {("dense.dw", "rows 32B"), ("dense.dw", "rows 64B")} <= met
+    assert {("dense.dw", "rows 32B"), ("dense.dw", "rows 64B"), ("dense.forward", "rows 64B")} <= met
     assert count >= 19 * 2 * len(_rows_blocks(dtype))
 
 

@@ -27,7 +27,7 @@ from smallchains._fastmath import tanh_f32, tanh_f64
 from smallchains._numba_utils import like
 from smallchains._simd import lanes, vector_bytes
 from smallchains.activations import gelu_grad, silu_grad
-from smallchains.compiler.codegen import _forward_lines, _Functions, _pullback_lines, plan_chain
+from smallchains.compiler.codegen import _forward_lines, _Functions, _pullback_lines, forward_reads_rows, plan_chain
 from smallchains.compiler.runtime import load_rows, load_rows_major, store_rows
 from smallchains.layers.conv import Conv, conv_variants
 from smallchains.layers.attention import TemporalPatternAttention
@@ -133,6 +133,10 @@ class InterpretedChain:
         self.plan = plan_chain(chain.input_shape, chain.layers, B)
         funcs = _Functions()
         self.forward = _forward_lines(self.plan, self.dtype, True, funcs, chain.options)
+        # the training kernels' forward, if its first layer reads the input rows
+        self.forward_rows = (_forward_lines(self.plan, self.dtype, True, funcs, chain.options,
+                                            rows_in=True)
+                             if forward_reads_rows(self.plan, chain.options) else None)
         self.pull_x, self.gx_off = _pullback_lines(self.plan, self.dtype, True, funcs, chain.options)
         self.pull_train, _ = _pullback_lines(self.plan, self.dtype, False, funcs, chain.options)
         ns = dict(_NAMESPACE, **width_functions(chain.options.registers),
@@ -147,7 +151,8 @@ class InterpretedChain:
     def valvjp(self, X, p, Ybar, with_gx=True):
         """``(Y, Xbar, pbar)`` for rows of ``X (n, n_in)`` and ``Ybar (n, n_out)``. Without
         ``with_gx`` the first layer's pullback runs as in training (no dL/dx) and ``Xbar``
-        is None."""
+        is None; so does the forward: from the input rows alone if the training kernels'
+        does (``forward_rows``; the feature-major input block then stays NaN)."""
         plan, B, dt = self.plan, self.B, self.dtype
         n = X.shape[0]
         X, Ybar = X.reshape(n, -1), Ybar.reshape(n, -1)
@@ -162,8 +167,13 @@ class InterpretedChain:
         for s0 in range(0, n, B):
             nb = min(B, n - s0)
             work[:] = np.nan
-            load_rows(X, s0, nb, work, 0, plan.n_in, B)
-            for step in self.forward:
+            forward = self.forward
+            if self.forward_rows is not None and not with_gx:  # as the training kernels
+                forward = self.forward_rows
+                load_rows_major(X, s0, nb, work, plan.rows_off, plan.rows_ld, plan.n_in, B)
+            else:
+                load_rows(X, s0, nb, work, 0, plan.n_in, B)
+            for step in forward:
                 self.steps[step](p, p, work, state, meta)
             store_rows(Y, s0, nb, work, out_off, plan.n_out, B)
             load_rows(Ybar, s0, nb, work, plan.grad_a, plan.n_out, B)
@@ -187,11 +197,14 @@ def variants(chain, dtype, B) -> set:
 
     def vec(kind):
         return kind + w if kind.startswith("vector") else kind
-    rows_slot = plan_chain(chain.input_shape, chain.layers, B).rows_slot
+    plan = plan_chain(chain.input_shape, chain.layers, B)
+    rows_slot = plan.rows_slot
     out = set()
     for i, (layer, (ins, outs)) in enumerate(zip(chain.layers, chain._shapes)):
         if isinstance(layer, TurboDense):
             v = dense_variants(ins[0], layer.out, B, dt, regs, rows=i == rows_slot)
+            if i == rows_slot and forward_reads_rows(plan, chain.options):  # the training forward
+                out.add(("dense.forward", "rows" + w))
             out |= {("dense.forward", vec(v.forward)), ("dense.dx", vec(v.dx)),
                     ("dense.dw", v.dw + w * (v.dw in ("vector", "rows")) if v.dw != "tiles"
                      else f"tiles {v.dw_tile[0]}x{v.dw_tile[1]}")}
@@ -222,6 +235,7 @@ def all_variants() -> set:
         out |= {("dense.forward", "vector" + w), ("dense.dx", "vector" + w), ("dense.dw", "vector" + w),
                 ("dense.forward", "vector1" + w), ("dense.dx", "vector1" + w),
                 ("dense.dw", "rows" + w), ("relu delta pass", "vector" + w),
+                *([("dense.forward", "rows" + w)] if sc.layers.dense.rows_forward(regs, 32) else []),
                 ("conv.forward", "vector" + w), ("conv.forward", "vector relu-in-registers" + w),
                 ("lstm", "vector" + w), ("tpa", "vector" + w)}
         for n_in in (1, 8):

@@ -335,19 +335,34 @@ class _Functions:
                 + "def __getattr__(name):\n    return _resolve(globals(), name)\n")
 
 
-def _forward_lines(plan, dtype, training, funcs, options, stages=False):
+def forward_reads_rows(plan, options) -> bool:
+    """Whether the valgrad kernels give the input rows to the first layer's forward too
+    (it computes from them, ``forward_from_rows``), so that they load no feature-major
+    input block: tuned kernels of a chain without batch statistics whose rows slot
+    (:func:`_input_rows`) wants it."""
+    if plan.rows_slot < 0 or plan.reducing or options.reference:
+        return False
+    wants = getattr(plan.slots[plan.rows_slot].layer, "forward_from_rows", None)
+    return wants is not None and wants(options.registers, plan.B)
+
+
+def _forward_lines(plan, dtype, training, funcs, options, stages=False, rows_in=False):
     """Names of the forward steps, in order. With ``stages`` (training kernels of a chain
     with batch statistics), before the forward step of the ``j``-th reducing layer an item
-    ``("stage", j, its batch-statistics step)``: in stage ``j`` a block goes no further."""
+    ``("stage", j, its batch-statistics step)``: in stage ``j`` a block goes no further.
+    With ``rows_in`` the rows slot's forward reads the input rows (see
+    :func:`forward_reads_rows`)."""
     steps = []
     for i, s in enumerate(plan.slots):
-        ctx = _ctx(plan, i, dtype, options, training=training)
+        rows = rows_in and i == plan.rows_slot
+        ctx = _ctx(plan, i, dtype, options, training=training, rows_in=rows)
         if stages and i in plan.reducing:
             name = funcs.add(f"layer{i}_batch_stats", False, s.layer.emit_batch_stats(ctx))
             steps.append(("stage", plan.reducing.index(i), name))
         lines = emit_layer_forward(s.layer, ctx, options)
         if lines:
-            steps += funcs.add_steps(f"layer{i}_forward{'_train' if training else ''}", False, lines)
+            name = f"layer{i}_forward{'_train' if training else ''}{'_rows' if rows else ''}"
+            steps += funcs.add_steps(name, False, lines)
     return steps
 
 
@@ -747,8 +762,12 @@ def generate_source(input_shape, layers, dtype, B=None, options=None,
             steps[kind, training], gx_off = _pullback_lines(plan, dtype, need, funcs, options,
                                                             training, stages=training)
     # valgrad kernels in training mode: with the reduction stages (none for most chains)
-    steps["vforward", True] = _forward_lines(plan, dtype, True, funcs, options, stages=True)
-    steps["vforward", False] = steps["forward", False]
+    # (and the first layer's forward from the input rows, if it reads them: forward_reads_rows)
+    rows_in = forward_reads_rows(plan, options)
+    steps["vforward", True] = _forward_lines(plan, dtype, True, funcs, options, stages=True,
+                                             rows_in=rows_in)
+    steps["vforward", False] = (_forward_lines(plan, dtype, False, funcs, options, rows_in=True)
+                                if rows_in else steps["forward", False])
     plan.mode_dependent = any(steps[k, False] != steps[k, True] for k in ("forward", "pull", "pull_x"))
     # default mode of each kernel, and (if the chain is mode dependent) the other one
     modes = [(False, True, "")]  # (training of forward kernels, of valgrad kernels, suffix)
@@ -785,8 +804,11 @@ def generate_source(input_shape, layers, dtype, B=None, options=None,
             load_x_rows=(f"\n        load_rows_major(X, s0, nb, work, {plan.rows_off}, {plan.rows_ld}, N_IN, B)"
                          if plan.rows_off >= 0 else ""))
     # the input block; with the sample-major input rows for the first layer's weight
-    # gradient (see TurboDense.input_rows_stride), the block transposed from them
-    load_in = (f"load_block_and_rows(X, idx, s0, nb, work, 0, {plan.rows_off}, {plan.rows_ld}, N_IN, B)"
+    # gradient (see TurboDense.input_rows_stride), the block transposed from them, or the
+    # rows alone where that layer's forward reads them too
+    load_in = (f"load_block_rows(X, idx, s0, nb, work, {plan.rows_off}, {plan.rows_ld}, N_IN, B)"
+               if rows_in else
+               f"load_block_and_rows(X, idx, s0, nb, work, 0, {plan.rows_off}, {plan.rows_ld}, N_IN, B)"
                if plan.rows_off >= 0 else "load_block_checked(X, idx, s0, nb, work, 0, N_IN, B)")
     for f_train, v_train, suffix in modes:
         f_mode = suffix if suffix is not None else "_train"

@@ -75,6 +75,7 @@ class EmitContext:
     scratch_off: int = 0  # ... and the step's batch statistics (in state, after the layers')
     rows_off: int = -1  # the input rows sample-major (B rows of n_in), if the kernels load them
     rows_ld: int = 0  # ... and the elements from one row to the next
+    rows_in: bool = False  # the forward reads the input from those rows (training kernels)
 
 
 class Layer:

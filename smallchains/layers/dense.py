@@ -97,9 +97,19 @@ class TurboDense(Layer):
         n_in = self._n_in(input_shape)
         return rows_stride(n_in) if rows_dw(n_in, B) else 0
 
+    def forward_from_rows(self, registers, B) -> bool:
+        """As the chain's first layer with input rows (:meth:`input_rows_stride`): whether
+        its training forward reads them too (:func:`emit_affine_rows`), so that the
+        training kernels need no feature-major input block. See :func:`rows_forward`."""
+        return rows_forward(registers, B)
+
     def emit_forward(self, ctx: EmitContext) -> list:
         n_in = prod(ctx.in_shape)
         z_off = ctx.saved_off if needs_z(self.activation) else None
+        if ctx.rows_in:
+            return emit_affine_rows(ctx, n_in, self.out, w_off=ctx.p_off,
+                                    b_off=ctx.p_off + n_in * self.out if self.bias else None,
+                                    act=self.activation, z_off=z_off)
         return emit_affine(
             ctx, n_in, self.out, w_off=ctx.p_off, b_off=ctx.p_off + n_in * self.out if self.bias else None,
             act=self.activation, z_off=z_off,
@@ -313,6 +323,106 @@ def emit_affine_vector(ctx, n_in, n_out, w_off, b_off, act, z_off):
     L += emit_gemm_vector(ctx.B, ctx.dt, w_off, n_in, 1, n_out, n_in, ctx.in_off, ctx.out_off, b_off,
                           relu=relu, registers=ctx.registers)
     return L if relu else L + emit_activation_pass(ctx, n_out, act, z_off)
+
+
+
+#: Samples by outputs per tile of :func:`emit_gemm_rows`: 4 x 6 accumulators, 6 weight
+#: vectors and one row vector are 31 of 32 registers. Measured on a Zen 4 (AVX-512,
+#: ``bench/step_profile.py --model cifar_dense --block 160``, network 1's 1024 -> 64 layer,
+#: ms per 1,920 samples): 4 x 6 2.30, 4 x 4 2.37, 8 x 3 2.38-2.45 (8 rows of 4 KiB overflow
+#: L1 while the weights stream), 8 x 2 3.23; the feature-major GEMM tiles 2.29.
+ROWS_FWD_TILE_S, ROWS_FWD_TILE_O = 4, 6
+
+#: Smallest block whose training forward reads the input rows (:func:`rows_forward`)
+ROWS_FWD_MIN_BLOCK = 32
+
+
+def rows_forward(registers, B) -> bool:
+    """Whether a first dense layer with input rows (:func:`rows_dw`) computes its training
+    forward from them (:func:`emit_affine_rows`) under a budget of ``registers`` at blocks
+    of ``B``: with 32 registers and ``B >= ROWS_FWD_MIN_BLOCK``. The kernels then skip the
+    feature-major (transposed) input block, but the tiles read all weights once per 4
+    samples, not once per 32 (or 16). Measured on a Zen 4, in-process A/B, epochs:
+    network 1 of issue 14 (1024 -> 64 sigmoid, batch 300) at 2 threads 96.7 -> 90.0 ms
+    (blocks of 160), 107.1 -> 101.1 (blocks of 32), at 1 thread 170.6 -> 168.1; network 2
+    (784 -> 128 relu, batch 32) at 2 threads, blocks of 16, 224.2 -> 226.3, hence the
+    smallest block. With 16 registers the tile would be 4 samples by 2 outputs (6 loads
+    per 8 FMAs), not measured on an AVX2 machine: the feature-major GEMM tiles stay."""
+    return registers >= 32 and B >= ROWS_FWD_MIN_BLOCK
+
+
+def emit_gemm_rows(B, dt, rows_off, ld, w_off, n_in, n_out, b_off, out_off, registers):
+    """Lines overwriting ``out[o, s] = b[o] + sum_i W[o, i] x[s, i]`` (``W (n_out, n_in)``
+    row-major at ``p[w_off]``, ``b`` at ``p[b_off]`` or zero; ``x[s, i]`` the sample-major
+    input rows at ``work[rows_off + s * ld + i]`` with their count at
+    ``work[rows_off + B * ld]``, see :func:`smallchains.compiler.runtime.load_block_rows`;
+    ``out`` a feature-major block): dot products along the rows, so the training kernels
+    need no feature-major (transposed) input block.
+
+    ``out`` is first set to ``b`` in every lane (lanes past the filled rows keep it:
+    what ``W 0 + b`` gives there). Groups of :data:`ROWS_FWD_TILE_S` samples (outer: their rows stay
+    in L1 while the weights stream past) by tiles of :data:`ROWS_FWD_TILE_O` outputs
+    accumulate vectors of inputs (per vector: a load of each row and each weight row,
+    one FMA per pair); :func:`smallchains._simd.vsum8` then turns the accumulators of two
+    outputs into their lanes of ``out`` at once (:func:`~smallchains._simd.vsum4` for a
+    last odd one). Sample groups run over the filled rows rounded up to the group (the
+    loaders zero the rows after them); inputs past the last whole vector are added in a
+    scalar loop. Vectors of :func:`vector_lanes` for ``registers`` (8 lanes or more)."""
+    V = vector_lanes(dt, registers)
+    if V < 8:
+        raise ValueError(f"emit_gemm_rows: needs vectors of 8 lanes or more, got {V}")
+    TO, TS = ROWS_FWD_TILE_O, ROWS_FWD_TILE_S
+    assert TS == 4  # the reductions below: vsum8 of two outputs' 4 accumulators
+    f1 = n_in // V * V
+    L = [f"# z = W x + b from the sample-major input rows: groups of {TS} samples x tiles "
+         f"of {TO} outputs", f"nr = int(work[{rows_off + B * ld}])", f"ng = (nr + {TS - 1}) // {TS} * {TS}",
+         f"for o in range({n_out}):",
+         f"    bo = p[{b_off} + o]" if b_off is not None else f"    bo = {dt}(0.0)",
+         f"    for s in range({B}):", f"        work[{out_off} + o * {B} + s] = bo",
+         f"vz = vsplat({dt}(0.0))"]
+
+    def tile(o, to, pad):
+        # o: the loop variable "o" or an int (the remainder outputs); inside the sample loop
+        ob = f"{w_off} + o * {n_in}" if o == "o" else str(w_off + o * n_in)
+        zb = f"{out_off} + o * {B} + s" if o == "o" else f"{out_off + o * B} + s"
+        out = [f"{pad}wb = {ob}", f"{pad}zb = {zb}"]
+        out += [f"{pad}c{r}_{a} = vz" for r in range(TS) for a in range(to)]
+        if f1:
+            out += [f"{pad}for i in range(0, {f1}, {V}):"]
+            out += [f"{pad}    w{a} = vload(p, wb + {a * n_in} + i)" for a in range(to)]
+            for r in range(TS):
+                out += [f"{pad}    x = vload(work, xs + {r * ld} + i)"]
+                out += [f"{pad}    c{r}_{a} = vfma(x, w{a}, c{r}_{a})" for a in range(to)]
+        for a in range(0, to - 1, 2):  # 4 lanes (TS = 4 samples) of two outputs per vsum8
+            cs = ", ".join([f"c{r}_{a}" for r in range(TS)] + [f"c{r}_{a + 1}" for r in range(TS)])
+            out += [f"{pad}zz = vsum8({cs})", f"{pad}vadd_into(work, {at('zb', a * B)}, zz, 0, 4)",
+                    f"{pad}vadd_into(work, {at('zb', (a + 1) * B)}, zz, 4, 4)"]
+        if to % 2:
+            cs = ", ".join(f"c{r}_{to - 1}" for r in range(TS))
+            out += [f"{pad}vadd_into(work, {at('zb', (to - 1) * B)}, vsum4({cs}), 0, 4)"]
+        if f1 < n_in:  # the last inputs, scalar
+            out += [f"{pad}for r in range({TS}):", f"{pad}    xr = xs + r * {ld}"]
+            for a in range(to):
+                out += [f"{pad}    e = {dt}(0.0)", f"{pad}    for i in range({f1}, {n_in}):",
+                        f"{pad}        e += p[wb + {a * n_in} + i] * work[xr + i]",
+                        f"{pad}    work[{at('zb', a * B)} + r] += e"]
+        return out
+
+    L += [f"for s in range(0, ng, {TS}):", f"    xs = {rows_off} + s * {ld}"]
+    full = n_out // TO * TO
+    if full:
+        L += [f"    for o in range(0, {full}, {TO}):"] + tile("o", TO, "        ")
+    if full < n_out:
+        L += tile(full, n_out - full, "    ")
+    return L
+
+
+def emit_affine_rows(ctx, n_in, n_out, w_off, b_off, act, z_off):
+    """:func:`emit_affine` from the sample-major input rows (:func:`emit_gemm_rows`), then
+    the activation (relu too) in one pass."""
+    L = emit_gemm_rows(ctx.B, ctx.dt, ctx.rows_off, ctx.rows_ld, w_off, n_in, n_out, b_off,
+                       ctx.out_off, ctx.registers)
+    return L + emit_activation_pass(ctx, n_out, act, z_off)
 
 
 # dW register tile: TILE_O x TILE_I vector accumulators plus TILE_O + TILE_I loaded vectors
