@@ -4,14 +4,15 @@
                                            matexp}] [--block B]
                                  [--registers 16|32]
                                  [--dtype float32|float64] [--repeats 5]
+                                 [--samples 2048]
 
 Builds the chain's layer steps exactly as the compiler generates them for blocks of
 ``B`` samples (``codegen._forward_lines`` / ``_pullback_lines``, training pullback:
 no input gradient of the first layer), compiles each step on its own with numba (arrays
 passed directly instead of the kernels' raw pointers), runs the forward steps then the
-pullback steps once on random data, and then times each step over 2,048 samples
-(``2048 // B`` calls on the same workspace), best of ``--repeats``. Prints ms per 2,048
-samples per step and their sum. Not a pyperf benchmark: the steps run outside the
+pullback steps once on random data, and then times each step over ``--samples`` samples
+(``samples // B`` calls on the same workspace), best of ``--repeats``. Prints ms per
+that many samples per step and their sum. Not a pyperf benchmark: the steps run outside the
 training loop (no loss, gathers, optimizer or threads), so the sum is a lower bound of
 a step's time; use it to find the step to work on, and bench/lenet5.py for the speed.
 """
@@ -80,6 +81,7 @@ def main(argv=None):
                     help="register budget (default: this CPU's, 32 with AVX-512)")
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--samples", type=int, default=2048, help="samples per timed run")
     a = ap.parse_args(argv)
     chain, dt = model(a.model, a.registers), np.dtype(a.dtype)
     B = a.block or choose_block_size(chain.input_shape, chain.layers, dt.itemsize, a.registers)
@@ -113,7 +115,7 @@ def main(argv=None):
     order = list(fwd) + list(pull)
     for name in order:  # compile, and leave every step's inputs as a real pass leaves them
         steps[name](p, g, work, state, meta)
-    nblk = max(1, 2048 // B)
+    nblk = max(1, a.samples // B)
     print(f"{a.model}, B = {B}, {a.dtype}, registers {a.registers}: ms per {nblk * B} samples")
     total = 0.0
     for name in order:
@@ -124,8 +126,8 @@ def main(argv=None):
                 f(p, g, work, state, meta)
             best = min(best, time.perf_counter() - t)
         total += best
-        print(f"  {name:32s} {best * 1e3:8.2f}")
-    print(f"  {'sum':32s} {total * 1e3:8.2f}")
+        print(f"  {name:32s} {best * 1e3:8.3f}")
+    print(f"  {'sum':32s} {total * 1e3:8.3f}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import pytest
 import smallchains as sc
 from smallchains._simd import lanes as sc_lanes
 from smallchains.compiler.codegen import get_kernels
+from smallchains.compiler.options import kernel_options
 from variant_harness import (InterpretedChain, all_variants, block_sizes, rel_err, tolerance,
                              variants)
 
@@ -341,6 +342,28 @@ def test_compiled_configs_meet_every_variant():
             met |= variants(sc.SimpleChain(shape, *layers, registers=registers), dtype, B)
     missing = all_variants() - met
     assert not missing, f"variants the compiled tests do not reach: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("registers, B, rows_forward", [(32, 32, True), (32, 160, True), (32, 16, False),
+                                                      (16, 64, False)])
+def test_valgrad_kernels_load_what_the_first_layer_reads(registers, B, rows_forward):
+    """The dispatch of the rows forward reaches the compiled kernels: where the first
+    layer's training forward reads the input rows (dense.rows_forward), the valgrad
+    kernels gather only the rows (no transposed input block) and call that forward step;
+    elsewhere they build both. The results are checked above; this guards the wiring,
+    which the comparisons cannot see (the other path gives the same numbers)."""
+    layers = [sc.Flatten(), sc.TurboDense(7, "tanh"), sc.TurboDense(2)]
+    src, plan = sc.compiler.codegen.generate_source((1, 7, 77), layers, np.float32, B=B,
+                                                    options=kernel_options(registers=registers))
+    valgrad = src[src.index("def _valgrad_range_squared"):]
+    valgrad = valgrad[:valgrad.index("\n\n\n")]
+    assert plan.rows_off >= 0
+    assert ("layer1_forward_train_rows" in valgrad) == rows_forward
+    assert ("load_block_rows(X, idx" in valgrad) == rows_forward
+    assert ("load_block_and_rows(X, idx" in valgrad) != rows_forward
+    # the inference forward kernels keep the feature-major block
+    fwd = src[src.index("def _forward_range"):]
+    assert "load_block(X, idx" in fwd[:fwd.index("\n\n\n")]
 
 
 # --------------------------------------------------------------------------------------
