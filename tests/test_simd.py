@@ -258,12 +258,38 @@ def test_transpose8_moves_exactly_the_8x8_block(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("n_feat, B, nb", [(8, 16, 16), (13, 16, 11), (523, 32, 32),
-                                           (520, 32, 5), (1024, 16, 16)])
+def test_load_block_rows_finds_a_nonfinite_value_in_every_row_slot(dtype):
+    """load_block_rows' finite flag (the training kernels' check of X) sees a NaN or Inf
+    in any row of the block, whichever of its four interleaved rows or the rows after
+    them holds it, at any feature, and is True for finite rows."""
+    from smallchains.compiler.runtime import load_block_rows
+    rng = np.random.default_rng(2)
+    n_feat, B = 21, 16
+    X = rng.standard_normal((40, n_feat)).astype(dtype)
+    idx = rng.permutation(40)
+    ld = 32
+    work = np.zeros(B * ld + 16, dtype)
+    for nb in (3, 8, 11, 16):
+        assert load_block_rows(X, idx, 5, nb, work, 0, ld, n_feat, B)
+        for j in range(nb):
+            for value, f in ((np.nan, j % n_feat), (np.inf, n_feat - 1), (-np.inf, 0)):
+                Xb = X.copy()
+                Xb[idx[5 + j], f] = value
+                assert not load_block_rows(Xb, idx, 5, nb, work, 0, ld, n_feat, B), (nb, j, value)
+        # a value outside the block's rows is not its business
+        Xb = X.copy()
+        Xb[idx[5 + nb], 3] = np.nan
+        assert load_block_rows(Xb, idx, 5, nb, work, 0, ld, n_feat, B)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n_feat, B, nb", [(8, 16, 16), (13, 16, 11), (13, 16, 14), (523, 32, 32),
+                                           (520, 32, 5), (520, 32, 2), (1024, 16, 16), (1024, 16, 7)])
 def test_load_block_and_rows_equals_both_gathers(dtype, n_feat, B, nb):
     """The training kernels' one gather (rows, then the block transposed from them) gives
     the feature-major block of load_block and the rows of load_block_rows, bit for bit,
-    padding lanes and gaps zero."""
+    padding lanes and gaps zero; the rows are X's (load_block_rows copies four at a time:
+    row counts with every remainder mod 4)."""
     from smallchains.compiler.runtime import load_block, load_block_and_rows, load_block_rows
     from smallchains.layers.dense import rows_stride
 
@@ -291,3 +317,6 @@ def test_load_block_and_rows_equals_both_gathers(dtype, n_feat, B, nb):
     block = out[1][:n_feat * B].reshape(n_feat, B)
     np.testing.assert_array_equal(block[:, :nb], X[idx[7:7 + nb]].T)
     assert (block[:, nb:] == 0).all()
+    rows = out[1][rows_off:rows_off + B * ld].reshape(B, ld)
+    np.testing.assert_array_equal(rows[:nb, :n_feat], X[idx[7:7 + nb]])
+    assert (rows[:, n_feat:] == 0).all() and (rows[nb:] == 0).all()

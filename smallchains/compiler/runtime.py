@@ -92,17 +92,35 @@ def load_block_rows(X, idx, s0, nb, work, off, ld, n_feat, B):
     and ``nb`` after them (``work[off + B * ld]``, so the weight gradient skips padding
     rows): the input rows as they are, for a first layer whose weight gradient reads them
     (dense ``dw = "rows"``). Returns whether the rows are all finite (checked as they are
-    copied)."""
+    copied). Four rows at a time, interleaved (one element of each per step, so the
+    memory system fetches four rows at once). Measured on a Zen 4, network 1 of issue
+    14, in-process A/B against one row at a time (minimum epochs, 4 processes with
+    either variant built first): at 2 threads 86.4-87.5 against 93.9-95.8 ms in three,
+    91.6 against 90.6 in one; at 1 thread 159.8-161.4 against 169.1-174.7 ms (2
+    processes). Eight rows at a time measured slower than four (89.0-92.8 against
+    86.8-88.1 ms at 2 threads)."""
     ok = True
-    for s in range(nb):
+    n4 = nb // 4 * 4
+    for s in range(0, n4, 4):
+        r0, r1, r2, r3 = idx[s0 + s], idx[s0 + s + 1], idx[s0 + s + 2], idx[s0 + s + 3]
+        o = off + s * ld
+        for f in range(n_feat):
+            x0, x1, x2, x3 = X[r0, f], X[r1, f], X[r2, f], X[r3, f]
+            work[o + f] = x0
+            work[o + ld + f] = x1
+            work[o + 2 * ld + f] = x2
+            work[o + 3 * ld + f] = x3
+            ok &= np.isfinite(x0) & np.isfinite(x1) & np.isfinite(x2) & np.isfinite(x3)
+    for s in range(n4, nb):
         r = idx[s0 + s]
         o = off + s * ld
         for f in range(n_feat):
             x = X[r, f]
             work[o + f] = x
             ok &= np.isfinite(x)
-        for f in range(n_feat, ld):
-            work[o + f] = 0
+    for s in range(nb):  # the gaps after each row
+        for j in range(off + s * ld + n_feat, off + (s + 1) * ld):
+            work[j] = 0
     for j in range(off + nb * ld, off + B * ld):
         work[j] = 0
     work[off + B * ld] = nb
