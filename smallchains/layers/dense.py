@@ -700,24 +700,37 @@ def emit_outer_grad_transposed(B, dt, d_off, x_off, n_out, n_in, w_off, scratch)
     return L
 
 
+#: Vectors of inputs per tile of :func:`emit_outer_grad_rows` for a budget of 16 / 32
+#: registers (by 4 outputs: 8 / 16 accumulators). Measured on a Zen 4
+#: (``bench/step_profile.py --model cifar_dense --block 160 --samples 9600``, network 1's
+#: first-layer pullback): 4 vectors 11.10 ms, 2 vectors 12.21 (8 outputs x 2: 11.46;
+#: 5 or 6 outputs x 4: 11.18, 11.16; 3 x 4: 12.73), the dW's floor 10.7 ms; its epochs
+#: (in-process A/B, either variant built first) 114.9-117.7 against 119.6-124.8 ms at 2
+#: threads, 158.2-164.1 against 167.0 at 1.
+ROWS_DW_VECTORS = {16: 2, 32: 4}
+
+
 def emit_outer_grad_rows(B, dt, d_off, rows_off, ld, n_out, n_in, w_off, registers):
     """Lines adding ``dW[o, i] += sum_s d[o, s] x[s, i]`` from the input rows sample-major
     (``x[s, i]`` at ``work[rows_off + s * ld + i]``, see
     :func:`smallchains.compiler.runtime.load_block_rows`; ``d`` feature-major at
     ``d_off``): a matrix product with no horizontal sums. Register tiles of
-    :data:`GEMM_TILE_O` outputs x 2 vectors of inputs accumulate over the block's ``nr``
-    filled rows (the count the loaders write at ``work[rows_off + B * ld]``; padding rows
-    are skipped, which network 1 of issue 14, 150 rows in a 160-sample block, spends 6%
-    of its dW on otherwise) (per sample: 2 row loads, a broadcast of ``d`` per output, 8 FMAs), then add
-    into ``g`` once; input tiles outer, so each tile's columns of the rows stay in L1
-    while all outputs pass. Remainders: a 1-vector input tile, scalar inputs, fewer
-    outputs. The feature-major tiles reduce each of their ``n_in * n_out`` sums
-    horizontally per block. Vectors of :func:`vector_lanes` for ``registers``."""
+    :data:`GEMM_TILE_O` outputs x :data:`ROWS_DW_VECTORS` vectors of inputs accumulate
+    over the block's ``nr`` filled rows (the count the loaders write at
+    ``work[rows_off + B * ld]``; padding rows are skipped, which network 1 of issue 14,
+    150 rows in a 160-sample block, spends 6% of its dW on otherwise) (per sample: a
+    load of each row vector, a broadcast of ``d`` per output, one FMA per pair), then
+    add into ``g`` once; input tiles outer, so each tile's columns of the rows stay in
+    L1 while all outputs pass. Remainders: one 2-vector and one 1-vector input tile,
+    scalar inputs, fewer outputs. The feature-major tiles reduce each of their
+    ``n_in * n_out`` sums horizontally per block. Vectors of :func:`vector_lanes` for
+    ``registers``."""
     V = vector_lanes(dt, registers)
     TO = GEMM_TILE_O
+    NV = ROWS_DW_VECTORS[16 if registers < 32 else 32]
 
     def tile(o, to, i, nv, pad):
-        # o, i: loop variables ("o", "i") or ints; nv: vectors of inputs (1 or 2)
+        # o, i: loop variables ("o", "i") or ints; nv: vectors of inputs (1, 2 or NV)
         ob = f"{d_off} + o * {B}" if o == "o" else str(d_off + o * B)
         gb = (f"{w_off} + o * {n_in}" if o == "o" else str(w_off + o * n_in)) + \
             (f" + {i}" if i == "i" else (f" + {i}" if i else ""))
@@ -742,13 +755,16 @@ def emit_outer_grad_rows(B, dt, d_off, rows_off, ld, n_out, n_in, w_off, registe
             out += tile(full, n_out - full, i, nv, pad)
         return out
 
-    f2 = n_in // (2 * V) * 2 * V
+    fw = n_in // (NV * V) * NV * V  # whole NV-vector tiles, then at most one of 2 and one of 1
+    f2 = fw + (n_in - fw) // (2 * V) * 2 * V
     f1 = n_in // V * V
     L = [f"# dW += delta x^T from the sample-major input rows, tiles of {TO} outputs x "
-         f"2 vectors of inputs, over the block's nr filled rows (not its padding rows)",
+         f"{NV} vectors of inputs, over the block's nr filled rows (not its padding rows)",
          f"vz = vsplat({dt}(0.0))", f"nr = int(work[{rows_off + B * ld}])"]
-    if f2:
-        L += [f"for i in range(0, {f2}, {2 * V}):"] + outputs("i", 2, "    ")
+    if fw:
+        L += [f"for i in range(0, {fw}, {NV * V}):"] + outputs("i", NV, "    ")
+    for i in range(fw, f2, 2 * V):  # (NV = 2: none)
+        L += outputs(i, 2, "")
     if f2 < f1:
         L += outputs(f2, 1, "")
     if f1 < n_in:  # the last inputs, scalar
