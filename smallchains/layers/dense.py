@@ -157,6 +157,19 @@ def _itemsize(dt):
     return np.dtype(dt.removeprefix("np.")).itemsize
 
 
+def _tiled(n, T, var, tile, pad=""):
+    """Lines of a tile loop over ``n`` rows: ``for var in range(0, full, T)`` around
+    ``tile(var, T, pad + "    ")``, then ``tile(full, n - full, pad)`` for the remainder
+    (``full = n // T * T``; either part left out when empty)."""
+    full = n // T * T
+    L = []
+    if full:
+        L += [f"{pad}for {var} in range(0, {full}, {T}):"] + tile(var, T, pad + "    ")
+    if full < n:
+        L += tile(full, n - full, pad)
+    return L
+
+
 def vector_lanes(dt, registers):
     """Lanes of an explicit vector of the kernel dtype ``dt`` for a budget of
     ``registers`` (``"np.float32"``: 8 for 16 registers, 16 for 32; see
@@ -304,13 +317,7 @@ def emit_gemm_vector(B, dt, m_off, row_stride, col_stride, n_rows, n_cols, v_off
                 for a in range(tr) for h in range(nv)]
         return out
 
-    full = n_rows // TO * TO
-    L = []
-    if full:
-        L += [f"for r in range(0, {full}, {TO}):"] + tile("r", TO, "    ")
-    if full < n_rows:
-        L += tile(full, n_rows - full, "")
-    return L
+    return _tiled(n_rows, TO, "r", tile)
 
 
 def emit_affine_vector(ctx, n_in, n_out, w_off, b_off, act, z_off):
@@ -409,12 +416,7 @@ def emit_gemm_rows(B, dt, rows_off, ld, w_off, n_in, n_out, b_off, out_off, regi
         return out
 
     L += [f"for s in range(0, ng, {TS}):", f"    xs = {rows_off} + s * {ld}"]
-    full = n_out // TO * TO
-    if full:
-        L += [f"    for o in range(0, {full}, {TO}):"] + tile("o", TO, "        ")
-    if full < n_out:
-        L += tile(full, n_out - full, "    ")
-    return L
+    return L + _tiled(n_out, TO, "o", tile, "    ")
 
 
 def emit_affine_rows(ctx, n_in, n_out, w_off, b_off, act, z_off):
@@ -747,13 +749,7 @@ def emit_outer_grad_rows(B, dt, d_off, rows_off, ld, n_out, n_in, w_off, registe
         return out
 
     def outputs(i, nv, pad):
-        full = n_out // TO * TO
-        out = []
-        if full:
-            out += [f"{pad}for o in range(0, {full}, {TO}):"] + tile("o", TO, i, nv, pad + "    ")
-        if full < n_out:
-            out += tile(full, n_out - full, i, nv, pad)
-        return out
+        return _tiled(n_out, TO, "o", lambda o, to, pd: tile(o, to, i, nv, pd), pad)
 
     fw = n_in // (NV * V) * NV * V  # whole NV-vector tiles, then at most one of 2 and one of 1
     f2 = fw + (n_in - fw) // (2 * V) * 2 * V
