@@ -226,10 +226,7 @@ def _step(valgrad, combine, update, nstages, X, T, idx, lo, m, scale, p, G, lsta
     ``scale`` is ``1 / m`` in ``p``'s dtype, computed by the caller: computed here
     (``like(p[0], 1.0 / m)``), or with ``lo`` the literal 0, numba's specialization of this parallel function ran its region
     at half speed with 2 threads (measured on a Zen 3, a 16/32-channel conv chain, batch
-    128: 17-19 against 8.3 ms per step; the cause inside numba is not known). Likewise a
-    third ``prange`` loop in this function, behind a branch that was never taken (a fused
-    sum and update, tried on a Zen 4): network 2 of issue 14 at 2 threads took 444-455
-    instead of 218 ms per epoch."""
+    128: 17-19 against 8.3 ms per step; the cause inside numba is not known)."""
     nt = G.shape[0]
     for k in range(nt):
         metas[k, 1] = t
