@@ -23,6 +23,12 @@ INLINE_OPTIONS = dict(JIT_OPTIONS, inline="always")
 # Plain IEEE arithmetic, for functions compiled on their own (not inlined: an inlined
 # callee takes its caller's fast-math flags), see smallchains.compiler.loops._regularize.
 EXACT_OPTIONS = dict(JIT_OPTIONS, fastmath=False)
+# The same without numba's disk cache: a chain module whose kernels call a user's function
+# that later processes could not import (see smallchains.losses.CustomLoss).
+UNCACHED_JIT_OPTIONS = dict(JIT_OPTIONS, cache=False)
+UNCACHED_INLINE_OPTIONS = dict(INLINE_OPTIONS, cache=False)
+#: A line in a generated loss's source that gives its chain module the options above
+UNCACHED_MARK = "# smallchains: not disk-cached (calls a function of a module not importable)"
 # A generated chain's per-layer steps: C functions over raw pointers, called through a
 # table of addresses from the chain's kernels (see smallchains.compiler.linking).
 CFUNC_OPTIONS = dict(nopython=True, fastmath=FASTMATH, error_model="numpy", cache=True)

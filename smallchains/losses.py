@@ -31,16 +31,18 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.machinery
 import inspect
-import math
 import marshal
+import math
+import sys
 
 import numpy as np
 from numba import njit
 from numba.core.dispatcher import Dispatcher
 from numba.core.errors import NumbaError
 
-from ._config import INLINE_OPTIONS
+from ._config import INLINE_OPTIONS, UNCACHED_MARK
 from ._numba_utils import like
 from .compiler.runtime import load_block
 
@@ -322,14 +324,16 @@ def user_loss(key: str):
     return _USER_LOSSES.get(key)
 
 
-def _code_key(h, fn, depth=0):
+def _code_key(h, fn, modules, depth=0):
     """Feed into ``h`` what decides the compiled code of ``fn``: its bytecode, constants,
-    and the numbers, arrays and jitted functions it reads from globals or its closure."""
+    and the numbers, arrays and jitted functions it reads from globals or its closure.
+    Adds to ``modules`` the module name of ``fn`` and of every function it reaches."""
     py = getattr(fn, "py_func", fn)
     code = getattr(py, "__code__", None)
     if code is None or depth > 4:
         h.update(repr(fn).encode())
         return
+    modules.add(py.__module__)
     h.update(f"{py.__module__}.{py.__qualname__}".encode())
     h.update(marshal.dumps(code))
     values = [(n, py.__globals__[n]) for n in code.co_names if n in py.__globals__]
@@ -341,9 +345,26 @@ def _code_key(h, fn, depth=0):
         elif isinstance(v, (bool, int, float, complex, str, bytes, tuple, np.generic)):
             h.update(repr(v).encode())
         elif isinstance(v, Dispatcher) or callable(v) and hasattr(v, "__code__"):
-            _code_key(h, v, depth + 1)
+            _code_key(h, v, modules, depth + 1)
         else:  # modules, classes: by name (a change inside them is not seen)
             h.update(getattr(v, "__name__", type(v).__name__).encode())
+
+
+def _importable(modname) -> bool:
+    """Whether a later process can import the module ``modname`` by its name, as numba's
+    disk cache does to rebuild a cached function's globals: ``__main__``, or a module in
+    ``sys.modules`` that the path finders locate. A module executed from a file without
+    being registered (``importlib.util.spec_from_file_location`` + ``exec_module``, as
+    pytest plugins and notebook tools do) is not: numba records it as ``'<dynamic>'``, and
+    loading such a cache entry in another process fails with ``ModuleNotFoundError``."""
+    if modname == "__main__":
+        return True
+    if not isinstance(modname, str) or modname not in sys.modules:
+        return False
+    try:
+        return importlib.machinery.PathFinder.find_spec(modname.partition(".")[0]) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 class CustomLoss(Loss):
@@ -385,7 +406,11 @@ class CustomLoss(Loss):
     The kernels are cached on disk under a key of ``fn``'s bytecode and of the numbers,
     arrays and jitted functions it reads from globals or its closure; a change elsewhere
     (inside a module it imports) is not seen: clear the cache directory then
-    (:func:`smallchains.clear_cache`). The loss pickles (for Dask) if ``fn`` does.
+    (:func:`smallchains.clear_cache`). If ``fn``, or a function it calls, lives in a module
+    another process could not import by name (one executed from a file without being put
+    in ``sys.modules``), the chain's loss kernels are compiled in each process and not
+    written to disk (``disk_cached`` is False): numba's cache entry would name the module
+    ``'<dynamic>'`` and fail to load elsewhere. The loss pickles (for Dask) if ``fn`` does.
     """
 
     kind = "user"
@@ -406,9 +431,13 @@ class CustomLoss(Loss):
             raise ValueError(f"CustomLoss: target_width must be a positive int, got {target_width!r}")
         super().__init__(targets, weights)
         self.fn, self.target_width = fn, target_width
-        h = hashlib.sha256()
-        _code_key(h, fn)
+        h, modules = hashlib.sha256(), set()
+        _code_key(h, fn, modules)
         self.key = h.hexdigest()[:20]
+        #: False when ``fn`` (or a function it calls) lives in a module that another
+        #: process could not import: its kernels are then compiled in every process and
+        #: never written to numba's disk cache (see :func:`_importable`)
+        self.disk_cached = all(_importable(m) for m in modules)
         _USER_LOSSES[self.key] = fn
         self._checked = set()
 
@@ -418,6 +447,9 @@ class CustomLoss(Loss):
     def __setstate__(self, d):  # unpickled (a Dask worker): register the function here too
         self.__dict__.update(d)
         _USER_LOSSES[self.key] = self.fn
+        modules = set()  # fn may be pickled by value, its module absent here
+        _code_key(hashlib.sha256(), self.fn, modules)
+        self.disk_cached = all(_importable(m) for m in modules)
 
     @property
     def kernel_kind(self):
@@ -427,6 +459,8 @@ class CustomLoss(Loss):
         kind = self.kernel_kind
         head = (f"from smallchains.losses import user_loss as _user_loss\n"
                 f"_sample_{kind} = _user_loss({self.key!r})  # None outside the process\n")
+        if not self.disk_cached:
+            head = UNCACHED_MARK + "\n" + head
         return kind, per_sample_block_source(kind, head, f"_sample_{kind}",
                                              weighted=self.weights is not None)
 

@@ -211,6 +211,84 @@ def test_training_loop_cached_after_its_parallel_step_was_loaded(tmp_path):
 
 
 # --------------------------------------------------------------------------------------
+# 3c. a custom loss from a module that a later process cannot import
+
+# the loss function's module: executed from its file, never registered in sys.modules (as
+# tests/conftest.py's load_example does), so numba records its globals as '<dynamic>'
+_LOSS_MODULE = textwrap.dedent("""
+    import numba
+    import numpy as np
+    W = np.array([1.0, 2.0])
+
+    @numba.njit
+    def weighted_sq(yhat, y, grad):
+        t = yhat.dtype.type(0.0)
+        for j in range(yhat.shape[0]):
+            u = yhat[j] - y[j]
+            t += W[j] * u * u
+            grad[j] = 2 * W[j] * u
+        return t
+""")
+
+_LOSS_SCRIPT = textwrap.dedent("""
+    import importlib.util, sys, warnings
+    import numba
+    import numpy as np
+    # a different number of functions compiled before: numba's environment names differ
+    # from the first process's, as in any longer-running process
+    for i in range(int(sys.argv[2])):
+        exec(f"def _f{i}(x): return x + {i}")
+        numba.njit(globals()[f"_f{i}"])(1.0)
+    spec = importlib.util.spec_from_file_location("_loss_not_importable", sys.argv[1])
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    import smallchains as sc
+    if sys.argv[3] == "pretend-importable":  # what the library cannot see: the fallback
+        sc.losses._importable = lambda name: True
+    chain = sc.SimpleChain(1, sc.TurboDense(5, "tanh"), sc.TurboDense(2))
+    X = np.linspace(-1, 1, 9)[:, None]
+    loss = sc.CustomLoss(mod.weighted_sq, np.zeros((9, 2)))
+    print(loss.disk_cached)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        value, g = sc.valgrad(sc.add_loss(chain, loss), X, sc.init_params(chain, seed=0, dtype=np.float64))
+    print(sorted({str(x.message).split(" (")[0] for x in w if x.category is RuntimeWarning}))
+    print(repr(value), g.tobytes().hex())
+""")
+
+
+@pytest.mark.parametrize("mode", ["detected", "pretend-importable"])
+def test_custom_loss_of_unimportable_module_across_processes(tmp_path, mode):
+    """CI failure at 9b71312: a chain kernel calling a CustomLoss function of a module that
+    was executed from a file without registration, cached on disk by one process, failed
+    to load in another: "ModuleNotFoundError: No module named '<dynamic>'". Detected, such a
+    loss's kernels are not written to numba's disk cache; undetected (pretended
+    importable), loops._compile compiles the kernel again after the failed load, with a
+    RuntimeWarning. Both processes give identical values and gradients."""
+    (tmp_path / "lossmod.py").write_text(_LOSS_MODULE)
+    env = dict(os.environ, SMALLCHAINS_CACHE_DIR=str(tmp_path / "kernels"))
+
+    def run(pre):
+        r = subprocess.run([sys.executable, "-c", _LOSS_SCRIPT, str(tmp_path / "lossmod.py"),
+                            str(pre), mode], env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-2000:]}"
+        return r.stdout.splitlines()
+
+    first, second = run(0), run(3)
+    assert first[0] == second[0] == ("False" if mode == "detected" else "True")
+    assert first[1] == "[]"
+    assert second[1] == ("[]" if mode == "detected" else "['smallchains: a cached kernel']")
+    assert first[2] == second[2]
+    if mode == "detected":  # nothing of the loss's module in numba's cache
+        loss_modules = [f for f in (tmp_path / "kernels").glob(PREFIX + "*.py")
+                        if "not disk-cached" in f.read_text()]
+        assert len(loss_modules) == 1
+        stem = loss_modules[0].stem
+        assert not list((tmp_path / "kernels" / "__pycache__").glob(stem + ".*.nb*"))
+
+
+# --------------------------------------------------------------------------------------
 # 4. clear_cache and cache_info
 
 def test_cache_info_and_clear_cache_without_cache_dir(tmp_path, monkeypatch):

@@ -864,7 +864,11 @@ def generate_source(input_shape, layers, dtype, B=None, options=None,
         # the step table's symbol: module name (filled in on import) and dtype (call_step
         # checks that the arrays match it)
         table = f'"@MODULE@_steps_{dtype.name}"'
-    return src.replace("@TABLE@", table), plan
+    src = src.replace("@TABLE@", table)
+    if any(_config.UNCACHED_MARK in source for _, source in losses):
+        src = (src.replace("import JIT_OPTIONS as _J\n", "import UNCACHED_JIT_OPTIONS as _J\n")
+               .replace("import INLINE_OPTIONS as _JI ", "import UNCACHED_INLINE_OPTIONS as _JI "))
+    return src, plan
 
 
 _lock = threading.RLock()  # get_kernels of a loss module first gets the chain's module

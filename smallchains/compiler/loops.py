@@ -31,10 +31,12 @@ Thread safety: :func:`call` serializes launches with a process-wide lock
 from __future__ import annotations
 
 import threading
+import warnings
 
 import numba
 import numpy as np
 from numba import njit, prange, typeof, types
+from numba.core.caching import NullCache
 from numba.experimental.function_type import WrapperAddressProtocol
 from numba.extending import typeof_impl
 
@@ -433,7 +435,19 @@ def _compile(dispatcher, sig):
         if locked:
             dispatcher.disable_compile(False)
         try:
-            dispatcher.compile(sig)
+            try:
+                dispatcher.compile(sig)
+            except ImportError as e:
+                if isinstance(dispatcher._cache, NullCache):
+                    raise
+                # A disk-cache entry whose code calls a function of a module this process
+                # cannot import (numba pickles the module's name): compile here instead,
+                # without the disk cache for this kernel in this process.
+                warnings.warn(f"smallchains: a cached kernel ({dispatcher.py_func.__name__}) "
+                              f"could not be loaded ({e}); compiling it again, not cached",
+                              RuntimeWarning, stacklevel=2)
+                dispatcher._cache = NullCache()
+                dispatcher.compile(sig)
         finally:
             if locked:
                 dispatcher.disable_compile(True)
