@@ -367,6 +367,16 @@ def _importable(modname) -> bool:
         return False
 
 
+def _fingerprint(fn):
+    """``(key, disk_cached)`` of a :class:`CustomLoss` function: the cache key of its
+    compiled code (:func:`_code_key`), and False when ``fn`` or a function it calls lives
+    in a module another process could not import (:func:`_importable`): its kernels are
+    then compiled in every process, never written to numba's disk cache."""
+    h, modules = hashlib.sha256(), set()
+    _code_key(h, fn, modules)
+    return h.hexdigest()[:20], all(_importable(m) for m in modules)
+
+
 class CustomLoss(Loss):
     """A loss given by a numba function of one sample, compiled into the chain's fused
     kernels like the built-ins (SimpleChains.jl issue #143).
@@ -431,13 +441,7 @@ class CustomLoss(Loss):
             raise ValueError(f"CustomLoss: target_width must be a positive int, got {target_width!r}")
         super().__init__(targets, weights)
         self.fn, self.target_width = fn, target_width
-        h, modules = hashlib.sha256(), set()
-        _code_key(h, fn, modules)
-        self.key = h.hexdigest()[:20]
-        #: False when ``fn`` (or a function it calls) lives in a module that another
-        #: process could not import: its kernels are then compiled in every process and
-        #: never written to numba's disk cache (see :func:`_importable`)
-        self.disk_cached = all(_importable(m) for m in modules)
+        self.key, self.disk_cached = _fingerprint(fn)
         _USER_LOSSES[self.key] = fn
         self._checked = set()
 
@@ -447,9 +451,7 @@ class CustomLoss(Loss):
     def __setstate__(self, d):  # unpickled (a Dask worker): register the function here too
         self.__dict__.update(d)
         _USER_LOSSES[self.key] = self.fn
-        modules = set()  # fn may be pickled by value, its module absent here
-        _code_key(hashlib.sha256(), self.fn, modules)
-        self.disk_cached = all(_importable(m) for m in modules)
+        self.disk_cached = _fingerprint(self.fn)[1]  # fn may come by value, its module absent
 
     @property
     def kernel_kind(self):

@@ -507,7 +507,7 @@ _TEMPLATE = '''\
 import math
 import numpy as np
 from numba import carray, njit, types
-from smallchains._config import JIT_OPTIONS as _J
+from smallchains._config import {cached}JIT_OPTIONS as _J
 from smallchains.compiler.linking import (StepTable, call_step, keep_alive, resolve as _resolve,
                                           resolve_shared as _resolve_shared)
 from smallchains._fastmath import tanh_f32, tanh_f64
@@ -736,6 +736,8 @@ def generate_source(input_shape, layers, dtype, B=None, options=None,
     imports = {"smallchains.losses": set(LOSS_KERNELS.values())}
     loss_kernels = {} if shared else dict(LOSS_KERNELS)
     loss_kernels.update((kind, f"_loss_block_{kind}") for kind, _ in losses)
+    # a loss calling a function no other process can import: no numba disk cache
+    cached = "UNCACHED_" if any(_config.UNCACHED_MARK in src for _, src in losses) else ""
     # the 64-byte vector functions under the same names for a 32-register budget
     simd = "smallchains._simd64" if vector_bytes(options.registers) == 64 else "smallchains._simd"
     for s in plan.slots:
@@ -746,6 +748,7 @@ def generate_source(input_shape, layers, dtype, B=None, options=None,
     out_off = plan.slots[-1].out_off if plan.slots else 0
     spec = f"SimpleChain({tuple(input_shape)}, " + ", ".join(s.layer.spec() for s in plan.slots) + ")"
     fmt = dict(
+        cached=cached,
         version=__version__, spec=spec, dtype=dtype.name, loss="all", B=B,
         kernel_hash=kernel_source_hash(), imports=import_lines, n_in=plan.n_in,
         n_out=plan.n_out, n_params=plan.n_params, work_size=plan.work_size, out_off=out_off,
@@ -851,7 +854,7 @@ def generate_source(input_shape, layers, dtype, B=None, options=None,
         deps["combine"] = ()
         same_steps["combine"] = "combine"
     if losses:
-        body += "\n\nfrom smallchains._config import INLINE_OPTIONS as _JI  # noqa: E402\n"
+        body += f"\n\nfrom smallchains._config import {cached}INLINE_OPTIONS as _JI  # noqa: E402\n"
         body += "".join(source for _, source in sorted(losses))
     plan.step_names = list(funcs.names)
     # layer functions go between the header (imports, constants) and the range kernels
@@ -864,11 +867,7 @@ def generate_source(input_shape, layers, dtype, B=None, options=None,
         # the step table's symbol: module name (filled in on import) and dtype (call_step
         # checks that the arrays match it)
         table = f'"@MODULE@_steps_{dtype.name}"'
-    src = src.replace("@TABLE@", table)
-    if any(_config.UNCACHED_MARK in source for _, source in losses):
-        src = (src.replace("import JIT_OPTIONS as _J\n", "import UNCACHED_JIT_OPTIONS as _J\n")
-               .replace("import INLINE_OPTIONS as _JI ", "import UNCACHED_INLINE_OPTIONS as _JI "))
-    return src, plan
+    return src.replace("@TABLE@", table), plan
 
 
 _lock = threading.RLock()  # get_kernels of a loss module first gets the chain's module
