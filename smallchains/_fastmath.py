@@ -43,9 +43,9 @@ import numba
 from llvmlite import ir
 from numba import types
 from numba.core import errors
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
-__all__ = ["FASTMATH", "tanh_f32", "tanh_f64", "exp_f32", "sigmoid_f32"]
+__all__ = ["FASTMATH", "tanh_f32", "tanh_f64", "exp_f32", "sigmoid_f32", "exp_like"]
 
 # Everything except nnan / ninf, so NaN / inf propagate with IEEE semantics.
 FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
@@ -212,3 +212,19 @@ def tanh_f64(x):
     e = s * q + (s - 1.0)
     t = e / (e + 2.0)
     return math.copysign(t, x)
+
+
+def exp_like(x):
+    """exp(x) in the floating type of ``x``, for kernels compiled for both dtypes: float32
+    through :func:`exp_f32` (vectorizes), float64 through ``math.exp`` (libm; a scalar
+    call)."""
+    return math.exp(x)
+
+
+@overload(exp_like, inline="always")
+def _exp_like_impl(x):
+    if x == types.float32:
+        return lambda x: exp_f32(x)
+    if isinstance(x, types.Float):
+        return lambda x: math.exp(x)
+    return None

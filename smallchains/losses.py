@@ -43,6 +43,7 @@ from numba.core.dispatcher import Dispatcher
 from numba.core.errors import NumbaError
 
 from ._config import INLINE_OPTIONS, UNCACHED_MARK
+from ._fastmath import exp_like
 from ._numba_utils import like
 from .compiler.runtime import load_block
 
@@ -719,21 +720,50 @@ def bce_logits_block(work, y_off, gy_off, T, idx, s0, n_out, B, nb, scale, need_
 
 @njit(**INLINE_OPTIONS)
 def logit_crossentropy_block(work, y_off, gy_off, T, idx, s0, n_out, B, nb, scale, need_grad):
-    total = like(scale, 0.0)
-    for s in range(nb):
-        label = T[idx[s0 + s]]
-        m = work[y_off + s]
+    """Logit cross-entropy of a block (``log sum_j exp(y_j) - y_label`` per sample, by the
+    max-shifted log-sum-exp) and, if ``need_grad``, its gradient ``scale (softmax(y) -
+    onehot(label))``. Lane-major passes over the block's samples, which LLVM vectorizes:
+    each sample's max and then its sum of exps are kept in the first two rows of the
+    gradient area (scratch, see above), the log-sum-exp in the first; the gradient rows are
+    written last to first, the first (which held the log-sum-exp) last, in place; then the
+    label's entries get ``- scale``. float32 exps are :func:`smallchains._fastmath.exp_f32`.
+    Measured on a Zen 4 (AVX-512), 150 samples of 10 logits in a 160-sample block, one
+    thread, in cache: 10.5 µs per block with the former per-sample loops (libm exps, the
+    logits read at a stride of ``B``), 4.2 with these (of which 2.4 are the 3,000 exps)."""
+    zero = like(scale, 0.0)
+    total = zero
+    if n_out == 1:  # one class: loss and gradient are 0 (NaN for a NaN logit)
+        for s in range(nb):
+            d = work[y_off + s] - work[y_off + s]
+            total += d
+            work[gy_off + s] = scale * d
+    else:
+        # views indexed by the loop counter: see load_block_rows
+        mx, zs = work[gy_off:gy_off + nb], work[gy_off + B:gy_off + B + nb]
+        y0 = work[y_off:y_off + nb]
+        for s in range(nb):
+            mx[s] = y0[s]
+            zs[s] = zero
         for j in range(1, n_out):
-            m = max(m, work[y_off + j * B + s])
-        z = like(scale, 0.0)
+            yj = work[y_off + j * B:y_off + j * B + nb]
+            for s in range(nb):
+                mx[s] = max(mx[s], yj[s])
         for j in range(n_out):
-            z += math.exp(work[y_off + j * B + s] - m)
-        lse = m + math.log(z)
-        total += lse - work[y_off + label * B + s]
+            yj = work[y_off + j * B:y_off + j * B + nb]
+            for s in range(nb):
+                zs[s] += exp_like(yj[s] - mx[s])
+        for s in range(nb):  # mx becomes the log-sum-exp
+            lse = mx[s] + math.log(zs[s])
+            mx[s] = lse
+            total += lse - work[y_off + T[idx[s0 + s]] * B + s]
         if need_grad:
-            for j in range(n_out):
-                q = math.exp(work[y_off + j * B + s] - lse)
-                work[gy_off + j * B + s] = scale * (q - (like(scale, 1.0) if j == label else like(scale, 0.0)))
+            for j in range(n_out - 1, -1, -1):
+                yj = work[y_off + j * B:y_off + j * B + nb]
+                gj = work[gy_off + j * B:gy_off + j * B + nb]
+                for s in range(nb):
+                    gj[s] = scale * exp_like(yj[s] - mx[s])
+            for s in range(nb):
+                work[gy_off + T[idx[s0 + s]] * B + s] -= scale
     if need_grad and nb < B:
         _zero_padding(work, gy_off, n_out, B, nb)
     return total
