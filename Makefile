@@ -3,7 +3,8 @@
 # any other version would pull a multi-GB CUDA build.
 PY ?= python3
 # pytest-xdist worker processes for `make test`: compiling dominates the suite and each
-# worker compiles on its own core (CI: 2)
+# worker compiles on its own core (CI: 2); worksteal: an idle worker takes queued tests from
+# the busy one (the variant tests' compiles are long and uneven)
 TEST_WORKERS ?= 2
 VENV := .venv
 BIN := $(VENV)/bin
@@ -25,7 +26,7 @@ demo: venv
 	$(BIN)/python examples/neural_ode_spiral.py
 
 test: venv
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 # the documentation site (mkdocs.yml) into site/; --strict: a broken link, anchor or API
 # reference fails the build

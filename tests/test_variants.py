@@ -257,6 +257,7 @@ def test_sweeps_meet_every_variant(small_rows):
 #: with every n_out mod 4 and n_in below and above 8; conv with rectangular kernels,
 #: padding, several channel remainders, relu (in registers) and a z-saving activation
 def compiled_chains(k):
+    """name -> (input shape, layers), activations rotated by ``k``."""
     acts = ACTS[k % len(ACTS):] + ACTS[:k % len(ACTS)]
     dense = (3, [sc.TurboDense(17, acts[0]), sc.TurboDense(11, acts[1]), sc.TurboDense(8, acts[2]),
                  sc.TurboDense(6, acts[3], bias=False), sc.TurboDense(2, acts[4])])
@@ -269,7 +270,7 @@ def compiled_chains(k):
     # attention, after a per-step dense layer
     seq = ((3, 4), [sc.TimeDistributed(sc.TurboDense(5, acts[2])), sc.LSTM(6, return_sequences=True),
                     sc.LSTM(3, return_sequences=True), sc.TemporalPatternAttention(5), sc.TurboDense(2)])
-    return [dense, conv, wide, seq]
+    return {"dense": dense, "conv": conv, "wide": wide, "seq": seq}
 
 
 #: every activation on a layer with fewer than 8 inputs and remainder output rows, so its
@@ -279,32 +280,47 @@ EVERY_ACTIVATION = (3, [sc.TurboDense(w, act) for w, act in zip([7, 5, 3] * 3, A
 
 
 def _compiled_configs():
-    """(dtype, registers, block size). Per dtype and budget, with that budget's vectors
-    (32 bytes for 16 registers, 64 for 32): four vectors (explicit-vector tiles, vector
-    dW) and three vectors (dense one-vector tiles) under each, lanes - 1 (scalar, dW
-    transposed) under 32 and three vectors + 1 (scalar, register-tiled dW) under 16; together they meet every variant
-    (test_compiled_configs_meet_every_variant). The thorough profile adds lanes + 1 and the
-    other budget of each."""
+    """(dtype, registers, block size, chain name). Per dtype and budget, with that
+    budget's vectors (32 bytes for 16 registers, 64 for 32): four vectors (explicit-vector
+    tiles, vector dW, the rows dW and forward, the vector conv and sequence tiles) under
+    each, lanes - 1 (scalar, dW transposed) under 32 and three vectors + 1 (scalar,
+    register-tiled dW) under 16, and three vectors (dense one-vector tiles) under each.
+    Every config compiles the dense chain (its widths meet every remainder of the dense
+    tiles at that block); the other chains only where they reach a variant no other
+    config of the dtype compiles (elsewhere the conv and sequence layers fall back to the
+    scalar or reference code that the lanes - 1 config compiles, and the wide chain has
+    the dense chain's variants); together they meet every variant in each dtype
+    (test_compiled_configs_meet_every_variant). The thorough profile compiles every chain
+    at every config, and adds lanes + 1 and the other budget of each."""
+    every = ("dense", "conv", "wide", "seq")
     out = []
     for dtype in DTYPES:
         V, W = (sc_lanes(np.dtype(dtype).itemsize, r) for r in (16, 32))  # lanes per budget
-        sizes = [(16, 4 * V), (32, W - 1), (16, 3 * V + 1), (32, 4 * W), (32, 3 * W), (16, 3 * V)]
+        sizes = [(16, 4 * V, every), (32, W - 1, ("dense", "conv", "seq")), (16, 3 * V + 1, ("dense", "conv")),
+                 (32, 4 * W, every), (32, 3 * W, ("dense",)), (16, 3 * V, ("dense",))]
         if THOROUGH:
-            sizes += [(32, 2 * W), (16, V - 1), (32, 3 * W + 1), (16, 2 * V), (16, V + 1), (32, W + 1)]
-        out += [(dtype, r, b) for r, b in sizes]
+            sizes = [(r, b, every) for r, b, _ in sizes]
+            sizes += [(r, b, every) for r, b in ((32, 2 * W), (16, V - 1), (32, 3 * W + 1), (16, 2 * V),
+                                                 (16, V + 1), (32, W + 1))]
+        out += [(dtype, r, b, name) for r, b, names in sizes for name in names]
     return out
 
 
 COMPILED = _compiled_configs()
 
 
-@pytest.mark.parametrize("dtype,registers,B", COMPILED,
-                         ids=[f"{np.dtype(d).name}-r{r}-B{b}" for d, r, b in COMPILED])
-def test_compiled_variants_match_reference(dtype, registers, B):
+def _first_config(dtype, registers):
+    """The block size of the first config of a dtype and budget (which also compiles
+    EVERY_ACTIVATION)."""
+    return next(b for d, r, b, _ in COMPILED if d is dtype and r == registers)
+
+
+@pytest.mark.parametrize("dtype,registers,B,name", COMPILED,
+                         ids=[f"{np.dtype(d).name}-r{r}-B{b}-{n}" for d, r, b, n in COMPILED])
+def test_compiled_variants_match_reference(dtype, registers, B, name):
     # activations rotate with the budget (the B = 1 modules are shared by a budget's configs)
-    chains = compiled_chains(registers // 8)
-    V = sc_lanes(np.dtype(dtype).itemsize, registers)
-    if B == (4 * V if registers == 16 else V - 1):  # the budgets' first configs per dtype
+    chains = [compiled_chains(registers // 8)[name]]
+    if name == "dense" and B == _first_config(dtype, registers):
         chains.append(EVERY_ACTIVATION)
     for k, (shape, layers) in enumerate(chains):
         chain = sc.SimpleChain(shape, *layers, registers=registers)
@@ -337,13 +353,15 @@ def test_compiled_variants_match_reference(dtype, registers, B):
         _compare((g,), (g_exp,), chain, dtype, n, what + " valgrad_range_squared")
 
 
-def test_compiled_configs_meet_every_variant():
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_compiled_configs_meet_every_variant(dtype):
     met = set()
-    for dtype, registers, B in COMPILED:
-        for shape, layers in compiled_chains(registers // 8):
+    for d, registers, B, name in COMPILED:
+        if d is dtype:
+            shape, layers = compiled_chains(registers // 8)[name]
             met |= variants(sc.SimpleChain(shape, *layers, registers=registers), dtype, B)
     missing = all_variants() - met
-    assert not missing, f"variants the compiled tests do not reach: {sorted(missing)}"
+    assert not missing, f"variants the compiled {np.dtype(dtype).name} tests do not reach: {sorted(missing)}"
 
 
 @pytest.mark.parametrize("registers, B, rows_forward", [(32, 32, True), (32, 160, True), (32, 16, False),
